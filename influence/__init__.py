@@ -1,0 +1,3 @@
+"""influence: which training examples matter for the ability you care about."""
+
+__version__ = "0.1.0"

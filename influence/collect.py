@@ -1,0 +1,193 @@
+"""``project-grads``: per-example gradient features of the pool and the target at every checkpoint,
+projected and written to the run's gradient stores (LESS, step 2)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .data import Example, load_pool
+from .gradients import AdamPreconditioner, LoraGradients
+from .models import load_adapter, load_base_model, model_fingerprint
+from .projection import Projector
+from .run import Checkpoint, Run
+from .store import GradientStore
+from .targets import load_target, target_name
+from .templates import Encoded, collate, encode_example
+from .training import choose_device
+
+log = logging.getLogger(__name__)
+
+TRAIN = "train"
+
+
+def examples_sha256(examples: list[Example]) -> str:
+    """Fingerprint of the examples' content (ids, conversations, prefixes) in order."""
+    digest = hashlib.sha256()
+    for e in examples:
+        digest.update(json.dumps([e.id, e.messages, e.response_prefix, e.task], ensure_ascii=False).encode())
+    return digest.hexdigest()
+
+
+def target_dataset(target: str) -> str:
+    return f"target-{target_name(target)}"
+
+
+@dataclass
+class CollectReport:
+    dataset: str
+    checkpoint: str
+    n_examples: int
+    n_truncated: int
+    n_nonfinite: int
+    seconds: float
+    resumed_chunks: int
+
+
+def collect_store(
+    hooks: LoraGradients,
+    encoded: list[Encoded],
+    ids: list[str],
+    pad_token_id: int,
+    store: GradientStore,
+    projector: Projector,
+    batch_size: int,
+    preconditioner: AdamPreconditioner | None,
+    device: torch.device,
+    progress: bool = True,
+    desc: str = "",
+) -> tuple[int, int]:
+    """Fill the pending chunks of ``store``. Returns (chunks resumed from disk, non-finite rows)."""
+    if hooks.dim != projector.spec.input_dim:
+        raise ValueError(f"LoRA gradient has {hooks.dim} entries, projector expects {projector.spec.input_dim}")
+    pending = store.pending_chunks()
+    skipped = store.n_chunks - len(pending)
+    todo = sum(store.chunk_bounds(i)[1] - store.chunk_bounds(i)[0] for i in pending)
+    bar = tqdm(total=todo, desc=desc, unit="ex", disable=not progress)
+    nonfinite = 0
+    try:
+        for index in pending:
+            start, stop = store.chunk_bounds(index)
+            chunk = encoded[start:stop]
+            # Longest first inside a chunk: less padding; the order is fixed, so results are reproducible.
+            order = sorted(range(len(chunk)), key=lambda i: -len(chunk[i].input_ids))
+            rows = len(chunk)
+            out = np.zeros((rows, projector.spec.output_dim), dtype=np.float32)
+            norms = np.zeros(rows, dtype=np.float32)
+            losses = np.zeros(rows, dtype=np.float32)
+            tokens = np.zeros(rows, dtype=np.int32)
+            for b in range(0, rows, batch_size):
+                idx = order[b : b + batch_size]
+                batch = {k: v.to(device) for k, v in collate([chunk[i] for i in idx], pad_token_id).items()}
+                result = hooks.compute(batch)
+                features = preconditioner(result.grads) if preconditioner is not None else result.grads
+                projected = projector.project(features)
+                out[idx] = projected.cpu().numpy()
+                norms[idx] = result.norms.cpu().numpy()
+                losses[idx] = result.losses.float().cpu().numpy()
+                tokens[idx] = result.n_tokens.cpu().numpy()
+                bar.update(len(idx))
+            bad = ~(np.isfinite(out).all(axis=1) & np.isfinite(norms))
+            if bad.any():
+                bad_ids = [ids[start + i] for i in np.flatnonzero(bad)]
+                log.warning("%s: non-finite gradient for %d example(s): %s", store.where, len(bad_ids), bad_ids[:10])
+                nonfinite += len(bad_ids)
+            store.write_chunk(index, out, norms, losses, tokens)
+    finally:
+        bar.close()
+    return skipped, nonfinite
+
+
+def project_grads(
+    run_dir: str | Path,
+    target: str | None = None,
+    proj_dim: int = 8192,
+    seed: int = 0,
+    batch_size: int = 8,
+    chunk_size: int = 128,
+    target_tasks: list[str] | None = None,
+    include_train: bool = True,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> list[CollectReport]:
+    """Compute and store projected gradient features for every checkpoint of a run.
+
+    Training examples (the whole pool) get Adam-preconditioned features, target examples plain
+    gradients. Existing stores are resumed; stores with different metadata are refused (or replaced
+    with ``overwrite``).
+    """
+    run = Run(run_dir)
+    run.check_data_unchanged()
+    datasets: list[tuple[str, list[Example], str]] = []
+    if include_train:
+        datasets.append((TRAIN, load_pool(run.train_files), "adam"))
+    if target is not None:
+        datasets.append((target_dataset(target), load_target(target, target_tasks), "sgd"))
+    if not datasets:
+        raise ValueError("nothing to do: no target and include_train=False")
+    device = choose_device()
+    projector: Projector | None = None
+    encodings: dict[str, list[Encoded]] = {}
+    reports = []
+    for checkpoint in run.checkpoints():
+        base, tokenizer = load_base_model(run.model_name)
+        fingerprint = model_fingerprint(run.model_name, base)
+        model = load_adapter(base, checkpoint.path).to(device)
+        hooks = LoraGradients(model)
+        if projector is None:
+            projector = Projector(hooks.dim, proj_dim, seed)
+        adapter_hash = checkpoint.adapter_sha256()
+        for dataset, examples, gradient_type in datasets:
+            started = time.time()
+            if dataset not in encodings:  # the tokenizer is the same at every checkpoint
+                encodings[dataset] = [encode_example(e, tokenizer, run.max_length) for e in examples]
+            encoded = encodings[dataset]
+            preconditioner = _preconditioner(hooks, checkpoint, device) if gradient_type == "adam" else None
+            metadata = {
+                "model": fingerprint,
+                "checkpoint": checkpoint.name,
+                "adapter_sha256": adapter_hash,
+                "gradient_type": gradient_type,
+                "projector": projector.spec.to_dict(),
+                "dtype": "float16",
+                "dataset": dataset,
+                "n_examples": len(examples),
+                "examples_sha256": examples_sha256(examples),
+                "max_length": run.max_length,
+                "chunk_size": chunk_size,
+                "checkpoint_mean_lr": checkpoint.mean_lr,
+                "influence_version": __version__,
+            }
+            ids = [e.id for e in examples]
+            store = GradientStore.open_or_create(
+                run.store_path, f"{dataset}/{checkpoint.name}", metadata,
+                ids=ids, tasks=[e.task or "" for e in examples], overwrite=overwrite,
+            )
+            resumed, nonfinite = collect_store(
+                hooks, encoded, ids, tokenizer.pad_token_id, store, projector, batch_size, preconditioner,
+                device, progress, desc=f"{dataset} {checkpoint.name}",
+            )
+            reports.append(
+                CollectReport(dataset, checkpoint.name, len(examples), sum(e.truncated for e in encoded),
+                              nonfinite, round(time.time() - started, 1), resumed)
+            )
+        hooks.remove()
+        del model, base
+    return reports
+
+
+def _preconditioner(hooks: LoraGradients, checkpoint: Checkpoint, device) -> AdamPreconditioner:
+    exp_avg, exp_avg_sq, hyper = checkpoint.adam_moments()
+    beta1, beta2 = hyper["betas"]
+    return AdamPreconditioner(
+        hooks.flatten(exp_avg, device), hooks.flatten(exp_avg_sq, device), beta1, beta2, hyper["eps"]
+    )

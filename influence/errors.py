@@ -1,0 +1,34 @@
+"""Exceptions with messages a user can act on: each names the file, line or field at fault."""
+
+from __future__ import annotations
+
+
+class InfluenceError(Exception):
+    """Base class for every error this package raises on purpose."""
+
+
+class DataFormatError(InfluenceError):
+    """A training or target file cannot be read; names the file and, where known, the line."""
+
+    def __init__(self, path: str, message: str, line: int | None = None):
+        where = f"{path}:{line}" if line is not None else str(path)
+        super().__init__(f"{where}: {message}")
+        self.path = str(path)
+        self.line = line
+
+
+class StoreMismatchError(InfluenceError):
+    """Two gradient stores (or a store and a request) disagree on a field that must match."""
+
+    def __init__(self, field: str, expected: object, found: object, where: str = ""):
+        loc = f" in {where}" if where else ""
+        super().__init__(
+            f"incompatible gradient store{loc}: field '{field}' is {found!r}, expected {expected!r}"
+        )
+        self.field = field
+        self.expected = expected
+        self.found = found
+
+
+class RunError(InfluenceError):
+    """A run directory is missing, incomplete or would be overwritten."""

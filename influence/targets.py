@@ -1,0 +1,167 @@
+"""Target (validation) sets that the pool is ranked against.
+
+Built-in targets are LESS's, vendored in the package so they work offline:
+
+* ``mmlu_val``: the 285 MMLU dev rows (57 subjects x 5), LESS's prompt, subtask = subject;
+* ``bbh``: BIG-Bench Hard three-shot file, each of the 3 exemplars of 27 tasks with the other two as
+  in-context examples, subtask = task;
+* ``tydiqa``: TyDiQA-GoldP one-shot, one example for each of 9 languages, subtask = language.
+
+Any data file (see :mod:`influence.data`) is also a target; a ``task`` field per record gives
+subtasks, otherwise the whole file is one task.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from .data import Example, load_examples
+from .errors import InfluenceError
+
+MMLU_CHOICES = ("A", "B", "C", "D")
+
+
+def _resource_dir(*parts: str) -> Path:
+    return Path(str(resources.files("influence.resources").joinpath("targets", *parts)))
+
+
+def load_mmlu_val() -> list[Example]:
+    examples = []
+    folder = _resource_dir("mmlu")
+    for path in sorted(folder.glob("*_dev.csv")):
+        subject = path.name[: -len("_dev.csv")]
+        header = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = list(csv.reader(fh))
+        for row_index, row in enumerate(rows[:5]):
+            question, *choices, answer = row
+            prompt = header + question
+            for letter, choice in zip(MMLU_CHOICES, choices):
+                prompt += f"\n{letter}. {choice}"
+            prompt += "\nAnswer:"
+            record = {"question": question, "choices": choices, "answer": answer, "subject": subject}
+            examples.append(
+                Example(
+                    id=f"mmlu_val/{subject}#{row_index}",
+                    source="mmlu_val",
+                    messages=[
+                        {"role": "user", "content": prompt},
+                        {"role": "assistant", "content": " " + answer},
+                    ],
+                    record=record,
+                    task=subject,
+                    response_prefix="The answer is:",
+                )
+            )
+    return examples
+
+
+def load_bbh() -> list[Example]:
+    prompts = json.loads(_resource_dir("bbh", "bbh-three-shot.json").read_text(encoding="utf-8"))
+    examples = []
+    for task in sorted(prompts):
+        parts = prompts[task].split("\n\n")
+        exemplars, instruction = parts[-3:], "\n\n".join(parts[:-3]).strip()
+        for i, exemplar in enumerate(exemplars):
+            others = exemplars[:i] + exemplars[i + 1:]
+            icl = "".join(other + "\n\n" for other in others)
+            question, answer = exemplar.split("\nA:", 1)
+            examples.append(
+                Example(
+                    id=f"bbh/{task}#{i}",
+                    source="bbh",
+                    messages=[
+                        {"role": "user", "content": f"{instruction}\n\n{icl}{question}"},
+                        {"role": "assistant", "content": answer},
+                    ],
+                    record={"task": task, "question": question, "answer": answer},
+                    task=task,
+                    response_prefix="A:",
+                )
+            )
+    return examples
+
+
+TYDIQA_TEMPLATES = {
+    # (instruction, passage label, question label, answer label), as in open-instruct's TyDiQA eval.
+    "english": ("Answer the following question based on the information in the given passage.", "Passage:", "Question:", "Answer:"),
+    "arabic": ("أجب على السؤال التالي بناءً على المعلومات في المقطع المعطى.", "المقطع:", "السؤال:", "الإجابة:"),
+    "bengali": ("প্রদত্ত অধ্যায়ের তথ্যের উপর ভিত্তি করে নিম্নলিখিত প্রশ্নের উত্তর দিন।", "অধ্যায়:", "প্রশ্ন:", "উত্তর:"),
+    "finnish": ("Vastaa seuraavaan kysymykseen annetun kappaleen tiedon perusteella.", "Kappale:", "Kysymys:", "Vastaus:"),
+    "indonesian": ("Jawab pertanyaan berikut berdasarkan informasi di bagian yang diberikan.", "Bagian:", "Pertanyaan:", "Jawaban:"),
+    "korean": ("주어진 문단의 정보에 기반하여 다음 질문에 답하십시오.", "문단:", "질문:", "답변:"),
+    "russian": ("Ответьте на следующий вопрос на основе информации в данном отрывке.", "Отрывок:", "Вопрос:", "Ответ:"),
+    "swahili": ("Jibu swali lifuatalo kulingana na habari kwenye kifungu kilichotolewa.", "Kifungu:", "Swali:", "Jibu:"),
+    "telugu": ("ఇచ్చిన పేరాలోని సమాచారం ఆధారంగా కింది ప్రశ్నకు సమాధానం ఇవ్వండి.", "పేరా:", "ప్రశ్న:", "సమాధానం:"),
+}
+
+
+def load_tydiqa() -> list[Example]:
+    data = json.loads(_resource_dir("tydiqa", "tydiqa-one-shot.json").read_text(encoding="utf-8"))
+    examples = []
+    for language in data:
+        item = data[language][0]
+        instruction, passage, question, answer = TYDIQA_TEMPLATES[language]
+        prompt = f"{instruction}{passage} {item['context']}\n{question} {item['question']}\n"
+        examples.append(
+            Example(
+                id=f"tydiqa/{language}#0",
+                source="tydiqa",
+                messages=[
+                    {"role": "user", "content": prompt},
+                    {"role": "assistant", "content": " " + item["answers"][0]["text"]},
+                ],
+                record=item,
+                task=language,
+                response_prefix=answer,
+            )
+        )
+    return examples
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    name: str
+    description: str
+    loader: Callable[[], list[Example]]
+
+
+TARGETS: dict[str, TargetSpec] = {
+    "mmlu_val": TargetSpec("mmlu_val", "MMLU dev, 57 subjects x 5 (LESS's MMLU target)", load_mmlu_val),
+    "bbh": TargetSpec("bbh", "BIG-Bench Hard three-shot, 27 tasks x 3 (LESS's BBH target)", load_bbh),
+    "tydiqa": TargetSpec("tydiqa", "TyDiQA-GoldP one-shot, 9 languages x 1 (LESS's TydiQA target)", load_tydiqa),
+}
+
+
+def target_name(target: str) -> str:
+    """Short name used for store groups and outputs: the registry name, or the file's stem."""
+    return target if target in TARGETS else Path(target).stem
+
+
+def load_target(target: str, tasks: list[str] | None = None) -> list[Example]:
+    """Examples of a registered target or of a user file, optionally restricted to some subtasks."""
+    if target in TARGETS:
+        examples = TARGETS[target].loader()
+    elif Path(target).is_file():
+        examples = load_examples(target)
+        for example in examples:
+            example.task = example.task or Path(target).stem
+    else:
+        raise InfluenceError(
+            f"unknown target '{target}': not a file, and not one of the registered targets: "
+            + ", ".join(sorted(TARGETS))
+        )
+    if tasks:
+        known = {e.task for e in examples}
+        missing = sorted(set(tasks) - known)
+        if missing:
+            raise InfluenceError(
+                f"target '{target}' has no subtask(s) {', '.join(missing)}; available: {', '.join(sorted(known))}"
+            )
+        examples = [e for e in examples if e.task in set(tasks)]
+    return examples

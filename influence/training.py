@@ -1,0 +1,173 @@
+"""The LoRA warm-up: a short training run on a random fraction of the pool (LESS, step 1).
+
+It keeps a checkpoint per epoch (adapter, Adam moments by parameter name, mean learning rate), and
+records per-example training dynamics at every presentation (loss, response-token accuracy, exact
+match), which forgetting-event statistics are computed from.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .data import Example, file_sha256, load_pool
+from .errors import RunError
+from .models import LoraSettings, add_lora, load_base_model, lora_parameters, model_fingerprint
+from .run import Run, package_versions, save_checkpoint, write_manifest
+from .templates import IGNORE_INDEX, Encoded, collate, encode_example, per_example_loss
+
+
+@dataclass
+class WarmupConfig:
+    """Warm-up settings; defaults follow LESS (4 epochs, lr 2e-5 linear, 3% warm-up, 5% of the pool)."""
+
+    model: str
+    train_files: list[str]
+    out: str
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    fraction: float = 0.05
+    epochs: int = 4
+    learning_rate: float = 2e-5
+    warmup_ratio: float = 0.03
+    batch_size: int = 1
+    grad_accum: int = 32
+    max_length: int = 2048
+    seed: int = 0
+    weight_decay: float = 0.0
+    bf16: bool = False
+
+
+def choose_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def sample_fraction(n: int, fraction: float, seed: int) -> np.ndarray:
+    """Indices of a random ``fraction`` of ``n`` examples (at least one), sorted, reproducible."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    count = max(1, round(n * fraction))
+    return np.sort(np.random.default_rng(seed).choice(n, size=count, replace=False))
+
+
+def encode_all(examples: list[Example], tokenizer, max_length: int) -> tuple[list[Encoded], int]:
+    """Encode examples; returns the encodings and how many were truncated."""
+    encoded = [encode_example(e, tokenizer, max_length) for e in examples]
+    return encoded, sum(e.truncated for e in encoded)
+
+
+def token_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per example: fraction of response tokens predicted by argmax, and whether all were."""
+    predictions = logits[:, :-1].argmax(dim=-1)
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    correct = ((predictions == targets) & mask).sum(dim=1)
+    counts = mask.sum(dim=1).clamp(min=1)
+    accuracy = correct.float() / counts
+    return accuracy, correct == mask.sum(dim=1)
+
+
+def warmup(config: WarmupConfig, progress: bool = True) -> Run:
+    """Run the warm-up and return the run directory. Refuses to overwrite an existing run."""
+    out = Path(config.out)
+    if (out / "manifest.json").exists():
+        raise RunError(f"{out}: a run already exists here; choose another --out or delete it")
+    pool = load_pool(config.train_files)  # validates every file before anything is written
+    chosen = sample_fraction(len(pool), config.fraction, config.seed)
+    examples = [pool[i] for i in chosen]
+
+    device = choose_device()
+    model, tokenizer = load_base_model(config.model)
+    encoded, n_truncated = encode_all(examples, tokenizer, config.max_length)
+    fingerprint = model_fingerprint(config.model, model)
+    model = add_lora(model, config.lora, config.seed).to(device)
+    model.train()
+    params = {p: n for n, p in lora_parameters(model).items()}
+
+    optimizer = torch.optim.AdamW(
+        list(params), lr=config.learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay
+    )
+    per_step = config.batch_size * config.grad_accum
+    steps_per_epoch = math.ceil(len(examples) / per_step)
+    total_steps = steps_per_epoch * config.epochs
+    warmup_steps = math.ceil(config.warmup_ratio * total_steps)
+    from transformers import get_linear_schedule_with_warmup
+
+    scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    manifest = {
+        "kind": "influence-run",
+        "model": config.model,
+        "model_fingerprint": fingerprint,
+        "config": {**asdict(config), "lora": config.lora.to_dict()},
+        "train_files": [{"path": str(Path(p).resolve()), "sha256": file_sha256(p)} for p in config.train_files],
+        "pool_size": len(pool),
+        "warmup_ids": [e.id for e in examples],
+        "n_truncated": n_truncated,
+        "steps": {"per_epoch": steps_per_epoch, "total": total_steps, "warmup": warmup_steps},
+        "versions": package_versions(),
+        "device": str(device),
+        "checkpoints": [],
+    }
+    write_manifest(out, manifest)
+
+    dynamics: list[dict] = []
+    step = 0
+    started = time.time()
+    bar = tqdm(total=total_steps, desc="warmup", unit="step", disable=not progress)
+    for epoch in range(1, config.epochs + 1):
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
+        epoch_lrs = []
+        for start in range(0, len(order), per_step):
+            step_indices = order[start : start + per_step].tolist()
+            n_tokens = sum(encoded[i].n_response_tokens for i in step_indices)
+            for micro in range(0, len(step_indices), config.batch_size):
+                indices = step_indices[micro : micro + config.batch_size]
+                batch = {k: v.to(device) for k, v in collate([encoded[i] for i in indices], tokenizer.pad_token_id).items()}
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                losses, counts = per_example_loss(logits, batch["labels"])
+                # token-weighted mean over the whole optimizer step, as a Trainer would compute it
+                (losses * counts).sum().div(max(n_tokens, 1)).backward()
+                with torch.no_grad():
+                    accuracy, exact = token_accuracy(logits, batch["labels"])
+                for j, i in enumerate(indices):
+                    dynamics.append(
+                        {
+                            "epoch": epoch,
+                            "step": step + 1,
+                            "id": examples[i].id,
+                            "loss": float(losses[j].detach()),
+                            "token_accuracy": float(accuracy[j]),
+                            "exact_match": bool(exact[j]),
+                        }
+                    )
+            epoch_lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            recent = [d["loss"] for d in dynamics[-per_step:]]
+            bar.set_postfix(epoch=epoch, loss=f"{np.mean(recent):.3f}", lr=f"{epoch_lrs[-1]:.2e}")
+            bar.update(1)
+        checkpoint = save_checkpoint(out, model, optimizer, params, epoch, step, float(np.mean(epoch_lrs)))
+        manifest["checkpoints"].append(
+            {"name": checkpoint.name, "epoch": epoch, "step": step, "mean_lr": checkpoint.mean_lr}
+        )
+        pd.DataFrame(dynamics).to_parquet(out / "dynamics.parquet", index=False)
+        write_manifest(out, manifest)
+    bar.close()
+    manifest["wall_seconds"] = round(time.time() - started, 1)
+    write_manifest(out, manifest)
+    return Run(out)
+

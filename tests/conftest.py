@@ -1,0 +1,59 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from influence.models import LoraSettings, add_lora, build_tiny_llama
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def write_jsonl(path: Path, records) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def tiny():
+    """(model, tokenizer) of the random tiny Llama with a byte tokenizer."""
+    return build_tiny_llama()
+
+
+@pytest.fixture
+def tiny_lora():
+    """Tiny Llama with LoRA whose B matrices are non-zero (at init they are zero, which would make
+    every lora_A gradient zero and hide errors)."""
+    model, tokenizer = build_tiny_llama()
+    model = add_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]), seed=0)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    model.eval()
+    return model, tokenizer
+
+
+@pytest.fixture
+def pool_files(tmp_path):
+    """A small pool in three formats."""
+    a = write_jsonl(
+        tmp_path / "chat.jsonl",
+        [
+            {"messages": [{"role": "user", "content": f"Add {i} and {i + 1}."},
+                          {"role": "assistant", "content": f"The sum is {2 * i + 1}."}]}
+            for i in range(12)
+        ],
+    )
+    b = tmp_path / "alpaca.json"
+    b.write_text(json.dumps([
+        {"instruction": f"Name a colour number {i}.", "input": "", "output": ["red", "blue", "green"][i % 3]}
+        for i in range(10)
+    ]))
+    c = tmp_path / "cot.tsv"
+    c.write_text("".join(f"Is {i} even?\t{'yes' if i % 2 == 0 else 'no'}\t{i} mod 2 is {i % 2}.\n" for i in range(10)))
+    return [str(a), str(b), str(c)]
