@@ -57,3 +57,34 @@ def pool_files(tmp_path):
     c = tmp_path / "cot.tsv"
     c.write_text("".join(f"Is {i} even?\t{'yes' if i % 2 == 0 else 'no'}\t{i} mod 2 is {i % 2}.\n" for i in range(10)))
     return [str(a), str(b), str(c)]
+
+
+def make_target_file(folder: Path) -> str:
+    return str(write_jsonl(folder / "tgt.jsonl", [
+        {"prompt": f"Add {i} and 1.", "completion": f"{i + 1}", "task": "math" if i % 2 else "words"}
+        for i in range(6)
+    ]))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A warmed-up tiny run with train and target gradient stores (2 checkpoints)."""
+    from influence.collect import project_grads
+    from influence.training import WarmupConfig, warmup
+
+    folder = tmp_path_factory.mktemp("tiny_run")
+    chat = write_jsonl(folder / "chat.jsonl", [
+        {"messages": [{"role": "user", "content": f"Add {i} and {i + 1}."},
+                      {"role": "assistant", "content": f"The sum is {2 * i + 1}."}]}
+        for i in range(14)
+    ])
+    p3 = write_jsonl(folder / "p3.jsonl", [{"prompt": f"Colour {i}?", "completion": "red blue"[i % 2::2]} for i in range(9)])
+    config = WarmupConfig(
+        model="tiny-llama", train_files=[str(chat), str(p3)], out=str(folder / "run"),
+        lora=__import__("influence.models", fromlist=["LoraSettings"]).LoraSettings(4, 16, 0.0, ["q_proj", "v_proj"]),
+        fraction=0.5, epochs=2, learning_rate=5e-3, batch_size=4, grad_accum=1, max_length=96, seed=0,
+    )
+    warmup(config, progress=False)
+    target = make_target_file(folder)
+    project_grads(config.out, target, proj_dim=64, seed=0, batch_size=4, chunk_size=5, progress=False)
+    return {"run": config.out, "target": target, "folder": folder}

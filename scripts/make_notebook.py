@@ -1,0 +1,86 @@
+"""Writes notebooks/explore_rankings.ipynb (kept as a script so the notebook's source is reviewable)."""
+
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+cells = [
+    new_markdown_cell(
+        "# Explore a ranking\n\n"
+        "Loads the outputs of `influence rank` through the Python API: the score distribution, what the "
+        "selected subset is made of, and the most and least helpful training examples for chosen target "
+        "subtasks. Set `INFLUENCE_RUN` / `INFLUENCE_RANKING` (or edit the next cell) to point at your run.\n\n"
+        "LESS scores lie in [-1, 1]; higher means the example's (Adam) gradient is more aligned with the "
+        "target's gradients, i.e. more helpful; rank 1 is the most helpful."
+    ),
+    new_code_cell(
+        "import os\n"
+        "from pathlib import Path\n\n"
+        "RUN = Path(os.environ.get('INFLUENCE_RUN', '../runs/demo'))\n"
+        "RANKING = Path(os.environ.get('INFLUENCE_RANKING', RUN / 'rank-less-mmlu_val'))\n"
+        "TASKS = os.environ.get('INFLUENCE_TASKS', '')  # comma-separated subtasks; empty = first three\n"
+        "K = 5"
+    ),
+    new_code_cell(
+        "import json\n\n"
+        "import matplotlib.pyplot as plt\n"
+        "import pandas as pd\n\n"
+        "from influence.selection import example_text, load_rankings, pool_by_id, task_columns, top_for_task\n\n"
+        "table = load_rankings(RANKING)\n"
+        "summary = json.loads((RANKING / 'summary.json').read_text())\n"
+        "pool = pool_by_id(RUN)\n"
+        "tasks = [t for t in TASKS.split(',') if t] or task_columns(table)[:3]\n"
+        "print(f\"{summary['method']}: {summary['n_pool']} examples, {summary['n_selected']} selected, \"\n"
+        "      f\"{summary['n_unscorable']} unscorable; subtasks shown: {tasks}\")\n"
+        "table.head(10)"
+    ),
+    new_markdown_cell("## Score distribution\nThe dashed line is the lowest score that made it into the selected subset."),
+    new_code_cell(
+        "selected = table[table['id'].isin(summary['selected_ids'])]\n"
+        "fig, ax = plt.subplots(figsize=(7, 3.5))\n"
+        "ax.hist(table.loc[table['finite'], 'score'], bins=40, color='tab:blue', alpha=0.8)\n"
+        "ax.axvline(selected['score'].min(), ls='--', color='k', label='selection threshold')\n"
+        "ax.set_xlabel('score (higher = more helpful)'); ax.set_ylabel('examples'); ax.legend()\n"
+        "plt.show()"
+    ),
+    new_markdown_cell("## What the selected subset is made of\nShare of each source file in the pool and in the selection."),
+    new_code_cell(
+        "composition = pd.DataFrame({\n"
+        "    'pool': table['source'].value_counts(normalize=True),\n"
+        "    'selected': selected['source'].value_counts(normalize=True),\n"
+        "}).fillna(0)\n"
+        "composition.plot.barh(figsize=(7, 2 + 0.4 * len(composition)))\n"
+        "plt.xlabel('share'); plt.show()\n"
+        "composition"
+    ),
+    new_markdown_cell("## Most and least helpful examples per subtask"),
+    new_code_cell(
+        "def preview(rows, task):\n"
+        "    return pd.DataFrame({\n"
+        "        'id': rows['id'],\n"
+        "        'score': rows['task:' + task].round(4),\n"
+        "        'example': [example_text(pool[i], 140) for i in rows['id']],\n"
+        "    })\n\n"
+        "for task in tasks:\n"
+        "    print(f'=== {task}: top {K}')\n"
+        "    display(preview(top_for_task(table, task, K), task))\n"
+        "    print(f'=== {task}: bottom {K}')\n"
+        "    display(preview(top_for_task(table, task, K, bottom=True), task))"
+    ),
+    new_markdown_cell("## Do subtasks agree?\nSpearman correlation between per-subtask scores."),
+    new_code_cell(
+        "columns = ['task:' + t for t in task_columns(table)]\n"
+        "corr = table.loc[table['finite'], columns].rank().corr()\n"
+        "fig, ax = plt.subplots(figsize=(4 + 0.3 * len(columns), 3 + 0.3 * len(columns)))\n"
+        "im = ax.imshow(corr.to_numpy(), vmin=-1, vmax=1, cmap='coolwarm')\n"
+        "names = [c[5:] for c in columns]\n"
+        "ax.set_xticks(range(len(names)), names, rotation=90); ax.set_yticks(range(len(names)), names)\n"
+        "fig.colorbar(im); plt.show()"
+    ),
+]
+
+notebook = new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+path = Path(__file__).resolve().parents[1] / "notebooks" / "explore_rankings.ipynb"
+nbformat.write(notebook, path)
+print(path)

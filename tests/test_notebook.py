@@ -1,0 +1,26 @@
+import os
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+
+from influence.selection import rank
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "explore_rankings.ipynb"
+
+
+def test_notebook_runs_on_a_tiny_run(tiny_run, tmp_path, monkeypatch):
+    out = tmp_path / "ranking"
+    rank(tiny_run["run"], tiny_run["target"], fraction=0.2, out=out)
+    monkeypatch.setenv("INFLUENCE_RUN", tiny_run["run"])
+    monkeypatch.setenv("INFLUENCE_RANKING", str(out))
+    monkeypatch.setenv("INFLUENCE_TASKS", "math,words")
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = "".join(
+        o.get("text", "") + str(o.get("data", {}).get("text/plain", ""))
+        for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs
+    )
+    assert "=== math: top 5" in outputs and "=== words: bottom 5" in outputs
+    assert "5 selected" in outputs  # 23 examples x 0.2, rounded up
+    assert any(o.get("data", {}).get("image/png") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)

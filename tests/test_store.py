@@ -1,0 +1,93 @@
+import shutil
+
+import numpy as np
+import pytest
+import zarr
+
+from influence.collect import project_grads
+from influence.errors import InfluenceError, StoreMismatchError
+from influence.projection import Projector
+from influence.run import Run
+from influence.store import GradientStore
+
+
+def _copy_run(tiny_run, tmp_path, name):
+    dest = tmp_path / name
+    shutil.copytree(tiny_run["run"], dest, ignore=shutil.ignore_patterns("grads.zarr"))
+    return dest
+
+
+def test_store_contents_and_metadata(tiny_run):
+    run = Run(tiny_run["run"])
+    store = GradientStore.open(run.store_path, "train/epoch-1")
+    m = store.metadata
+    assert m["gradient_type"] == "adam" and m["dtype"] == "float16" and m["projector"]["output_dim"] == 64
+    assert m["checkpoint"] == "epoch-1" and m["adapter_sha256"] == run.checkpoints()[0].adapter_sha256()
+    assert m["model"].startswith("tiny-llama@")
+    grads = store.array("grads")
+    assert grads.dtype == np.float16 and grads.shape == (23, 64)
+    assert store.complete and store.array("finite").all()
+    assert (store.array("norms") > 0).all() and (store.array("n_tokens") > 0).all()
+    assert store.ids[0] == "chat.jsonl#0" and store.ids[-1] == "p3.jsonl#8"
+    target = GradientStore.open(run.store_path, "target-tgt/epoch-1")
+    assert target.metadata["gradient_type"] == "sgd" and set(target.tasks) == {"math", "words"}
+    assert zarr.open_array(str(run.store_path / "train" / "epoch-1" / "grads")).chunks == (5, 64)
+
+
+def test_resume_after_crash_is_identical(tiny_run, tmp_path, monkeypatch):
+    crashed = _copy_run(tiny_run, tmp_path, "crashed")
+    calls = {"n": 0}
+    original = Projector.project
+
+    def flaky(self, grads):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt("simulated crash")
+        return original(self, grads)
+
+    monkeypatch.setattr(Projector, "project", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        project_grads(crashed, tiny_run["target"], proj_dim=64, batch_size=4, chunk_size=5, progress=False)
+    store = GradientStore.open(crashed / "grads.zarr", "train/epoch-1")
+    assert 0 < len(store.pending_chunks()) < store.n_chunks
+    with pytest.raises(InfluenceError, match="incomplete"):
+        next(store.iter_chunks())
+    monkeypatch.setattr(Projector, "project", original)
+    reports = project_grads(crashed, tiny_run["target"], proj_dim=64, batch_size=4, chunk_size=5, progress=False)
+    assert reports[0].resumed_chunks > 0
+    reference = Run(tiny_run["run"]).store_path
+    for group in ("train/epoch-1", "train/epoch-2", "target-tgt/epoch-1", "target-tgt/epoch-2"):
+        for array in ("grads", "norms", "loss", "n_tokens", "finite"):
+            a = GradientStore.open(crashed / "grads.zarr", group).array(array)
+            b = GradientStore.open(reference, group).array(array)
+            np.testing.assert_array_equal(a, b, err_msg=f"{group}/{array}")
+
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [({"proj_dim": 32}, "projector"), ({"proj_dim": 64, "seed": 7}, "projector"), ({"proj_dim": 64, "chunk_size": 4}, "chunk_size")],
+)
+def test_reopening_with_other_settings_is_refused(tiny_run, kwargs, field):
+    with pytest.raises(StoreMismatchError) as info:
+        project_grads(tiny_run["run"], None, progress=False, **{"batch_size": 4, "chunk_size": 5, **kwargs})
+    assert info.value.field == field and field in str(info.value)
+
+
+def test_overwrite_replaces_incompatible_store(tiny_run, tmp_path):
+    run_dir = _copy_run(tiny_run, tmp_path, "over")
+    project_grads(run_dir, None, proj_dim=64, chunk_size=5, progress=False)
+    project_grads(run_dir, None, proj_dim=32, chunk_size=5, overwrite=True, progress=False)
+    assert GradientStore.open(run_dir / "grads.zarr", "train/epoch-1").array("grads").shape == (23, 32)
+
+
+def test_nonfinite_rows_are_flagged(tmp_path):
+    meta = {"model": "m", "checkpoint": "c", "adapter_sha256": "h", "gradient_type": "sgd",
+            "projector": {"output_dim": 3}, "dtype": "float16", "dataset": "d", "n_examples": 4,
+            "examples_sha256": "x", "max_length": 8, "chunk_size": 2}
+    store = GradientStore.open_or_create(tmp_path / "s.zarr", "d/c", meta, ["a", "b", "c", "d"], [""] * 4)
+    grads = np.array([[1, 2, 3], [np.nan, 0, 0]], dtype=np.float32)
+    store.write_chunk(0, grads, np.array([1.0, np.inf]), np.array([0.5, 0.5]), np.array([3, 3]))
+    assert store.pending_chunks() == [1]
+    assert store.array("finite")[:2].tolist() == [True, False]
+    with pytest.raises(ValueError, match="chunk 1 expects"):
+        store.write_chunk(1, grads[:1], np.ones(1), np.ones(1), np.ones(1))
