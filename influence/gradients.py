@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .models import lora_parameters
-from .templates import per_example_loss
+from .losses import forward_response
 
 
 @dataclass
@@ -80,10 +80,10 @@ class LoraGradients:
     def compute(self, batch: dict[str, torch.Tensor]) -> BatchGradients:
         self._inputs.clear()
         self._output_grads.clear()
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        losses, counts = per_example_loss(logits, batch["labels"])
-        del logits
-        losses.sum().backward()
+        forward = forward_response(self.model, batch)
+        forward.losses.sum().backward()
+        losses, counts = forward.losses, forward.counts
+        del forward
         pieces = []
         for name in self.names:
             x = self._inputs[name].float()

@@ -122,20 +122,3 @@ def collate(batch: list[Encoded], pad_token_id: int) -> dict[str, torch.Tensor]:
         attention[row, :n] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
 
-
-def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean next-token cross-entropy over each example's response tokens.
-
-    Returns (loss per example, number of response tokens per example). Examples with no response
-    token get loss 0 (and count 0) rather than NaN.
-    """
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:]
-    token_loss = torch.nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]),
-        shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    ).view(shift_labels.shape)
-    counts = (shift_labels != IGNORE_INDEX).sum(dim=1)
-    return token_loss.sum(dim=1) / counts.clamp(min=1), counts

@@ -22,7 +22,8 @@ from .data import Example, file_sha256, load_pool
 from .errors import RunError
 from .models import LoraSettings, add_lora, load_base_model, lora_parameters, model_fingerprint
 from .run import Run, package_versions, save_checkpoint, write_manifest
-from .templates import IGNORE_INDEX, Encoded, collate, encode_example, per_example_loss
+from .losses import ResponseForward, forward_response
+from .templates import Encoded, collate, encode_example
 
 
 @dataclass
@@ -63,15 +64,10 @@ def encode_all(examples: list[Example], tokenizer, max_length: int) -> tuple[lis
     return encoded, sum(e.truncated for e in encoded)
 
 
-def token_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def token_accuracy(forward: ResponseForward) -> tuple[torch.Tensor, torch.Tensor]:
     """Per example: fraction of response tokens predicted by argmax, and whether all were."""
-    predictions = logits[:, :-1].argmax(dim=-1)
-    targets = labels[:, 1:]
-    mask = targets != IGNORE_INDEX
-    correct = ((predictions == targets) & mask).sum(dim=1)
-    counts = mask.sum(dim=1).clamp(min=1)
-    accuracy = correct.float() / counts
-    return accuracy, correct == mask.sum(dim=1)
+    accuracy = forward.per_example((forward.logits.argmax(dim=-1) == forward.targets).float())
+    return accuracy, accuracy == 1
 
 
 def warmup(config: WarmupConfig, progress: bool = True) -> Run:
@@ -135,12 +131,13 @@ def warmup(config: WarmupConfig, progress: bool = True) -> Run:
                 indices = step_indices[micro : micro + config.batch_size]
                 batch = {k: v.to(device) for k, v in collate([encoded[i] for i in indices], tokenizer.pad_token_id).items()}
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                losses, counts = per_example_loss(logits, batch["labels"])
+                    forward = forward_response(model, batch)
+                losses = forward.losses
                 # token-weighted mean over the whole optimizer step, as a Trainer would compute it
-                (losses * counts).sum().div(max(n_tokens, 1)).backward()
+                (losses * forward.counts).sum().div(max(n_tokens, 1)).backward()
                 with torch.no_grad():
-                    accuracy, exact = token_accuracy(logits, batch["labels"])
+                    accuracy, exact = token_accuracy(forward)
+                del forward
                 for j, i in enumerate(indices):
                     dynamics.append(
                         {

@@ -13,7 +13,7 @@ echo "== settings: LoRA r=8 alpha=32 on q_proj,v_proj; max length 256; warm-up 2
 rm -rf "$RUN"
 $BIN/influence prepare-model
 $BIN/influence warmup --model smollm2-135m --out "$RUN" --fraction 0.25 --epochs 2 --batch-size 8 \
-  --grad-accum 1 --lr 2e-4 --max-length 256 --lora-r 8 --lora-alpha 32 --lora-dropout 0.05 \
+  --grad-accum 1 --warmup-ratio 0 --lr 2e-4 --max-length 256 --lora-r 8 --lora-alpha 32 --lora-dropout 0.05 \
   --lora-modules q_proj,v_proj
 $BIN/influence project-grads --run "$RUN" --target mmlu_val --target-tasks "$SUBJECTS" \
   --proj-dim 2048 --batch-size 8 --chunk-size 32

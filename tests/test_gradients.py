@@ -5,7 +5,8 @@ import torch
 from influence.data import Example
 from influence.gradients import AdamPreconditioner, LoraGradients
 from influence.models import lora_parameters
-from influence.templates import collate, encode_example, per_example_loss
+from influence.losses import per_example_loss
+from influence.templates import collate, encode_example
 
 
 def _examples(n=5):

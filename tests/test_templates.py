@@ -1,5 +1,8 @@
+import torch
+
 from influence.data import Example
-from influence.templates import IGNORE_INDEX, collate, encode_example, per_example_loss
+from influence.losses import forward_response, per_example_loss
+from influence.templates import IGNORE_INDEX, collate, encode_example
 
 from .conftest import CHATML
 
@@ -58,3 +61,15 @@ def test_collate_and_per_example_loss(tiny):
     single = collate([encs[0]], tok.pad_token_id)
     alone, _ = per_example_loss(model(input_ids=single["input_ids"]).logits, single["labels"])
     assert abs(float(alone[0]) - float(losses[0])) < 1e-5
+
+
+def test_response_only_forward_equals_full_logits(tiny):
+    model, tok = tiny
+    encs = [encode_example(_example(prompt="p" * n, response="r" * (n % 4 + 1)), tok, 64) for n in (3, 9, 14)]
+    batch = collate(encs, tok.pad_token_id)
+    reference, counts = per_example_loss(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                                         batch["labels"])
+    forward = forward_response(model, batch)
+    assert forward.logits.ndim == 2 and forward.logits.shape[0] == int(counts.sum())  # only response positions
+    torch.testing.assert_close(forward.losses, reference, rtol=1e-5, atol=1e-6)
+    assert forward.counts.tolist() == counts.tolist()

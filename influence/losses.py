@@ -1,0 +1,63 @@
+"""The forward pass on response tokens only, and per-example losses.
+
+Only positions that predict a response token need the (large) vocabulary projection: for an MMLU
+target that is 2 of ~120 positions. ``forward_response`` asks the model for those logits alone
+(``logits_to_keep`` with a boolean mask, supported by recent transformers causal LMs) and falls back to
+full logits for models that do not support it. Both give the same losses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .templates import IGNORE_INDEX
+
+
+@dataclass
+class ResponseForward:
+    logits: torch.Tensor  # (n_tokens, vocab): logits that predict each response token, batch-flattened
+    targets: torch.Tensor  # (n_tokens,) the response token ids
+    rows: torch.Tensor  # (n_tokens,) which example each token belongs to
+    losses: torch.Tensor  # (batch,) mean NLL over each example's response tokens (0 if it has none)
+    counts: torch.Tensor  # (batch,) response tokens per example
+
+    def per_example(self, values: torch.Tensor) -> torch.Tensor:
+        """Mean of a per-token quantity over each example's response tokens."""
+        sums = torch.zeros(len(self.counts), dtype=values.dtype, device=values.device)
+        sums.index_add_(0, self.rows, values)
+        return sums / self.counts.clamp(min=1).to(values.dtype)
+
+
+def forward_response(model, batch: dict[str, torch.Tensor]) -> ResponseForward:
+    labels = batch["labels"]
+    # position t predicts token t+1; keep positions whose next token is a response token
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    try:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    except TypeError:  # models without logits_to_keep
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    if logits.ndim == 3:  # the model ignored the mask: select the positions here
+        logits = logits[keep]
+    rows = keep.nonzero()[:, 0]
+    targets = labels[:, 1:][keep[:, :-1]]
+    token_loss = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+    counts = keep.sum(dim=1)
+    losses = torch.zeros(len(counts), dtype=token_loss.dtype, device=token_loss.device).index_add_(0, rows, token_loss)
+    return ResponseForward(logits, targets, rows, losses / counts.clamp(min=1), counts)
+
+
+def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference computation from full (batch, seq, vocab) logits: (mean response loss, count)."""
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    token_loss = torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    ).view(shift_labels.shape)
+    counts = (shift_labels != IGNORE_INDEX).sum(dim=1)
+    return token_loss.sum(dim=1) / counts.clamp(min=1), counts
