@@ -18,7 +18,7 @@ import torch
 
 from .kernels import projection as kernel
 
-DEFAULT_CACHE_BYTES = 1 << 30
+DEFAULT_CACHE_BYTES = 2 << 30
 
 
 @dataclass(frozen=True)
@@ -67,16 +67,22 @@ class Projector:
         return 1.0 / math.sqrt(self.spec.output_dim)
 
     def _tiles(self, device: torch.device):
-        """(start, stop, int8 sign tile) over the input dimension; cached within the budget."""
+        """(start, stop, sign tile) over the input dimension.
+
+        Tiles are kept for later calls when the whole matrix fits ``cache_bytes``: as float32 (no
+        conversion per call) if that fits, else as int8; otherwise they are regenerated every call.
+        """
         spec = self.spec
         if device in self._cache:
             yield from self._cache[device]
             return
-        cacheable = spec.input_dim * spec.output_dim <= self.cache_bytes
+        entries = spec.input_dim * spec.output_dim
+        cacheable = entries <= self.cache_bytes
+        dtype = torch.float32 if 4 * entries <= self.cache_bytes or not cacheable else torch.int8
         tiles = []
         for start in range(0, spec.input_dim, self.rows_per_tile):
             stop = min(start + self.rows_per_tile, spec.input_dim)
-            tile = (start, stop, kernel.sign_tile(spec.seed, start, stop, spec.output_dim, device))
+            tile = (start, stop, kernel.sign_tile(spec.seed, start, stop, spec.output_dim, device, dtype))
             if cacheable:
                 tiles.append(tile)
             yield tile
@@ -94,5 +100,5 @@ class Projector:
             raise ValueError(f"unknown projector backend {backend!r}")
         out = torch.zeros((grads.shape[0], self.spec.output_dim), dtype=torch.float32, device=grads.device)
         for start, stop, tile in self._tiles(grads.device):
-            out.addmm_(grads[:, start:stop].float(), tile.float())
+            out.addmm_(grads[:, start:stop].float(), tile if tile.dtype == torch.float32 else tile.float())
         return out.mul_(self.scale)

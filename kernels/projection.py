@@ -59,10 +59,29 @@ def sign_bits(rows: torch.Tensor, words: torch.Tensor, output_dim: int) -> torch
     return bits.reshape(rows.shape[0], -1)[:, :output_dim]
 
 
+_BYTE_SIGNS: dict[tuple, torch.Tensor] = {}
+
+
+def _byte_signs(dtype: torch.dtype, device) -> torch.Tensor:
+    """(256, 8) table: entry [byte, t] is -1 where bit t of byte is set, else +1."""
+    key = (dtype, str(device))
+    if key not in _BYTE_SIGNS:
+        bits = (torch.arange(256)[:, None] >> torch.arange(8)) & 1
+        _BYTE_SIGNS[key] = (1 - 2 * bits).to(dtype=dtype, device=device)
+    return _BYTE_SIGNS[key]
+
+
 def sign_tile(seed: int, start: int, stop: int, output_dim: int, device=None, dtype=torch.int8) -> torch.Tensor:
-    """Rows ``start..stop-1`` of the unscaled +-1 matrix."""
-    bits = sign_bits(row_keys(seed, start, stop, device), word_keys(seed, output_dim, device), output_dim)
-    return (1 - 2 * bits).to(dtype)
+    """Rows ``start..stop-1`` of the unscaled +-1 matrix, as ``dtype``.
+
+    Same numbers as :func:`sign_bits`, computed faster: each 32-bit word is split into 4 bytes and
+    each byte looked up in a 256 x 8 sign table, so the tile is written once, directly in ``dtype``.
+    """
+    rows = row_keys(seed, start, stop, device)
+    mixed = hash32(rows[:, None] ^ word_keys(seed, output_dim, device)[None, :])  # (rows, words)
+    byte_values = (mixed[:, :, None] >> torch.tensor([0, 8, 16, 24], device=mixed.device)) & 255
+    signs = _byte_signs(dtype, mixed.device)[byte_values]  # (rows, words, 4, 8)
+    return signs.reshape(rows.shape[0], -1)[:, :output_dim]
 
 
 def to_int32_bits(keys: torch.Tensor) -> torch.Tensor:

@@ -63,3 +63,34 @@ def test_refuses_target_from_another_adapter(tiny_run, tmp_path):
 def test_missing_target_store_says_what_to_run(tiny_run):
     with pytest.raises(Exception, match="project-grads"):
         less_scores(tiny_run["run"], "bbh")
+
+
+SCORING_CHECK = r"""
+import torch
+from influence.kernels.scoring import score_block, subtask_means
+torch.manual_seed(0)
+for rows, dim, tasks in ((37, 200, 3), (5, 64, 20)):
+    block = torch.randn(rows, dim).half()
+    block[2] = 0  # an all-zero row stays finite
+    targets = torch.randn(11, dim)
+    means = subtask_means(targets, torch.arange(11) % tasks, tasks)
+    a_cos, a_best = score_block(block, means, "triton")
+    b_cos, b_best = score_block(block, means, "torch")
+    torch.testing.assert_close(a_cos, b_cos, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a_best, b_best, rtol=1e-5, atol=1e-6)
+print("ok")
+"""
+
+
+def test_fused_scoring_kernel_matches_torch_in_interpreter():
+    import os
+    import subprocess
+    import sys
+
+    from influence.kernels.scoring import HAVE_TRITON
+
+    assert HAVE_TRITON, "triton is a dependency on Linux"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-c", SCORING_CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok")

@@ -14,13 +14,14 @@ that training on ``x`` lowers the target loss): higher = more helpful, rank 1 = 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import InfluenceError, StoreMismatchError
-from ..kernels.scoring import subtask_cosines, subtask_means
+from ..kernels.scoring import HAVE_TRITON, score_block, subtask_means
 from ..run import Run
 from ..store import GradientStore, check_metadata
 from .base import Scores
@@ -58,8 +59,22 @@ def check_compatible(train: list[GradientStore], targets: list[GradientStore]) -
             raise StoreMismatchError("gradient_type", "sgd", store.metadata["gradient_type"], store.where)
 
 
-def less_scores(run_dir: str | Path, target: str, rows_per_block: int | None = None, device: str | None = None) -> Scores:
-    """LESS scores of the run's pool for ``target`` (registry name or file), streamed block by block."""
+def default_backend(device: torch.device) -> str:
+    """The fused Triton kernel on CUDA, the torch path elsewhere (override: INFLUENCE_SCORER)."""
+    return os.environ.get("INFLUENCE_SCORER") or ("triton" if device.type == "cuda" and HAVE_TRITON else "torch")
+
+
+def less_scores(
+    run_dir: str | Path,
+    target: str,
+    rows_per_block: int | None = None,
+    device: str | None = None,
+    backend: str | None = None,
+) -> Scores:
+    """LESS scores of the run's pool for ``target`` (registry name or file), streamed block by block.
+
+    Memory: one block of stored rows plus the (n, n_subtasks) float32 breakdown.
+    """
     from ..collect import TRAIN, target_dataset
 
     run = Run(run_dir)
@@ -67,6 +82,7 @@ def less_scores(run_dir: str | Path, target: str, rows_per_block: int | None = N
     targets = open_checkpoint_stores(run, target_dataset(target))
     check_compatible(train, targets)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    backend = backend or default_backend(device)
 
     lrs = np.array([s.metadata["checkpoint_mean_lr"] for s in train], dtype=np.float64)
     if lrs.sum() <= 0:
@@ -82,15 +98,15 @@ def less_scores(run_dir: str | Path, target: str, rows_per_block: int | None = N
 
     n = train[0].n_examples
     score = np.zeros(n, dtype=np.float64)
-    per_task = np.zeros((n, len(task_names)), dtype=np.float64)
+    per_task = np.zeros((n, len(task_names)), dtype=np.float32)
     finite = np.ones(n, dtype=bool)
     for store, weight, mean in zip(train, weights, means):
         finite &= store.array("finite")
         for start, block in store.iter_chunks(rows_per_block):
-            cos = subtask_cosines(torch.from_numpy(block).to(device), mean).double().cpu().numpy()
+            cos, best = score_block(torch.from_numpy(block).to(device), mean, backend)
             stop = start + len(block)
-            per_task[start:stop] += weight * cos
-            score[start:stop] += weight * cos.max(axis=1)
+            per_task[start:stop] += weight * cos.cpu().numpy()
+            score[start:stop] += weight * best.double().cpu().numpy()
     score[~finite] = np.nan
     return Scores(
         method="less",
