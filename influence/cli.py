@@ -36,48 +36,66 @@ def main(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(message)s")
 
 
-@main.command()
-@click.option("--model", default="smollm2-135m", show_default=True,
-              help="Hugging Face id, local folder, 'smollm2-135m' (embedded) or 'tiny-llama' (tests).")
-@click.option("--train", "train_files", multiple=True, type=click.Path(dir_okay=False),
-              help="Pool file (.jsonl/.json/.tsv); repeat for several. Default: the embedded demo pool.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory to create.")
-@click.option("--fraction", default=0.05, show_default=True, help="Random fraction of the pool to warm up on.")
-@click.option("--epochs", default=4, show_default=True, help="Epochs; one checkpoint is kept per epoch.")
-@click.option("--lr", "learning_rate", default=2e-5, show_default=True, help="Peak learning rate (linear decay).")
-@click.option("--warmup-ratio", default=0.03, show_default=True, help="Fraction of steps with linear LR warm-up.")
-@click.option("--batch-size", default=1, show_default=True, help="Examples per forward pass.")
-@click.option("--grad-accum", default=32, show_default=True, help="Forward passes per optimizer step.")
-@click.option("--max-length", default=2048, show_default=True, help="Truncate examples to this many tokens.")
-@click.option("--lora-r", default=128, show_default=True)
-@click.option("--lora-alpha", default=512.0, show_default=True)
-@click.option("--lora-dropout", default=0.1, show_default=True)
-@click.option("--lora-modules", default="q_proj,k_proj,v_proj,o_proj", show_default=True,
-              help="Comma-separated module names to adapt.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the subset, LoRA init and data order.")
-@click.option("--bf16", is_flag=True, help="bfloat16 autocast for the forward pass.")
-def warmup(model, train_files, out, fraction, epochs, learning_rate, warmup_ratio, batch_size, grad_accum,
-           max_length, lora_r, lora_alpha, lora_dropout, lora_modules, seed, bf16) -> None:
-    """Short LoRA warm-up on a random fraction of the pool; keeps a checkpoint per epoch."""
-    from .models import LoraSettings
-    from .training import WarmupConfig, warmup as run_warmup
+def warmup_options(command):
+    """The warm-up settings, shared by `warmup` and `evaluate noisy`."""
+    options = [
+        click.option("--model", default="smollm2-135m", show_default=True,
+                     help="Hugging Face id, local folder, 'smollm2-135m' (embedded) or 'tiny-llama' (tests)."),
+        click.option("--train", "train_files", multiple=True, type=click.Path(dir_okay=False),
+                     help="Pool file (.jsonl/.json/.tsv); repeat for several. Default: the embedded demo pool."),
+        click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory to create."),
+        click.option("--fraction", default=0.05, show_default=True, help="Random fraction of the pool to warm up on."),
+        click.option("--epochs", default=4, show_default=True, help="Epochs; one checkpoint is kept per epoch."),
+        click.option("--lr", "learning_rate", default=2e-5, show_default=True, help="Peak learning rate (linear decay)."),
+        click.option("--warmup-ratio", default=0.03, show_default=True, help="Fraction of steps with linear LR warm-up."),
+        click.option("--batch-size", default=1, show_default=True, help="Examples per forward pass."),
+        click.option("--grad-accum", default=32, show_default=True, help="Forward passes per optimizer step."),
+        click.option("--max-length", default=2048, show_default=True, help="Truncate examples to this many tokens."),
+        click.option("--lora-r", default=128, show_default=True),
+        click.option("--lora-alpha", default=512.0, show_default=True),
+        click.option("--lora-dropout", default=0.1, show_default=True),
+        click.option("--lora-modules", default="q_proj,k_proj,v_proj,o_proj", show_default=True,
+                     help="Comma-separated module names to adapt."),
+        click.option("--seed", default=0, show_default=True, help="Seed of the subset, LoRA init and data order."),
+        click.option("--bf16", is_flag=True, help="bfloat16 autocast for the forward pass."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
 
-    config = WarmupConfig(
+
+def _warmup_config(model, train_files, out, fraction, epochs, learning_rate, warmup_ratio, batch_size, grad_accum,
+                   max_length, lora_r, lora_alpha, lora_dropout, lora_modules, seed, bf16, track_all=False):
+    from .models import LoraSettings
+    from .training import WarmupConfig
+
+    return WarmupConfig(
         model=model,
         train_files=list(train_files) or demo_pool_files(),
         out=out,
         lora=LoraSettings(lora_r, lora_alpha, lora_dropout, [m.strip() for m in lora_modules.split(",") if m.strip()]),
         fraction=fraction, epochs=epochs, learning_rate=learning_rate, warmup_ratio=warmup_ratio,
         batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, seed=seed, bf16=bf16,
+        track_all=track_all,
     )
+
+
+@main.command()
+@warmup_options
+@click.option("--track-all", is_flag=True,
+              help="Evaluate the whole pool after every epoch (training dynamics and forgetting for every example).")
+def warmup(track_all, **settings) -> None:
+    """Short LoRA warm-up on a random fraction of the pool; keeps a checkpoint per epoch."""
+    from .training import warmup as run_warmup
+
     try:
-        run = run_warmup(config)
+        run = run_warmup(_warmup_config(**settings, track_all=track_all))
     except InfluenceError as err:
         _fail(err)
     m = run.manifest
     click.echo(
         f"warm-up done in {m['wall_seconds']} s: {len(m['warmup_ids'])} of {m['pool_size']} examples, "
-        f"{len(m['checkpoints'])} checkpoints, {m['n_truncated']} truncated to {max_length} tokens -> {run.path}"
+        f"{len(m['checkpoints'])} checkpoints, {m['n_truncated']} truncated to {settings['max_length']} tokens -> {run.path}"
     )
 
 
@@ -110,23 +128,31 @@ def project_grads(run_dir, target, target_tasks, proj_dim, seed, batch_size, chu
 
 @main.command()
 @click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False, exists=True))
-@click.option("--target", required=True, help="The target whose gradients were projected.")
-@click.option("--method", default="less", show_default=True, help="Scoring method.")
-@click.option("--fraction", default=0.05, show_default=True, help="Fraction of the pool to select.")
+@click.option("--target", default=None, help="The target whose gradients were projected (needed by 'less').")
+@click.option("--method", default="less", show_default=True,
+              help="less | grand | forgetting | nll | ppl | nll_full | el2n | entropy | least_confidence | "
+                   "mean_margin | min_margin | ifd")
+@click.option("--fraction", default=0.05, show_default=True, help="Fraction to select (top / bottom).")
+@click.option("--select", "mode", default="top", show_default=True,
+              type=click.Choice(["top", "bottom", "middle", "below", "above"]),
+              help="Which examples to keep: highest/lowest scores, a middle quantile band, or a threshold.")
+@click.option("--band", default="0.25,0.75", show_default=True, help="Quantile band for --select middle.")
+@click.option("--threshold", default=None, type=float, help="Threshold for --select below/above (e.g. IFD 1).")
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--show", default=0, show_default=True, help="Print this many top examples for a few subtasks.")
 @click.option("--show-tasks", default=None, help="Comma-separated subtasks to show (default: first 4).")
-def rank(run_dir, target, method, fraction, out, show, show_tasks) -> None:
+def rank(run_dir, target, method, fraction, mode, band, threshold, out, show, show_tasks) -> None:
     """Score and rank the pool; write scores.csv, scores.parquet, selected.jsonl, summary.json."""
-    from .selection import example_text, pool_by_id, rank as run_rank, task_columns, top_for_task
+    from .selection import default_out, example_text, pool_by_id, rank as run_rank, task_columns, top_for_task
 
     try:
-        table = run_rank(run_dir, target, method, fraction, out)
-    except InfluenceError as err:
+        low, high = (float(x) for x in band.split(","))
+        table = run_rank(run_dir, target, method, fraction, out, mode, (low, high), threshold)
+    except (InfluenceError, ValueError) as err:
         _fail(err)
-    out = Path(out) if out else Path(run_dir) / f"rank-{method}-{Path(target).stem}"
+    out = Path(out) if out else default_out(run_dir, method, target)
     n_selected = sum(1 for _ in open(out / "selected.jsonl", encoding="utf-8"))
-    click.echo(f"ranked {len(table)} examples with {method}; selected {n_selected} -> {out}")
+    click.echo(f"ranked {len(table)} examples with {method}; selected {n_selected} ({mode}) -> {out}")
     if show:
         pool = pool_by_id(run_dir)
         tasks = [t.strip() for t in show_tasks.split(",")] if show_tasks else task_columns(table)[:4]
@@ -135,6 +161,49 @@ def rank(run_dir, target, method, fraction, out, show, show_tasks) -> None:
             for _, row in top_for_task(table, task, show).iterrows():
                 score = row[f"task:{task}"]
                 click.echo(f"  {score:+.4f}  {row['id']:<28} {example_text(pool[row['id']], 110)}")
+        if not tasks:
+            click.secho(f"\n== top {show} by {method}", bold=True)
+            for _, row in table.head(show).iterrows():
+                click.echo(f"  {row['score']:+.4f}  {row['id']:<28} {example_text(pool[row['id']], 110)}")
+
+
+@main.command("forward-scores")
+@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False, exists=True))
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--chunk-size", default=128, show_default=True, help="Examples per stored chunk (resume unit).")
+@click.option("--overwrite", is_flag=True, help="Replace stores made with other settings instead of refusing.")
+def forward_scores(run_dir, batch_size, chunk_size, overwrite) -> None:
+    """Loss/uncertainty scores (nll, ppl, el2n, entropy, margins, IFD, ...) at every checkpoint, one pass."""
+    from .scoring.forward import compute_forward_scores
+
+    try:
+        for where in compute_forward_scores(run_dir, batch_size, chunk_size, overwrite):
+            click.echo(f"complete: {where}")
+    except InfluenceError as err:
+        _fail(err)
+
+
+@main.group()
+def evaluate() -> None:
+    """Evaluations that tell whether a score can be trusted."""
+
+
+@evaluate.command("noisy")
+@warmup_options
+@click.option("--noise", default=0.2, show_default=True, help="Fraction of the pool to corrupt.")
+@click.option("--truncate", is_flag=True, help="Corrupt half of the chosen examples by truncating responses.")
+@click.option("--proj-dim", default=1024, show_default=True, help="Projection dimension for the GraNd pass.")
+@click.option("--grad-batch-size", default=8, show_default=True, help="Batch size of the scoring passes.")
+def evaluate_noisy(noise, truncate, proj_dim, grad_batch_size, **settings) -> None:
+    """Corrupt part of a pool, warm up on it, and report how well each score finds the corrupted examples."""
+    from .evaluation import evaluate_noisy as run_noisy
+
+    try:
+        table = run_noisy(_warmup_config(**settings), noise, truncate, proj_dim, grad_batch_size)
+    except InfluenceError as err:
+        _fail(err)
+    click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    click.echo(f"-> {Path(settings['out']) / 'detection.csv'}")
 
 
 @main.command()

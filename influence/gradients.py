@@ -82,12 +82,14 @@ class LoraGradients:
         self._output_grads.clear()
         forward = forward_response(self.model, batch)
         forward.losses.sum().backward()
-        losses, counts = forward.losses, forward.counts
+        losses, counts, rows = forward.losses, forward.counts, forward.rows
         del forward
         pieces = []
         for name in self.names:
             x = self._inputs[name].float()
             dy = self._output_grads[name].float()
+            if x.ndim == 2:  # a layer after the response-position selection (lm_head): rows are tokens
+                x, dy = _unflatten(x, rows, counts), _unflatten(dy, rows, counts)
             pieces.append(torch.einsum("bto,bti->boi", dy, x).flatten(1))
         for name in self.names:
             self._modules[name].weight.grad = None
@@ -102,6 +104,15 @@ class LoraGradients:
         if missing:
             raise KeyError(f"no optimizer state for parameter(s) {missing[:3]}")
         return torch.cat([tensors[n].reshape(-1).to(device=device, dtype=torch.float32) for n in self.names])
+
+
+def _unflatten(values: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """(n_tokens, d) rows of a batch-flattened tensor -> zero-padded (batch, max count, d)."""
+    offsets = torch.cumsum(counts, 0) - counts
+    position = torch.arange(len(rows), device=rows.device) - offsets[rows]
+    out = values.new_zeros((len(counts), int(counts.max()) if len(counts) else 0, values.shape[-1]))
+    out[rows, position] = values
+    return out
 
 
 @dataclass

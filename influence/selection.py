@@ -5,8 +5,8 @@ Outputs in ``out``:
 * ``scores.csv``: ``id, source, score, rank, finite`` in rank order (rank 1 = highest score);
 * ``scores.parquet``: the same plus one ``task:<name>`` column per target subtask where the method has
   a per-subtask breakdown;
-* ``selected.jsonl``: the top ``fraction`` of the pool, each line the example's original record
-  (so it can be trained on directly), in rank order;
+* ``selected.jsonl``: the selected examples (by default the top ``fraction``; see :func:`select`),
+  each line the example's original record (so it can be trained on directly), in rank order;
 * ``summary.json``: method, target, what the score means, how many examples, what was combined.
 """
 
@@ -22,7 +22,7 @@ import pandas as pd
 from .data import Example, load_pool
 from .errors import InfluenceError
 from .run import Run
-from .scoring import METHODS, Scores
+from .scoring import METHODS, TARGET_METHODS, Scores
 
 TASK_PREFIX = "task:"
 
@@ -51,14 +51,45 @@ def ranking_table(scores: Scores, pool: list[Example]) -> pd.DataFrame:
     return table
 
 
-def select_top(table: pd.DataFrame, fraction: float) -> pd.DataFrame:
-    if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    count = max(1, math.ceil(fraction * int(table["finite"].sum())))
-    return table[table["finite"]].head(count)
+SELECT_MODES = ("top", "bottom", "middle", "below", "above")
 
 
-def write_outputs(out: Path, table: pd.DataFrame, selected: pd.DataFrame, pool: list[Example], scores: Scores) -> None:
+def select(
+    table: pd.DataFrame,
+    mode: str = "top",
+    fraction: float = 0.05,
+    band: tuple[float, float] = (0.25, 0.75),
+    threshold: float | None = None,
+) -> pd.DataFrame:
+    """Rows of a ranking to keep, in rank order; unscorable examples are never selected.
+
+    * ``top`` / ``bottom``: the highest / lowest ``fraction`` of scores;
+    * ``middle``: scores between the ``band`` quantiles (perplexity-based pruning keeps the middle);
+    * ``below`` / ``above``: scores strictly below / above ``threshold`` (e.g. IFD < 1).
+    """
+    scored = table[table["finite"]]
+    if mode in ("top", "bottom"):
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+        count = max(1, math.ceil(fraction * len(scored)))
+        return scored.head(count) if mode == "top" else scored.tail(count).iloc[::-1]
+    if mode == "middle":
+        low, high = band
+        if not 0 <= low < high <= 1:
+            raise ValueError(f"band must satisfy 0 <= low < high <= 1, got {band}")
+        lo, hi = scored["score"].quantile([low, high])
+        return scored[(scored["score"] >= lo) & (scored["score"] <= hi)]
+    if mode in ("below", "above"):
+        if threshold is None:
+            raise ValueError(f"--select {mode} needs --threshold")
+        keep = scored["score"] < threshold if mode == "below" else scored["score"] > threshold
+        return scored[keep]
+    raise ValueError(f"unknown selection mode {mode!r}; choose from {', '.join(SELECT_MODES)}")
+
+
+def write_outputs(
+    out: Path, table: pd.DataFrame, selected: pd.DataFrame, pool: list[Example], scores: Scores, selection: dict
+) -> None:
     out.mkdir(parents=True, exist_ok=True)
     table[["id", "source", "score", "rank", "finite"]].to_csv(out / "scores.csv", index=False)
     table.drop(columns=["pool_index"]).to_parquet(out / "scores.parquet", index=False)
@@ -70,6 +101,7 @@ def write_outputs(out: Path, table: pd.DataFrame, selected: pd.DataFrame, pool: 
         "score_meaning": scores.description,
         "n_pool": len(pool),
         "n_selected": len(selected),
+        "selection": selection,
         "n_unscorable": int((~table["finite"]).sum()),
         "selected_ids": selected["id"].tolist(),
         **scores.details,
@@ -77,24 +109,34 @@ def write_outputs(out: Path, table: pd.DataFrame, selected: pd.DataFrame, pool: 
     (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
 
 
+def default_out(run_dir: str | Path, method: str, target: str | None) -> Path:
+    return Path(run_dir) / (f"rank-{method}-{Path(target).stem}" if target else f"rank-{method}")
+
+
 def rank(
     run_dir: str | Path,
-    target: str,
+    target: str | None = None,
     method: str = "less",
     fraction: float = 0.05,
     out: str | Path | None = None,
+    mode: str = "top",
+    band: tuple[float, float] = (0.25, 0.75),
+    threshold: float | None = None,
 ) -> pd.DataFrame:
-    """Score the run's pool for ``target`` with ``method``, write the outputs, return the ranking."""
+    """Score the run's pool with ``method`` (for ``target`` where the method needs one), write the
+    outputs (see the module docstring) and return the full ranking."""
     if method not in METHODS:
         raise InfluenceError(f"unknown method '{method}'; available: {', '.join(sorted(METHODS))}")
+    if method in TARGET_METHODS and not target:
+        raise InfluenceError(f"method '{method}' needs --target")
     run = Run(run_dir)
     run.check_data_unchanged()
     pool = load_pool(run.train_files)
     scores = METHODS[method](run_dir, target)
     table = ranking_table(scores, pool)
-    selected = select_top(table, fraction)
-    out = Path(out) if out else run.path / f"rank-{method}-{Path(target).stem}"
-    write_outputs(out, table, selected, pool, scores)
+    selected = select(table, mode, fraction, band, threshold)
+    selection = {"mode": mode, "fraction": fraction, "band": list(band), "threshold": threshold}
+    write_outputs(Path(out) if out else default_out(run_dir, method, target), table, selected, pool, scores, selection)
     return table
 
 

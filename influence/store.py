@@ -1,4 +1,8 @@
-"""The one gradient store format: a Zarr (v3) group per (dataset, checkpoint).
+"""The one store format: a Zarr (v3) group per (dataset, checkpoint), filled chunk by chunk.
+
+:class:`ChunkedStore` holds per-example columns, ids, subtask labels, a per-chunk ``done`` flag and
+metadata; :class:`GradientStore` is its gradient layout, and per-example forward scores
+(:mod:`influence.scoring.forward`) use the same class with their own columns.
 
 Inside ``runs/x/grads.zarr``, group ``<dataset>/<checkpoint>`` (dataset ``train`` or
 ``target-<name>``) holds:
@@ -30,7 +34,7 @@ from .errors import InfluenceError, StoreMismatchError
 
 FORMAT = "influence-grads"
 FORMAT_VERSION = 1
-# Fields that must match for a store to be reused or combined with another.
+# Fields a gradient store's metadata must have; all of them must match for reuse or combination.
 METADATA_FIELDS = (
     "format",
     "format_version",
@@ -46,9 +50,17 @@ METADATA_FIELDS = (
     "max_length",
     "chunk_size",
 )
+# Recorded for information only; never a reason to refuse a store.
+INFORMATIONAL_FIELDS = ("influence_version", "checkpoint_mean_lr")
+
+Columns = dict[str, tuple[tuple[int, ...], str]]  # name -> (shape after the example axis, dtype)
 
 
-class GradientStore:
+class ChunkedStore:
+    """Per-example columns written chunk by chunk, with metadata checked on every reopen."""
+
+    required_fields: tuple[str, ...] = ("format", "format_version", "dataset", "n_examples", "chunk_size")
+
     def __init__(self, group: zarr.Group, where: str):
         self.group = group
         self.where = where
@@ -62,32 +74,29 @@ class GradientStore:
         metadata: dict,
         ids: list[str],
         tasks: list[str],
+        columns: Columns,
         overwrite: bool = False,
-    ) -> GradientStore:
+    ):
         """Open ``root/path`` for writing, checking ``metadata``, or create it empty."""
-        metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, **metadata}
-        missing = [f for f in METADATA_FIELDS if f not in metadata]
+        missing = [f for f in cls.required_fields if f not in metadata]
         if missing:
             raise ValueError(f"store metadata lacks {missing}")
         where = f"{root}/{path}"
         existing = _open_group(root, path)
         if existing is not None and not overwrite:
-            check_metadata(dict(existing.attrs), metadata, where)
+            fields = tuple(k for k in metadata if k not in INFORMATIONAL_FIELDS)
+            check_metadata(dict(existing.attrs), metadata, where, fields)
             group = existing
         else:
             group = zarr.create_group(store=str(root), path=path, attributes=metadata, overwrite=True)
-        n, dim, chunk = metadata["n_examples"], metadata["projector"]["output_dim"], metadata["chunk_size"]
-        arrays = {
-            "grads": ((n, dim), (chunk, dim), "float16", 0),
-            "norms": ((n,), (chunk,), "float32", 0),
-            "loss": ((n,), (chunk,), "float32", 0),
-            "n_tokens": ((n,), (chunk,), "int32", 0),
-            "finite": ((n,), (chunk,), "bool", False),
-            "done": ((-(-n // chunk),), (max(1, -(-n // chunk)),), "bool", False),
-        }
-        for name, (shape, chunks, dtype, fill) in arrays.items():
+        n, chunk = metadata["n_examples"], metadata["chunk_size"]
+        n_chunks = -(-n // chunk)
+        arrays = {name: ((n, *tail), (chunk, *tail), dtype) for name, (tail, dtype) in columns.items()}
+        arrays["finite"] = ((n,), (chunk,), "bool")
+        arrays["done"] = ((n_chunks,), (max(1, n_chunks),), "bool")
+        for name, (shape, chunks, dtype) in arrays.items():
             if name not in group:
-                group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill)
+                group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0)
         for name, values in (("ids", ids), ("tasks", tasks)):
             if name not in group:
                 array = group.create_array(name, shape=(n,), chunks=(max(n, 1),), dtype=str)
@@ -98,10 +107,10 @@ class GradientStore:
         return store
 
     @classmethod
-    def open(cls, root: str | Path, path: str) -> GradientStore:
+    def open(cls, root: str | Path, path: str):
         group = _open_group(root, path, mode="r")
         if group is None:
-            raise InfluenceError(f"no gradient store at {root}/{path}; run `influence project-grads` first")
+            raise InfluenceError(f"no store at {root}/{path}; run `influence project-grads` first")
         return cls(group, f"{root}/{path}")
 
     # -- properties ----------------------------------------------------------------------------------
@@ -141,36 +150,62 @@ class GradientStore:
         return start, min(start + self.chunk_size, self.n_examples)
 
     # -- writing ---------------------------------------------------------------------------------------
-    def write_chunk(
-        self, index: int, grads: np.ndarray, norms: np.ndarray, loss: np.ndarray, n_tokens: np.ndarray
-    ) -> None:
-        """Write one chunk; rows with NaN/inf are flagged ``finite = False``; mark done last."""
+    def write_columns(self, index: int, **values: np.ndarray) -> None:
+        """Write one chunk of every column; a row with any NaN/inf is flagged ``finite = False``.
+        The chunk is marked done last, so a crash mid-chunk leaves it pending."""
         start, stop = self.chunk_bounds(index)
-        if grads.shape != (stop - start, self.group["grads"].shape[1]):
-            raise ValueError(f"chunk {index} expects {(stop - start, self.group['grads'].shape[1])}, got {grads.shape}")
-        finite = np.isfinite(grads).all(axis=1) & np.isfinite(norms) & np.isfinite(loss)
-        self.group["grads"][start:stop] = grads.astype(np.float16)
-        self.group["norms"][start:stop] = norms.astype(np.float32)
-        self.group["loss"][start:stop] = loss.astype(np.float32)
-        self.group["n_tokens"][start:stop] = n_tokens.astype(np.int32)
+        finite = np.ones(stop - start, dtype=bool)
+        for name, value in values.items():
+            array = self.group[name]
+            expected = (stop - start, *array.shape[1:])
+            if value.shape != expected:
+                raise ValueError(f"chunk {index} of '{name}' expects shape {expected}, got {value.shape}")
+            if np.issubdtype(value.dtype, np.floating):
+                finite &= np.isfinite(value.reshape(len(value), -1)).all(axis=1)
+            array[start:stop] = value.astype(array.dtype)
         self.group["finite"][start:stop] = finite
         self.group["done"][index] = True
 
     # -- reading ---------------------------------------------------------------------------------------
-    def iter_chunks(self, rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
-        """(start, float16 block) over the stored gradients, ``rows`` at a time (default: chunk)."""
+    def require_complete(self) -> None:
         if not self.complete:
             raise InfluenceError(
                 f"{self.where}: store is incomplete ({len(self.pending_chunks())} chunks missing); "
-                "rerun `influence project-grads` to finish it"
+                "rerun the command that writes it to finish it"
             )
+
+    def iter_chunks(self, rows: int | None = None, column: str = "grads") -> Iterator[tuple[int, np.ndarray]]:
+        """(start, block) over a stored column, ``rows`` at a time (default: one chunk)."""
+        self.require_complete()
         rows = rows or self.chunk_size
-        grads = self.group["grads"]
+        array = self.group[column]
         for start in range(0, self.n_examples, rows):
-            yield start, grads[start : start + rows]
+            yield start, array[start : start + rows]
 
     def array(self, name: str) -> np.ndarray:
         return self.group[name][:]
+
+
+class GradientStore(ChunkedStore):
+    """Projected gradient features: ``grads`` (fp16), ``norms``, ``loss``, ``n_tokens``."""
+
+    required_fields = METADATA_FIELDS
+
+    @classmethod
+    def open_or_create(cls, root, path, metadata, ids, tasks, overwrite=False):
+        metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, **metadata}
+        columns = {
+            "grads": ((metadata["projector"]["output_dim"],), "float16"),
+            "norms": ((), "float32"),
+            "loss": ((), "float32"),
+            "n_tokens": ((), "int32"),
+        }
+        return super().open_or_create(root, path, metadata, ids, tasks, columns, overwrite)
+
+    def write_chunk(
+        self, index: int, grads: np.ndarray, norms: np.ndarray, loss: np.ndarray, n_tokens: np.ndarray
+    ) -> None:
+        self.write_columns(index, grads=grads, norms=norms, loss=loss, n_tokens=n_tokens)
 
 
 def _open_group(root: str | Path, path: str, mode: str = "a") -> zarr.Group | None:

@@ -44,6 +44,7 @@ class WarmupConfig:
     seed: int = 0
     weight_decay: float = 0.0
     bf16: bool = False
+    track_all: bool = False  # evaluate the whole pool after every epoch (forgetting on every example)
 
 
 def choose_device() -> torch.device:
@@ -68,6 +69,26 @@ def token_accuracy(forward: ResponseForward) -> tuple[torch.Tensor, torch.Tensor
     """Per example: fraction of response tokens predicted by argmax, and whether all were."""
     accuracy = forward.per_example((forward.logits.argmax(dim=-1) == forward.targets).float())
     return accuracy, accuracy == 1
+
+
+@torch.no_grad()
+def evaluate_pool(model, encoded: list[Encoded], ids: list[str], pad_token_id: int, batch_size: int,
+                  device, epoch: int, step: int, progress: bool) -> list[dict]:
+    """Forward-only dynamics of every example (dropout off): the ``eval`` presentations."""
+    was_training = model.training
+    model.eval()
+    rows = []
+    for start in tqdm(range(0, len(encoded), batch_size), desc=f"track-all epoch {epoch}", disable=not progress):
+        part = encoded[start : start + batch_size]
+        batch = {k: v.to(device) for k, v in collate(part, pad_token_id).items()}
+        forward = forward_response(model, batch)
+        accuracy, exact = token_accuracy(forward)
+        for j in range(len(part)):
+            rows.append({"phase": "eval", "epoch": epoch, "step": step, "id": ids[start + j],
+                         "loss": float(forward.losses[j]), "token_accuracy": float(accuracy[j]),
+                         "exact_match": bool(exact[j])})
+    model.train(was_training)
+    return rows
 
 
 def warmup(config: WarmupConfig, progress: bool = True) -> Run:
@@ -118,6 +139,7 @@ def warmup(config: WarmupConfig, progress: bool = True) -> Run:
     write_manifest(out, manifest)
 
     dynamics: list[dict] = []
+    pool_encoded: list[Encoded] | None = None
     step = 0
     started = time.time()
     bar = tqdm(total=total_steps, desc="warmup", unit="step", disable=not progress)
@@ -141,6 +163,7 @@ def warmup(config: WarmupConfig, progress: bool = True) -> Run:
                 for j, i in enumerate(indices):
                     dynamics.append(
                         {
+                            "phase": "train",
                             "epoch": epoch,
                             "step": step + 1,
                             "id": examples[i].id,
@@ -157,6 +180,11 @@ def warmup(config: WarmupConfig, progress: bool = True) -> Run:
             recent = [d["loss"] for d in dynamics[-per_step:]]
             bar.set_postfix(epoch=epoch, loss=f"{np.mean(recent):.3f}", lr=f"{epoch_lrs[-1]:.2e}")
             bar.update(1)
+        if config.track_all:
+            if pool_encoded is None:
+                pool_encoded, _ = encode_all(pool, tokenizer, config.max_length)
+            dynamics += evaluate_pool(model, pool_encoded, [e.id for e in pool], tokenizer.pad_token_id,
+                                      max(config.batch_size, 8), device, epoch, step, progress)
         checkpoint = save_checkpoint(out, model, optimizer, params, epoch, step, float(np.mean(epoch_lrs)))
         manifest["checkpoints"].append(
             {"name": checkpoint.name, "epoch": epoch, "step": step, "mean_lr": checkpoint.mean_lr}

@@ -79,3 +79,23 @@ def test_flatten_follows_gradient_order(tiny_lora):
     with pytest.raises(KeyError, match="no optimizer state"):
         hooks.flatten({}, "cpu")
     hooks.remove()
+
+
+def test_lm_head_lora_after_response_selection(tiny):
+    """lm_head sees batch-flattened response positions (logits_to_keep); gradients stay exact."""
+    from influence.models import LoraSettings, add_lora
+
+    model, tok = tiny
+    model = add_lora(model, LoraSettings(r=2, alpha=4, dropout=0.0, target_modules=["v_proj", "lm_head"]), seed=0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    model.eval()
+    encoded = [encode_example(e, tok, 128) for e in _examples(4)]
+    reference = _loop_gradients(model, encoded, tok.pad_token_id)
+    hooks = LoraGradients(model)
+    assert any("lm_head" in n for n in hooks.names)
+    result = hooks.compute(collate(encoded, tok.pad_token_id))
+    hooks.remove()
+    torch.testing.assert_close(result.grads, reference, rtol=1e-4, atol=1e-6)

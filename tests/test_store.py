@@ -89,5 +89,5 @@ def test_nonfinite_rows_are_flagged(tmp_path):
     store.write_chunk(0, grads, np.array([1.0, np.inf]), np.array([0.5, 0.5]), np.array([3, 3]))
     assert store.pending_chunks() == [1]
     assert store.array("finite")[:2].tolist() == [True, False]
-    with pytest.raises(ValueError, match="chunk 1 expects"):
+    with pytest.raises(ValueError, match="chunk 1 of 'grads' expects"):
         store.write_chunk(1, grads[:1], np.ones(1), np.ones(1), np.ones(1))

@@ -31,7 +31,8 @@ def test_run_layout_and_manifest(tiny_run):
 def test_dynamics_recorded_per_presentation(tiny_run):
     dynamics = pd.read_parquet(Path(tiny_run["run"]) / "dynamics.parquet")
     assert len(dynamics) == 12 * 2  # every warm-up example, every epoch
-    assert set(dynamics.columns) >= {"epoch", "step", "id", "loss", "token_accuracy", "exact_match"}
+    assert set(dynamics.columns) >= {"phase", "epoch", "step", "id", "loss", "token_accuracy", "exact_match"}
+    assert set(dynamics["phase"]) == {"train"}
     assert dynamics["token_accuracy"].between(0, 1).all()
     assert set(dynamics["id"]) == set(Run(tiny_run["run"]).manifest["warmup_ids"])
 

@@ -1,7 +1,13 @@
 """Scoring methods. Each returns a :class:`Scores` for the run's pool; ``rank`` sorts by ``score``.
 
-Convention for every method: higher score = ranked first (rank 1). Each method documents what its
-score means, its sign and its scale in ``Scores.description``.
+Convention for every method: ``rank`` orders by score, highest first (rank 1); selection modes pick
+the top, the bottom, a middle band or a threshold of that order. Each method documents what its
+score means, its sign and its scale (``Scores.description``, written to ``summary.json``).
+
+* ``less`` (needs a target): gradient cosine influence, higher = more helpful for the target;
+* ``grand``, ``forgetting``: training dynamics, higher = harder / more important;
+* ``nll``, ``ppl``, ``nll_full``, ``el2n``, ``entropy``, ``least_confidence``, ``mean_margin``,
+  ``min_margin``, ``ifd``: one forward pass per example per checkpoint (see ``forward``).
 """
 
 from __future__ import annotations
@@ -9,8 +15,16 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .base import Scores
+from .dynamics import forgetting_scores, grand_scores
+from .forward import METRICS, forward_score
 from .less import less_scores
 
-METHODS: dict[str, Callable[..., Scores]] = {"less": less_scores}
+METHODS: dict[str, Callable[..., Scores]] = {
+    "less": less_scores,
+    "grand": grand_scores,
+    "forgetting": forgetting_scores,
+    **{metric: forward_score(metric) for metric in METRICS},
+}
+TARGET_METHODS = {"less"}
 
-__all__ = ["METHODS", "Scores", "less_scores"]
+__all__ = ["METHODS", "TARGET_METHODS", "Scores", "less_scores", "grand_scores", "forgetting_scores"]

@@ -1,0 +1,112 @@
+"""Evaluations that say whether a score can be trusted.
+
+``evaluate_noisy``: corrupt a known fraction of a pool (swap responses between examples, optionally
+truncate some), run the warm-up (evaluating the whole pool every epoch) and every target-free score,
+and report how well each score finds the corrupted examples: ROC-AUC (score as detector, higher =
+flagged; 0.5 = chance, below 0.5 = the low end flags noise) and the fraction of corrupted examples
+found in the top and in the bottom 10% of scores.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .collect import project_grads
+from .data import Example, load_pool
+from .scoring import METHODS, TARGET_METHODS
+from .scoring.forward import compute_forward_scores
+from .training import WarmupConfig, warmup
+
+
+def corrupt_pool(
+    pool: list[Example], fraction: float, seed: int, truncate: bool = False
+) -> tuple[list[dict], pd.DataFrame]:
+    """Records (``messages`` format) of a pool with ``fraction`` of its examples corrupted.
+
+    Chosen examples get the last response of another chosen example (a cyclic shift, so every one
+    changes); with ``truncate``, every second chosen example instead keeps only the first quarter of
+    its own response. Returns the records and a table ``id, corrupted, kind``.
+    """
+    rng = np.random.default_rng(seed)
+    n = len(pool)
+    chosen = np.sort(rng.choice(n, size=max(2, round(fraction * n)), replace=False))
+    responses = [e.messages[-1]["content"] if e.messages[-1]["role"] == "assistant" else
+                 [m for m in e.messages if m["role"] == "assistant"][-1]["content"] for e in pool]
+    kinds = ["none"] * n
+    new_response = list(responses)
+    swap = chosen[1::2] if truncate else chosen
+    for k, i in enumerate(swap):
+        new_response[i] = responses[swap[(k + 1) % len(swap)]]
+        kinds[i] = "swap"
+    if truncate:
+        for i in chosen[::2]:
+            text = responses[i]
+            new_response[i] = text[: max(1, len(text) // 4)]
+            kinds[i] = "truncate"
+    records = []
+    for example, response in zip(pool, new_response):
+        messages = [dict(m) for m in example.messages]
+        last = max(j for j, m in enumerate(messages) if m["role"] == "assistant")
+        messages[last]["content"] = response
+        records.append({"messages": messages, "origin": example.id})
+    labels = pd.DataFrame({"index": range(n), "origin": [e.id for e in pool],
+                           "corrupted": [k != "none" for k in kinds], "kind": kinds})
+    return records, labels
+
+
+def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Probability that a random positive scores above a random negative (ties count half)."""
+    ranks = pd.Series(scores).rank(method="average").to_numpy()
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def detection_table(scores: dict[str, np.ndarray], corrupted: np.ndarray, top: float = 0.1) -> pd.DataFrame:
+    rows = []
+    for method, values in scores.items():
+        finite = np.isfinite(values)
+        v, c = values[finite], corrupted[finite]
+        k = max(1, int(round(top * len(v))))
+        order = np.argsort(-v, kind="stable")
+        rows.append({
+            "method": method,
+            "roc_auc": roc_auc(v, c),
+            f"found_in_top_{int(top * 100)}%": float(c[order[:k]].sum() / max(1, c.sum())),
+            f"found_in_bottom_{int(top * 100)}%": float(c[order[-k:]].sum() / max(1, c.sum())),
+            "scored": int(finite.sum()),
+        })
+    return pd.DataFrame(rows).sort_values("roc_auc", ascending=False, key=lambda s: (s - 0.5).abs()).reset_index(drop=True)
+
+
+def evaluate_noisy(
+    config: WarmupConfig,
+    noise: float = 0.2,
+    truncate: bool = False,
+    proj_dim: int = 1024,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Corrupt ``noise`` of the pool in ``config.train_files``, warm up on it, score it with every
+    target-free method and write ``detection.csv`` and ``labels.csv`` into ``config.out``."""
+    out = Path(config.out)
+    pool = load_pool(config.train_files)
+    records, labels = corrupt_pool(pool, noise, config.seed, truncate)
+    out.mkdir(parents=True, exist_ok=True)
+    noisy_file = out / "noisy_pool.jsonl"
+    noisy_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    labels.to_csv(out / "labels.csv", index=False)
+    run_dir = out / "run"
+    warmup(replace(config, train_files=[str(noisy_file)], out=str(run_dir), track_all=True), progress=progress)
+    project_grads(run_dir, None, proj_dim=proj_dim, seed=config.seed, batch_size=batch_size, progress=progress)
+    compute_forward_scores(run_dir, batch_size=batch_size, progress=progress)
+    scores = {m: fn(run_dir).score for m, fn in METHODS.items() if m not in TARGET_METHODS}
+    table = detection_table(scores, labels["corrupted"].to_numpy())
+    table.to_csv(out / "detection.csv", index=False)
+    return table

@@ -1,0 +1,91 @@
+"""Training-dynamics scores: forgetting events (Toneva et al. 2019) and GraNd (Paul et al. 2021).
+
+**Forgetting events.** At every presentation during ``warmup`` an example is *learned* when its
+response is reproduced exactly by argmax decoding (``exact_match``). A forgetting event is a
+transition learned -> not learned between consecutive presentations. Examples never learned get the
+largest possible count (the number of presentations), as in the original where they count as
+infinitely forgettable. Score: the count; higher = more forgettable (harder); ``unforgettable``
+examples (learned at some point, never forgotten) score 0. Examples never presented are unscorable.
+With ``warmup --track-all`` the whole pool is evaluated after every epoch and those evaluations are
+the presentations, so every example gets a count.
+
+**GraNd.** The expected L2 norm of the example's full (unprojected) loss gradient over the warm-up
+checkpoints, from the norms ``project-grads`` stores. Higher = larger expected gradient = more
+important for training (Paul et al. keep the highest).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..data import load_pool
+from ..errors import InfluenceError
+from ..run import Run
+from .base import Scores
+
+
+def count_forgetting(learned: list[bool] | np.ndarray) -> int:
+    """Forgetting events in one example's sequence of learned flags (never learned -> len)."""
+    learned = np.asarray(learned, dtype=bool)
+    if not learned.any():
+        return len(learned)
+    return int(np.sum(learned[:-1] & ~learned[1:]))
+
+
+def forgetting_table(dynamics: pd.DataFrame) -> pd.DataFrame:
+    """Per example: presentations, forgetting events, ever learned, unforgettable."""
+    source = dynamics
+    if "phase" in dynamics and (dynamics["phase"] == "eval").any():
+        source = dynamics[dynamics["phase"] == "eval"]
+    ordered = source.sort_values(["id", "epoch", "step"], kind="stable")
+    rows = []
+    for example_id, group in ordered.groupby("id", sort=False):
+        learned = group["exact_match"].to_numpy(dtype=bool)
+        events = count_forgetting(learned)
+        rows.append({"id": example_id, "presentations": len(learned), "forgetting_events": events,
+                     "ever_learned": bool(learned.any()), "unforgettable": bool(learned.any()) and events == 0})
+    return pd.DataFrame(rows)
+
+
+def forgetting_scores(run_dir: str | Path, target: str | None = None) -> Scores:
+    run = Run(run_dir)
+    path = run.path / "dynamics.parquet"
+    if not path.is_file():
+        raise InfluenceError(f"{path} not found: the warm-up records it")
+    table = forgetting_table(pd.read_parquet(path)).set_index("id")
+    ids = [e.id for e in load_pool(run.train_files)]
+    counts = table["forgetting_events"].reindex(ids).to_numpy(dtype=np.float64)
+    finite = np.isfinite(counts)
+    return Scores(
+        method="forgetting",
+        ids=ids,
+        score=counts,
+        description=__doc__.split("**GraNd.**")[0].strip(),
+        finite=finite,
+        details={"presented": int(finite.sum()), "unforgettable": int(table["unforgettable"].sum()),
+                 "never_learned": int((~table["ever_learned"]).sum())},
+    )
+
+
+def grand_scores(run_dir: str | Path, target: str | None = None) -> Scores:
+    from ..collect import TRAIN
+    from .less import open_checkpoint_stores
+
+    run = Run(run_dir)
+    stores = open_checkpoint_stores(run, TRAIN)
+    for store in stores:
+        store.require_complete()
+    norms = np.stack([s.array("norms").astype(np.float64) for s in stores])
+    finite = np.logical_and.reduce([s.array("finite") for s in stores])
+    score = np.where(finite, norms.mean(axis=0), np.nan)
+    return Scores(
+        method="grand",
+        ids=stores[0].ids.tolist(),
+        score=score,
+        description="GraNd: " + __doc__.split("**GraNd.**")[1].strip(),
+        finite=finite,
+        details={"checkpoints": [s.metadata["checkpoint"] for s in stores]},
+    )

@@ -1,0 +1,209 @@
+"""Loss- and uncertainty-based scores from one forward pass per example per checkpoint.
+
+All metrics are computed together (``compute_forward_scores``) and stored per checkpoint in the run's
+store (group ``forward-train/<checkpoint>``, resumable like gradient stores); each method then averages
+its metric over checkpoints. Per response token with predicted distribution ``p`` and gold token ``y``:
+
+=====================  ===========================================================  ======================
+method                 definition (mean over the example's response tokens)         direction, scale
+=====================  ===========================================================  ======================
+``nll``                ``-log p_y``                                                 higher = harder; nats
+``ppl``                ``exp(nll)``                                                 higher = harder; >= 1
+``nll_full``           ``-log p`` over every token of the text, prompt included     higher = harder; nats
+``el2n``               ``|| p - onehot(y) ||_2`` (Paul et al. 2021)                 higher = harder; [0, sqrt 2]
+``entropy``            ``-sum_v p_v log p_v``                                       higher = less certain; [0, log V]
+``least_confidence``   ``1 - max_v p_v``                                            higher = less certain; [0, 1)
+``mean_margin``        ``p_top1 - p_top2``                                          higher = more certain; [0, 1]
+``min_margin``         minimum of ``p_top1 - p_top2`` over the response             higher = more certain; [0, 1]
+``ifd``                ``nll(response | instruction) / nll(response alone)``        > 1: the instruction does
+                       (Li et al. 2023, Instruction-Following Difficulty)           not help (mismatch)
+=====================  ===========================================================  ======================
+
+``rank`` sorts by the score, highest first; pick the end you want with ``--select top|bottom|middle``
+or a threshold (``--select below --threshold 1`` keeps IFD < 1).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..data import Example, load_pool
+from ..models import load_adapter, load_base_model, model_fingerprint
+from ..run import Run
+from ..store import ChunkedStore
+from ..templates import IGNORE_INDEX, Encoded, collate, encode_example
+from .base import Scores
+
+MEANING = {
+    "nll": "mean NLL of the response tokens (nats/token); higher = harder",
+    "ppl": "perplexity of the response, exp(nll); >= 1; higher = harder",
+    "nll_full": "mean NLL over every token of the text, prompt included (nats/token); higher = harder",
+    "el2n": "EL2N: mean over response tokens of ||softmax - onehot(gold)||_2, in [0, sqrt 2]; higher = harder",
+    "entropy": "mean predictive entropy over response tokens (nats), in [0, log V]; higher = less certain",
+    "least_confidence": "mean of 1 - max probability over response tokens, in [0, 1); higher = less certain",
+    "mean_margin": "mean of top-1 minus top-2 probability over response tokens, in [0, 1]; higher = more certain",
+    "min_margin": "smallest top-1 minus top-2 probability over the response, in [0, 1]; higher = more certain",
+    "ifd": "IFD = NLL(response | instruction) / NLL(response alone); > 1 flags an instruction that does "
+    "not help predict the response (mismatch); higher = harder instruction-following",
+}
+METRICS = tuple(MEANING)
+FORMAT = "influence-forward"
+DATASET = "forward-train"
+
+
+def _logits_at(model, batch, keep: torch.Tensor) -> torch.Tensor:
+    """Logits of the positions in ``keep`` (batch-flattened), via logits_to_keep where supported."""
+    try:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    except TypeError:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return logits[keep] if logits.ndim == 3 else logits
+
+
+def _per_example(values: torch.Tensor, rows: torch.Tensor, n: int, reduce: str = "mean") -> torch.Tensor:
+    out = torch.zeros(n, dtype=values.dtype, device=values.device)
+    if reduce == "amin":
+        out.fill_(float("inf"))
+        return out.scatter_reduce_(0, rows, values, reduce="amin")
+    counts = torch.bincount(rows, minlength=n).clamp(min=1).to(values.dtype)
+    return out.index_add_(0, rows, values) / counts
+
+
+@torch.no_grad()
+def token_metrics(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every metric except IFD for a batch, from one forward pass (logits at every text position)."""
+    n = batch["input_ids"].shape[0]
+    keep = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
+    keep[:, :-1] = batch["attention_mask"][:, 1:].bool()
+    logits = _logits_at(model, batch, keep).float()
+    targets = batch["input_ids"][:, 1:][keep[:, :-1]]
+    response = batch["labels"][:, 1:][keep[:, :-1]] != IGNORE_INDEX
+    rows = keep.nonzero()[:, 0]
+    log_p = torch.log_softmax(logits, dim=-1)
+    del logits
+    nll = -log_p.gather(1, targets[:, None])[:, 0]
+    p = log_p.exp()
+    entropy = -(p * log_p).sum(dim=1)
+    del log_p
+    top2 = p.topk(2, dim=1).values
+    p_gold = p.gather(1, targets[:, None])[:, 0]
+    el2n = (p.square().sum(dim=1) - 2 * p_gold + 1).clamp(min=0).sqrt()
+    del p
+    margin = top2[:, 0] - top2[:, 1]
+    r_rows = rows[response]
+    result = {
+        "nll": _per_example(nll[response], r_rows, n),
+        "nll_full": _per_example(nll, rows, n),
+        "el2n": _per_example(el2n[response], r_rows, n),
+        "entropy": _per_example(entropy[response], r_rows, n),
+        "least_confidence": _per_example(1 - top2[response, 0], r_rows, n),
+        "mean_margin": _per_example(margin[response], r_rows, n),
+        "min_margin": _per_example(margin[response], r_rows, n, reduce="amin"),
+    }
+    result["ppl"] = result["nll"].exp()
+    return result
+
+
+def response_alone(encoded: Encoded, start_token: int) -> Encoded:
+    """The response tokens on their own, after one start token, all of them scored (for IFD)."""
+    tokens = [t for t, label in zip(encoded.input_ids, encoded.labels) if label != IGNORE_INDEX]
+    return Encoded([start_token, *tokens], [IGNORE_INDEX, *tokens], False)
+
+
+def start_token_id(tokenizer) -> int:
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
+def compute_forward_scores(
+    run_dir: str | Path, batch_size: int = 8, chunk_size: int = 128, overwrite: bool = False, progress: bool = True
+) -> list[str]:
+    """Fill the forward-score store of every checkpoint for the whole pool (resumable)."""
+    from ..collect import examples_sha256
+    from ..training import choose_device
+
+    run = Run(run_dir)
+    run.check_data_unchanged()
+    pool: list[Example] = load_pool(run.train_files)
+    device = choose_device()
+    encoded: list[Encoded] | None = None
+    written = []
+    for checkpoint in run.checkpoints():
+        base, tokenizer = load_base_model(run.model_name)
+        metadata = {
+            "format": FORMAT,
+            "format_version": 1,
+            "model": model_fingerprint(run.model_name, base),
+            "checkpoint": checkpoint.name,
+            "adapter_sha256": checkpoint.adapter_sha256(),
+            "dataset": "train",
+            "n_examples": len(pool),
+            "examples_sha256": examples_sha256(pool),
+            "max_length": run.max_length,
+            "chunk_size": chunk_size,
+            "metrics": list(METRICS),
+            "influence_version": __version__,
+        }
+        store = ChunkedStore.open_or_create(
+            run.store_path, f"{DATASET}/{checkpoint.name}", metadata, [e.id for e in pool], [""] * len(pool),
+            {m: ((), "float32") for m in METRICS}, overwrite,
+        )
+        written.append(store.where)
+        if not store.pending_chunks():
+            continue
+        model = load_adapter(base, checkpoint.path).to(device).eval()
+        if encoded is None:
+            encoded = [encode_example(e, tokenizer, run.max_length) for e in pool]
+        start_token = start_token_id(tokenizer)
+        bar = tqdm(total=len(pool), desc=f"forward scores {checkpoint.name}", unit="ex", disable=not progress)
+        bar.update(len(pool) - sum(np.diff(store.chunk_bounds(i))[0] for i in store.pending_chunks()))
+        for index in store.pending_chunks():
+            start, stop = store.chunk_bounds(index)
+            values = {m: np.zeros(stop - start, dtype=np.float32) for m in METRICS}
+            for b in range(start, stop, batch_size):
+                part = encoded[b : min(b + batch_size, stop)]
+                batch = {k: v.to(device) for k, v in collate(part, tokenizer.pad_token_id).items()}
+                metrics = token_metrics(model, batch)
+                alone = {k: v.to(device) for k, v in collate([response_alone(e, start_token) for e in part],
+                                                             tokenizer.pad_token_id).items()}
+                nll_alone = token_metrics(model, alone)["nll"]
+                metrics["ifd"] = metrics["nll"] / nll_alone.clamp(min=1e-8)
+                for m in METRICS:
+                    values[m][b - start : b - start + len(part)] = metrics[m].cpu().numpy()
+                bar.update(len(part))
+            store.write_columns(index, **values)
+        bar.close()
+        del model, base
+    return written
+
+
+def forward_score(metric: str):
+    """A scoring method (run_dir, target) -> Scores for one forward metric, averaged over checkpoints."""
+
+    def score(run_dir: str | Path, target: str | None = None) -> Scores:
+        run = Run(run_dir)
+        stores = []
+        for checkpoint in run.checkpoints():
+            path = run.store_path / DATASET / checkpoint.name / "zarr.json"
+            if not path.is_file() or not ChunkedStore.open(run.store_path, f"{DATASET}/{checkpoint.name}").complete:
+                compute_forward_scores(run_dir)
+            stores.append(ChunkedStore.open(run.store_path, f"{DATASET}/{checkpoint.name}"))
+        for store in stores:
+            store.require_complete()
+        values = np.mean([s.array(metric).astype(np.float64) for s in stores], axis=0)
+        finite = np.logical_and.reduce([s.array("finite") for s in stores]) & np.isfinite(values)
+        return Scores(
+            method=metric,
+            ids=stores[0].ids.tolist(),
+            score=np.where(finite, values, np.nan),
+            description=f"{MEANING[metric]}. Averaged over the warm-up checkpoints.",
+            finite=finite,
+            details={"checkpoints": [s.metadata["checkpoint"] for s in stores]},
+        )
+
+    score.__name__ = f"{metric}_scores"
+    return score

@@ -1,0 +1,101 @@
+"""Per-example gradients: ours (hooks, one batched backward) vs a LESS-style batch-1 backward loop vs
+a plain training step (forward + backward of the batch, the physical floor), same batch, same model.
+Prints seconds per example, ratios and peak memory.
+
+    python scripts/bench_gradients.py --model smollm2-135m --batch 8 --length 256
+    python scripts/bench_gradients.py --model tiny-llama --batch 8 --length 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from _bench import measure, report, run_child
+
+CONTENDERS = ("training-step", "ours-batched-hooks", "less-batch1-loop")
+
+
+def setup(args):
+    from influence.models import LoraSettings, add_lora, load_base_model
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, _ = load_base_model(args.model)
+    model = add_lora(model, LoraSettings(r=args.rank, alpha=2 * args.rank, dropout=0.0,
+                                         target_modules=["q_proj", "v_proj"]), seed=0).to(device)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (args.batch, args.length), generator=g)
+    labels = ids.clone()
+    labels[:, : args.length // 2] = -100  # half prompt, half response
+    batch = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": labels.to(device)}
+    return model, batch
+
+
+def training_step(model, batch):
+    from influence.losses import forward_response
+
+    model.zero_grad(set_to_none=True)
+    forward_response(model, batch).losses.sum().backward()
+
+
+def batched_hooks(hooks, batch):
+    return hooks.compute(batch).grads
+
+
+def batch1_loop(model, params, batch):
+    from influence.losses import forward_response
+
+    rows = []
+    for i in range(batch["input_ids"].shape[0]):
+        model.zero_grad(set_to_none=True)
+        forward_response(model, {k: v[i : i + 1] for k, v in batch.items()}).losses.sum().backward()
+        rows.append(torch.cat([p.grad.reshape(-1) for p in params.values()]))
+    return torch.stack(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--only", choices=CONTENDERS)
+    args = parser.parse_args()
+    if args.only:
+        model, batch = setup(args)
+        if args.only == "training-step":
+            result = measure(training_step, model, batch, repeat=args.repeat)
+        elif args.only == "ours-batched-hooks":
+            from influence.gradients import LoraGradients
+
+            result = measure(batched_hooks, LoraGradients(model), batch, repeat=args.repeat)
+        else:
+            from influence.models import lora_parameters
+
+            result = measure(batch1_loop, model, lora_parameters(model), batch, repeat=args.repeat)
+        result["seconds"] /= args.batch  # per example
+        print(json.dumps(result))
+        return
+    common = [f"--model={args.model}", f"--batch={args.batch}", f"--length={args.length}",
+              f"--rank={args.rank}", f"--repeat={args.repeat}"]
+    results = {name: run_child(__file__, name, common) for name in CONTENDERS}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    report(f"per-example LoRA gradients, {args.model}, r={args.rank} q/v, {args.batch} x {args.length} tokens, "
+           f"{device}: seconds per example", results, "training-step")
+    if "error" not in results["ours-batched-hooks"]:
+        ours = results["ours-batched-hooks"]["seconds"]
+        print(f"ours / training step = {ours / results['training-step']['seconds']:.2f}x (goal <= 1.3x); "
+              f"loop / ours = {results['less-batch1-loop']['seconds'] / ours:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
