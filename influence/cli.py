@@ -84,12 +84,13 @@ def _warmup_config(model, train_files, out, fraction, epochs, learning_rate, war
 @warmup_options
 @click.option("--track-all", is_flag=True,
               help="Evaluate the whole pool after every epoch (training dynamics and forgetting for every example).")
-def warmup(track_all, **settings) -> None:
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out after its last checkpoint.")
+def warmup(track_all, resume, **settings) -> None:
     """Short LoRA warm-up on a random fraction of the pool; keeps a checkpoint per epoch."""
     from .training import warmup as run_warmup
 
     try:
-        run = run_warmup(_warmup_config(**settings, track_all=track_all))
+        run = run_warmup(_warmup_config(**settings, track_all=track_all), resume=resume)
     except InfluenceError as err:
         _fail(err)
     m = run.manifest

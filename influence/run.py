@@ -58,6 +58,9 @@ class Checkpoint:
     def adapter_sha256(self) -> str:
         return file_sha256(self.adapter_file)
 
+    def rng_state(self) -> torch.Tensor:
+        return load_file(str(self.path / "optimizer.safetensors"))["torch_rng_state"]
+
     def adam_moments(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
         """(first moments, second moments, optimizer hyper-parameters), keyed by parameter name."""
         tensors = load_file(str(self.path / "optimizer.safetensors"))
@@ -91,6 +94,7 @@ def save_checkpoint(
                 continue
             tensors[f"exp_avg.{names[param]}"] = state["exp_avg"].detach().cpu().contiguous()
             tensors[f"exp_avg_sq.{names[param]}"] = state["exp_avg_sq"].detach().cpu().contiguous()
+    tensors["torch_rng_state"] = torch.get_rng_state()  # dropout draws continue identically on resume
     save_file(tensors, str(partial / "optimizer.safetensors"))
     group = optimizer.param_groups[0]
     state = {

@@ -7,9 +7,10 @@ match), which forgetting-event statistics are computed from.
 
 from __future__ import annotations
 
+import json
 import math
-import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -71,6 +72,26 @@ def token_accuracy(forward: ResponseForward) -> tuple[torch.Tensor, torch.Tensor
     return accuracy, accuracy == 1
 
 
+def _restore(model, optimizer, scheduler, checkpoint, by_name: dict, device) -> None:
+    """Load a checkpoint's adapter, Adam state, scheduler position and RNG state into a fresh run."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(str(checkpoint.adapter_file)))
+    exp_avg, exp_avg_sq, _ = checkpoint.adam_moments()
+    for name, param in by_name.items():
+        optimizer.state[param] = {
+            "step": torch.tensor(float(checkpoint.step)),
+            "exp_avg": exp_avg[name].to(device),
+            "exp_avg_sq": exp_avg_sq[name].to(device),
+        }
+    with warnings.catch_warnings():  # replaying the schedule without optimizer steps is intended here
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(checkpoint.step):
+            scheduler.step()
+    torch.set_rng_state(checkpoint.rng_state())
+
+
 @torch.no_grad()
 def evaluate_pool(model, encoded: list[Encoded], ids: list[str], pad_token_id: int, batch_size: int,
                   device, epoch: int, step: int, progress: bool) -> list[dict]:
@@ -91,11 +112,39 @@ def evaluate_pool(model, encoded: list[Encoded], ids: list[str], pad_token_id: i
     return rows
 
 
-def warmup(config: WarmupConfig, progress: bool = True) -> Run:
-    """Run the warm-up and return the run directory. Refuses to overwrite an existing run."""
+def _config_dict(config: WarmupConfig) -> dict:
+    return {**asdict(config), "lora": config.lora.to_dict()}
+
+
+def _check_resumable(out: Path, config: WarmupConfig) -> dict:
+    """The manifest of an interrupted run with the same settings, or a RunError naming what differs."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    saved = manifest["config"]
+    for key, value in _config_dict(config).items():
+        if key in ("out", "track_all") or json.loads(json.dumps(value)) == saved.get(key):
+            continue
+        raise RunError(f"{out}: cannot resume: setting '{key}' is {value!r} here but {saved.get(key)!r} in the run")
+    for entry in manifest["train_files"]:
+        if file_sha256(entry["path"]) != entry["sha256"]:
+            raise RunError(f"{entry['path']}: training file changed since the run started; cannot resume")
+    return manifest
+
+
+def warmup(config: WarmupConfig, progress: bool = True, resume: bool = False) -> Run:
+    """Run the warm-up and return the run directory.
+
+    Refuses to overwrite an existing run; with ``resume`` an interrupted run with the same settings
+    continues after its last complete checkpoint (adapter, Adam state, scheduler, RNG and dynamics are
+    restored, so the result equals an uninterrupted run).
+    """
     out = Path(config.out)
+    previous = None
     if (out / "manifest.json").exists():
-        raise RunError(f"{out}: a run already exists here; choose another --out or delete it")
+        if not resume:
+            raise RunError(f"{out}: a run already exists here; use --resume, another --out, or delete it")
+        previous = _check_resumable(out, config)
+    elif out.exists() and any(out.iterdir()):
+        raise RunError(f"{out}: exists and is not an influence run; choose an empty or new folder")
     pool = load_pool(config.train_files)  # validates every file before anything is written
     chosen = sample_fraction(len(pool), config.fraction, config.seed)
     examples = [pool[i] for i in chosen]
@@ -119,14 +168,20 @@ def warmup(config: WarmupConfig, progress: bool = True) -> Run:
 
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
 
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    manifest = {
+    done_epochs = 0
+    if previous is not None:
+        if previous["checkpoints"]:
+            last = Run(out).checkpoints()[-1]
+            done_epochs = last.epoch
+            _restore(model, optimizer, scheduler, last, {n: p for p, n in params.items()}, device)
+        if done_epochs >= config.epochs:
+            return Run(out)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = previous or {
         "kind": "influence-run",
         "model": config.model,
         "model_fingerprint": fingerprint,
-        "config": {**asdict(config), "lora": config.lora.to_dict()},
+        "config": _config_dict(config),
         "train_files": [{"path": str(Path(p).resolve()), "sha256": file_sha256(p)} for p in config.train_files],
         "pool_size": len(pool),
         "warmup_ids": [e.id for e in examples],
@@ -139,11 +194,14 @@ def warmup(config: WarmupConfig, progress: bool = True) -> Run:
     write_manifest(out, manifest)
 
     dynamics: list[dict] = []
+    if done_epochs:
+        dynamics = pd.read_parquet(out / "dynamics.parquet").to_dict("records")
+        dynamics = [d for d in dynamics if d["epoch"] <= done_epochs]
     pool_encoded: list[Encoded] | None = None
-    step = 0
+    step = steps_per_epoch * done_epochs
     started = time.time()
-    bar = tqdm(total=total_steps, desc="warmup", unit="step", disable=not progress)
-    for epoch in range(1, config.epochs + 1):
+    bar = tqdm(total=total_steps, initial=step, desc="warmup", unit="step", disable=not progress)
+    for epoch in range(done_epochs + 1, config.epochs + 1):
         order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
         epoch_lrs = []
         for start in range(0, len(order), per_step):
@@ -186,10 +244,10 @@ def warmup(config: WarmupConfig, progress: bool = True) -> Run:
             dynamics += evaluate_pool(model, pool_encoded, [e.id for e in pool], tokenizer.pad_token_id,
                                       max(config.batch_size, 8), device, epoch, step, progress)
         checkpoint = save_checkpoint(out, model, optimizer, params, epoch, step, float(np.mean(epoch_lrs)))
+        pd.DataFrame(dynamics).to_parquet(out / "dynamics.parquet", index=False)
         manifest["checkpoints"].append(
             {"name": checkpoint.name, "epoch": epoch, "step": step, "mean_lr": checkpoint.mean_lr}
         )
-        pd.DataFrame(dynamics).to_parquet(out / "dynamics.parquet", index=False)
         write_manifest(out, manifest)
     bar.close()
     manifest["wall_seconds"] = round(time.time() - started, 1)

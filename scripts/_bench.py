@@ -51,7 +51,7 @@ def run_child(script: str, contender: str, args: list[str]) -> dict:
 
 def report(title: str, results: dict[str, dict], ours: str) -> None:
     print(f"\n{title}")
-    print(f"{'contender':<28}{'seconds':>12}{'ratio vs ours':>15}{'peak RSS MB':>14}{'over setup MB':>15}{'peak GPU MB':>13}")
+    print(f"{'contender':<28}{'seconds':>12}{'ratio to ' + ours:>26}{'peak RSS MB':>14}{'over setup MB':>15}{'peak GPU MB':>13}")
     base = results[ours].get("seconds")
     for name, r in results.items():
         if "error" in r:
@@ -59,4 +59,4 @@ def report(title: str, results: dict[str, dict], ours: str) -> None:
             continue
         ratio = r["seconds"] / base if base else float("nan")
         gpu = f"{r['peak_gpu_mb']:.0f}" if r.get("peak_gpu_mb") is not None else "-"
-        print(f"{name:<28}{r['seconds']:>12.4f}{ratio:>14.2f}x{r['peak_rss_mb']:>14.0f}{r['peak_rss_over_setup_mb']:>15.0f}{gpu:>13}")
+        print(f"{name:<28}{r['seconds']:>12.4f}{ratio:>25.2f}x{r['peak_rss_mb']:>14.0f}{r['peak_rss_over_setup_mb']:>15.0f}{gpu:>13}")

@@ -2,6 +2,7 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import torch
 import pytest
 from safetensors.torch import load_file
 
@@ -66,3 +67,50 @@ def test_changed_pool_file_is_detected(tiny_run, tmp_path):
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(RunError, match="changed since the warm-up"):
         Run(copy).check_data_unchanged()
+
+
+def test_interrupted_warmup_resumes_identically(tmp_path, pool_files, monkeypatch):
+    import influence.training as training
+    from influence.models import LoraSettings
+
+    def config(out):
+        return WarmupConfig(model="tiny-llama", train_files=pool_files, out=str(out),
+                            lora=LoraSettings(4, 8, 0.1, ["q_proj", "v_proj"]), fraction=0.5, epochs=3,
+                            learning_rate=1e-2, batch_size=4, grad_accum=2, max_length=64, seed=3)
+
+    reference = warmup(config(tmp_path / "ref"), progress=False)
+    original = training.save_checkpoint
+
+    def crash_in_epoch_3(run_dir, model, optimizer, names, epoch, step, mean_lr):
+        if epoch == 3:
+            raise KeyboardInterrupt("simulated crash")
+        return original(run_dir, model, optimizer, names, epoch, step, mean_lr)
+
+    monkeypatch.setattr(training, "save_checkpoint", crash_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        warmup(config(tmp_path / "crashed"), progress=False)
+    monkeypatch.setattr(training, "save_checkpoint", original)
+    with pytest.raises(RunError, match="--resume"):
+        warmup(config(tmp_path / "crashed"), progress=False)
+    changed = config(tmp_path / "crashed")
+    changed.learning_rate = 1e-3
+    with pytest.raises(RunError, match="'learning_rate'"):
+        warmup(changed, progress=False, resume=True)
+    resumed = warmup(config(tmp_path / "crashed"), progress=False, resume=True)
+    assert [c.name for c in resumed.checkpoints()] == ["epoch-1", "epoch-2", "epoch-3"]
+    for a, b in zip(reference.checkpoints(), resumed.checkpoints()):
+        assert a.mean_lr == b.mean_lr and a.step == b.step
+        ta, tb = load_file(str(a.adapter_file)), load_file(str(b.adapter_file))
+        assert all(torch.equal(ta[k], tb[k]) for k in ta)  # dropout and Adam state restored exactly
+        ma, mb = a.adam_moments()[1], b.adam_moments()[1]
+        assert all(torch.equal(ma[k], mb[k]) for k in ma)
+    dyn_a = pd.read_parquet(reference.path / "dynamics.parquet")
+    dyn_b = pd.read_parquet(resumed.path / "dynamics.parquet")
+    pd.testing.assert_frame_equal(dyn_a, dyn_b)
+
+
+def test_refuses_non_run_folder(tmp_path, pool_files):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(RunError, match="not an influence run"):
+        warmup(WarmupConfig(model="tiny-llama", train_files=pool_files, out=str(tmp_path)), progress=False)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
