@@ -23,19 +23,22 @@ def tiny():
     return build_tiny_llama()
 
 
-@pytest.fixture
-def tiny_lora():
-    """Tiny Llama with LoRA whose B matrices are non-zero (at init they are zero, which would make
-    every lora_A gradient zero and hide errors)."""
-    model, tokenizer = build_tiny_llama()
-    model = add_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]), seed=0)
+def lora_with_nonzero_b(model, modules, r=4, std=0.05):
+    """LoRA whose B matrices are non-zero: at initialisation they are zero, which makes every lora_A
+    gradient zero and would hide errors. Returns the peft model in eval mode."""
+    model = add_lora(model, LoraSettings(r=r, alpha=2 * r, dropout=0.0, target_modules=modules), seed=0)
     torch.manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
-                p.normal_(0, 0.05)
-    model.eval()
-    return model, tokenizer
+                p.normal_(0, std)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_lora():
+    model, tokenizer = build_tiny_llama()
+    return lora_with_nonzero_b(model, ["q_proj", "v_proj"]), tokenizer
 
 
 @pytest.fixture

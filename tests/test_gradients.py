@@ -8,6 +8,8 @@ from influence.models import lora_parameters
 from influence.losses import per_example_loss
 from influence.templates import collate, encode_example
 
+from .conftest import lora_with_nonzero_b
+
 
 def _examples(n=5):
     return [
@@ -83,15 +85,8 @@ def test_flatten_follows_gradient_order(tiny_lora):
 
 def test_lm_head_lora_after_response_selection(tiny):
     """lm_head sees batch-flattened response positions (logits_to_keep); gradients stay exact."""
-    from influence.models import LoraSettings, add_lora
-
     model, tok = tiny
-    model = add_lora(model, LoraSettings(r=2, alpha=4, dropout=0.0, target_modules=["v_proj", "lm_head"]), seed=0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    model.eval()
+    model = lora_with_nonzero_b(model, ["v_proj", "lm_head"], r=2)
     encoded = [encode_example(e, tok, 128) for e in _examples(4)]
     reference = _loop_gradients(model, encoded, tok.pad_token_id)
     hooks = LoraGradients(model)

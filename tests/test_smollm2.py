@@ -4,9 +4,11 @@ import pytest
 import torch
 
 from influence.data import Example
-from influence.models import SMOLLM2, LoraSettings, add_lora, load_base_model
+from influence.models import SMOLLM2, load_base_model
 from influence.targets import load_target
 from influence.templates import IGNORE_INDEX, encode_example
+
+from .conftest import lora_with_nonzero_b
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +45,7 @@ def test_real_model_per_example_gradients_are_exact(smollm2):
     from influence.templates import collate
 
     model, tok = smollm2
-    model = add_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]), seed=0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.02)
-    model.eval()
+    model = lora_with_nonzero_b(model, ["q_proj", "v_proj"], std=0.02)
     examples = [Example(f"x#{i}", "x", [{"role": "user", "content": "What is 2+%d?" % i},
                                         {"role": "assistant", "content": "It is %d." % (2 + i) * (i + 1)}], {})
                 for i in range(3)]
