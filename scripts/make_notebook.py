@@ -56,27 +56,34 @@ cells = [
     ),
     new_markdown_cell("## Most and least helpful examples per subtask"),
     new_code_cell(
-        "def preview(rows, task):\n"
+        "def preview(rows, column):\n"
         "    return pd.DataFrame({\n"
         "        'id': rows['id'],\n"
-        "        'score': rows['task:' + task].round(4),\n"
+        "        'score': rows[column].round(4),\n"
         "        'example': [example_text(pool[i], 140) for i in rows['id']],\n"
         "    })\n\n"
         "for task in tasks:\n"
         "    print(f'=== {task}: top {K}')\n"
-        "    display(preview(top_for_task(table, task, K), task))\n"
+        "    display(preview(top_for_task(table, task, K), 'task:' + task))\n"
         "    print(f'=== {task}: bottom {K}')\n"
-        "    display(preview(top_for_task(table, task, K, bottom=True), task))"
+        "    display(preview(top_for_task(table, task, K, bottom=True), 'task:' + task))\n"
+        "if not tasks:  # target-free methods have no subtasks: the two ends of the whole ranking\n"
+        "    scored = table[table['finite']]\n"
+        "    print(f'=== top {K}'); display(preview(scored.head(K), 'score'))\n"
+        "    print(f'=== bottom {K}'); display(preview(scored.tail(K), 'score'))"
     ),
     new_markdown_cell("## Do subtasks agree?\nSpearman correlation between per-subtask scores."),
     new_code_cell(
         "columns = ['task:' + t for t in task_columns(table)]\n"
-        "corr = table.loc[table['finite'], columns].rank().corr()\n"
-        "fig, ax = plt.subplots(figsize=(4 + 0.3 * len(columns), 3 + 0.3 * len(columns)))\n"
-        "im = ax.imshow(corr.to_numpy(), vmin=-1, vmax=1, cmap='coolwarm')\n"
-        "names = [c[5:] for c in columns]\n"
-        "ax.set_xticks(range(len(names)), names, rotation=90); ax.set_yticks(range(len(names)), names)\n"
-        "fig.colorbar(im); plt.show()"
+        "if len(columns) >= 2:\n"
+        "    corr = table.loc[table['finite'], columns].rank().corr()\n"
+        "    fig, ax = plt.subplots(figsize=(4 + 0.3 * len(columns), 3 + 0.3 * len(columns)))\n"
+        "    im = ax.imshow(corr.to_numpy(), vmin=-1, vmax=1, cmap='coolwarm')\n"
+        "    names = [c[5:] for c in columns]\n"
+        "    ax.set_xticks(range(len(names)), names, rotation=90); ax.set_yticks(range(len(names)), names)\n"
+        "    fig.colorbar(im); plt.show()\n"
+        "else:\n"
+        "    print('fewer than two subtasks: nothing to compare')"
     ),
 ]
 

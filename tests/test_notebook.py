@@ -24,3 +24,15 @@ def test_notebook_runs_on_a_tiny_run(tiny_run, tmp_path, monkeypatch):
     assert "=== math: top 5" in outputs and "=== words: bottom 5" in outputs
     assert "5 selected" in outputs  # 23 examples x 0.2, rounded up
     assert any(o.get("data", {}).get("image/png") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
+
+
+def test_notebook_runs_on_a_target_free_ranking(tiny_run, tmp_path, monkeypatch):
+    out = tmp_path / "el2n"
+    rank(tiny_run["run"], None, method="el2n", fraction=0.2, out=out)
+    monkeypatch.setenv("INFLUENCE_RUN", tiny_run["run"])
+    monkeypatch.setenv("INFLUENCE_RANKING", str(out))
+    monkeypatch.delenv("INFLUENCE_TASKS", raising=False)
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    text = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
+    assert "=== top 5" in text and "nothing to compare" in text
