@@ -144,7 +144,8 @@ def project_grads(run_dir, target, target_tasks, proj_dim, seed, batch_size, chu
 @click.option("--show-tasks", default=None, help="Comma-separated subtasks to show (default: first 4).")
 def rank(run_dir, target, method, fraction, mode, band, threshold, out, show, show_tasks) -> None:
     """Score and rank the pool; write scores.csv, scores.parquet, selected.jsonl, summary.json."""
-    from .selection import default_out, example_text, pool_by_id, rank as run_rank, task_columns, top_for_task
+    from .selection import default_out, example_text, pool_by_id, task_columns, top_for_task
+    from .selection import rank as run_rank
 
     try:
         low, high = (float(x) for x in band.split(","))

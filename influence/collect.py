@@ -3,8 +3,6 @@ projected and written to the run's gradient stores (LESS, step 2)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -15,27 +13,18 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .data import Example, load_pool
+from .data import Example, examples_sha256, load_pool
 from .gradients import AdamPreconditioner, LoraGradients
-from .models import load_adapter, load_base_model, model_fingerprint
+from .models import choose_device, load_adapter, load_base_model, model_fingerprint
 from .projection import Projector
 from .run import Checkpoint, Run
 from .store import GradientStore
 from .targets import load_target, target_name
 from .templates import Encoded, collate, encode_example
-from .training import choose_device
 
 log = logging.getLogger(__name__)
 
 TRAIN = "train"
-
-
-def examples_sha256(examples: list[Example]) -> str:
-    """Fingerprint of the examples' content (ids, conversations, prefixes) in order."""
-    digest = hashlib.sha256()
-    for e in examples:
-        digest.update(json.dumps([e.id, e.messages, e.response_prefix, e.task], ensure_ascii=False).encode())
-    return digest.hexdigest()
 
 
 def target_dataset(target: str) -> str:

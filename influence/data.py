@@ -211,6 +211,10 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def ids_sha256(ids: Iterable[str]) -> str:
-    """Fingerprint of an ordered id list: two stores hold the same examples iff these match."""
-    return hashlib.sha256("\n".join(ids).encode()).hexdigest()
+def examples_sha256(examples: Iterable[Example]) -> str:
+    """Fingerprint of examples' content (ids, conversations, prefixes, tasks) in order: two stores
+    hold the same examples iff these match."""
+    digest = hashlib.sha256()
+    for e in examples:
+        digest.update(json.dumps([e.id, e.messages, e.response_prefix, e.task], ensure_ascii=False).encode())
+    return digest.hexdigest()

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .models import lora_parameters
 from .losses import forward_response
+from .models import lora_parameters
 
 
 @dataclass

@@ -25,6 +25,11 @@ TINY = "tiny-llama"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def choose_device() -> torch.device:
+    """CUDA when available, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def cache_dir() -> Path:
     """Where converted models live: ``$INFLUENCE_CACHE`` or ``~/.cache/influence``."""
     return Path(os.environ.get("INFLUENCE_CACHE", Path.home() / ".cache" / "influence"))

@@ -21,9 +21,9 @@ from tqdm.auto import tqdm
 
 from .data import Example, file_sha256, load_pool
 from .errors import RunError
-from .models import LoraSettings, add_lora, load_base_model, lora_parameters, model_fingerprint
-from .run import Run, package_versions, save_checkpoint, write_manifest
 from .losses import ResponseForward, forward_response
+from .models import LoraSettings, add_lora, choose_device, load_base_model, lora_parameters, model_fingerprint
+from .run import Run, package_versions, save_checkpoint, write_manifest
 from .templates import Encoded, collate, encode_example
 
 
@@ -46,10 +46,6 @@ class WarmupConfig:
     weight_decay: float = 0.0
     bf16: bool = False
     track_all: bool = False  # evaluate the whole pool after every epoch (forgetting on every example)
-
-
-def choose_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def sample_fraction(n: int, fraction: float, seed: int) -> np.ndarray:

@@ -12,7 +12,6 @@ import argparse
 import json
 
 import torch
-
 from _bench import measure, report, run_child
 
 CONTENDERS = ("training-step", "ours-batched-hooks", "less-batch1-loop")

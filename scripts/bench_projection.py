@@ -10,7 +10,6 @@ import argparse
 import json
 
 import torch
-
 from _bench import measure, report, run_child
 
 CONTENDERS = ("ours-default", "ours-float-cache", "ours-streamed", "traker-BasicProjector")

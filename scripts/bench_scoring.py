@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from _bench import measure, report, run_child
 
 CONTENDERS = ("ours-small", "naive-small", "ours-full")
@@ -49,6 +48,7 @@ def targets(dim: int, tasks: int, per_task: int):
 
 def ours(store, target, task_index, tasks, device):
     from influence.kernels.scoring import score_block, subtask_means
+
     from influence.scoring.less import default_backend
 
     backend = default_backend(device)

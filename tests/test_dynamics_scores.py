@@ -1,7 +1,7 @@
 import numpy as np
-import torch
 import pandas as pd
 import pytest
+import torch
 
 from influence.collect import project_grads
 from influence.models import LoraSettings
@@ -9,8 +9,7 @@ from influence.run import Run
 from influence.scoring import METHODS
 from influence.scoring.dynamics import count_forgetting, forgetting_table
 from influence.scoring.forward import METRICS, compute_forward_scores
-from influence.selection import ranking_table, select
-from influence.data import load_pool
+from influence.selection import select
 from influence.store import ChunkedStore, GradientStore
 from influence.training import WarmupConfig, warmup
 

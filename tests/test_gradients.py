@@ -4,8 +4,8 @@ import torch
 
 from influence.data import Example
 from influence.gradients import AdamPreconditioner, LoraGradients
-from influence.models import lora_parameters
 from influence.losses import per_example_loss
+from influence.models import lora_parameters
 from influence.templates import collate, encode_example
 
 from .conftest import lora_with_nonzero_b

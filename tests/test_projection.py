@@ -4,8 +4,8 @@ import sys
 
 import pytest
 import torch
-
 from influence.kernels import projection as kernel
+
 from influence.projection import Projector
 
 

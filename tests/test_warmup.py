@@ -2,8 +2,8 @@ import json
 from pathlib import Path
 
 import pandas as pd
-import torch
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from influence.errors import DataFormatError, RunError

@@ -32,8 +32,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..data import Example, load_pool
-from ..models import load_adapter, load_base_model, model_fingerprint
+from ..data import Example, examples_sha256, load_pool
+from ..models import choose_device, load_adapter, load_base_model, model_fingerprint
 from ..run import Run
 from ..store import ChunkedStore
 from ..templates import IGNORE_INDEX, Encoded, collate, encode_example
@@ -123,9 +123,6 @@ def compute_forward_scores(
     run_dir: str | Path, batch_size: int = 8, chunk_size: int = 128, overwrite: bool = False, progress: bool = True
 ) -> list[str]:
     """Fill the forward-score store of every checkpoint for the whole pool (resumable)."""
-    from ..collect import examples_sha256
-    from ..training import choose_device
-
     run = Run(run_dir)
     run.check_data_unchanged()
     pool: list[Example] = load_pool(run.train_files)
