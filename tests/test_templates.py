@@ -13,7 +13,7 @@ def _example(prompt="What is 2+2?", response="4", prefix=""):
 
 
 def _labelled_text(tokenizer, enc):
-    return tokenizer.decode([t for t, l in zip(enc.input_ids, enc.labels) if l != IGNORE_INDEX])
+    return tokenizer.decode([t for t, label in zip(enc.input_ids, enc.labels) if label != IGNORE_INDEX])
 
 
 def test_tulu_format_masks_prompt(tiny):
