@@ -13,6 +13,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -169,14 +170,18 @@ def add_lora(model, settings: LoraSettings, seed: int):
     from peft import get_peft_model
 
     torch.manual_seed(seed)
-    return get_peft_model(model, settings.to_peft())
+    with warnings.catch_warnings():  # peft calls a transformers method deprecated in v5
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, settings.to_peft())
 
 
 def load_adapter(model, adapter_dir: str | Path):
     """Base model + a saved adapter, with LoRA parameters requiring grad (for gradient features)."""
     from peft import PeftModel
 
-    peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+    with warnings.catch_warnings():  # peft calls a transformers method deprecated in v5
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
     peft_model.eval()
     return peft_model
 
