@@ -60,7 +60,7 @@ def test_collate_and_per_example_loss(tiny):
     assert counts.tolist() == [2, 6]  # response characters + </s>
     single = collate([encs[0]], tok.pad_token_id)
     alone, _ = per_example_loss(model(input_ids=single["input_ids"]).logits, single["labels"])
-    assert abs(float(alone[0]) - float(losses[0])) < 1e-5
+    assert abs(float(alone[0].detach()) - float(losses[0].detach())) < 1e-5
 
 
 def test_response_only_forward_equals_full_logits(tiny):
