@@ -117,7 +117,7 @@ def _check_resumable(out: Path, config: WarmupConfig) -> dict:
     manifest = json.loads((out / "manifest.json").read_text())
     saved = manifest["config"]
     for key, value in _config_dict(config).items():
-        if key in ("out", "track_all") or json.loads(json.dumps(value)) == saved.get(key):
+        if key == "out" or json.loads(json.dumps(value)) == saved.get(key):
             continue
         raise RunError(f"{out}: cannot resume: setting '{key}' is {value!r} here but {saved.get(key)!r} in the run")
     for entry in manifest["train_files"]:
