@@ -139,17 +139,22 @@ def project_grads(run_dir, target, target_tasks, proj_dim, seed, batch_size, chu
               help="Which examples to keep: highest/lowest scores, a middle quantile band, or a threshold.")
 @click.option("--band", default="0.25,0.75", show_default=True, help="Quantile band for --select middle.")
 @click.option("--threshold", default=None, type=float, help="Threshold for --select below/above (e.g. IFD 1).")
+@click.option("--learned-threshold", default=None, type=float,
+              help="forgetting: token accuracy at which an example counts as learned (default 1.0 = exact match).")
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--show", default=0, show_default=True, help="Print this many top examples for a few subtasks.")
 @click.option("--show-tasks", default=None, help="Comma-separated subtasks to show (default: first 4).")
-def rank(run_dir, target, method, fraction, mode, band, threshold, out, show, show_tasks) -> None:
+def rank(run_dir, target, method, fraction, mode, band, threshold, learned_threshold, out, show, show_tasks) -> None:
     """Score and rank the pool; write scores.csv, scores.parquet, selected.jsonl, summary.json."""
     from .selection import default_out, example_text, pool_by_id, task_columns, top_for_task
     from .selection import rank as run_rank
 
     try:
         low, high = (float(x) for x in band.split(","))
-        table = run_rank(run_dir, target, method, fraction, out, mode, (low, high), threshold)
+        options = {"learned_threshold": learned_threshold} if learned_threshold is not None else {}
+        if options and method != "forgetting":
+            raise InfluenceError("--learned-threshold applies to --method forgetting only")
+        table = run_rank(run_dir, target, method, fraction, out, mode, (low, high), threshold, **options)
     except (InfluenceError, ValueError) as err:
         _fail(err)
     out = Path(out) if out else default_out(run_dir, method, target)

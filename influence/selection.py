@@ -122,9 +122,11 @@ def rank(
     mode: str = "top",
     band: tuple[float, float] = (0.25, 0.75),
     threshold: float | None = None,
+    **method_options,
 ) -> pd.DataFrame:
     """Score the run's pool with ``method`` (for ``target`` where the method needs one), write the
-    outputs (see the module docstring) and return the full ranking."""
+    outputs (see the module docstring) and return the full ranking. ``method_options`` go to the
+    scoring function (e.g. ``learned_threshold`` for ``forgetting``)."""
     if method not in METHODS:
         raise InfluenceError(f"unknown method '{method}'; available: {', '.join(sorted(METHODS))}")
     if method in TARGET_METHODS and not target:
@@ -132,7 +134,7 @@ def rank(
     run = Run(run_dir)
     run.check_data_unchanged()
     pool = load_pool(run.train_files)
-    scores = METHODS[method](run_dir, target)
+    scores = METHODS[method](run_dir, target, **method_options)
     table = ranking_table(scores, pool)
     selected = select(table, mode, fraction, band, threshold)
     selection = {"mode": mode, "fraction": fraction, "band": list(band), "threshold": threshold}

@@ -32,20 +32,18 @@ def test_forgetting_counts_by_hand(sequence, events):
 
 
 def test_forgetting_table_prefers_whole_pool_evaluations():
-    dynamics = pd.DataFrame([
-        # training presentations of a only
-        {"phase": "train", "epoch": 1, "step": 1, "id": "a", "exact_match": True},
-        # evaluations of every example after each epoch
-        {"phase": "eval", "epoch": 1, "step": 1, "id": "a", "exact_match": True},
-        {"phase": "eval", "epoch": 2, "step": 2, "id": "a", "exact_match": False},
-        {"phase": "eval", "epoch": 3, "step": 3, "id": "a", "exact_match": True},
-        {"phase": "eval", "epoch": 1, "step": 1, "id": "b", "exact_match": False},
-        {"phase": "eval", "epoch": 2, "step": 2, "id": "b", "exact_match": True},
-        {"phase": "eval", "epoch": 3, "step": 3, "id": "b", "exact_match": True},
-    ])
+    rows = [("train", 1, "a", 1.0)]  # a training presentation of a only, then whole-pool evaluations
+    rows += [("eval", 1, "a", 1.0), ("eval", 2, "a", 0.6), ("eval", 3, "a", 1.0)]
+    rows += [("eval", 1, "b", 0.2), ("eval", 2, "b", 1.0), ("eval", 3, "b", 0.9)]
+    dynamics = pd.DataFrame([{"phase": p, "epoch": e, "step": e, "id": i, "token_accuracy": acc,
+                              "exact_match": acc == 1.0} for p, e, i, acc in rows])
     table = forgetting_table(dynamics).set_index("id")
     assert table.loc["a", "forgetting_events"] == 1 and table.loc["a", "presentations"] == 3
-    assert table.loc["b", "forgetting_events"] == 0 and table.loc["b", "unforgettable"]
+    assert table.loc["b", "forgetting_events"] == 1 and not table.loc["b", "unforgettable"]
+    # with "learned" = token accuracy >= 0.5, a is never forgotten and b is learned at epoch 2 and kept
+    soft = forgetting_table(dynamics, learned_threshold=0.5).set_index("id")
+    assert soft.loc["a", "forgetting_events"] == 0 and soft.loc["b", "forgetting_events"] == 0
+    assert soft["unforgettable"].all()
 
 
 @pytest.fixture(scope="module")

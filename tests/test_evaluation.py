@@ -61,3 +61,18 @@ def test_rank_cli_with_loss_scores_and_modes(tiny_run, tmp_path):
     assert result.exit_code == 0 and "(middle)" in result.output
     result = runner.invoke(main, ["rank", "--run", tiny_run["run"], "--method", "less"])
     assert result.exit_code == 2 and "needs --target" in result.output
+
+
+def test_rank_forgetting_with_learned_threshold(tiny_run, tmp_path):
+    import json
+
+    runner = CliRunner()
+    out = tmp_path / "forget"
+    result = runner.invoke(main, ["rank", "--run", tiny_run["run"], "--method", "forgetting",
+                                  "--learned-threshold", "0.5", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["learned_threshold"] == 0.5 and summary["presented"] == 12  # warm-up examples only
+    assert summary["n_unscorable"] == 23 - 12
+    result = runner.invoke(main, ["rank", "--run", tiny_run["run"], "--method", "nll", "--learned-threshold", "0.5"])
+    assert result.exit_code == 2 and "forgetting only" in result.output

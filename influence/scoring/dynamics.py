@@ -1,7 +1,8 @@
 """Training-dynamics scores: forgetting events (Toneva et al. 2019) and GraNd (Paul et al. 2021).
 
 **Forgetting events.** At every presentation during ``warmup`` an example is *learned* when its
-response is reproduced exactly by argmax decoding (``exact_match``). A forgetting event is a
+response-token accuracy under argmax decoding reaches ``learned_threshold`` (default 1.0: the whole
+response is reproduced exactly; long LLM responses rarely are, so 0.5-0.9 gives more signal). A forgetting event is a
 transition learned -> not learned between consecutive presentations. Examples never learned get the
 largest possible count (the number of presentations), as in the original where they count as
 infinitely forgettable. Score: the count; higher = more forgettable (harder); ``unforgettable``
@@ -35,7 +36,7 @@ def count_forgetting(learned: list[bool] | np.ndarray) -> int:
     return int(np.sum(learned[:-1] & ~learned[1:]))
 
 
-def forgetting_table(dynamics: pd.DataFrame) -> pd.DataFrame:
+def forgetting_table(dynamics: pd.DataFrame, learned_threshold: float = 1.0) -> pd.DataFrame:
     """Per example: presentations, forgetting events, ever learned, unforgettable."""
     source = dynamics
     if "phase" in dynamics and (dynamics["phase"] == "eval").any():
@@ -43,19 +44,21 @@ def forgetting_table(dynamics: pd.DataFrame) -> pd.DataFrame:
     ordered = source.sort_values(["id", "epoch", "step"], kind="stable")
     rows = []
     for example_id, group in ordered.groupby("id", sort=False):
-        learned = group["exact_match"].to_numpy(dtype=bool)
+        learned = group["token_accuracy"].to_numpy() >= learned_threshold
         events = count_forgetting(learned)
         rows.append({"id": example_id, "presentations": len(learned), "forgetting_events": events,
                      "ever_learned": bool(learned.any()), "unforgettable": bool(learned.any()) and events == 0})
     return pd.DataFrame(rows)
 
 
-def forgetting_scores(run_dir: str | Path, target: str | None = None) -> Scores:
+def forgetting_scores(run_dir: str | Path, target: str | None = None, learned_threshold: float = 1.0) -> Scores:
     run = Run(run_dir)
     path = run.path / "dynamics.parquet"
     if not path.is_file():
         raise InfluenceError(f"{path} not found: the warm-up records it")
-    table = forgetting_table(pd.read_parquet(path)).set_index("id")
+    if not 0 < learned_threshold <= 1:
+        raise InfluenceError(f"learned_threshold must be in (0, 1], got {learned_threshold}")
+    table = forgetting_table(pd.read_parquet(path), learned_threshold).set_index("id")
     ids = [e.id for e in load_pool(run.train_files)]
     counts = table["forgetting_events"].reindex(ids).to_numpy(dtype=np.float64)
     finite = np.isfinite(counts)
@@ -65,7 +68,7 @@ def forgetting_scores(run_dir: str | Path, target: str | None = None) -> Scores:
         score=counts,
         description=__doc__.split("**GraNd.**")[0].strip(),
         finite=finite,
-        details={"presented": int(finite.sum()), "unforgettable": int(table["unforgettable"].sum()),
+        details={"learned_threshold": learned_threshold, "presented": int(finite.sum()), "unforgettable": int(table["unforgettable"].sum()),
                  "never_learned": int((~table["ever_learned"]).sum())},
     )
 
