@@ -68,7 +68,8 @@ def forgetting_scores(run_dir: str | Path, target: str | None = None, learned_th
         score=counts,
         description=__doc__.split("**GraNd.**")[0].strip(),
         finite=finite,
-        details={"learned_threshold": learned_threshold, "presented": int(finite.sum()), "unforgettable": int(table["unforgettable"].sum()),
+        details={"learned_threshold": learned_threshold, "presented": int(finite.sum()),
+                 "unforgettable": int(table["unforgettable"].sum()),
                  "never_learned": int((~table["ever_learned"]).sum())},
     )
 
