@@ -22,10 +22,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..collect import TRAIN
 from ..data import load_pool
 from ..errors import InfluenceError
 from ..run import Run
 from .base import Scores
+from .less import open_checkpoint_stores
 
 
 def count_forgetting(learned: list[bool] | np.ndarray) -> int:
@@ -75,9 +77,6 @@ def forgetting_scores(run_dir: str | Path, target: str | None = None, learned_th
 
 
 def grand_scores(run_dir: str | Path, target: str | None = None) -> Scores:
-    from ..collect import TRAIN
-    from .less import open_checkpoint_stores
-
     run = Run(run_dir)
     stores = open_checkpoint_stores(run, TRAIN)
     for store in stores:

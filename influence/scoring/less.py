@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..collect import TRAIN, target_dataset
 from ..errors import InfluenceError, StoreMismatchError
 from ..kernels.scoring import HAVE_TRITON, score_block, subtask_means
 from ..run import Run
@@ -75,8 +76,6 @@ def less_scores(
 
     Memory: one block of stored rows plus the (n, n_subtasks) float32 breakdown.
     """
-    from ..collect import TRAIN, target_dataset
-
     run = Run(run_dir)
     train = open_checkpoint_stores(run, TRAIN)
     targets = open_checkpoint_stores(run, target_dataset(target))
