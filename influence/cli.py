@@ -160,6 +160,9 @@ def rank(run_dir, target, method, fraction, mode, band, threshold, learned_thres
     out = Path(out) if out else default_out(run_dir, method, target)
     n_selected = sum(1 for _ in open(out / "selected.jsonl", encoding="utf-8"))
     click.echo(f"ranked {len(table)} examples with {method}; selected {n_selected} ({mode}) -> {out}")
+    unscorable = int((~table["finite"]).sum())
+    if unscorable:
+        click.secho(f"{unscorable} example(s) could not be scored (non-finite or not presented); ranked last", fg="yellow")
     if show:
         pool = pool_by_id(run_dir)
         tasks = [t.strip() for t in show_tasks.split(",")] if show_tasks else task_columns(table)[:4]

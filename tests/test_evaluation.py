@@ -74,5 +74,6 @@ def test_rank_forgetting_with_learned_threshold(tiny_run, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["learned_threshold"] == 0.5 and summary["presented"] == 12  # warm-up examples only
     assert summary["n_unscorable"] == 23 - 12
+    assert "11 example(s) could not be scored" in result.output
     result = runner.invoke(main, ["rank", "--run", tiny_run["run"], "--method", "nll", "--learned-threshold", "0.5"])
     assert result.exit_code == 2 and "forgetting only" in result.output
