@@ -38,7 +38,9 @@ class Example:
 
     ``messages`` is the conversation; the loss is taken on assistant turns only. ``response_prefix``
     is text the template puts at the start of the *last* assistant turn without training on it (LESS
-    puts "The answer is:" there for MMLU).
+    puts "The answer is:" there for MMLU). ``label_end_of_turn``: whether the end-of-turn marker the
+    template adds after a response (``<|im_end|>``, ``</s>``) is part of the loss; true for training
+    data (the model learns to stop), false for targets, whose gradient covers the answer alone as in LESS.
     """
 
     id: str
@@ -47,6 +49,7 @@ class Example:
     record: dict[str, Any] = field(repr=False)
     task: str | None = None
     response_prefix: str = ""
+    label_end_of_turn: bool = True
 
 
 def _check_messages(messages: Any, path: str, line: int) -> list[dict[str, str]]:
@@ -216,5 +219,6 @@ def examples_sha256(examples: Iterable[Example]) -> str:
     hold the same examples iff these match."""
     digest = hashlib.sha256()
     for e in examples:
-        digest.update(json.dumps([e.id, e.messages, e.response_prefix, e.task], ensure_ascii=False).encode())
+        fields = [e.id, e.messages, e.response_prefix, e.task, e.label_end_of_turn]
+        digest.update(json.dumps(fields, ensure_ascii=False).encode())
     return digest.hexdigest()

@@ -8,7 +8,8 @@ Built-in targets are LESS's, vendored in the package so they work offline:
 * ``tydiqa``: TyDiQA-GoldP one-shot, one example for each of 9 languages, subtask = language.
 
 Any data file (see :mod:`influence.data`) is also a target; a ``task`` field per record gives
-subtasks, otherwise the whole file is one task.
+subtasks, otherwise the whole file is one task. As in LESS, a target's loss (and so its gradient)
+covers the answer tokens only, without the end-of-turn marker that training examples learn.
 """
 
 from __future__ import annotations
@@ -156,6 +157,8 @@ def load_target(target: str, tasks: list[str] | None = None) -> list[Example]:
             f"unknown target '{target}': not a file, and not one of the registered targets: "
             + ", ".join(sorted(TARGETS))
         )
+    for example in examples:  # a target's loss covers its answer, not the end-of-turn marker (LESS)
+        example.label_end_of_turn = False
     if tasks:
         known = {e.task for e in examples}
         missing = sorted(set(tasks) - known)

@@ -51,7 +51,11 @@ def _segments_chat_template(example: Example, tokenizer) -> list[tuple[str, bool
             if response.startswith(example.response_prefix):
                 response = response[len(example.response_prefix):]
         segments.append((prefix[len(rendered):], False))
-        segments.append((response, True))
+        content = message["content"]
+        if not example.label_end_of_turn and response.startswith(content) and len(response) > len(content):
+            segments += [(content, True), (response[len(content):], False)]  # end-of-turn marker unlabelled
+        else:
+            segments.append((response, True))
         rendered = full
     return segments
 
@@ -69,7 +73,7 @@ def _segments_tulu(example: Example, eos: str) -> list[tuple[str, bool]]:
             if i == last_assistant and example.response_prefix:
                 pending += example.response_prefix
             segments.append((pending, False))
-            segments.append((message["content"] + eos, True))
+            segments.append((message["content"] + (eos if example.label_end_of_turn else ""), True))
             pending = "\n" if i != last_assistant else ""
     return segments
 

@@ -34,7 +34,7 @@ def test_chat_template_and_label_mask(smollm2):
     text = tok.decode(enc.input_ids)
     assert text.startswith("<|im_start|>system\n") and "<|im_start|>assistant\nThe answer is: B<|im_end|>" in text
     labelled = tok.decode([t for t, label in zip(enc.input_ids, enc.labels) if label != IGNORE_INDEX])
-    assert labelled == " B<|im_end|>\n"
+    assert labelled == " B"  # the answer alone, as LESS scores its MMLU target
 
 
 @pytest.mark.slow

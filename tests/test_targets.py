@@ -17,6 +17,7 @@ def test_mmlu_val_is_lesss_285_dev_rows():
     )
     assert first.messages[0]["content"].endswith("\nA. 0\nB. 1\nC. 2\nD. 3\nAnswer:")
     assert first.messages[1]["content"] == " B" and first.response_prefix == "The answer is:"
+    assert not any(e.label_end_of_turn for e in examples)  # targets: the answer's loss only
 
 
 def test_bbh_and_tydiqa():

@@ -73,3 +73,14 @@ def test_response_only_forward_equals_full_logits(tiny):
     assert forward.logits.ndim == 2 and forward.logits.shape[0] == int(counts.sum())  # only response positions
     torch.testing.assert_close(forward.losses, reference, rtol=1e-5, atol=1e-6)
     assert forward.counts.tolist() == counts.tolist()
+
+
+def test_end_of_turn_unlabelled_for_targets(tiny):
+    _, tok = tiny
+    target = _example(response=" B", prefix="The answer is:")
+    target.label_end_of_turn = False
+    assert _labelled_text(tok, encode_example(target, tok, 512)) == " B"  # Tulu format: no </s>
+    tok.chat_template = CHATML
+    enc = encode_example(target, tok, 512)
+    assert _labelled_text(tok, enc) == " B"
+    assert tok.decode(enc.input_ids).endswith("The answer is: B<|im_end|>\n")  # the marker is still in the text
