@@ -85,12 +85,11 @@ def collect_store(
                 losses[idx] = result.losses.float().cpu().numpy()
                 tokens[idx] = result.n_tokens.cpu().numpy()
                 bar.update(len(idx))
-            bad = ~(np.isfinite(out).all(axis=1) & np.isfinite(norms))
-            if bad.any():
-                bad_ids = [ids[start + i] for i in np.flatnonzero(bad)]
+            finite = store.write_chunk(index, out, norms, losses, tokens)
+            if not finite.all():
+                bad_ids = [ids[start + i] for i in np.flatnonzero(~finite)]
                 log.warning("%s: non-finite gradient for %d example(s): %s", store.where, len(bad_ids), bad_ids[:10])
                 nonfinite += len(bad_ids)
-            store.write_chunk(index, out, norms, losses, tokens)
     finally:
         bar.close()
     return skipped, nonfinite

@@ -35,8 +35,7 @@ def corrupt_pool(
     rng = np.random.default_rng(seed)
     n = len(pool)
     chosen = np.sort(rng.choice(n, size=max(2, round(fraction * n)), replace=False))
-    responses = [e.messages[-1]["content"] if e.messages[-1]["role"] == "assistant" else
-                 [m for m in e.messages if m["role"] == "assistant"][-1]["content"] for e in pool]
+    responses = [[m for m in e.messages if m["role"] == "assistant"][-1]["content"] for e in pool]
     kinds = ["none"] * n
     new_response = list(responses)
     swap = chosen[1::2] if truncate else chosen

@@ -30,17 +30,21 @@ class ResponseForward:
         return sums / self.counts.clamp(min=1).to(values.dtype)
 
 
+def logits_at(model, batch: dict[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
+    """(n_kept, vocab) logits of the positions where ``keep`` (batch x seq, bool) is true."""
+    try:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    except TypeError:  # models without logits_to_keep
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return logits[keep] if logits.ndim == 3 else logits  # 3-D: the model ignored the mask
+
+
 def forward_response(model, batch: dict[str, torch.Tensor]) -> ResponseForward:
     labels = batch["labels"]
     # position t predicts token t+1; keep positions whose next token is a response token
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-    try:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
-    except TypeError:  # models without logits_to_keep
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    if logits.ndim == 3:  # the model ignored the mask: select the positions here
-        logits = logits[keep]
+    logits = logits_at(model, batch, keep)
     rows = keep.nonzero()[:, 0]
     targets = labels[:, 1:][keep[:, :-1]]
     token_loss = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")

@@ -150,9 +150,9 @@ class ChunkedStore:
         return start, min(start + self.chunk_size, self.n_examples)
 
     # -- writing ---------------------------------------------------------------------------------------
-    def write_columns(self, index: int, **values: np.ndarray) -> None:
+    def write_columns(self, index: int, **values: np.ndarray) -> np.ndarray:
         """Write one chunk of every column; a row with any NaN/inf is flagged ``finite = False``.
-        The chunk is marked done last, so a crash mid-chunk leaves it pending."""
+        The chunk is marked done last, so a crash mid-chunk leaves it pending. Returns ``finite``."""
         start, stop = self.chunk_bounds(index)
         finite = np.ones(stop - start, dtype=bool)
         for name, value in values.items():
@@ -165,6 +165,7 @@ class ChunkedStore:
             array[start:stop] = value.astype(array.dtype)
         self.group["finite"][start:stop] = finite
         self.group["done"][index] = True
+        return finite
 
     # -- reading ---------------------------------------------------------------------------------------
     def require_complete(self) -> None:
@@ -204,8 +205,8 @@ class GradientStore(ChunkedStore):
 
     def write_chunk(
         self, index: int, grads: np.ndarray, norms: np.ndarray, loss: np.ndarray, n_tokens: np.ndarray
-    ) -> None:
-        self.write_columns(index, grads=grads, norms=norms, loss=loss, n_tokens=n_tokens)
+    ) -> np.ndarray:
+        return self.write_columns(index, grads=grads, norms=norms, loss=loss, n_tokens=n_tokens)
 
 
 def _open_group(root: str | Path, path: str, mode: str = "a") -> zarr.Group | None:

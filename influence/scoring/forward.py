@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..data import Example, examples_sha256, load_pool
+from ..losses import logits_at
 from ..models import choose_device, load_adapter, load_base_model, model_fingerprint
 from ..run import Run
 from ..store import ChunkedStore
@@ -56,15 +57,6 @@ FORMAT = "influence-forward"
 DATASET = "forward-train"
 
 
-def _logits_at(model, batch, keep: torch.Tensor) -> torch.Tensor:
-    """Logits of the positions in ``keep`` (batch-flattened), via logits_to_keep where supported."""
-    try:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
-    except TypeError:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return logits[keep] if logits.ndim == 3 else logits
-
-
 def _per_example(values: torch.Tensor, rows: torch.Tensor, n: int, reduce: str = "mean") -> torch.Tensor:
     out = torch.zeros(n, dtype=values.dtype, device=values.device)
     if reduce == "amin":
@@ -80,7 +72,7 @@ def token_metrics(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     n = batch["input_ids"].shape[0]
     keep = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
     keep[:, :-1] = batch["attention_mask"][:, 1:].bool()
-    logits = _logits_at(model, batch, keep).float()
+    logits = logits_at(model, batch, keep).float()
     targets = batch["input_ids"][:, 1:][keep[:, :-1]]
     response = batch["labels"][:, 1:][keep[:, :-1]] != IGNORE_INDEX
     rows = keep.nonzero()[:, 0]
@@ -156,9 +148,10 @@ def compute_forward_scores(
         if encoded is None:
             encoded = [encode_example(e, tokenizer, run.max_length) for e in pool]
         start_token = start_token_id(tokenizer)
-        bar = tqdm(total=len(pool), desc=f"forward scores {checkpoint.name}", unit="ex", disable=not progress)
-        bar.update(len(pool) - sum(np.diff(store.chunk_bounds(i))[0] for i in store.pending_chunks()))
-        for index in store.pending_chunks():
+        pending = store.pending_chunks()
+        todo = sum(stop - start for start, stop in map(store.chunk_bounds, pending))
+        bar = tqdm(total=todo, desc=f"forward scores {checkpoint.name}", unit="ex", disable=not progress)
+        for index in pending:
             start, stop = store.chunk_bounds(index)
             values = {m: np.zeros(stop - start, dtype=np.float32) for m in METRICS}
             for b in range(start, stop, batch_size):
@@ -178,19 +171,19 @@ def compute_forward_scores(
     return written
 
 
+def _complete(root: Path, path: str) -> bool:
+    return (root / path / "zarr.json").is_file() and ChunkedStore.open(root, path).complete
+
+
 def forward_score(metric: str):
     """A scoring method (run_dir, target) -> Scores for one forward metric, averaged over checkpoints."""
 
     def score(run_dir: str | Path, target: str | None = None) -> Scores:
         run = Run(run_dir)
-        stores = []
-        for checkpoint in run.checkpoints():
-            path = run.store_path / DATASET / checkpoint.name / "zarr.json"
-            if not path.is_file() or not ChunkedStore.open(run.store_path, f"{DATASET}/{checkpoint.name}").complete:
-                compute_forward_scores(run_dir)
-            stores.append(ChunkedStore.open(run.store_path, f"{DATASET}/{checkpoint.name}"))
-        for store in stores:
-            store.require_complete()
+        paths = [f"{DATASET}/{c.name}" for c in run.checkpoints()]
+        if not all(_complete(run.store_path, path) for path in paths):
+            compute_forward_scores(run_dir)  # resumes whatever is missing
+        stores = [ChunkedStore.open(run.store_path, path) for path in paths]
         values = np.mean([s.array(metric).astype(np.float64) for s in stores], axis=0)
         finite = np.logical_and.reduce([s.array("finite") for s in stores]) & np.isfinite(values)
         return Scores(
