@@ -4,14 +4,16 @@
 matrix scaled by ``1/sqrt(output_dim)`` (so squared norms are preserved in expectation) and is a pure
 function of ``(seed, input_dim, output_dim)``: see :mod:`influence.kernels.projection`. The same
 numbers come out on CPU and on any GPU, with the Triton kernel or the torch fallback. Unlike TRAK's
-and LESS's projectors, the matrix is never materialised whole unless it fits a memory budget you set
-(``cache_bytes``), in which case the torch path keeps its signs as int8 to avoid regenerating them.
+and LESS's projectors, the matrix is never materialised whole: the torch path keeps as many of its
+signs as fit a memory budget (``cache_bytes``, one byte per sign) and regenerates the rest per call.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -42,7 +44,34 @@ def default_backend(device: torch.device) -> str:
     return "triton" if device.type == "cuda" and kernel.HAVE_TRITON else "torch"
 
 
+@contextmanager
+def _torch_single_threaded():
+    """Run torch ops on one intra-op thread (our worker threads supply the parallelism)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 class Projector:
+    """``g @ R`` for the matrix of :class:`ProjectorSpec`, on any device.
+
+    On the torch path the input dimension is walked in tiles of ``tile_bytes`` (float32), small enough
+    to stay in the CPU cache while a tile's signs are generated and multiplied. The signs of the first
+    tiles, as many as fit ``cache_bytes`` at one byte per sign, are kept as int8 for later calls; the
+    rest are regenerated on every call. Memory is therefore bounded by ``cache_bytes`` plus a few
+    tiles, whatever the dimensions.
+
+    Tiles are summed in ``SUM_GROUPS`` fixed groups of consecutive tiles, then the groups in order. On
+    CPU, worker threads (``workers``, default: torch's thread count) take whole groups, which is
+    faster than torch's intra-op threading on these small products. The result is therefore the same
+    for any number of workers and any cache budget (same tiles, same order of summation).
+    """
+
+    SUM_GROUPS = 16
+
     def __init__(
         self,
         input_dim: int,
@@ -50,7 +79,8 @@ class Projector:
         seed: int = 0,
         backend: str | None = None,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
-        tile_bytes: int = 64 << 20,
+        tile_bytes: int = 4 << 20,
+        workers: int | None = None,
     ):
         if input_dim >= 2**32:
             raise ValueError("input_dim must be below 2^32")
@@ -58,36 +88,41 @@ class Projector:
             raise ValueError("output_dim must be positive")
         self.spec = ProjectorSpec(int(input_dim), int(output_dim), int(seed) & kernel.MASK32)
         self.backend = backend
-        self.cache_bytes = cache_bytes
+        self.workers = workers
         self.rows_per_tile = max(1, tile_bytes // (4 * output_dim))
-        self._cache: dict[torch.device, list[torch.Tensor]] = {}
+        whole_tiles = max(0, cache_bytes) // (output_dim * self.rows_per_tile)
+        self.cached_rows = min(int(input_dim), whole_tiles * self.rows_per_tile)
+        self._cache: dict[torch.device, torch.Tensor] = {}
+        self._cache_complete: set[torch.device] = set()
 
     @property
     def scale(self) -> float:
         return 1.0 / math.sqrt(self.spec.output_dim)
 
-    def _tiles(self, device: torch.device):
-        """(start, stop, sign tile) over the input dimension.
+    def _groups(self) -> list[range]:
+        """Input-row tile starts of each summation group."""
+        n_tiles = math.ceil(self.spec.input_dim / self.rows_per_tile)
+        per_group = math.ceil(n_tiles / self.SUM_GROUPS)
+        return [range(g * per_group * self.rows_per_tile, min(n_tiles, (g + 1) * per_group) * self.rows_per_tile,
+                      self.rows_per_tile) for g in range(self.SUM_GROUPS) if g * per_group < n_tiles]
 
-        Tiles are kept for later calls when the whole matrix fits ``cache_bytes``: as float32 (no
-        conversion per call) if that fits, else as int8; otherwise they are regenerated every call.
-        """
-        spec = self.spec
-        if device in self._cache:
-            yield from self._cache[device]
-            return
-        entries = spec.input_dim * spec.output_dim
-        cacheable = entries <= self.cache_bytes
-        dtype = torch.float32 if 4 * entries <= self.cache_bytes or not cacheable else torch.int8
-        tiles = []
-        for start in range(0, spec.input_dim, self.rows_per_tile):
+    def _group_product(self, grads: torch.Tensor, starts: range) -> torch.Tensor:
+        """Sum over one group's tiles of ``grads[:, tile] @ signs[tile]`` (unscaled, fp32)."""
+        spec, device = self.spec, grads.device
+        cached, fill = self._cache[device], device not in self._cache_complete
+        width = 32 * math.ceil(spec.output_dim / 32)
+        buffer = torch.empty(self.rows_per_tile * width, dtype=torch.float32, device=device)
+        out = torch.zeros((grads.shape[0], spec.output_dim), dtype=torch.float32, device=device)
+        for start in starts:
             stop = min(start + self.rows_per_tile, spec.input_dim)
-            tile = (start, stop, kernel.sign_tile(spec.seed, start, stop, spec.output_dim, device, dtype))
-            if cacheable:
-                tiles.append(tile)
-            yield tile
-        if cacheable:
-            self._cache[device] = tiles
+            if stop <= self.cached_rows and not fill:
+                tile = buffer[: (stop - start) * spec.output_dim].view(stop - start, spec.output_dim).copy_(cached[start:stop])
+            else:
+                tile = kernel.sign_tile(spec.seed, start, stop, spec.output_dim, device, torch.float32, out=buffer)
+                if stop <= self.cached_rows:
+                    cached[start:stop] = tile
+            out.addmm_(grads[:, start:stop].float(), tile)
+        return out
 
     def project(self, grads: torch.Tensor) -> torch.Tensor:
         """Project rows of ``grads`` (n x input_dim, fp32/bf16/fp16) to fp32 (n x output_dim)."""
@@ -98,7 +133,18 @@ class Projector:
             return kernel.project_triton(grads.contiguous(), self.spec.seed, self.spec.output_dim)
         if backend != "torch":
             raise ValueError(f"unknown projector backend {backend!r}")
-        out = torch.zeros((grads.shape[0], self.spec.output_dim), dtype=torch.float32, device=grads.device)
-        for start, stop, tile in self._tiles(grads.device):
-            out.addmm_(grads[:, start:stop].float(), tile if tile.dtype == torch.float32 else tile.float())
+        device = grads.device
+        if device not in self._cache:
+            self._cache[device] = torch.empty((self.cached_rows, self.spec.output_dim), dtype=torch.int8, device=device)
+        groups = self._groups()
+        workers = min(len(groups), self.workers or (torch.get_num_threads() if device.type == "cpu" else 1))
+        if workers > 1:
+            with _torch_single_threaded(), ThreadPoolExecutor(workers) as pool:
+                partials = list(pool.map(lambda starts: self._group_product(grads, starts), groups))
+        else:
+            partials = [self._group_product(grads, starts) for starts in groups]
+        self._cache_complete.add(device)
+        out = partials[0]
+        for partial in partials[1:]:
+            out += partial
         return out.mul_(self.scale)

@@ -59,29 +59,38 @@ def sign_bits(rows: torch.Tensor, words: torch.Tensor, output_dim: int) -> torch
     return bits.reshape(rows.shape[0], -1)[:, :output_dim]
 
 
-_BYTE_SIGNS: dict[tuple, torch.Tensor] = {}
+FLOAT_ONE_BITS = 0x3F800000  # IEEE-754 bits of 1.0f; with bit 31 set they read -1.0f
+_BIT_TO_SIGN_POSITION = {}
 
 
-def _byte_signs(dtype: torch.dtype, device) -> torch.Tensor:
-    """(256, 8) table: entry [byte, t] is -1 where bit t of byte is set, else +1."""
-    key = (dtype, str(device))
-    if key not in _BYTE_SIGNS:
-        bits = (torch.arange(256)[:, None] >> torch.arange(8)) & 1
-        _BYTE_SIGNS[key] = (1 - 2 * bits).to(dtype=dtype, device=device)
-    return _BYTE_SIGNS[key]
+def _shifts(device) -> torch.Tensor:
+    """``31 - t`` for t in 0..31: left shifts that move bit t of a word to the float sign bit."""
+    key = str(device)
+    if key not in _BIT_TO_SIGN_POSITION:
+        _BIT_TO_SIGN_POSITION[key] = 31 - torch.arange(32, dtype=torch.int32, device=device)
+    return _BIT_TO_SIGN_POSITION[key]
 
 
-def sign_tile(seed: int, start: int, stop: int, output_dim: int, device=None, dtype=torch.int8) -> torch.Tensor:
+def sign_tile(
+    seed: int, start: int, stop: int, output_dim: int, device=None, dtype=torch.int8, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Rows ``start..stop-1`` of the unscaled +-1 matrix, as ``dtype``.
 
-    Same numbers as :func:`sign_bits`, computed faster: each 32-bit word is split into 4 bytes and
-    each byte looked up in a 256 x 8 sign table, so the tile is written once, directly in ``dtype``.
+    Same numbers as :func:`sign_bits`, computed faster: bit ``t`` of each word is shifted into the
+    sign bit of an int32 whose other bits are those of 1.0f, so the float32 tile is written by three
+    vectorised integer passes and no conversion. ``out`` (float32, contiguous, at least
+    ``(stop - start) * 32 * ceil(output_dim / 32)`` elements) is reused instead of a new allocation.
     """
     rows = row_keys(seed, start, stop, device)
-    mixed = hash32(rows[:, None] ^ word_keys(seed, output_dim, device)[None, :])  # (rows, words)
-    byte_values = (mixed[:, :, None] >> torch.tensor([0, 8, 16, 24], device=mixed.device)) & 255
-    signs = _byte_signs(dtype, mixed.device)[byte_values]  # (rows, words, 4, 8)
-    return signs.reshape(rows.shape[0], -1)[:, :output_dim]
+    mixed = to_int32_bits(hash32(rows[:, None] ^ word_keys(seed, output_dim, device)[None, :]))  # (rows, words)
+    n_rows, n_words = mixed.shape
+    if out is None:
+        out = torch.empty(n_rows * n_words * 32, dtype=torch.float32, device=mixed.device)
+    bits = out.view(-1)[: n_rows * n_words * 32].view(torch.int32).view(n_rows, n_words, 32)
+    torch.bitwise_left_shift(mixed[:, :, None], _shifts(mixed.device), out=bits)
+    bits.bitwise_and_(-(2**31)).bitwise_or_(FLOAT_ONE_BITS)
+    signs = bits.view(torch.float32).view(n_rows, n_words * 32)[:, :output_dim]
+    return signs if dtype == torch.float32 else signs.to(dtype)
 
 
 def to_int32_bits(keys: torch.Tensor) -> torch.Tensor:

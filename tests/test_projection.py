@@ -100,8 +100,18 @@ def test_fast_tile_equals_reference_bits():
         assert torch.equal(kernel.sign_tile(9, 1000, 1300, 100, dtype=dtype).to(torch.int64), reference)
 
 
-def test_int8_and_float_caches_agree():
+def test_cache_budget_bounds_memory_without_changing_numbers():
     x = torch.randn(3, 400)
-    float_cache = Projector(400, 96, seed=4, backend="torch", cache_bytes=4 * 400 * 96).project(x)
-    int8_cache = Projector(400, 96, seed=4, backend="torch", cache_bytes=400 * 96).project(x)
-    assert torch.equal(float_cache, int8_cache)
+    tile = 96 * 4 * 16  # 16 input rows per tile
+    full = Projector(400, 96, seed=4, backend="torch", tile_bytes=tile, workers=1)
+    partial = Projector(400, 96, seed=4, backend="torch", tile_bytes=tile, cache_bytes=96 * 100, workers=2)
+    streamed = Projector(400, 96, seed=4, backend="torch", tile_bytes=tile, cache_bytes=0, workers=3)
+    assert (full.cached_rows, partial.cached_rows, streamed.cached_rows) == (400, 96, 0)  # whole tiles only
+    results = [p.project(x) for p in (full, partial, streamed)]
+    assert full._cache[x.device].nbytes == 400 * 96 and partial._cache[x.device].nbytes <= 96 * 100
+    # same tiles and order of summation, whatever the budget and the number of worker threads
+    assert all(torch.equal(results[0], r) for r in results[1:])
+    assert all(torch.equal(results[0], p.project(x)) for p in (full, partial, streamed))  # second call, from cache
+    assert torch.equal(full._cache[x.device], kernel.sign_tile(4, 0, 400, 96))
+    direct = x @ (kernel.sign_tile(4, 0, 400, 96).float() / 96**0.5)
+    torch.testing.assert_close(results[0], direct, rtol=1e-5, atol=1e-5)
