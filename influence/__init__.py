@@ -6,6 +6,7 @@ The pipeline as Python calls (the CLI is a thin layer over these)::
     warmup(WarmupConfig(model="smollm2-135m", train_files=["pool.jsonl"], out="runs/x"))
     project_grads("runs/x", target="mmlu_val")
     table = rank("runs/x", target="mmlu_val", method="less", fraction=0.05, out="runs/x/sel")
+    head = less_top_k("runs/x", target="mmlu_val", k=1000)  # memory independent of the pool size
 """
 
 __version__ = "0.1.0"
@@ -17,6 +18,7 @@ _API = {
     "project_grads": "collect",
     "compute_forward_scores": "scoring.forward",
     "rank": "selection",
+    "less_top_k": "scoring.less",
     "load_rankings": "selection",
     "load_pool": "data",
     "load_target": "targets",

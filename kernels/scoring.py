@@ -1,10 +1,19 @@
-"""Scoring blocks of stored gradients against target subtasks (torch path).
+"""Scoring blocks of stored gradients against target subtasks, over all checkpoints at once.
 
-``subtask_cosines(block, subtask_means)``: row-normalise a block of training features and take the
-dot product with each subtask's mean *normalised* target vector. Because the mean of cosines over a
-subtask's examples equals the cosine-weighted dot product with the mean of their unit vectors,
-``mean_j cos(x, t_j) = (x/|x|) . mean_j (t_j/|t_j|)``, the full train x target similarity matrix is
-never formed: memory is one block times the number of subtasks.
+``score_block(blocks, means, weights)`` takes the same rows of the pool at every checkpoint
+(``blocks``: checkpoints x rows x dim) and returns, for each row,
+
+* ``per_task[r, s] = sum_c w_c * (x_cr/|x_cr|) . means[c, s]`` and
+* ``score[r]       = sum_c w_c * max_s (x_cr/|x_cr|) . means[c, s]``,
+
+where ``means[c, s]`` is the mean of subtask ``s``'s *unit-normalised* target gradients at checkpoint
+``c``. Because the mean of cosines over a subtask's examples equals the dot product with the mean of
+their unit vectors, ``mean_j cos(x, t_j) = (x/|x|) . mean_j (t_j/|t_j|)``, the train x target
+similarity matrix is never formed: memory is one block times the number of subtasks. The Triton
+kernel does the normalisation, the products, the max over subtasks and the weighted sum over
+checkpoints in one pass over the block; the torch path computes the same numbers.
+:class:`RunningTopK` keeps the best rows seen so far, so a ranking's head needs memory independent of
+the pool size.
 """
 
 from __future__ import annotations
@@ -27,9 +36,16 @@ def subtask_means(targets: torch.Tensor, task_index: torch.Tensor, n_tasks: int)
     return sums / counts[:, None]
 
 
-def subtask_cosines(block: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
-    """(rows, n_tasks): mean cosine similarity of each training row to each subtask's targets."""
-    return unit_rows(block) @ means.T
+def score_block_torch(blocks: torch.Tensor, means: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch path of :func:`score_block`."""
+    n_rows, n_tasks = blocks.shape[1], means.shape[1]
+    per_task = torch.zeros((n_rows, n_tasks), dtype=torch.float32, device=blocks.device)
+    score = torch.zeros(n_rows, dtype=torch.float32, device=blocks.device)
+    for block, mean, weight in zip(blocks, means, weights.tolist()):
+        cos = unit_rows(block) @ mean.float().T
+        per_task.add_(cos, alpha=weight)
+        score.add_(cos.max(dim=1).values, alpha=weight)
+    return per_task, score
 
 
 try:
@@ -44,60 +60,104 @@ except Exception:  # pragma: no cover - depends on the platform
 if HAVE_TRITON:
 
     @triton.jit
-    def _subtask_cosine_kernel(
-        x_ptr, means_ptr, out_ptr, best_ptr,
-        n_rows, dim, n_tasks,
-        stride_x, stride_m, stride_o,
+    def _less_block_kernel(
+        x_ptr, means_ptr, weights_ptr, per_task_ptr, score_ptr,
+        n_checkpoints, n_rows, dim, n_tasks,
+        stride_xc, stride_xr, stride_mc, stride_ms, stride_o,
         eps,
         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
     ):
-        """One pass over a block of rows: squared norms and dots with every subtask mean, then
-        cosine = dot / norm and the max over subtasks; nothing of size rows x dim is written."""
+        """For a tile of rows, at every checkpoint: squared norms and dots with every subtask mean,
+        cosine = dot / norm, max over subtasks; both accumulated with the checkpoint's weight.
+        Nothing of size rows x dim is written."""
         pid = tl.program_id(0)
         rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
         tasks = tl.arange(0, BLOCK_S)
         row_ok = rows < n_rows
         task_ok = tasks < n_tasks
-        acc = tl.zeros((BLOCK_R, BLOCK_S), dtype=tl.float32)
-        sq = tl.zeros((BLOCK_R,), dtype=tl.float32)
-        for k0 in range(0, dim, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < dim
-            x = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            x = x.to(tl.float32)
-            m = tl.load(means_ptr + tasks[None, :] * stride_m + ks[:, None], mask=task_ok[None, :] & k_ok[:, None], other=0.0)
-            acc += tl.dot(x, m, input_precision="ieee")
-            sq += tl.sum(x * x, axis=1)
-        cos = acc / tl.maximum(tl.sqrt(sq), eps)[:, None]
-        tl.store(out_ptr + rows[:, None] * stride_o + tasks[None, :], cos, mask=row_ok[:, None] & task_ok[None, :])
-        best = tl.max(tl.where(task_ok[None, :], cos, float("-inf")), axis=1)
-        tl.store(best_ptr + rows, best, mask=row_ok)
+        per_task = tl.zeros((BLOCK_R, BLOCK_S), dtype=tl.float32)
+        score = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for c in range(0, n_checkpoints):
+            acc = tl.zeros((BLOCK_R, BLOCK_S), dtype=tl.float32)
+            sq = tl.zeros((BLOCK_R,), dtype=tl.float32)
+            for k0 in range(0, dim, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                k_ok = ks < dim
+                x = tl.load(x_ptr + c * stride_xc + rows[:, None] * stride_xr + ks[None, :],
+                            mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+                m = tl.load(means_ptr + c * stride_mc + tasks[None, :] * stride_ms + ks[:, None],
+                            mask=task_ok[None, :] & k_ok[:, None], other=0.0)
+                acc += tl.dot(x, m, input_precision="ieee")
+                sq += tl.sum(x * x, axis=1)
+            cos = acc / tl.maximum(tl.sqrt(sq), eps)[:, None]
+            weight = tl.load(weights_ptr + c)
+            per_task += weight * cos
+            score += weight * tl.max(tl.where(task_ok[None, :], cos, float("-inf")), axis=1)
+        tl.store(per_task_ptr + rows[:, None] * stride_o + tasks[None, :], per_task, mask=row_ok[:, None] & task_ok[None, :])
+        tl.store(score_ptr + rows, score, mask=row_ok)
 
 
-def subtask_cosines_triton(block: torch.Tensor, means: torch.Tensor, eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused Triton version of :func:`subtask_cosines`; also returns the max over subtasks."""
+def score_block_triton(blocks: torch.Tensor, means: torch.Tensor, weights: torch.Tensor,
+                       eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused Triton path of :func:`score_block`."""
     if not HAVE_TRITON:
         raise RuntimeError("Triton is not installed")
-    block = block.contiguous()
+    blocks = blocks.contiguous()
     means = means.float().contiguous()
-    n_rows, dim = block.shape
-    n_tasks = means.shape[0]
-    out = torch.empty((n_rows, n_tasks), dtype=torch.float32, device=block.device)
-    best = torch.empty((n_rows,), dtype=torch.float32, device=block.device)
+    weights = weights.float().contiguous()
+    n_checkpoints, n_rows, dim = blocks.shape
+    n_tasks = means.shape[1]
+    per_task = torch.empty((n_rows, n_tasks), dtype=torch.float32, device=blocks.device)
+    score = torch.empty((n_rows,), dtype=torch.float32, device=blocks.device)
     block_s = max(16, triton.next_power_of_2(n_tasks))
     block_r = 32 if block_s <= 64 else 16
     grid = (triton.cdiv(n_rows, block_r),)
-    _subtask_cosine_kernel[grid](
-        block, means, out, best, n_rows, dim, n_tasks,
-        block.stride(0), means.stride(0), out.stride(0), eps,
+    _less_block_kernel[grid](
+        blocks, means, weights, per_task, score,
+        n_checkpoints, n_rows, dim, n_tasks,
+        blocks.stride(0), blocks.stride(1), means.stride(0), means.stride(1), per_task.stride(0),
+        eps,
         BLOCK_R=block_r, BLOCK_K=64, BLOCK_S=block_s,
     )
-    return out, best
+    return per_task, score
 
 
-def score_block(block: torch.Tensor, means: torch.Tensor, backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-subtask mean cosines, their max) for a block of stored rows, by either path."""
+def score_block(blocks: torch.Tensor, means: torch.Tensor, weights: torch.Tensor,
+                backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
+    """(weighted per-subtask mean cosines (rows, S), weighted max over subtasks (rows,)), fp32.
+
+    ``blocks``: (checkpoints, rows, dim) stored features, any float dtype; ``means``: (checkpoints,
+    S, dim) from :func:`subtask_means`; ``weights``: (checkpoints,) checkpoint weights.
+    """
+    if blocks.ndim != 3 or means.ndim != 3 or not blocks.shape[0] == means.shape[0] == len(weights):
+        raise ValueError(f"expected (C, rows, dim) blocks, (C, S, dim) means and (C,) weights, got "
+                         f"{tuple(blocks.shape)}, {tuple(means.shape)}, {tuple(weights.shape)}")
     if backend == "triton":
-        return subtask_cosines_triton(block, means)
-    cos = subtask_cosines(block, means)
-    return cos, cos.max(dim=1).values
+        return score_block_triton(blocks, means, weights)
+    if backend != "torch":
+        raise ValueError(f"unknown scoring backend {backend!r}")
+    return score_block_torch(blocks, means, weights)
+
+
+class RunningTopK:
+    """The ``k`` highest scores of a stream of blocks, with their row indices (memory O(k)).
+
+    Non-finite scores never enter. Ties keep the earlier row first, as a stable sort of the whole
+    pool would, so the result does not depend on the block size.
+    """
+
+    def __init__(self, k: int):
+        if k < 1:
+            raise ValueError("k must be positive")
+        self.k = k
+        self.values = torch.empty(0, dtype=torch.float32)
+        self.indices = torch.empty(0, dtype=torch.int64)
+
+    def update(self, scores: torch.Tensor, start: int) -> None:
+        """Merge the scores of rows ``start .. start + len(scores) - 1``."""
+        scores = scores.detach().float().cpu()
+        keep = torch.isfinite(scores)
+        values = torch.cat([self.values, scores[keep]])
+        indices = torch.cat([self.indices, torch.arange(start, start + len(scores))[keep]])
+        order = torch.sort(values, descending=True, stable=True).indices[: self.k]
+        self.values, self.indices = values[order], indices[order]

@@ -14,7 +14,9 @@ import json
 import torch
 from _bench import measure, report, run_child
 
-CONTENDERS = ("training-step", "ours-batched-hooks", "less-batch1-loop")
+# ours-hooks+projection adds the default projector (to --proj-dim): its share of the total is the most
+# that projecting from the LoRA factors without materialising the gradient (LoGra-style) could save.
+CONTENDERS = ("training-step", "ours-batched-hooks", "ours-hooks+projection", "less-batch1-loop")
 
 
 def setup(args):
@@ -49,6 +51,10 @@ def batched_hooks(hooks, batch):
     return hooks.compute(batch).grads
 
 
+def batched_hooks_projected(hooks, projector, batch):
+    return projector.project(hooks.compute(batch).grads)
+
+
 def batch1_loop(model, params, batch):
     from influence.losses import forward_response
 
@@ -66,6 +72,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--proj-dim", type=int, default=8192, help="LESS's projection dimension")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--only", choices=CONTENDERS)
     args = parser.parse_args()
@@ -77,6 +84,13 @@ def main() -> None:
             from influence.gradients import LoraGradients
 
             result = measure(batched_hooks, LoraGradients(model), batch, repeat=args.repeat)
+        elif args.only == "ours-hooks+projection":
+            from influence.gradients import LoraGradients
+            from influence.projection import Projector
+
+            hooks = LoraGradients(model)
+            projector = Projector(hooks.dim, args.proj_dim, seed=0)
+            result = measure(batched_hooks_projected, hooks, projector, batch, repeat=args.repeat)
         else:
             from influence.models import lora_parameters
 
@@ -85,7 +99,7 @@ def main() -> None:
         print(json.dumps(result))
         return
     common = [f"--model={args.model}", f"--batch={args.batch}", f"--length={args.length}",
-              f"--rank={args.rank}", f"--repeat={args.repeat}"]
+              f"--rank={args.rank}", f"--proj-dim={args.proj_dim}", f"--repeat={args.repeat}"]
     results = {name: run_child(__file__, name, common) for name in CONTENDERS}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     report(f"per-example LoRA gradients, {args.model}, r={args.rank} q/v, {args.batch} x {args.length} tokens, "
@@ -94,6 +108,11 @@ def main() -> None:
         ours = results["ours-batched-hooks"]["seconds"]
         print(f"ours / training step = {ours / results['training-step']['seconds']:.2f}x (goal <= 1.3x); "
               f"loop / ours = {results['less-batch1-loop']['seconds'] / ours:.2f}x")
+    if "error" not in results["ours-hooks+projection"]:
+        total = results["ours-hooks+projection"]["seconds"]
+        share = max(0.0, total - results["ours-batched-hooks"]["seconds"]) / total
+        print(f"projection to {args.proj_dim} = {share:.0%} of extraction + projection: the most that "
+              f"projecting from the factors could save")
 
 
 if __name__ == "__main__":

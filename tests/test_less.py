@@ -1,11 +1,13 @@
 import numpy as np
 import pytest
+import torch
 import zarr
+from influence.kernels.scoring import RunningTopK
 
 from influence.collect import project_grads
 from influence.errors import StoreMismatchError
 from influence.run import Run
-from influence.scoring import less_scores
+from influence.scoring import less_scores, less_top_k
 from influence.store import GradientStore
 
 from .test_store import _copy_run
@@ -41,6 +43,30 @@ def test_less_matches_direct_numpy(tiny_run):
     assert abs(sum(scores.details["checkpoint_weights"]) - 1) < 1e-12
 
 
+def test_top_k_streams_the_head_of_the_ranking(tiny_run):
+    scores = less_scores(tiny_run["run"], tiny_run["target"])
+    order = np.argsort(-scores.score, kind="stable")
+    for rows_per_block in (1, 3, None):
+        head = less_top_k(tiny_run["run"], tiny_run["target"], k=5, rows_per_block=rows_per_block)
+        assert head["index"].tolist() == order[:5].tolist()
+        assert head["id"].tolist() == [scores.ids[i] for i in order[:5]]
+        np.testing.assert_allclose(head["score"], scores.score[order[:5]], rtol=1e-6)
+        assert head["rank"].tolist() == [1, 2, 3, 4, 5]
+
+
+def test_running_top_k_is_a_stable_sort_of_the_finite_scores():
+    scores = torch.tensor([0.5, float("nan"), 0.9, 0.5, -1.0, float("inf"), 0.9, 0.1, 0.5])
+    finite = torch.isfinite(scores)
+    expected = torch.sort(torch.where(finite, scores, -torch.inf), descending=True, stable=True).indices[:6]
+    for block in (1, 2, 4, 9):
+        top = RunningTopK(6)
+        for start in range(0, len(scores), block):
+            top.update(scores[start : start + block], start)
+        assert top.indices.tolist() == expected.tolist() == [2, 6, 0, 3, 8, 7]
+        assert torch.equal(top.values, scores[expected])
+    assert len(RunningTopK(20).values) == 0
+
+
 def test_refuses_target_with_other_projector(tiny_run, tmp_path):
     run_dir = _copy_run(tiny_run, tmp_path, "mixed")
     project_grads(run_dir, None, proj_dim=64, seed=0, chunk_size=5, progress=False)
@@ -69,15 +95,23 @@ SCORING_CHECK = r"""
 import torch
 from influence.kernels.scoring import score_block, subtask_means
 torch.manual_seed(0)
-for rows, dim, tasks in ((37, 200, 3), (5, 64, 20)):
-    block = torch.randn(rows, dim).half()
-    block[2] = 0  # an all-zero row stays finite
-    targets = torch.randn(11, dim)
-    means = subtask_means(targets, torch.arange(11) % tasks, tasks)
-    a_cos, a_best = score_block(block, means, "triton")
-    b_cos, b_best = score_block(block, means, "torch")
-    torch.testing.assert_close(a_cos, b_cos, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(a_best, b_best, rtol=1e-5, atol=1e-6)
+for checkpoints, rows, dim, tasks in ((2, 37, 200, 3), (1, 5, 64, 20), (3, 40, 96, 1)):
+    blocks = torch.randn(checkpoints, rows, dim).half()
+    blocks[:, 2] = 0  # an all-zero row stays finite
+    n_targets = 2 * tasks + 1  # every subtask has targets
+    targets = torch.randn(checkpoints, n_targets, dim)
+    means = torch.stack([subtask_means(t, torch.arange(n_targets) % tasks, tasks) for t in targets])
+    weights = torch.rand(checkpoints)
+    a_task, a_score = score_block(blocks, means, weights, "triton")
+    b_task, b_score = score_block(blocks, means, weights, "torch")
+    torch.testing.assert_close(a_task, b_task, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a_score, b_score, rtol=1e-5, atol=1e-6)
+    # against the definition: cosines with every target, mean per subtask, max, weighted sum
+    cos = torch.nn.functional.cosine_similarity(blocks.float()[:, :, None], targets[:, None], dim=-1, eps=1e-12)
+    per_task = torch.stack([cos[..., torch.arange(n_targets) % tasks == s].mean(-1) for s in range(tasks)], -1)
+    expected = (weights[:, None] * per_task.max(-1).values).sum(0)
+    torch.testing.assert_close(b_score, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(b_task, (weights[:, None, None] * per_task).sum(0), rtol=1e-4, atol=1e-5)
 print("ok")
 """
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from .base import Scores
 from .dynamics import forgetting_scores, grand_scores
 from .forward import METRICS, forward_score
-from .less import less_scores
+from .less import less_scores, less_top_k
 
 METHODS: dict[str, Callable[..., Scores]] = {
     "less": less_scores,
@@ -27,4 +27,4 @@ METHODS: dict[str, Callable[..., Scores]] = {
 }
 TARGET_METHODS = {"less"}
 
-__all__ = ["METHODS", "TARGET_METHODS", "Scores", "less_scores", "grand_scores", "forgetting_scores"]
+__all__ = ["METHODS", "TARGET_METHODS", "Scores", "less_scores", "less_top_k", "grand_scores", "forgetting_scores"]
