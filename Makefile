@@ -1,11 +1,12 @@
 # `make demo`: set up and run the whole pipeline on the embedded default (SmolLM2-135M, real data).
-# `make test`: set up and run the test suite. `make test-slow`: the slower suites (real model, Triton interpreter).
+# `make test`: set up and run the test suite. `make test-slow`: the slower suites (real model).
+# `make test-gpu`: the kernels on a CUDA device; `make test-kernels`: the same checks in the Triton interpreter.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 RUN    ?= runs/demo
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup demo test test-slow test-gpu test-kernels bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +30,14 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
+
+# On a CUDA machine: the Triton kernels natively against the torch path, plus the kernel and store suites.
+test-gpu: setup
+	$(PY) -m pytest -q tests/test_gpu.py tests/test_projection.py tests/test_less.py tests/test_gradients.py
+
+# Without a GPU: the same device checks through the Triton interpreter (small shapes, CPU).
+test-kernels: setup
+	INFLUENCE_TEST_DEVICE=cpu TRITON_INTERPRET=1 $(PY) -m pytest -q tests/test_gpu.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -110,14 +110,16 @@ def warmup(track_all, resume, **settings) -> None:
 @click.option("--chunk-size", default=128, show_default=True, help="Examples per stored chunk (resume unit).")
 @click.option("--skip-train", is_flag=True, help="Only the target (the pool's stores already exist).")
 @click.option("--overwrite", is_flag=True, help="Replace stores made with other settings instead of refusing.")
-def project_grads(run_dir, target, target_tasks, proj_dim, seed, batch_size, chunk_size, skip_train, overwrite) -> None:
+@click.option("--device", default=None, help="torch device (default: cuda when available, else cpu).")
+def project_grads(run_dir, target, target_tasks, proj_dim, seed, batch_size, chunk_size, skip_train, overwrite,
+                  device) -> None:
     """Per-example LoRA gradients of the pool (Adam) and the target (SGD), projected, into Zarr."""
     from .collect import project_grads as run_project
 
     tasks = [t.strip() for t in target_tasks.split(",")] if target_tasks else None
     try:
         reports = run_project(run_dir, target, proj_dim, seed, batch_size, chunk_size, tasks,
-                              include_train=not skip_train, overwrite=overwrite)
+                              include_train=not skip_train, overwrite=overwrite, device=device)
     except InfluenceError as err:
         _fail(err)
     for r in reports:

@@ -42,6 +42,15 @@ class CollectReport:
     resumed_chunks: int
 
 
+PROJECTION_BUFFER_BYTES = 256 << 20
+
+
+def projection_rows(dim: int, batch_size: int) -> int:
+    """Rows projected per call: gradients of several backward batches (up to PROJECTION_BUFFER_BYTES
+    of fp32) go through the projector together, which amortises generating its signs."""
+    return max(batch_size, PROJECTION_BUFFER_BYTES // (4 * dim))
+
+
 def collect_store(
     hooks: LoraGradients,
     encoded: list[Encoded],
@@ -58,6 +67,7 @@ def collect_store(
     """Fill the pending chunks of ``store``. Returns (chunks resumed from disk, non-finite rows)."""
     if hooks.dim != projector.spec.input_dim:
         raise ValueError(f"LoRA gradient has {hooks.dim} entries, projector expects {projector.spec.input_dim}")
+    buffer_rows = projection_rows(hooks.dim, batch_size)
     pending = store.pending_chunks()
     skipped = store.n_chunks - len(pending)
     todo = sum(store.chunk_bounds(i)[1] - store.chunk_bounds(i)[0] for i in pending)
@@ -74,16 +84,20 @@ def collect_store(
             norms = np.zeros(rows, dtype=np.float32)
             losses = np.zeros(rows, dtype=np.float32)
             tokens = np.zeros(rows, dtype=np.int32)
+            waiting_rows: list[int] = []  # computed, not yet projected
+            waiting_features: list[torch.Tensor] = []
             for b in range(0, rows, batch_size):
                 idx = order[b : b + batch_size]
                 batch = {k: v.to(device) for k, v in collate([chunk[i] for i in idx], pad_token_id).items()}
                 result = hooks.compute(batch)
-                features = preconditioner(result.grads) if preconditioner is not None else result.grads
-                projected = projector.project(features)
-                out[idx] = projected.cpu().numpy()
+                waiting_rows += idx
+                waiting_features.append(preconditioner(result.grads) if preconditioner is not None else result.grads)
                 norms[idx] = result.norms.cpu().numpy()
                 losses[idx] = result.losses.float().cpu().numpy()
                 tokens[idx] = result.n_tokens.cpu().numpy()
+                if len(waiting_rows) + batch_size > buffer_rows or b + batch_size >= rows:
+                    out[waiting_rows] = projector.project(torch.cat(waiting_features)).cpu().numpy()
+                    waiting_rows, waiting_features = [], []
                 bar.update(len(idx))
             finite = store.write_chunk(index, out, norms, losses, tokens)
             if not finite.all():
@@ -106,6 +120,7 @@ def project_grads(
     include_train: bool = True,
     overwrite: bool = False,
     progress: bool = True,
+    device: str | None = None,
 ) -> list[CollectReport]:
     """Compute and store projected gradient features for every checkpoint of a run.
 
@@ -122,7 +137,7 @@ def project_grads(
         datasets.append((target_dataset(target), load_target(target, target_tasks), "sgd"))
     if not datasets:
         raise ValueError("nothing to do: no target and include_train=False")
-    device = choose_device()
+    device = torch.device(device) if device else choose_device()
     projector: Projector | None = None
     encodings: dict[str, list[Encoded]] = {}
     reports = []

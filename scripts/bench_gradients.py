@@ -51,8 +51,9 @@ def batched_hooks(hooks, batch):
     return hooks.compute(batch).grads
 
 
-def batched_hooks_projected(hooks, projector, batch):
-    return projector.project(hooks.compute(batch).grads)
+def batched_hooks_projected(hooks, projector, batch, batches_per_call):
+    """As project-grads does it: several backward batches buffered, then one projection call."""
+    return projector.project(torch.cat([hooks.compute(batch).grads for _ in range(batches_per_call)]))
 
 
 def batch1_loop(model, params, batch):
@@ -85,12 +86,15 @@ def main() -> None:
 
             result = measure(batched_hooks, LoraGradients(model), batch, repeat=args.repeat)
         elif args.only == "ours-hooks+projection":
+            from influence.collect import projection_rows
             from influence.gradients import LoraGradients
             from influence.projection import Projector
 
             hooks = LoraGradients(model)
             projector = Projector(hooks.dim, args.proj_dim, seed=0)
-            result = measure(batched_hooks_projected, hooks, projector, batch, repeat=args.repeat)
+            batches = max(1, projection_rows(hooks.dim, args.batch) // args.batch)
+            result = measure(batched_hooks_projected, hooks, projector, batch, batches, repeat=args.repeat)
+            result["seconds"] /= batches
         else:
             from influence.models import lora_parameters
 

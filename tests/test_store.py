@@ -63,6 +63,29 @@ def test_resume_after_crash_is_identical(tiny_run, tmp_path, monkeypatch):
             np.testing.assert_array_equal(a, b, err_msg=f"{group}/{array}")
 
 
+def test_projection_buffer_size_does_not_change_the_store(tiny_run, tmp_path, monkeypatch):
+    """The default buffers a whole chunk per projection call here; a 1-byte budget projects each batch."""
+    import influence.collect
+
+    calls = {"n": 0}
+    original = Projector.project
+
+    def counting(self, grads):
+        calls["n"] += 1
+        return original(self, grads)
+
+    monkeypatch.setattr(Projector, "project", counting)
+    monkeypatch.setattr(influence.collect, "PROJECTION_BUFFER_BYTES", 1)
+    per_batch = _copy_run(tiny_run, tmp_path, "per-batch")
+    project_grads(per_batch, tiny_run["target"], proj_dim=64, batch_size=4, chunk_size=5, progress=False)
+    train = GradientStore.open(per_batch / "grads.zarr", "train/epoch-1")
+    assert calls["n"] > 2 * 2 * train.n_chunks  # two batches per chunk of 5, two checkpoints, plus targets
+    for group in ("train/epoch-1", "target-tgt/epoch-2"):
+        a = GradientStore.open(per_batch / "grads.zarr", group).array("grads").astype(np.float32)
+        b = GradientStore.open(Run(tiny_run["run"]).store_path, group).array("grads").astype(np.float32)
+        np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-4, err_msg=group)
+
+
 @pytest.mark.parametrize(
     "kwargs,field",
     [({"proj_dim": 32}, "projector"), ({"proj_dim": 64, "seed": 7}, "projector"), ({"proj_dim": 64, "chunk_size": 4}, "chunk_size")],
