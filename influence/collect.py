@@ -45,10 +45,11 @@ class CollectReport:
 PROJECTION_BUFFER_BYTES = 256 << 20
 
 
-def projection_rows(dim: int, batch_size: int) -> int:
-    """Rows projected per call: gradients of several backward batches (up to PROJECTION_BUFFER_BYTES
-    of fp32) go through the projector together, which amortises generating its signs."""
-    return max(batch_size, PROJECTION_BUFFER_BYTES // (4 * dim))
+def projection_rows(dim: int, batch_size: int, chunk_size: int) -> int:
+    """Rows projected per call: gradients of several backward batches of one stored chunk (up to
+    PROJECTION_BUFFER_BYTES of fp32) go through the projector together, which amortises generating
+    its signs."""
+    return max(batch_size, min(chunk_size, PROJECTION_BUFFER_BYTES // (4 * dim)))
 
 
 def collect_store(
@@ -67,7 +68,7 @@ def collect_store(
     """Fill the pending chunks of ``store``. Returns (chunks resumed from disk, non-finite rows)."""
     if hooks.dim != projector.spec.input_dim:
         raise ValueError(f"LoRA gradient has {hooks.dim} entries, projector expects {projector.spec.input_dim}")
-    buffer_rows = projection_rows(hooks.dim, batch_size)
+    buffer_rows = projection_rows(hooks.dim, batch_size, store.chunk_size)
     pending = store.pending_chunks()
     skipped = store.n_chunks - len(pending)
     todo = sum(store.chunk_bounds(i)[1] - store.chunk_bounds(i)[0] for i in pending)

@@ -58,19 +58,20 @@ def _torch_single_threaded():
 class Projector:
     """``g @ R`` for the matrix of :class:`ProjectorSpec`, on any device.
 
-    On the torch path the input dimension is walked in tiles of ``tile_bytes`` (float32), small enough
-    to stay in the CPU cache while a tile's signs are generated and multiplied. The signs of the first
-    tiles, as many as fit ``cache_bytes`` at one byte per sign, are kept as int8 for later calls; the
-    rest are regenerated on every call. Memory is therefore bounded by ``cache_bytes`` plus a few
-    tiles, whatever the dimensions.
+    The torch path splits the output into fixed blocks of ``COLUMN_BLOCK`` columns and walks the input
+    dimension in tiles of ``tile_bytes`` (float32), small enough to stay in the CPU cache while a
+    tile's signs are generated and multiplied. The signs of the first input rows, as many whole tiles
+    as fit ``cache_bytes`` at one byte per sign, are kept as int8 for later calls; the rest are
+    regenerated on every call. Memory is therefore the output, ``cache_bytes`` and one tile per
+    worker, whatever the dimensions.
 
-    Tiles are summed in ``SUM_GROUPS`` fixed groups of consecutive tiles, then the groups in order. On
-    CPU, worker threads (``workers``, default: torch's thread count) take whole groups, which is
-    faster than torch's intra-op threading on these small products. The result is therefore the same
-    for any number of workers and any cache budget (same tiles, same order of summation).
+    On CPU, worker threads (``workers``, default: torch's thread count) take whole column blocks,
+    which is faster than torch's intra-op threading on these small products. Every output column is
+    summed over the same tiles in the same order, so the result is the same for any number of
+    workers and any cache budget.
     """
 
-    SUM_GROUPS = 16
+    COLUMN_BLOCK = 512
 
     def __init__(
         self,
@@ -89,7 +90,8 @@ class Projector:
         self.spec = ProjectorSpec(int(input_dim), int(output_dim), int(seed) & kernel.MASK32)
         self.backend = backend
         self.workers = workers
-        self.rows_per_tile = max(1, tile_bytes // (4 * output_dim))
+        self.column_blocks = [(c, min(c + self.COLUMN_BLOCK, output_dim)) for c in range(0, output_dim, self.COLUMN_BLOCK)]
+        self.rows_per_tile = max(1, tile_bytes // (4 * min(self.COLUMN_BLOCK, output_dim)))
         whole_tiles = max(0, cache_bytes) // (output_dim * self.rows_per_tile)
         self.cached_rows = min(int(input_dim), whole_tiles * self.rows_per_tile)
         self._cache: dict[torch.device, torch.Tensor] = {}
@@ -99,30 +101,24 @@ class Projector:
     def scale(self) -> float:
         return 1.0 / math.sqrt(self.spec.output_dim)
 
-    def _groups(self) -> list[range]:
-        """Input-row tile starts of each summation group."""
-        n_tiles = math.ceil(self.spec.input_dim / self.rows_per_tile)
-        per_group = math.ceil(n_tiles / self.SUM_GROUPS)
-        return [range(g * per_group * self.rows_per_tile, min(n_tiles, (g + 1) * per_group) * self.rows_per_tile,
-                      self.rows_per_tile) for g in range(self.SUM_GROUPS) if g * per_group < n_tiles]
-
-    def _group_product(self, grads: torch.Tensor, starts: range) -> torch.Tensor:
-        """Sum over one group's tiles of ``grads[:, tile] @ signs[tile]`` (unscaled, fp32)."""
+    @torch.no_grad()
+    def _column_block(self, grads: torch.Tensor, first: int, last: int, out: torch.Tensor) -> None:
+        """``out[:, first:last] = grads @ signs[:, first:last]`` (unscaled), tile by tile."""
         spec, device = self.spec, grads.device
         cached, fill = self._cache[device], device not in self._cache_complete
-        width = 32 * math.ceil(spec.output_dim / 32)
-        buffer = torch.empty(self.rows_per_tile * width, dtype=torch.float32, device=device)
-        out = torch.zeros((grads.shape[0], spec.output_dim), dtype=torch.float32, device=device)
-        for start in starts:
+        buffer = torch.empty(self.rows_per_tile * (32 * math.ceil((last - first) / 32)), dtype=torch.float32, device=device)
+        acc = torch.zeros((grads.shape[0], last - first), dtype=torch.float32, device=device)
+        for start in range(0, spec.input_dim, self.rows_per_tile):
             stop = min(start + self.rows_per_tile, spec.input_dim)
             if stop <= self.cached_rows and not fill:
-                tile = buffer[: (stop - start) * spec.output_dim].view(stop - start, spec.output_dim).copy_(cached[start:stop])
+                tile = buffer[: (stop - start) * (last - first)].view(stop - start, last - first)
+                tile.copy_(cached[start:stop, first:last])
             else:
-                tile = kernel.sign_tile(spec.seed, start, stop, spec.output_dim, device, torch.float32, out=buffer)
+                tile = kernel.sign_tile(spec.seed, start, stop, spec.output_dim, device, torch.float32, buffer, (first, last))
                 if stop <= self.cached_rows:
-                    cached[start:stop] = tile
-            out.addmm_(grads[:, start:stop].float(), tile)
-        return out
+                    cached[start:stop, first:last] = tile
+            acc.addmm_(grads[:, start:stop], tile)
+        out[:, first:last] = acc
 
     def project(self, grads: torch.Tensor) -> torch.Tensor:
         """Project rows of ``grads`` (n x input_dim, fp32/bf16/fp16) to fp32 (n x output_dim)."""
@@ -133,18 +129,16 @@ class Projector:
             return kernel.project_triton(grads.contiguous(), self.spec.seed, self.spec.output_dim)
         if backend != "torch":
             raise ValueError(f"unknown projector backend {backend!r}")
-        device = grads.device
+        device, grads = grads.device, grads.float()
         if device not in self._cache:
             self._cache[device] = torch.empty((self.cached_rows, self.spec.output_dim), dtype=torch.int8, device=device)
-        groups = self._groups()
-        workers = min(len(groups), self.workers or (torch.get_num_threads() if device.type == "cpu" else 1))
+        out = torch.empty((grads.shape[0], self.spec.output_dim), dtype=torch.float32, device=device)
+        workers = min(len(self.column_blocks), self.workers or (torch.get_num_threads() if device.type == "cpu" else 1))
         if workers > 1:
             with _torch_single_threaded(), ThreadPoolExecutor(workers) as pool:
-                partials = list(pool.map(lambda starts: self._group_product(grads, starts), groups))
+                list(pool.map(lambda block: self._column_block(grads, *block, out), self.column_blocks))
         else:
-            partials = [self._group_product(grads, starts) for starts in groups]
+            for block in self.column_blocks:
+                self._column_block(grads, *block, out)
         self._cache_complete.add(device)
-        out = partials[0]
-        for partial in partials[1:]:
-            out += partial
         return out.mul_(self.scale)

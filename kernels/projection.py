@@ -72,24 +72,29 @@ def _shifts(device) -> torch.Tensor:
 
 
 def sign_tile(
-    seed: int, start: int, stop: int, output_dim: int, device=None, dtype=torch.int8, out: torch.Tensor | None = None
+    seed: int, start: int, stop: int, output_dim: int, device=None, dtype=torch.int8,
+    out: torch.Tensor | None = None, columns: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """Rows ``start..stop-1`` of the unscaled +-1 matrix, as ``dtype``.
+    """Rows ``start..stop-1`` (and output columns ``columns``, default all) of the unscaled +-1
+    matrix, as ``dtype``.
 
     Same numbers as :func:`sign_bits`, computed faster: bit ``t`` of each word is shifted into the
     sign bit of an int32 whose other bits are those of 1.0f, so the float32 tile is written by three
-    vectorised integer passes and no conversion. ``out`` (float32, contiguous, at least
-    ``(stop - start) * 32 * ceil(output_dim / 32)`` elements) is reused instead of a new allocation.
+    vectorised integer passes and no conversion. ``columns`` must start at a multiple of 32. ``out``
+    (float32, contiguous, at least rows x columns rounded up to 32) is reused instead of a new tile.
     """
-    rows = row_keys(seed, start, stop, device)
-    mixed = to_int32_bits(hash32(rows[:, None] ^ word_keys(seed, output_dim, device)[None, :]))  # (rows, words)
+    first, last = columns or (0, output_dim)
+    if first % 32 or not 0 <= first < last <= output_dim:
+        raise ValueError(f"columns {columns} must start at a multiple of 32 and lie within {output_dim}")
+    words = word_keys(seed, output_dim, device)[first // 32 : math.ceil(last / 32)]
+    mixed = to_int32_bits(hash32(row_keys(seed, start, stop, device)[:, None] ^ words[None, :]))  # (rows, words)
     n_rows, n_words = mixed.shape
     if out is None:
         out = torch.empty(n_rows * n_words * 32, dtype=torch.float32, device=mixed.device)
     bits = out.view(-1)[: n_rows * n_words * 32].view(torch.int32).view(n_rows, n_words, 32)
     torch.bitwise_left_shift(mixed[:, :, None], _shifts(mixed.device), out=bits)
     bits.bitwise_and_(-(2**31)).bitwise_or_(FLOAT_ONE_BITS)
-    signs = bits.view(torch.float32).view(n_rows, n_words * 32)[:, :output_dim]
+    signs = bits.view(torch.float32).view(n_rows, n_words * 32)[:, : last - first]
     return signs if dtype == torch.float32 else signs.to(dtype)
 
 

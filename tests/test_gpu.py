@@ -10,10 +10,10 @@ import os
 import numpy as np
 import pytest
 import torch
-
-from influence.collect import project_grads
 from influence.kernels import projection as kernel
 from influence.kernels.scoring import score_block, subtask_means
+
+from influence.collect import project_grads
 from influence.projection import Projector
 from influence.run import Run
 from influence.scoring import less_scores

@@ -100,18 +100,28 @@ def test_fast_tile_equals_reference_bits():
         assert torch.equal(kernel.sign_tile(9, 1000, 1300, 100, dtype=dtype).to(torch.int64), reference)
 
 
-def test_cache_budget_bounds_memory_without_changing_numbers():
+def test_cache_budget_and_workers_do_not_change_numbers(monkeypatch):
+    monkeypatch.setattr(Projector, "COLUMN_BLOCK", 64)  # 96 outputs: blocks of 64 and 32 columns
     x = torch.randn(3, 400)
-    tile = 96 * 4 * 16  # 16 input rows per tile
+    tile = 64 * 4 * 16  # 16 input rows per tile
     full = Projector(400, 96, seed=4, backend="torch", tile_bytes=tile, workers=1)
     partial = Projector(400, 96, seed=4, backend="torch", tile_bytes=tile, cache_bytes=96 * 100, workers=2)
     streamed = Projector(400, 96, seed=4, backend="torch", tile_bytes=tile, cache_bytes=0, workers=3)
+    assert full.column_blocks == [(0, 64), (64, 96)]
     assert (full.cached_rows, partial.cached_rows, streamed.cached_rows) == (400, 96, 0)  # whole tiles only
     results = [p.project(x) for p in (full, partial, streamed)]
     assert full._cache[x.device].nbytes == 400 * 96 and partial._cache[x.device].nbytes <= 96 * 100
-    # same tiles and order of summation, whatever the budget and the number of worker threads
+    # every column summed over the same tiles in the same order, whatever the budget and the workers
     assert all(torch.equal(results[0], r) for r in results[1:])
     assert all(torch.equal(results[0], p.project(x)) for p in (full, partial, streamed))  # second call, from cache
     assert torch.equal(full._cache[x.device], kernel.sign_tile(4, 0, 400, 96))
     direct = x @ (kernel.sign_tile(4, 0, 400, 96).float() / 96**0.5)
     torch.testing.assert_close(results[0], direct, rtol=1e-5, atol=1e-5)
+
+
+def test_sign_tile_columns_are_slices_of_the_full_tile():
+    full = kernel.sign_tile(5, 10, 30, 100)
+    assert torch.equal(kernel.sign_tile(5, 10, 30, 100, columns=(32, 100)), full[:, 32:])
+    assert torch.equal(kernel.sign_tile(5, 10, 30, 100, columns=(64, 70)), full[:, 64:70])
+    with pytest.raises(ValueError, match="multiple of 32"):
+        kernel.sign_tile(5, 10, 30, 100, columns=(10, 40))
