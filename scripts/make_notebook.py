@@ -41,7 +41,9 @@ cells = [
         "fig, ax = plt.subplots(figsize=(7, 3.5))\n"
         "ax.hist(table.loc[table['finite'], 'score'], bins=40, color='tab:blue', alpha=0.8)\n"
         "ax.axvline(selected['score'].min(), ls='--', color='k', label='selection threshold')\n"
-        "ax.set_xlabel('score (higher = more helpful)'); ax.set_ylabel('examples'); ax.legend()\n"
+        "ax.set_xlabel('score (higher = more helpful)')\n"
+        "ax.set_ylabel('examples')\n"
+        "ax.legend()\n"
         "plt.show()"
     ),
     new_markdown_cell("## What the selected subset is made of\nShare of each source file in the pool and in the selection."),
@@ -51,7 +53,8 @@ cells = [
         "    'selected': selected['source'].value_counts(normalize=True),\n"
         "}).fillna(0)\n"
         "composition.plot.barh(figsize=(7, 2 + 0.4 * len(composition)))\n"
-        "plt.xlabel('share'); plt.show()\n"
+        "plt.xlabel('share')\n"
+        "plt.show()\n"
         "composition"
     ),
     new_markdown_cell("## Most and least helpful examples per subtask"),
@@ -69,8 +72,10 @@ cells = [
         "    display(preview(top_for_task(table, task, K, bottom=True), 'task:' + task))\n"
         "if not tasks:  # target-free methods have no subtasks: the two ends of the whole ranking\n"
         "    scored = table[table['finite']]\n"
-        "    print(f'=== top {K}'); display(preview(scored.head(K), 'score'))\n"
-        "    print(f'=== bottom {K}'); display(preview(scored.tail(K), 'score'))"
+        "    print(f'=== top {K}')\n"
+        "    display(preview(scored.head(K), 'score'))\n"
+        "    print(f'=== bottom {K}')\n"
+        "    display(preview(scored.tail(K), 'score'))"
     ),
     new_markdown_cell("## Do subtasks agree?\nSpearman correlation between per-subtask scores."),
     new_code_cell(
@@ -80,8 +85,10 @@ cells = [
         "    fig, ax = plt.subplots(figsize=(4 + 0.3 * len(columns), 3 + 0.3 * len(columns)))\n"
         "    im = ax.imshow(corr.to_numpy(), vmin=-1, vmax=1, cmap='coolwarm')\n"
         "    names = [c[5:] for c in columns]\n"
-        "    ax.set_xticks(range(len(names)), names, rotation=90); ax.set_yticks(range(len(names)), names)\n"
-        "    fig.colorbar(im); plt.show()\n"
+        "    ax.set_xticks(range(len(names)), names, rotation=90)\n"
+        "    ax.set_yticks(range(len(names)), names)\n"
+        "    fig.colorbar(im)\n"
+        "    plt.show()\n"
         "else:\n"
         "    print('fewer than two subtasks: nothing to compare')"
     ),
