@@ -25,9 +25,13 @@ class ResponseForward:
 
     def per_example(self, values: torch.Tensor) -> torch.Tensor:
         """Mean of a per-token quantity over each example's response tokens."""
-        sums = torch.zeros(len(self.counts), dtype=values.dtype, device=values.device)
-        sums.index_add_(0, self.rows, values)
-        return sums / self.counts.clamp(min=1).to(values.dtype)
+        return mean_by_row(values, self.rows, len(self.counts))
+
+
+def mean_by_row(values: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
+    """(n,) mean of batch-flattened per-token ``values`` over the tokens of each row (0 where none)."""
+    sums = torch.zeros(n, dtype=values.dtype, device=values.device).index_add_(0, rows, values)
+    return sums / torch.bincount(rows, minlength=n).clamp(min=1).to(values.dtype)
 
 
 def logits_at(model, batch: dict[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
@@ -49,8 +53,7 @@ def forward_response(model, batch: dict[str, torch.Tensor]) -> ResponseForward:
     targets = labels[:, 1:][keep[:, :-1]]
     token_loss = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
     counts = keep.sum(dim=1)
-    losses = torch.zeros(len(counts), dtype=token_loss.dtype, device=token_loss.device).index_add_(0, rows, token_loss)
-    return ResponseForward(logits, targets, rows, losses / counts.clamp(min=1), counts)
+    return ResponseForward(logits, targets, rows, mean_by_row(token_loss, rows, len(counts)), counts)
 
 
 def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,6 +14,7 @@ import importlib.util
 import json
 import os
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -165,13 +166,20 @@ def model_fingerprint(name: str, model) -> str:
     return f"{name}@{hashlib.sha256(config.encode()).hexdigest()[:16]}"
 
 
+@contextmanager
+def _quiet_peft():
+    """peft calls a transformers method deprecated in v5; its FutureWarning is not the user's concern."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def add_lora(model, settings: LoraSettings, seed: int):
     """Wrap a base model with a fresh, trainable LoRA adapter (initialisation seeded)."""
     from peft import get_peft_model
 
     torch.manual_seed(seed)
-    with warnings.catch_warnings():  # peft calls a transformers method deprecated in v5
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    with _quiet_peft():
         return get_peft_model(model, settings.to_peft())
 
 
@@ -179,8 +187,7 @@ def load_adapter(model, adapter_dir: str | Path):
     """Base model + a saved adapter, with LoRA parameters requiring grad (for gradient features)."""
     from peft import PeftModel
 
-    with warnings.catch_warnings():  # peft calls a transformers method deprecated in v5
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    with _quiet_peft():
         peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
     peft_model.eval()
     return peft_model

@@ -24,6 +24,7 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .data import file_sha256
@@ -59,7 +60,8 @@ class Checkpoint:
         return file_sha256(self.adapter_file)
 
     def rng_state(self) -> torch.Tensor:
-        return load_file(str(self.path / "optimizer.safetensors"))["torch_rng_state"]
+        with safe_open(str(self.path / "optimizer.safetensors"), framework="pt") as tensors:
+            return tensors.get_tensor("torch_rng_state")
 
     def adam_moments(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
         """(first moments, second moments, optimizer hyper-parameters), keyed by parameter name."""

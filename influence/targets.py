@@ -31,6 +31,19 @@ def _resource_dir(*parts: str) -> Path:
     return Path(str(resources.files("influence.resources").joinpath("targets", *parts)))
 
 
+def _one_turn(example_id: str, prompt: str, answer: str, record: dict, task: str, response_prefix: str) -> Example:
+    """A built-in target example: one user turn, the answer as the assistant turn (source = the
+    target's name, the part of the id before '/')."""
+    return Example(
+        id=example_id,
+        source=example_id.split("/", 1)[0],
+        messages=[{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
+        record=record,
+        task=task,
+        response_prefix=response_prefix,
+    )
+
+
 def load_mmlu_val() -> list[Example]:
     examples = []
     folder = _resource_dir("mmlu")
@@ -46,19 +59,8 @@ def load_mmlu_val() -> list[Example]:
                 prompt += f"\n{letter}. {choice}"
             prompt += "\nAnswer:"
             record = {"question": question, "choices": choices, "answer": answer, "subject": subject}
-            examples.append(
-                Example(
-                    id=f"mmlu_val/{subject}#{row_index}",
-                    source="mmlu_val",
-                    messages=[
-                        {"role": "user", "content": prompt},
-                        {"role": "assistant", "content": " " + answer},
-                    ],
-                    record=record,
-                    task=subject,
-                    response_prefix="The answer is:",
-                )
-            )
+            examples.append(_one_turn(f"mmlu_val/{subject}#{row_index}", prompt, " " + answer, record, subject,
+                                      response_prefix="The answer is:"))
     return examples
 
 
@@ -72,19 +74,8 @@ def load_bbh() -> list[Example]:
             others = exemplars[:i] + exemplars[i + 1:]
             icl = "".join(other + "\n\n" for other in others)
             question, answer = exemplar.split("\nA:", 1)
-            examples.append(
-                Example(
-                    id=f"bbh/{task}#{i}",
-                    source="bbh",
-                    messages=[
-                        {"role": "user", "content": f"{instruction}\n\n{icl}{question}"},
-                        {"role": "assistant", "content": answer},
-                    ],
-                    record={"task": task, "question": question, "answer": answer},
-                    task=task,
-                    response_prefix="A:",
-                )
-            )
+            examples.append(_one_turn(f"bbh/{task}#{i}", f"{instruction}\n\n{icl}{question}", answer,
+                                      {"task": task, "question": question, "answer": answer}, task, response_prefix="A:"))
     return examples
 
 
@@ -109,19 +100,8 @@ def load_tydiqa() -> list[Example]:
         item = data[language][0]
         instruction, passage, question, answer = TYDIQA_TEMPLATES[language]
         prompt = f"{instruction}{passage} {item['context']}\n{question} {item['question']}\n"
-        examples.append(
-            Example(
-                id=f"tydiqa/{language}#0",
-                source="tydiqa",
-                messages=[
-                    {"role": "user", "content": prompt},
-                    {"role": "assistant", "content": " " + item["answers"][0]["text"]},
-                ],
-                record=item,
-                task=language,
-                response_prefix=answer,
-            )
-        )
+        examples.append(_one_turn(f"tydiqa/{language}#0", prompt, " " + item["answers"][0]["text"], item, language,
+                                  response_prefix=answer))
     return examples
 
 

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..data import Example, examples_sha256, load_pool
-from ..losses import logits_at
+from ..losses import logits_at, mean_by_row
 from ..models import choose_device, load_adapter, load_base_model, model_fingerprint
 from ..run import Run
 from ..store import ChunkedStore
@@ -57,13 +57,9 @@ FORMAT = "influence-forward"
 DATASET = "forward-train"
 
 
-def _per_example(values: torch.Tensor, rows: torch.Tensor, n: int, reduce: str = "mean") -> torch.Tensor:
-    out = torch.zeros(n, dtype=values.dtype, device=values.device)
-    if reduce == "amin":
-        out.fill_(float("inf"))
-        return out.scatter_reduce_(0, rows, values, reduce="amin")
-    counts = torch.bincount(rows, minlength=n).clamp(min=1).to(values.dtype)
-    return out.index_add_(0, rows, values) / counts
+def _min_by_row(values: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
+    out = torch.full((n,), float("inf"), dtype=values.dtype, device=values.device)
+    return out.scatter_reduce_(0, rows, values, reduce="amin")
 
 
 @torch.no_grad()
@@ -89,13 +85,13 @@ def token_metrics(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     margin = top2[:, 0] - top2[:, 1]
     r_rows = rows[response]
     result = {
-        "nll": _per_example(nll[response], r_rows, n),
-        "nll_full": _per_example(nll, rows, n),
-        "el2n": _per_example(el2n[response], r_rows, n),
-        "entropy": _per_example(entropy[response], r_rows, n),
-        "least_confidence": _per_example(1 - top2[response, 0], r_rows, n),
-        "mean_margin": _per_example(margin[response], r_rows, n),
-        "min_margin": _per_example(margin[response], r_rows, n, reduce="amin"),
+        "nll": mean_by_row(nll[response], r_rows, n),
+        "nll_full": mean_by_row(nll, rows, n),
+        "el2n": mean_by_row(el2n[response], r_rows, n),
+        "entropy": mean_by_row(entropy[response], r_rows, n),
+        "least_confidence": mean_by_row(1 - top2[response, 0], r_rows, n),
+        "mean_margin": mean_by_row(margin[response], r_rows, n),
+        "min_margin": _min_by_row(margin[response], r_rows, n),
     }
     result["ppl"] = result["nll"].exp()
     return result
