@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -19,6 +20,21 @@ def demo_pool_files() -> list[str]:
 
     folder = resources.files("influence.resources").joinpath("demo")
     return [str(folder.joinpath(name)) for name in DEMO_POOL]
+
+
+def _split(value: str | None) -> list[str] | None:
+    """A comma-separated option as a list (None when not given)."""
+    return [part.strip() for part in value.split(",") if part.strip()] if value else None
+
+
+def _positive_int(value: str, option: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise InfluenceError(f"{option} must be a positive integer, got {value!r}") from None
+    if number < 1:
+        raise InfluenceError(f"{option} must be a positive integer, got {number}")
+    return number
 
 
 def _fail(err: Exception) -> None:
@@ -57,6 +73,12 @@ def warmup_options(command):
         click.option("--lora-modules", default="q_proj,k_proj,v_proj,o_proj", show_default=True,
                      help="Comma-separated module names to adapt."),
         click.option("--seed", default=0, show_default=True, help="Seed of the subset, LoRA init and data order."),
+        click.option("--max-grad-norm", default=1.0, show_default=True,
+                     help="Clip the gradient norm of each optimizer step (the Trainer default LESS trains with); 0 = off."),
+        click.option("--loss-weighting", default="micro_batch", show_default=True,
+                     type=click.Choice(["micro_batch", "token"]),
+                     help="Under accumulation: each forward pass's mean loss / accumulation steps (Trainer 4.36, "
+                          "LESS) or every response token of the step weighted alike (Trainer >= 4.46)."),
         click.option("--bf16", is_flag=True, help="bfloat16 autocast for the forward pass."),
     ]
     for option in reversed(options):
@@ -65,7 +87,8 @@ def warmup_options(command):
 
 
 def _warmup_config(model, train_files, out, fraction, epochs, learning_rate, warmup_ratio, batch_size, grad_accum,
-                   max_length, lora_r, lora_alpha, lora_dropout, lora_modules, seed, bf16, track_all=False):
+                   max_length, lora_r, lora_alpha, lora_dropout, lora_modules, seed, max_grad_norm, loss_weighting, bf16,
+                   track_all=False):
     from .models import LoraSettings
     from .training import WarmupConfig
 
@@ -75,8 +98,8 @@ def _warmup_config(model, train_files, out, fraction, epochs, learning_rate, war
         out=out,
         lora=LoraSettings(lora_r, lora_alpha, lora_dropout, [m.strip() for m in lora_modules.split(",") if m.strip()]),
         fraction=fraction, epochs=epochs, learning_rate=learning_rate, warmup_ratio=warmup_ratio,
-        batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, seed=seed, bf16=bf16,
-        track_all=track_all,
+        batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, seed=seed, max_grad_norm=max_grad_norm,
+        loss_weighting=loss_weighting, bf16=bf16, track_all=track_all,
     )
 
 
@@ -104,7 +127,8 @@ def warmup(track_all, resume, **settings) -> None:
 @click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False, exists=True))
 @click.option("--target", default=None, help="Target registry name (see `influence targets`) or data file.")
 @click.option("--target-tasks", default=None, help="Comma-separated subtasks of the target to keep.")
-@click.option("--proj-dim", default=8192, show_default=True, help="Projected dimension.")
+@click.option("--proj-dim", default="8192", show_default=True,
+              help="Projected dimension, or several comma-separated (e.g. 4096,8192): gradients are computed once.")
 @click.option("--seed", default=0, show_default=True, help="Projection seed.")
 @click.option("--batch-size", default=8, show_default=True, help="Examples per backward pass.")
 @click.option("--chunk-size", default=128, show_default=True, help="Examples per stored chunk (resume unit).")
@@ -116,9 +140,12 @@ def project_grads(run_dir, target, target_tasks, proj_dim, seed, batch_size, chu
     """Per-example LoRA gradients of the pool (Adam) and the target (SGD), projected, into Zarr."""
     from .collect import project_grads as run_project
 
-    tasks = [t.strip() for t in target_tasks.split(",")] if target_tasks else None
+    tasks = _split(target_tasks)
     try:
-        reports = run_project(run_dir, target, proj_dim, seed, batch_size, chunk_size, tasks,
+        dims = [_positive_int(d, "--proj-dim") for d in _split(proj_dim) or [""]]
+        for value, name in ((batch_size, "--batch-size"), (chunk_size, "--chunk-size")):
+            _positive_int(str(value), name)
+        reports = run_project(run_dir, target, dims, seed, batch_size, chunk_size, tasks,
                               include_train=not skip_train, overwrite=overwrite, device=device)
     except InfluenceError as err:
         _fail(err)
@@ -131,11 +158,15 @@ def project_grads(run_dir, target, target_tasks, proj_dim, seed, batch_size, chu
 
 @main.command()
 @click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False, exists=True))
-@click.option("--target", default=None, help="The target whose gradients were projected (needed by 'less').")
+@click.option("--target", "targets", multiple=True,
+              help="Target registry name or data file (needed by less, bm25, dsir, rds); repeat for several "
+                   "(one output folder each, one pass over the pool's gradients).")
 @click.option("--method", default="less", show_default=True,
-              help="less | grand | forgetting | nll | ppl | nll_full | el2n | entropy | least_confidence | "
-                   "mean_margin | min_margin | ifd")
-@click.option("--fraction", default=0.05, show_default=True, help="Fraction to select (top / bottom).")
+              help="less | random | bm25 | dsir | rds | grand | forgetting | nll | ppl | nll_full | el2n | entropy | "
+                   "least_confidence | mean_margin | min_margin | ifd")
+@click.option("--fraction", default=0.05, show_default=True,
+              help="Fraction of the pool to select (top / bottom), counted as LESS's --percentage: floor(fraction x pool).")
+@click.option("--top-k", default=None, type=click.IntRange(min=1), help="Select this many instead (LESS's --max_samples).")
 @click.option("--select", "mode", default="top", show_default=True,
               type=click.Choice(["top", "bottom", "middle", "below", "above"]),
               help="Which examples to keep: highest/lowest scores, a middle quantile band, or a threshold.")
@@ -143,40 +174,51 @@ def project_grads(run_dir, target, target_tasks, proj_dim, seed, batch_size, chu
 @click.option("--threshold", default=None, type=float, help="Threshold for --select below/above (e.g. IFD 1).")
 @click.option("--learned-threshold", default=None, type=float,
               help="forgetting: token accuracy at which an example counts as learned (default 1.0 = exact match).")
+@click.option("--proj-dim", default=None, type=click.IntRange(min=1),
+              help="less, grand: which projected dimension to read (default: the only one stored).")
+@click.option("--target-tasks", default=None, help="Comma-separated subtasks of the target to rank against.")
+@click.option("--seed", default=None, type=int, help="random, dsir: seed of the draw (default 0).")
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--show", default=0, show_default=True, help="Print this many top examples for a few subtasks.")
 @click.option("--show-tasks", default=None, help="Comma-separated subtasks to show (default: first 4).")
-def rank(run_dir, target, method, fraction, mode, band, threshold, learned_threshold, out, show, show_tasks) -> None:
+def rank(run_dir, targets, method, fraction, top_k, mode, band, threshold, learned_threshold, proj_dim, target_tasks,
+         seed, out, show, show_tasks) -> None:
     """Score and rank the pool; write scores.csv, scores.parquet, selected.jsonl, summary.json."""
-    from .selection import default_out, example_text, pool_by_id, task_columns, top_for_task
-    from .selection import rank as run_rank
+    from .selection import example_text, output_folders, pool_by_id, rank_many, task_columns, top_for_task
 
+    targets = list(targets) or [None]
     try:
         low, high = (float(x) for x in band.split(","))
-        options = {"learned_threshold": learned_threshold} if learned_threshold is not None else {}
-        if options and method != "forgetting":
-            raise InfluenceError("--learned-threshold applies to --method forgetting only")
-        table = run_rank(run_dir, target, method, fraction, out, mode, (low, high), threshold, **options)
+        options = {"learned_threshold": learned_threshold, "proj_dim": proj_dim, "target_tasks": _split(target_tasks),
+                   "seed": seed}
+        tables = rank_many(run_dir, targets, method, fraction, out, mode, (low, high), threshold, top_k, **options)
     except (InfluenceError, ValueError) as err:
         _fail(err)
-    out = Path(out) if out else default_out(run_dir, method, target)
-    n_selected = sum(1 for _ in open(out / "selected.jsonl", encoding="utf-8"))
-    click.echo(f"ranked {len(table)} examples with {method}; selected {n_selected} ({mode}) -> {out}")
-    unscorable = int((~table["finite"]).sum())
-    if unscorable:
-        click.secho(f"{unscorable} example(s) could not be scored (non-finite or not presented); ranked last", fg="yellow")
-    if show:
-        pool = pool_by_id(run_dir)
-        tasks = [t.strip() for t in show_tasks.split(",")] if show_tasks else task_columns(table)[:4]
-        for task in tasks:
-            click.secho(f"\n== top {show} for {target}/{task}", bold=True)
-            for _, row in top_for_task(table, task, show).iterrows():
-                score = row[f"task:{task}"]
-                click.echo(f"  {score:+.4f}  {row['id']:<28} {example_text(pool[row['id']], 110)}")
-        if not tasks:
-            click.secho(f"\n== top {show} by {method}", bold=True)
-            for _, row in table.head(show).iterrows():
-                click.echo(f"  {row['score']:+.4f}  {row['id']:<28} {example_text(pool[row['id']], 110)}")
+    pool = pool_by_id(run_dir) if show else {}
+    for (target, table), folder in zip(tables.items(), output_folders(run_dir, method, targets, out)):
+        n_selected = sum(1 for _ in open(folder / "selected.jsonl", encoding="utf-8"))
+        summary = json.loads((folder / "summary.json").read_text())
+        rho = summary["length_bias"]["spearman_score_vs_length"]
+        click.echo(f"ranked {len(table)} examples with {method}{f' for {target}' if target else ''}; "
+                   f"selected {n_selected} ({mode}) -> {folder}"
+                   + (f"  [score vs response length: Spearman {rho:+.2f}]" if rho is not None else ""))
+        for warning in summary.get("warnings", []):
+            click.secho(f"warning: {warning}", fg="yellow")
+        unscorable = int((~table["finite"]).sum())
+        if unscorable:
+            click.secho(f"{unscorable} example(s) could not be scored (non-finite or not presented); ranked last",
+                        fg="yellow")
+        if show:
+            tasks = _split(show_tasks) or task_columns(table)[:4]
+            for task in tasks:
+                click.secho(f"\n== top {show} for {target}/{task}", bold=True)
+                for _, row in top_for_task(table, task, show).iterrows():
+                    score = row[f"task:{task}"]
+                    click.echo(f"  {score:+.4f}  {row['id']:<28} {example_text(pool[row['id']], 110)}")
+            if not tasks:
+                click.secho(f"\n== top {show} by {method}", bold=True)
+                for _, row in table.head(show).iterrows():
+                    click.echo(f"  {row['score']:+.4f}  {row['id']:<28} {example_text(pool[row['id']], 110)}")
 
 
 @main.command("forward-scores")

@@ -4,6 +4,7 @@ projected and written to the run's gradient stores (LESS, step 2)."""
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,22 +15,15 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .data import Example, examples_sha256, load_pool
-from .gradients import AdamPreconditioner, LoraGradients
+from .gradients import FEATURES, AdamPreconditioner, LoraGradients
 from .models import choose_device, load_adapter, load_base_model, model_fingerprint
 from .projection import Projector
 from .run import Checkpoint, Run
-from .store import GradientStore
+from .store import TRAIN, GradientStore, grads_group, target_dataset
 from .targets import load_target, target_name
 from .templates import Encoded, collate, encode_example
 
 log = logging.getLogger(__name__)
-
-TRAIN = "train"
-
-
-def target_dataset(target: str) -> str:
-    return f"target-{target_name(target)}"
-
 
 @dataclass
 class CollectReport:
@@ -52,36 +46,41 @@ def projection_rows(dim: int, batch_size: int, chunk_size: int) -> int:
     return max(batch_size, min(chunk_size, PROJECTION_BUFFER_BYTES // (4 * dim)))
 
 
-def collect_store(
+def collect_stores(
     hooks: LoraGradients,
     encoded: list[Encoded],
     ids: list[str],
     pad_token_id: int,
-    store: GradientStore,
-    projector: Projector,
+    outputs: list[tuple[GradientStore, Projector]],
     batch_size: int,
     preconditioner: AdamPreconditioner | None,
     device: torch.device,
     progress: bool = True,
     desc: str = "",
 ) -> tuple[int, int]:
-    """Fill the pending chunks of ``store``. Returns (chunks resumed from disk, non-finite rows)."""
-    if hooks.dim != projector.spec.input_dim:
-        raise ValueError(f"LoRA gradient has {hooks.dim} entries, projector expects {projector.spec.input_dim}")
-    buffer_rows = projection_rows(hooks.dim, batch_size, store.chunk_size)
-    pending = store.pending_chunks()
-    skipped = store.n_chunks - len(pending)
-    todo = sum(store.chunk_bounds(i)[1] - store.chunk_bounds(i)[0] for i in pending)
+    """Fill the pending chunks of every store in ``outputs`` (one per projected dimension, same
+    examples and chunking): each chunk's gradients are computed once and projected with every
+    projector whose store still lacks it. Returns (chunks resumed from disk, non-finite rows)."""
+    for _, projector in outputs:
+        if hooks.dim != projector.spec.input_dim:
+            raise ValueError(f"LoRA gradient has {hooks.dim} entries, projector expects {projector.spec.input_dim}")
+    first = outputs[0][0]
+    buffer_rows = projection_rows(hooks.dim, batch_size, first.chunk_size)
+    missing = {id(store): set(store.pending_chunks()) for store, _ in outputs}
+    pending = sorted(set().union(*missing.values()))
+    skipped = first.n_chunks - len(pending)
+    todo = sum(first.chunk_bounds(i)[1] - first.chunk_bounds(i)[0] for i in pending)
     bar = tqdm(total=todo, desc=desc, unit="ex", disable=not progress)
     nonfinite = 0
     try:
         for index in pending:
-            start, stop = store.chunk_bounds(index)
+            start, stop = first.chunk_bounds(index)
             chunk = encoded[start:stop]
+            writes = [(store, projector) for store, projector in outputs if index in missing[id(store)]]
             # Longest first inside a chunk: less padding; the order is fixed, so results are reproducible.
             order = sorted(range(len(chunk)), key=lambda i: -len(chunk[i].input_ids))
             rows = len(chunk)
-            out = np.zeros((rows, projector.spec.output_dim), dtype=np.float32)
+            out = [np.zeros((rows, projector.spec.output_dim), dtype=np.float32) for _, projector in writes]
             norms = np.zeros(rows, dtype=np.float32)
             losses = np.zeros(rows, dtype=np.float32)
             tokens = np.zeros(rows, dtype=np.int32)
@@ -97,13 +96,16 @@ def collect_store(
                 losses[idx] = result.losses.float().cpu().numpy()
                 tokens[idx] = result.n_tokens.cpu().numpy()
                 if len(waiting_rows) + batch_size > buffer_rows or b + batch_size >= rows:
-                    out[waiting_rows] = projector.project(torch.cat(waiting_features)).cpu().numpy()
+                    features = torch.cat(waiting_features)
+                    for target, (_, projector) in zip(out, writes):
+                        target[waiting_rows] = projector.project(features).cpu().numpy()
                     waiting_rows, waiting_features = [], []
                 bar.update(len(idx))
-            finite = store.write_chunk(index, out, norms, losses, tokens)
+            for (store, _), projected in zip(writes, out):
+                finite = store.write_chunk(index, projected, norms, losses, tokens)
             if not finite.all():
                 bad_ids = [ids[start + i] for i in np.flatnonzero(~finite)]
-                log.warning("%s: non-finite gradient for %d example(s): %s", store.where, len(bad_ids), bad_ids[:10])
+                log.warning("%s: non-finite gradient for %d example(s): %s", first.where, len(bad_ids), bad_ids[:10])
                 nonfinite += len(bad_ids)
     finally:
         bar.close()
@@ -113,7 +115,7 @@ def collect_store(
 def project_grads(
     run_dir: str | Path,
     target: str | None = None,
-    proj_dim: int = 8192,
+    proj_dim: int | list[int] = 8192,
     seed: int = 0,
     batch_size: int = 8,
     chunk_size: int = 128,
@@ -125,21 +127,28 @@ def project_grads(
 ) -> list[CollectReport]:
     """Compute and store projected gradient features for every checkpoint of a run.
 
-    Training examples (the whole pool) get Adam-preconditioned features, target examples plain
-    gradients. Existing stores are resumed; stores with different metadata are refused (or replaced
-    with ``overwrite``).
+    Training examples (the whole pool) get LESS's Adam feature, target examples plain gradients.
+    ``proj_dim`` may list several dimensions (LESS keeps 4096 and 8192): the gradients are computed
+    once and projected to each. A target's stores are keyed by its content, so another file with the
+    same name never shares them. Existing stores are resumed; stores with different metadata are
+    refused (or replaced with ``overwrite``).
     """
+    dims = sorted({int(d) for d in ([proj_dim] if isinstance(proj_dim, int) else proj_dim)})
     run = Run(run_dir)
     run.check_data_unchanged()
-    datasets: list[tuple[str, list[Example], str]] = []
+    datasets: list[tuple[str, list[Example], str, dict]] = []
     if include_train:
-        datasets.append((TRAIN, load_pool(run.train_files), "adam"))
+        datasets.append((TRAIN, load_pool(run.train_files), "adam", {}))
     if target is not None:
-        datasets.append((target_dataset(target), load_target(target, target_tasks), "sgd"))
+        examples = load_target(target, target_tasks)
+        extra = {"target": target, "target_tasks": sorted(set(target_tasks)) if target_tasks else None}
+        datasets.append((target_dataset(target_name(target), examples_sha256(examples)), examples, "sgd", extra))
     if not datasets:
         raise ValueError("nothing to do: no target and include_train=False")
+    if overwrite:
+        _remove_legacy_stores(run.store_path)
     device = torch.device(device) if device else choose_device()
-    projector: Projector | None = None
+    projectors: dict[int, Projector] = {}
     encodings: dict[str, list[Encoded]] = {}
     reports = []
     for checkpoint in run.checkpoints():
@@ -147,37 +156,41 @@ def project_grads(
         fingerprint = model_fingerprint(run.model_name, base)
         model = load_adapter(base, checkpoint.path).to(device)
         hooks = LoraGradients(model)
-        if projector is None:
-            projector = Projector(hooks.dim, proj_dim, seed)
+        if not projectors:
+            projectors = {dim: Projector(hooks.dim, dim, seed) for dim in dims}
         adapter_hash = checkpoint.adapter_sha256()
-        for dataset, examples, gradient_type in datasets:
+        for dataset, examples, gradient_type, extra in datasets:
             started = time.time()
             if dataset not in encodings:  # the tokenizer is the same at every checkpoint
                 encodings[dataset] = [encode_example(e, tokenizer, run.max_length) for e in examples]
             encoded = encodings[dataset]
             preconditioner = _preconditioner(hooks, checkpoint, device) if gradient_type == "adam" else None
-            metadata = {
-                "model": fingerprint,
-                "checkpoint": checkpoint.name,
-                "adapter_sha256": adapter_hash,
-                "gradient_type": gradient_type,
-                "projector": projector.spec.to_dict(),
-                "dtype": "float16",
-                "dataset": dataset,
-                "n_examples": len(examples),
-                "examples_sha256": examples_sha256(examples),
-                "max_length": run.max_length,
-                "chunk_size": chunk_size,
-                "checkpoint_mean_lr": checkpoint.mean_lr,
-                "influence_version": __version__,
-            }
             ids = [e.id for e in examples]
-            store = GradientStore.open_or_create(
-                run.store_path, f"{dataset}/{checkpoint.name}", metadata,
-                ids=ids, tasks=[e.task or "" for e in examples], overwrite=overwrite,
-            )
-            resumed, nonfinite = collect_store(
-                hooks, encoded, ids, tokenizer.pad_token_id, store, projector, batch_size, preconditioner,
+            outputs = []
+            for dim, projector in projectors.items():
+                metadata = {
+                    "model": fingerprint,
+                    "checkpoint": checkpoint.name,
+                    "adapter_sha256": adapter_hash,
+                    "gradient_type": gradient_type,
+                    "feature": FEATURES[gradient_type],
+                    "projector": projector.spec.to_dict(),
+                    "dtype": "float16",
+                    "dataset": dataset,
+                    "n_examples": len(examples),
+                    "examples_sha256": examples_sha256(examples),
+                    "max_length": run.max_length,
+                    "chunk_size": chunk_size,
+                    **extra,
+                    "checkpoint_mean_lr": checkpoint.mean_lr,
+                    "influence_version": __version__,
+                }
+                outputs.append((GradientStore.open_or_create(
+                    run.store_path, grads_group(dim, dataset, checkpoint.name), metadata,
+                    ids=ids, tasks=[e.task or "" for e in examples], overwrite=overwrite,
+                ), projector))
+            resumed, nonfinite = collect_stores(
+                hooks, encoded, ids, tokenizer.pad_token_id, outputs, batch_size, preconditioner,
                 device, progress, desc=f"{dataset} {checkpoint.name}",
             )
             reports.append(
@@ -187,6 +200,14 @@ def project_grads(
         hooks.remove()
         del model, base
     return reports
+
+
+def _remove_legacy_stores(root: Path) -> None:
+    """Delete stores of the version-1 layout (``train``/``target-*`` at the top of ``grads.zarr``)."""
+    if root.is_dir():
+        for path in root.iterdir():
+            if path.is_dir() and (path.name == TRAIN or path.name.startswith("target-")):
+                shutil.rmtree(path)
 
 
 def _preconditioner(hooks: LoraGradients, checkpoint: Checkpoint, device) -> AdamPreconditioner:

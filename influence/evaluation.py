@@ -18,6 +18,7 @@ import pandas as pd
 
 from .collect import project_grads
 from .data import Example, load_pool
+from .errors import InfluenceError
 from .scoring import METHODS, TARGET_METHODS
 from .scoring.forward import compute_forward_scores
 from .training import WarmupConfig, warmup
@@ -94,7 +95,15 @@ def evaluate_noisy(
 ) -> pd.DataFrame:
     """Corrupt ``noise`` of the pool in ``config.train_files``, warm up on it, score it with every
     target-free method and write ``detection.csv`` and ``labels.csv`` into ``config.out``."""
+    config.check()
+    if not 0 < noise < 1:
+        raise InfluenceError(f"--noise must be in (0, 1), got {noise}")
+    if proj_dim < 1 or batch_size < 1:
+        raise InfluenceError("--proj-dim and --grad-batch-size must be at least 1")
     out = Path(config.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InfluenceError(f"{out}: exists and is not empty; evaluate noisy writes into a new or empty folder "
+                             "(it never overwrites your files)")
     pool = load_pool(config.train_files)
     records, labels = corrupt_pool(pool, noise, config.seed, truncate)
     out.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,9 @@ Gradient features, as in LESS:
 
 * targets: the plain gradient (``sgd``);
 * training examples: the Adam update direction at the checkpoint (``adam``):
-  ``m' = b1 m + (1-b1) g``, ``v' = b2 v + (1-b2) g^2``, feature ``m' / (sqrt(v') + eps)``.
+  ``m' = b1 m + (1-b1) g``, ``v' = b2 v + (1-b2) g^2``, feature ``m' / sqrt(v' + eps)``, exactly as
+  LESS's ``obtain_gradients_with_adam`` (eps *inside* the square root; with LoRA gradients most ``v'``
+  are far below ``eps = 1e-8``, so ``m' / (sqrt(v') + eps)`` would be a different feature).
 """
 
 from __future__ import annotations
@@ -115,6 +117,13 @@ def _unflatten(values: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor) -
     return out
 
 
+# Recorded in every gradient store's metadata: stores made with another definition are refused.
+FEATURES = {
+    "adam": "m'/sqrt(v'+eps); m'=b1*m+(1-b1)*g, v'=b2*v+(1-b2)*g^2 (LESS obtain_gradients_with_adam)",
+    "sgd": "g (plain gradient of the mean response-token loss)",
+}
+
+
 @dataclass
 class AdamPreconditioner:
     """LESS's Adam feature from a checkpoint's moments (flattened like the gradients)."""
@@ -128,4 +137,4 @@ class AdamPreconditioner:
     def __call__(self, grads: torch.Tensor) -> torch.Tensor:
         m = self.beta1 * self.exp_avg + (1 - self.beta1) * grads
         v = self.beta2 * self.exp_avg_sq + (1 - self.beta2) * grads.square()
-        return m / (v.sqrt() + self.eps)
+        return m / (v + self.eps).sqrt()

@@ -61,6 +61,19 @@ class LoraSettings:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def problems(self) -> list[str]:
+        """What is out of range, named by CLI option (empty when the settings are usable)."""
+        problems = []
+        if self.r < 1:
+            problems.append(f"--lora-r must be at least 1, got {self.r}")
+        if not self.alpha > 0:
+            problems.append(f"--lora-alpha must be positive, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            problems.append(f"--lora-dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            problems.append("--lora-modules names no module")
+        return problems
+
 
 def _repair_digit_pretokenizer(tokenizer) -> None:
     """Restore SmolLM2's ``Digits(individual_digits=True)`` step, dropped by the GGUF conversion.
@@ -178,6 +191,11 @@ def add_lora(model, settings: LoraSettings, seed: int):
     """Wrap a base model with a fresh, trainable LoRA adapter (initialisation seeded)."""
     from peft import get_peft_model
 
+    linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    unmatched = [m for m in settings.target_modules if m not in linear]
+    if unmatched:
+        raise InfluenceError(f"--lora-modules {','.join(unmatched)} match no linear module of the model; "
+                             f"its linear modules are: {', '.join(linear)}")
     torch.manual_seed(seed)
     with _quiet_peft():
         return get_peft_model(model, settings.to_peft())

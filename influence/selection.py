@@ -7,13 +7,18 @@ Outputs in ``out``:
   a per-subtask breakdown;
 * ``selected.jsonl``: the selected examples (by default the top ``fraction``; see :func:`select`),
   each line the example's original record (so it can be trained on directly), in rank order;
-* ``summary.json``: method, target, what the score means, how many examples, what was combined.
+* ``summary.json``: method, target, what the score means, how many examples, what was combined, and
+  the length bias: the Spearman correlation of the score with the response length and the selected
+  subset's length distribution against the pool's (LESS is known to favour short examples).
+
+Several targets in one call (``rank(run, ["mmlu_val", "bbh"])``) write one folder per target; for
+``less`` the pool's gradient stores are read once for all of them.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +27,8 @@ import pandas as pd
 from .data import Example, load_pool
 from .errors import InfluenceError
 from .run import Run
-from .scoring import METHODS, TARGET_METHODS, Scores
+from .scoring import METHODS, TARGET_METHODS, Scores, less_scores_many
+from .targets import target_name
 
 TASK_PREFIX = "task:"
 
@@ -43,6 +49,9 @@ def ranking_table(scores: Scores, pool: list[Example]) -> pd.DataFrame:
     if scores.per_task is not None:
         for j, name in enumerate(scores.task_names):
             table[TASK_PREFIX + name] = scores.per_task[:, j]
+    for name, values in scores.columns.items():
+        table[name] = values
+    table["response_chars"] = [response_length(e) for e in pool]
     table["pool_index"] = np.arange(len(pool))
     # Stable sort on (-score) keeps pool order among ties; NaN goes last.
     order = np.lexsort((table["pool_index"].to_numpy(), -np.nan_to_num(table["score"].to_numpy(), nan=-np.inf)))
@@ -54,24 +63,68 @@ def ranking_table(scores: Scores, pool: list[Example]) -> pd.DataFrame:
 SELECT_MODES = ("top", "bottom", "middle", "below", "above")
 
 
+def response_length(example: Example) -> int:
+    """Characters of the example's responses (every assistant turn): the length LESS's bias is about."""
+    return sum(len(m["content"]) for m in example.messages if m["role"] == "assistant")
+
+
+def spearman(a, b) -> float | None:
+    """Spearman rank correlation over the rows where both are finite (None when undefined)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    keep = np.isfinite(a) & np.isfinite(b)
+    if keep.sum() < 3:
+        return None
+    ra, rb = pd.Series(a[keep]).rank().to_numpy(), pd.Series(b[keep]).rank().to_numpy()
+    if ra.std() == 0 or rb.std() == 0:
+        return None
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def length_bias(table: pd.DataFrame, selected: pd.DataFrame) -> dict:
+    """How the score and the selection relate to response length (characters)."""
+
+    def describe(lengths: pd.Series) -> dict:
+        if not len(lengths):
+            return {"n": 0}
+        q = lengths.quantile([0.1, 0.5, 0.9])
+        return {"n": int(len(lengths)), "mean": round(float(lengths.mean()), 1), "p10": float(q[0.1]),
+                "median": float(q[0.5]), "p90": float(q[0.9])}
+
+    scored = table[table["finite"]]
+    return {
+        "unit": "response characters",
+        "spearman_score_vs_length": spearman(scored["score"], scored["response_chars"]),
+        "pool": describe(table["response_chars"]),
+        "selected": describe(selected["response_chars"]),
+    }
+
+
 def select(
     table: pd.DataFrame,
     mode: str = "top",
     fraction: float = 0.05,
     band: tuple[float, float] = (0.25, 0.75),
     threshold: float | None = None,
+    top_k: int | None = None,
 ) -> pd.DataFrame:
     """Rows of a ranking to keep, in rank order; unscorable examples are never selected.
 
-    * ``top`` / ``bottom``: the highest / lowest ``fraction`` of scores;
+    * ``top`` / ``bottom``: the highest / lowest ``top_k`` scores, or else ``floor(fraction x pool
+      size)`` of them (at least one), as LESS's ``write_selected_data.py`` counts its ``--percentage``
+      (``top_k`` is its ``--max_samples``);
     * ``middle``: scores between the ``band`` quantiles (perplexity-based pruning keeps the middle);
     * ``below`` / ``above``: scores strictly below / above ``threshold`` (e.g. IFD < 1).
     """
     scored = table[table["finite"]]
     if mode in ("top", "bottom"):
-        if not 0 < fraction <= 1:
+        if top_k is not None:
+            if top_k < 1:
+                raise ValueError(f"top_k must be at least 1, got {top_k}")
+            count = top_k
+        elif not 0 < fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-        count = max(1, math.ceil(fraction * len(scored)))
+        else:
+            count = max(1, int(fraction * len(table)))
         return scored.head(count) if mode == "top" else scored.tail(count).iloc[::-1]
     if mode == "middle":
         low, high = band
@@ -103,14 +156,80 @@ def write_outputs(
         "n_selected": len(selected),
         "selection": selection,
         "n_unscorable": int((~table["finite"]).sum()),
-        "selected_ids": selected["id"].tolist(),
+        "length_bias": length_bias(table, selected),
         **scores.details,
+        "selected_ids": selected["id"].tolist(),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
 
 
 def default_out(run_dir: str | Path, method: str, target: str | None) -> Path:
-    return Path(run_dir) / (f"rank-{method}-{Path(target).stem}" if target else f"rank-{method}")
+    return Path(run_dir) / (f"rank-{method}-{target_name(target)}" if target else f"rank-{method}")
+
+
+def output_folders(run_dir: str | Path, method: str, targets: list[str | None], out: str | Path | None) -> list[Path]:
+    """One output folder per target: ``out`` itself for one target, ``out/<target name>`` for several."""
+    if out is None:
+        return [default_out(run_dir, method, t) for t in targets]
+    if len(targets) == 1:
+        return [Path(out)]
+    return [Path(out) / target_name(t) for t in targets]
+
+
+def method_options(method: str, options: dict) -> dict:
+    """The options ``method`` takes, from those given (None = not given); refuses one it does not take."""
+    accepted = inspect.signature(METHODS[method]).parameters
+    given = {k: v for k, v in options.items() if v is not None}
+    unknown = sorted(set(given) - set(accepted))
+    if unknown:
+        names = ", ".join("--" + k.replace("_", "-") for k in unknown)
+        raise InfluenceError(f"{names} does not apply to --method {method}")
+    return given
+
+
+def score_targets(run_dir: str | Path, method: str, targets: list[str | None], **options) -> list[Scores]:
+    """Scores of the pool for each target (one pass over the pool's stores for ``less``)."""
+    options = method_options(method, options)
+    if method == "less":
+        return less_scores_many(run_dir, targets, **options)
+    return [METHODS[method](run_dir, target, **options) for target in targets]
+
+
+def rank_many(
+    run_dir: str | Path,
+    targets: list[str | None],
+    method: str = "less",
+    fraction: float = 0.05,
+    out: str | Path | None = None,
+    mode: str = "top",
+    band: tuple[float, float] = (0.25, 0.75),
+    threshold: float | None = None,
+    top_k: int | None = None,
+    **options,
+) -> dict[str | None, pd.DataFrame]:
+    """:func:`rank` for several targets at once: one output folder per target (see
+    :func:`output_folders`); returns each target's full ranking."""
+    if method not in METHODS:
+        raise InfluenceError(f"unknown method '{method}'; available: {', '.join(sorted(METHODS))}")
+    if method in TARGET_METHODS and not all(targets):
+        raise InfluenceError(f"method '{method}' needs --target")
+    named = [target_name(t) for t in targets if t]
+    if len(set(named)) < len(named):
+        raise InfluenceError("two of the targets have the same name; their output folders would collide")
+    if mode in ("top", "bottom") and top_k is None and not 0 < fraction <= 1:
+        raise InfluenceError(f"--fraction must be in (0, 1], got {fraction}")
+    run = Run(run_dir)
+    run.check_data_unchanged()
+    pool = load_pool(run.train_files)
+    folders = output_folders(run_dir, method, targets, out)
+    results = {}
+    for target, folder, scores in zip(targets, folders, score_targets(run_dir, method, targets, **options)):
+        table = ranking_table(scores, pool)
+        selected = select(table, mode, fraction, band, threshold, top_k)
+        selection = {"mode": mode, "fraction": fraction, "top_k": top_k, "band": list(band), "threshold": threshold}
+        write_outputs(folder, table, selected, pool, scores, selection)
+        results[target] = table
+    return results
 
 
 def rank(
@@ -122,24 +241,13 @@ def rank(
     mode: str = "top",
     band: tuple[float, float] = (0.25, 0.75),
     threshold: float | None = None,
-    **method_options,
+    top_k: int | None = None,
+    **options,
 ) -> pd.DataFrame:
     """Score the run's pool with ``method`` (for ``target`` where the method needs one), write the
-    outputs (see the module docstring) and return the full ranking. ``method_options`` go to the
-    scoring function (e.g. ``learned_threshold`` for ``forgetting``)."""
-    if method not in METHODS:
-        raise InfluenceError(f"unknown method '{method}'; available: {', '.join(sorted(METHODS))}")
-    if method in TARGET_METHODS and not target:
-        raise InfluenceError(f"method '{method}' needs --target")
-    run = Run(run_dir)
-    run.check_data_unchanged()
-    pool = load_pool(run.train_files)
-    scores = METHODS[method](run_dir, target, **method_options)
-    table = ranking_table(scores, pool)
-    selected = select(table, mode, fraction, band, threshold)
-    selection = {"mode": mode, "fraction": fraction, "band": list(band), "threshold": threshold}
-    write_outputs(Path(out) if out else default_out(run_dir, method, target), table, selected, pool, scores, selection)
-    return table
+    outputs (see the module docstring) and return the full ranking. ``options`` go to the scoring
+    function (e.g. ``learned_threshold`` for ``forgetting``, ``seed`` for ``random``, ``proj_dim``)."""
+    return rank_many(run_dir, [target], method, fraction, out, mode, band, threshold, top_k, **options)[target]
 
 
 def load_rankings(out: str | Path) -> pd.DataFrame:

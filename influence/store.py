@@ -4,8 +4,9 @@
 metadata; :class:`GradientStore` is its gradient layout, and per-example forward scores
 (:mod:`influence.scoring.forward`) use the same class with their own columns.
 
-Inside ``runs/x/grads.zarr``, group ``<dataset>/<checkpoint>`` (dataset ``train`` or
-``target-<name>``) holds:
+Inside ``runs/x/grads.zarr``, group ``dim<D>/<dataset>/<checkpoint>`` (``D`` the projected dimension;
+dataset ``train``, or ``target-<name>-<content hash>`` so that two target files with one name never
+share a store) holds:
 
 * ``grads``   (n, proj_dim) float16, chunked along examples: projected gradient features;
 * ``norms``   (n,) float32: L2 norm of the full, unprojected plain loss gradient (GraNd);
@@ -33,7 +34,10 @@ import zarr
 from .errors import InfluenceError, StoreMismatchError
 
 FORMAT = "influence-grads"
-FORMAT_VERSION = 1
+# 2: LESS's Adam feature m'/sqrt(v'+eps) (version 1 stored m'/(sqrt(v')+eps)); stores keyed by dimension
+# and target content. Stores of another version are refused on every read, never mixed.
+FORMAT_VERSION = 2
+TRAIN = "train"
 # Fields a gradient store's metadata must have; all of them must match for reuse or combination.
 METADATA_FIELDS = (
     "format",
@@ -42,6 +46,7 @@ METADATA_FIELDS = (
     "checkpoint",
     "adapter_sha256",
     "gradient_type",
+    "feature",
     "projector",
     "dtype",
     "dataset",
@@ -51,7 +56,7 @@ METADATA_FIELDS = (
     "chunk_size",
 )
 # Recorded for information only; never a reason to refuse a store.
-INFORMATIONAL_FIELDS = ("influence_version", "checkpoint_mean_lr")
+INFORMATIONAL_FIELDS = ("influence_version", "checkpoint_mean_lr", "target", "target_tasks")
 
 Columns = dict[str, tuple[tuple[int, ...], str]]  # name -> (shape after the example axis, dtype)
 
@@ -193,6 +198,19 @@ class GradientStore(ChunkedStore):
     required_fields = METADATA_FIELDS
 
     @classmethod
+    def open(cls, root, path):
+        """Open for reading; a store of another format version is refused with what to do."""
+        store = super().open(root, path)
+        found = store.metadata.get("format_version")
+        if store.metadata.get("format") != FORMAT or found != FORMAT_VERSION:
+            raise StoreMismatchError(
+                "format_version", FORMAT_VERSION, found,
+                f"{store.where} (written by an older influence with another gradient feature; "
+                "recompute with `influence project-grads --overwrite`)",
+            )
+        return store
+
+    @classmethod
     def open_or_create(cls, root, path, metadata, ids, tasks, overwrite=False):
         metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, **metadata}
         columns = {
@@ -222,9 +240,35 @@ def check_metadata(found: dict, expected: dict, where: str, fields: tuple[str, .
             raise StoreMismatchError(field, expected.get(field), found.get(field), where)
 
 
-def list_stores(root: str | Path, dataset: str) -> list[str]:
-    """Checkpoint names that have a store for ``dataset`` under ``root``."""
-    folder = Path(root, dataset)
+def grads_group(dim: int, dataset: str, checkpoint: str) -> str:
+    """Where the gradient store of (projected dimension, dataset, checkpoint) lives in ``grads.zarr``."""
+    return f"dim{dim}/{dataset}/{checkpoint}"
+
+
+def target_dataset(name: str, examples_sha256: str) -> str:
+    """Dataset name of a target: its short name plus a hash of its content (examples, tasks, ids)."""
+    return f"target-{name}-{examples_sha256[:12]}"
+
+
+def stored_dims(root: str | Path) -> list[int]:
+    """Projected dimensions that have gradient stores under ``root``. A store of the version-1
+    layout (``<dataset>/<checkpoint>`` at the top) is refused: its feature is not LESS's."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    legacy = [p.name for p in root.iterdir() if p.is_dir() and (p.name == TRAIN or p.name.startswith("target-"))]
+    if legacy:
+        raise StoreMismatchError(
+            "format_version", FORMAT_VERSION, 1,
+            f"{root}/{legacy[0]} (written by an older influence with another Adam feature; "
+            f"delete {root} or recompute with `influence project-grads --overwrite`)",
+        )
+    return sorted(int(p.name[3:]) for p in root.iterdir() if p.is_dir() and p.name.startswith("dim") and p.name[3:].isdigit())
+
+
+def stored_datasets(root: str | Path, dim: int, prefix: str = "") -> list[str]:
+    """Datasets with at least one gradient store of dimension ``dim`` whose name starts with ``prefix``."""
+    folder = Path(root, f"dim{dim}")
     if not folder.is_dir():
         return []
-    return sorted(p.name for p in folder.iterdir() if (p / "zarr.json").is_file())
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name.startswith(prefix))

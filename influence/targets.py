@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from .data import Example, load_examples
+from .data import Example, examples_sha256, load_examples
 from .errors import InfluenceError
+from .store import GradientStore, grads_group, stored_datasets, target_dataset
 
 MMLU_CHOICES = ("A", "B", "C", "D")
 
@@ -148,3 +149,56 @@ def load_target(target: str, tasks: list[str] | None = None) -> list[Example]:
             )
         examples = [e for e in examples if e.task in set(tasks)]
     return examples
+
+
+def target_store_name(target: str, tasks: list[str] | None = None) -> str:
+    """The dataset name under which ``project-grads`` stores this target's gradients: name + content hash."""
+    return target_dataset(target_name(target), examples_sha256(load_target(target, tasks)))
+
+
+def find_target_dataset(root: str | Path, dim: int, target: str, tasks: list[str] | None = None) -> str:
+    """The stored dataset holding exactly the current content of ``target`` (restricted to ``tasks``).
+
+    Without ``tasks``, a store made with ``project-grads --target-tasks`` is found as long as the
+    target's current content restricted to the stored subtasks is what was stored. A target file that
+    changed since ``project-grads`` (or another file with the same name) is refused, never scored
+    against another file's gradients.
+    """
+    name = target_name(target)
+    full = load_target(target)
+    stored = stored_datasets(root, dim, prefix=f"target-{name}-")
+    if tasks:
+        wanted = target_dataset(name, examples_sha256(load_target(target, tasks)))
+        if wanted in stored:
+            return wanted
+    else:
+        wanted = target_dataset(name, examples_sha256(full))
+        if wanted in stored:
+            return wanted
+        matches = []
+        for dataset in stored:
+            stored_tasks = _stored_target_tasks(root, dim, dataset)
+            subset = [e for e in full if stored_tasks is None or e.task in stored_tasks]
+            if subset and target_dataset(name, examples_sha256(subset)) == dataset:
+                matches.append((dataset, stored_tasks))
+        if len(matches) == 1:
+            return matches[0][0]
+        if len(matches) > 1:
+            options = "; ".join(",".join(t or ["all"]) for _, t in matches)
+            raise InfluenceError(f"target '{target}' has gradients for several subtask sets ({options}); "
+                                 "choose one with --target-tasks")
+    if stored:
+        raise InfluenceError(
+            f"target '{target}' changed since its gradients were computed (or another file named "
+            f"'{name}' was used): no stored gradients match its current content; run "
+            f"`influence project-grads --target {target}` again"
+        )
+    raise InfluenceError(f"no gradients of dimension {dim} for target '{target}'; run "
+                         f"`influence project-grads --target {target}` first")
+
+
+def _stored_target_tasks(root, dim: int, dataset: str) -> list[str] | None:
+    folder = Path(root, f"dim{dim}", dataset)
+    for checkpoint in sorted(p.name for p in folder.iterdir() if (p / "zarr.json").is_file()):
+        return GradientStore.open(root, grads_group(dim, dataset, checkpoint)).metadata.get("target_tasks")
+    return None

@@ -20,16 +20,31 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import Example, file_sha256, load_pool
-from .errors import RunError
+from .errors import InfluenceError, RunError
 from .losses import ResponseForward, forward_response
 from .models import LoraSettings, add_lora, choose_device, load_base_model, lora_parameters, model_fingerprint
 from .run import Run, package_versions, save_checkpoint, write_manifest
 from .templates import Encoded, collate, encode_example
 
+LOSS_WEIGHTINGS = ("micro_batch", "token")
+
 
 @dataclass
 class WarmupConfig:
-    """Warm-up settings; defaults follow LESS (4 epochs, lr 2e-5 linear, 3% warm-up, 5% of the pool)."""
+    """Warm-up settings; defaults are LESS's: ``less/scripts/train/base_training_args.sh`` on top of the
+    Hugging Face Trainer defaults of the version LESS pins (transformers 4.36.2).
+
+    LESS's flags: 4 epochs, lr 2e-5, linear schedule, 3% warm-up, weight decay 0, AdamW (torch),
+    batch 1 x 32 accumulation, LoRA r=128/alpha=512/dropout 0.1 on q/k/v/o, 5% of the pool. Trainer
+    defaults: betas (0.9, 0.999), eps 1e-8, gradient-norm clipping at ``max_grad_norm = 1.0``, warm-up
+    steps ``ceil(ratio * total)``, and, under accumulation, each forward pass's mean token loss divided
+    by the accumulation steps (``loss_weighting = "micro_batch"``: with batch 1 every example weighs the
+    same; ``"token"`` weighs every response token of the step the same, as transformers >= 4.46 does).
+
+    Deliberate differences: an optimizer step is also taken on the last, partial accumulation window
+    of an epoch (transformers 4.36 carries it over into the next epoch), so each per-epoch checkpoint
+    holds exactly that epoch's updates; we train in fp32 by default (``bf16`` autocasts the forward).
+    """
 
     model: str
     train_files: list[str]
@@ -44,8 +59,31 @@ class WarmupConfig:
     max_length: int = 2048
     seed: int = 0
     weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0 turns clipping off
+    loss_weighting: str = "micro_batch"
     bf16: bool = False
     track_all: bool = False  # evaluate the whole pool after every epoch (forgetting on every example)
+
+    def check(self) -> None:
+        """Refuse out-of-range settings before any work, naming the option."""
+        problems = []
+        if not 0 < self.fraction <= 1:
+            problems.append(f"--fraction must be in (0, 1], got {self.fraction}")
+        for name, value in (("epochs", self.epochs), ("batch-size", self.batch_size),
+                            ("grad-accum", self.grad_accum), ("max-length", self.max_length)):
+            if value < 1:
+                problems.append(f"--{name} must be at least 1, got {value}")
+        if not self.learning_rate > 0:
+            problems.append(f"--lr must be positive, got {self.learning_rate}")
+        if not 0 <= self.warmup_ratio < 1:
+            problems.append(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            problems.append("--weight-decay and --max-grad-norm must not be negative")
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            problems.append(f"--loss-weighting must be one of {', '.join(LOSS_WEIGHTINGS)}, got {self.loss_weighting!r}")
+        problems += self.lora.problems()
+        if problems:
+            raise InfluenceError("invalid warm-up settings: " + "; ".join(problems))
 
 
 def sample_fraction(n: int, fraction: float, seed: int) -> np.ndarray:
@@ -60,6 +98,16 @@ def encode_all(examples: list[Example], tokenizer, max_length: int) -> tuple[lis
     """Encode examples; returns the encodings and how many were truncated."""
     encoded = [encode_example(e, tokenizer, max_length) for e in examples]
     return encoded, sum(e.truncated for e in encoded)
+
+
+def step_loss(forward: ResponseForward, step_tokens: int, config: WarmupConfig) -> torch.Tensor:
+    """This forward pass's share of the optimizer step's loss (see ``WarmupConfig.loss_weighting``)."""
+    if config.loss_weighting == "token":
+        return (forward.losses * forward.counts).sum() / max(step_tokens, 1)
+    # Trainer 4.36: the model's loss is the mean over the pass's response tokens; accelerate divides
+    # it by the accumulation steps.
+    mean = (forward.losses * forward.counts).sum() / forward.counts.sum().clamp(min=1)
+    return mean / config.grad_accum
 
 
 def token_accuracy(forward: ResponseForward) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,6 +181,7 @@ def warmup(config: WarmupConfig, progress: bool = True, resume: bool = False) ->
     continues after its last complete checkpoint (adapter, Adam state, scheduler, RNG and dynamics are
     restored, so the result equals an uninterrupted run).
     """
+    config.check()
     out = Path(config.out)
     previous = None
     if (out / "manifest.json").exists():
@@ -209,8 +258,13 @@ def warmup(config: WarmupConfig, progress: bool = True, resume: bool = False) ->
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
                     forward = forward_response(model, batch)
                 losses = forward.losses
-                # token-weighted mean over the whole optimizer step, as a Trainer would compute it
-                (losses * forward.counts).sum().div(max(n_tokens, 1)).backward()
+                if not torch.isfinite(losses).all():
+                    raise RunError(
+                        f"{out}: the training loss became non-finite at epoch {epoch}, step {step + 1} "
+                        f"(learning rate {optimizer.param_groups[0]['lr']:.3g}); the adapters would be "
+                        "NaN. Lower --lr, or check the data; nothing after the last checkpoint was kept"
+                    )
+                step_loss(forward, n_tokens, config).backward()
                 with torch.no_grad():
                     accuracy, exact = token_accuracy(forward)
                 del forward
@@ -227,6 +281,8 @@ def warmup(config: WarmupConfig, progress: bool = True, resume: bool = False) ->
                         }
                     )
             epoch_lrs.append(optimizer.param_groups[0]["lr"])
+            if config.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(list(params), config.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

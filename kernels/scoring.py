@@ -4,14 +4,18 @@
 (``blocks``: checkpoints x rows x dim) and returns, for each row,
 
 * ``per_task[r, s] = sum_c w_c * (x_cr/|x_cr|) . means[c, s]`` and
-* ``score[r]       = sum_c w_c * max_s (x_cr/|x_cr|) . means[c, s]``,
+* ``score[r]       = max_s per_task[r, s]``,
 
 where ``means[c, s]`` is the mean of subtask ``s``'s *unit-normalised* target gradients at checkpoint
 ``c``. Because the mean of cosines over a subtask's examples equals the dot product with the mean of
 their unit vectors, ``mean_j cos(x, t_j) = (x/|x|) . mean_j (t_j/|t_j|)``, the train x target
-similarity matrix is never formed: memory is one block times the number of subtasks. The Triton
-kernel does the normalisation, the products, the max over subtasks and the weighted sum over
-checkpoints in one pass over the block; the torch path computes the same numbers.
+similarity matrix is never formed: memory is one block times the number of subtasks.
+
+The order is LESS's (``matching.py``): the checkpoint-weighted sum of the cosine matrices first, then
+the mean over each subtask's examples, then the max over subtasks. (The mean commutes with the
+weighted sum; the max does not, so it comes last.) The Triton kernel does the normalisation, the
+products, the weighted sum over checkpoints and the final max in one pass over the block; the torch
+path computes the same numbers.
 :class:`RunningTopK` keeps the best rows seen so far, so a ranking's head needs memory independent of
 the pool size.
 """
@@ -40,12 +44,9 @@ def score_block_torch(blocks: torch.Tensor, means: torch.Tensor, weights: torch.
     """Torch path of :func:`score_block`."""
     n_rows, n_tasks = blocks.shape[1], means.shape[1]
     per_task = torch.zeros((n_rows, n_tasks), dtype=torch.float32, device=blocks.device)
-    score = torch.zeros(n_rows, dtype=torch.float32, device=blocks.device)
     for block, mean, weight in zip(blocks, means, weights.tolist()):
-        cos = unit_rows(block) @ mean.float().T
-        per_task.add_(cos, alpha=weight)
-        score.add_(cos.max(dim=1).values, alpha=weight)
-    return per_task, score
+        per_task.add_(unit_rows(block) @ mean.float().T, alpha=weight)
+    return per_task, per_task.max(dim=1).values
 
 
 try:
@@ -68,7 +69,7 @@ if HAVE_TRITON:
         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
     ):
         """For a tile of rows, at every checkpoint: squared norms and dots with every subtask mean,
-        cosine = dot / norm, max over subtasks; both accumulated with the checkpoint's weight.
+        cosine = dot / norm, accumulated with the checkpoint's weight; then the max over subtasks.
         Nothing of size rows x dim is written."""
         pid = tl.program_id(0)
         rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -76,7 +77,6 @@ if HAVE_TRITON:
         row_ok = rows < n_rows
         task_ok = tasks < n_tasks
         per_task = tl.zeros((BLOCK_R, BLOCK_S), dtype=tl.float32)
-        score = tl.zeros((BLOCK_R,), dtype=tl.float32)
         for c in range(0, n_checkpoints):
             acc = tl.zeros((BLOCK_R, BLOCK_S), dtype=tl.float32)
             sq = tl.zeros((BLOCK_R,), dtype=tl.float32)
@@ -92,7 +92,7 @@ if HAVE_TRITON:
             cos = acc / tl.maximum(tl.sqrt(sq), eps)[:, None]
             weight = tl.load(weights_ptr + c)
             per_task += weight * cos
-            score += weight * tl.max(tl.where(task_ok[None, :], cos, float("-inf")), axis=1)
+        score = tl.max(tl.where(task_ok[None, :], per_task, float("-inf")), axis=1)
         tl.store(per_task_ptr + rows[:, None] * stride_o + tasks[None, :], per_task, mask=row_ok[:, None] & task_ok[None, :])
         tl.store(score_ptr + rows, score, mask=row_ok)
 
@@ -124,7 +124,7 @@ def score_block_triton(blocks: torch.Tensor, means: torch.Tensor, weights: torch
 
 def score_block(blocks: torch.Tensor, means: torch.Tensor, weights: torch.Tensor,
                 backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
-    """(weighted per-subtask mean cosines (rows, S), weighted max over subtasks (rows,)), fp32.
+    """(checkpoint-weighted per-subtask mean cosines (rows, S), their max over subtasks (rows,)), fp32.
 
     ``blocks``: (checkpoints, rows, dim) stored features, any float dtype; ``means``: (checkpoints,
     S, dim) from :func:`subtask_means`; ``weights``: (checkpoints,) checkpoint weights.

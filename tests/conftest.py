@@ -5,6 +5,8 @@ import pytest
 import torch
 
 from influence.models import LoraSettings, add_lora, build_tiny_llama
+from influence.store import grads_group
+from influence.targets import target_store_name
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -90,4 +92,9 @@ def tiny_run(tmp_path_factory):
     warmup(config, progress=False)
     target = make_target_file(folder)
     project_grads(config.out, target, proj_dim=64, seed=0, batch_size=4, chunk_size=5, progress=False)
-    return {"run": config.out, "target": target, "folder": folder}
+    return {"run": config.out, "target": target, "folder": folder, "target_dataset": target_store_name(target)}
+
+
+def group(dataset: str, checkpoint: str, dim: int = 64) -> str:
+    """A gradient store's path inside grads.zarr (the tiny run projects to 64 dimensions)."""
+    return grads_group(dim, dataset, checkpoint)

@@ -1,4 +1,5 @@
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -21,7 +22,7 @@ def test_end_to_end_cli(tmp_path, pool_files):
     result = runner.invoke(main, ["project-grads", "--run", str(run), "--target", "mmlu_val",
                                   "--target-tasks", "anatomy,astronomy", "--proj-dim", "32", "--chunk-size", "8"])
     assert result.exit_code == 0, result.output
-    assert "target-mmlu_val epoch-2: 10 examples" in result.output
+    assert re.search(r"target-mmlu_val-[0-9a-f]{12} epoch-2: 10 examples", result.output)
     out = tmp_path / "sel"
     result = runner.invoke(main, ["rank", "--run", str(run), "--target", "mmlu_val", "--fraction", "0.25",
                                   "--out", str(out), "--show", "2"])

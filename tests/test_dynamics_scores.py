@@ -13,7 +13,7 @@ from influence.selection import select
 from influence.store import ChunkedStore, GradientStore
 from influence.training import WarmupConfig, warmup
 
-from .conftest import write_jsonl
+from .conftest import group, write_jsonl
 
 
 @pytest.mark.parametrize(
@@ -46,6 +46,8 @@ def test_forgetting_table_prefers_whole_pool_evaluations():
     assert soft["unforgettable"].all()
 
 
+DIM = 16
+
 @pytest.fixture(scope="module")
 def memorised_run(tmp_path_factory):
     """Known ordering by construction: half of the responses are 'aaaaaaaaaaaa', half random letters.
@@ -63,7 +65,7 @@ def memorised_run(tmp_path_factory):
                           grad_accum=1, max_length=64, seed=0, track_all=True)
     run = warmup(config, progress=False)
     compute_forward_scores(run.path, batch_size=4, chunk_size=5, progress=False)
-    project_grads(run.path, None, proj_dim=16, chunk_size=5, progress=False)
+    project_grads(run.path, None, proj_dim=DIM, chunk_size=5, progress=False)
     easy = np.array([i % 2 == 0 for i in range(12)])
     return run.path, easy
 
@@ -77,7 +79,7 @@ def test_forward_scores_are_consistent(memorised_run):
     run = Run(run_dir)
     for checkpoint in run.checkpoints():
         forward = ChunkedStore.open(run.store_path, f"forward-train/{checkpoint.name}")
-        grads = GradientStore.open(run.store_path, f"train/{checkpoint.name}")
+        grads = GradientStore.open(run.store_path, group("train", checkpoint.name, DIM))
         assert forward.complete and forward.array("finite").all()
         # the scoring pass and the gradient pass compute the same response loss
         np.testing.assert_allclose(forward.array("nll"), grads.array("loss"), rtol=1e-4, atol=1e-5)

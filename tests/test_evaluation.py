@@ -76,4 +76,4 @@ def test_rank_forgetting_with_learned_threshold(tiny_run, tmp_path):
     assert summary["n_unscorable"] == 23 - 12
     assert "11 example(s) could not be scored" in result.output
     result = runner.invoke(main, ["rank", "--run", tiny_run["run"], "--method", "nll", "--learned-threshold", "0.5"])
-    assert result.exit_code == 2 and "forgetting only" in result.output
+    assert result.exit_code == 2 and "--learned-threshold does not apply to --method nll" in result.output

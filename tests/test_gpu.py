@@ -19,6 +19,7 @@ from influence.run import Run
 from influence.scoring import less_scores
 from influence.store import GradientStore
 
+from .conftest import group
 from .test_store import _copy_run
 
 DEVICE = os.environ.get("INFLUENCE_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "")
@@ -71,8 +72,8 @@ def test_store_written_on_device_matches_cpu(tiny_run, tmp_path, monkeypatch):
         runs[len(runs)] = run_dir
     monkeypatch.delenv("INFLUENCE_PROJECTOR")
     for checkpoint in Run(runs[0]).checkpoints():
-        for dataset in ("train", "target-tgt"):
-            a, b = (GradientStore.open(Run(runs[i]).store_path, f"{dataset}/{checkpoint.name}") for i in (0, 1))
+        for dataset in ("train", tiny_run["target_dataset"]):
+            a, b = (GradientStore.open(Run(runs[i]).store_path, group(dataset, checkpoint.name)) for i in (0, 1))
             x, y = a.array("grads").astype(np.float64), b.array("grads").astype(np.float64)
             cosine = (x * y).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))
             assert cosine.min() > 0.999, (dataset, checkpoint.name, cosine.min())

@@ -62,14 +62,19 @@ def test_hooks_do_not_leak_parameter_gradients(tiny_lora):
     hooks.remove()
 
 
-def test_adam_preconditioning_formula():
+def test_adam_preconditioning_is_less_formula():
+    """LESS's obtain_gradients_with_adam: m' / sqrt(v' + eps), eps inside the root. At LoRA-like
+    magnitudes (v' far below eps) that differs from m' / (sqrt(v') + eps) by far more than rounding."""
     rng = np.random.default_rng(0)
-    g, m, v = rng.normal(size=(3, 10)), rng.normal(size=10), rng.uniform(0, 1, size=10)
-    b1, b2, eps = 0.8, 0.95, 1e-6
+    g, m = rng.normal(scale=1e-5, size=(3, 10)), rng.normal(scale=1e-5, size=10)
+    v = rng.uniform(0, 1e-10, size=10)
+    b1, b2, eps = 0.9, 0.999, 1e-8
     feature = AdamPreconditioner(torch.tensor(m), torch.tensor(v), b1, b2, eps)(torch.tensor(g)).numpy()
     m2 = b1 * m + (1 - b1) * g
     v2 = b2 * v + (1 - b2) * g**2
-    np.testing.assert_allclose(feature, m2 / (np.sqrt(v2) + eps), rtol=1e-12)
+    np.testing.assert_allclose(feature, m2 / np.sqrt(v2 + eps), rtol=1e-12)
+    other = m2 / (np.sqrt(v2) + eps)
+    assert np.abs(feature - other).max() > 0.1 * np.abs(other).max()
 
 
 def test_flatten_follows_gradient_order(tiny_lora):

@@ -10,31 +10,31 @@ from influence.run import Run
 from influence.scoring import less_scores, less_top_k
 from influence.store import GradientStore
 
+from .conftest import group
 from .test_store import _copy_run
 
 
 def _direct_less(run_dir, target_group):
-    """LESS from the stored gradients with plain numpy: full cosine matrix, mean, max, weighted sum."""
+    """LESS from the stored gradients with plain numpy, in matching.py's order: weighted sum of the full
+    cosine matrices over checkpoints, then the mean over each subtask, then the max."""
     run = Run(run_dir)
     lrs = np.array([c.mean_lr for c in run.checkpoints()])
     weights = lrs / lrs.sum()
-    total, per_task = 0, 0
+    influence = 0
     for c, w in zip(run.checkpoints(), weights):
-        x = GradientStore.open(run.store_path, f"train/{c.name}").array("grads").astype(np.float64)
-        t_store = GradientStore.open(run.store_path, f"{target_group}/{c.name}")
+        x = GradientStore.open(run.store_path, group("train", c.name)).array("grads").astype(np.float64)
+        t_store = GradientStore.open(run.store_path, group(target_group, c.name))
         t = t_store.array("grads").astype(np.float64)
         tasks = np.array(t_store.tasks)
-        cos = (x / np.linalg.norm(x, axis=1, keepdims=True)) @ (t / np.linalg.norm(t, axis=1, keepdims=True)).T
-        names = sorted(set(tasks))
-        means = np.stack([cos[:, tasks == name].mean(axis=1) for name in names], axis=1)
-        total = total + w * means.max(axis=1)
-        per_task = per_task + w * means
-    return total, per_task, names
+        influence = influence + w * (x / np.linalg.norm(x, axis=1, keepdims=True)) @ (t / np.linalg.norm(t, axis=1, keepdims=True)).T
+    names = sorted(set(tasks))
+    per_task = np.stack([influence[:, tasks == name].mean(axis=1) for name in names], axis=1)
+    return per_task.max(axis=1), per_task, names
 
 
 def test_less_matches_direct_numpy(tiny_run):
     scores = less_scores(tiny_run["run"], tiny_run["target"], rows_per_block=3)
-    expected, per_task, names = _direct_less(tiny_run["run"], "target-tgt")
+    expected, per_task, names = _direct_less(tiny_run["run"], tiny_run["target_dataset"])
     assert scores.task_names == names == ["math", "words"]
     np.testing.assert_allclose(scores.score, expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(scores.per_task, per_task, rtol=1e-5, atol=1e-6)
@@ -79,11 +79,11 @@ def test_refuses_target_with_other_projector(tiny_run, tmp_path):
 def test_refuses_target_from_another_adapter(tiny_run, tmp_path):
     run_dir = _copy_run(tiny_run, tmp_path, "adapter")
     project_grads(run_dir, tiny_run["target"], proj_dim=64, chunk_size=5, progress=False)
-    group = zarr.open_group(str(run_dir / "grads.zarr"), path="target-tgt/epoch-2", mode="a")
-    group.attrs["adapter_sha256"] = "f" * 64
+    path = group(tiny_run["target_dataset"], "epoch-2")
+    zarr.open_group(str(run_dir / "grads.zarr"), path=path, mode="a").attrs["adapter_sha256"] = "f" * 64
     with pytest.raises(StoreMismatchError) as info:
         less_scores(run_dir, tiny_run["target"])
-    assert info.value.field == "adapter_sha256" and "target-tgt/epoch-2" in str(info.value)
+    assert info.value.field == "adapter_sha256" and path in str(info.value)
 
 
 def test_missing_target_store_says_what_to_run(tiny_run):
@@ -109,9 +109,9 @@ for checkpoints, rows, dim, tasks in ((2, 37, 200, 3), (1, 5, 64, 20), (3, 40, 9
     # against the definition: cosines with every target, mean per subtask, max, weighted sum
     cos = torch.nn.functional.cosine_similarity(blocks.float()[:, :, None], targets[:, None], dim=-1, eps=1e-12)
     per_task = torch.stack([cos[..., torch.arange(n_targets) % tasks == s].mean(-1) for s in range(tasks)], -1)
-    expected = (weights[:, None] * per_task.max(-1).values).sum(0)
-    torch.testing.assert_close(b_score, expected, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(b_task, (weights[:, None, None] * per_task).sum(0), rtol=1e-4, atol=1e-5)
+    weighted = (weights[:, None, None] * per_task).sum(0)  # LESS: checkpoint sum, then max over subtasks
+    torch.testing.assert_close(b_score, weighted.max(-1).values, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(b_task, weighted, rtol=1e-4, atol=1e-5)
 print("ok")
 """
 

@@ -21,7 +21,7 @@ def test_notebook_runs_on_a_tiny_run(tiny_run, tmp_path, monkeypatch):
         for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs
     )
     assert "=== math: top 5" in outputs and "=== words: bottom 5" in outputs
-    assert "5 selected" in outputs  # 23 examples x 0.2, rounded up
+    assert "4 selected" in outputs  # floor(23 examples x 0.2), as LESS counts --percentage
     assert any(o.get("data", {}).get("image/png") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
 
 

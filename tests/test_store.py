@@ -10,6 +10,8 @@ from influence.projection import Projector
 from influence.run import Run
 from influence.store import GradientStore
 
+from .conftest import group
+
 
 def _copy_run(tiny_run, tmp_path, name):
     dest = tmp_path / name
@@ -19,7 +21,7 @@ def _copy_run(tiny_run, tmp_path, name):
 
 def test_store_contents_and_metadata(tiny_run):
     run = Run(tiny_run["run"])
-    store = GradientStore.open(run.store_path, "train/epoch-1")
+    store = GradientStore.open(run.store_path, group("train", "epoch-1"))
     m = store.metadata
     assert m["gradient_type"] == "adam" and m["dtype"] == "float16" and m["projector"]["output_dim"] == 64
     assert m["checkpoint"] == "epoch-1" and m["adapter_sha256"] == run.checkpoints()[0].adapter_sha256()
@@ -29,9 +31,9 @@ def test_store_contents_and_metadata(tiny_run):
     assert store.complete and store.array("finite").all()
     assert (store.array("norms") > 0).all() and (store.array("n_tokens") > 0).all()
     assert store.ids[0] == "chat.jsonl#0" and store.ids[-1] == "p3.jsonl#8"
-    target = GradientStore.open(run.store_path, "target-tgt/epoch-1")
+    target = GradientStore.open(run.store_path, group(tiny_run["target_dataset"], "epoch-1"))
     assert target.metadata["gradient_type"] == "sgd" and set(target.tasks) == {"math", "words"}
-    assert zarr.open_array(str(run.store_path / "train" / "epoch-1" / "grads")).chunks == (5, 64)
+    assert zarr.open_array(str(run.store_path / "dim64" / "train" / "epoch-1" / "grads")).chunks == (5, 64)
 
 
 def test_resume_after_crash_is_identical(tiny_run, tmp_path, monkeypatch):
@@ -48,7 +50,7 @@ def test_resume_after_crash_is_identical(tiny_run, tmp_path, monkeypatch):
     monkeypatch.setattr(Projector, "project", flaky)
     with pytest.raises(KeyboardInterrupt):
         project_grads(crashed, tiny_run["target"], proj_dim=64, batch_size=4, chunk_size=5, progress=False)
-    store = GradientStore.open(crashed / "grads.zarr", "train/epoch-1")
+    store = GradientStore.open(crashed / "grads.zarr", group("train", "epoch-1"))
     assert 0 < len(store.pending_chunks()) < store.n_chunks
     with pytest.raises(InfluenceError, match="incomplete"):
         next(store.iter_chunks())
@@ -56,11 +58,11 @@ def test_resume_after_crash_is_identical(tiny_run, tmp_path, monkeypatch):
     reports = project_grads(crashed, tiny_run["target"], proj_dim=64, batch_size=4, chunk_size=5, progress=False)
     assert reports[0].resumed_chunks > 0
     reference = Run(tiny_run["run"]).store_path
-    for group in ("train/epoch-1", "train/epoch-2", "target-tgt/epoch-1", "target-tgt/epoch-2"):
+    for path in [group(d, c) for d in ("train", tiny_run["target_dataset"]) for c in ("epoch-1", "epoch-2")]:
         for array in ("grads", "norms", "loss", "n_tokens", "finite"):
-            a = GradientStore.open(crashed / "grads.zarr", group).array(array)
-            b = GradientStore.open(reference, group).array(array)
-            np.testing.assert_array_equal(a, b, err_msg=f"{group}/{array}")
+            a = GradientStore.open(crashed / "grads.zarr", path).array(array)
+            b = GradientStore.open(reference, path).array(array)
+            np.testing.assert_array_equal(a, b, err_msg=f"{path}/{array}")
 
 
 def test_projection_buffer_size_does_not_change_the_store(tiny_run, tmp_path, monkeypatch):
@@ -78,17 +80,17 @@ def test_projection_buffer_size_does_not_change_the_store(tiny_run, tmp_path, mo
     monkeypatch.setattr(influence.collect, "PROJECTION_BUFFER_BYTES", 1)
     per_batch = _copy_run(tiny_run, tmp_path, "per-batch")
     project_grads(per_batch, tiny_run["target"], proj_dim=64, batch_size=4, chunk_size=5, progress=False)
-    train = GradientStore.open(per_batch / "grads.zarr", "train/epoch-1")
+    train = GradientStore.open(per_batch / "grads.zarr", group("train", "epoch-1"))
     assert calls["n"] > 2 * 2 * train.n_chunks  # two batches per chunk of 5, two checkpoints, plus targets
-    for group in ("train/epoch-1", "target-tgt/epoch-2"):
-        a = GradientStore.open(per_batch / "grads.zarr", group).array("grads").astype(np.float32)
-        b = GradientStore.open(Run(tiny_run["run"]).store_path, group).array("grads").astype(np.float32)
-        np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-4, err_msg=group)
+    for path in (group("train", "epoch-1"), group(tiny_run["target_dataset"], "epoch-2")):
+        a = GradientStore.open(per_batch / "grads.zarr", path).array("grads").astype(np.float32)
+        b = GradientStore.open(Run(tiny_run["run"]).store_path, path).array("grads").astype(np.float32)
+        np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-4, err_msg=path)
 
 
 @pytest.mark.parametrize(
     "kwargs,field",
-    [({"proj_dim": 32}, "projector"), ({"proj_dim": 64, "seed": 7}, "projector"), ({"proj_dim": 64, "chunk_size": 4}, "chunk_size")],
+    [({"proj_dim": 64, "seed": 7}, "projector"), ({"proj_dim": 64, "chunk_size": 4}, "chunk_size")],
 )
 def test_reopening_with_other_settings_is_refused(tiny_run, kwargs, field):
     with pytest.raises(StoreMismatchError) as info:
@@ -99,12 +101,25 @@ def test_reopening_with_other_settings_is_refused(tiny_run, kwargs, field):
 def test_overwrite_replaces_incompatible_store(tiny_run, tmp_path):
     run_dir = _copy_run(tiny_run, tmp_path, "over")
     project_grads(run_dir, None, proj_dim=64, chunk_size=5, progress=False)
-    project_grads(run_dir, None, proj_dim=32, chunk_size=5, overwrite=True, progress=False)
-    assert GradientStore.open(run_dir / "grads.zarr", "train/epoch-1").array("grads").shape == (23, 32)
+    project_grads(run_dir, None, proj_dim=64, seed=7, chunk_size=5, overwrite=True, progress=False)
+    assert GradientStore.open(run_dir / "grads.zarr", group("train", "epoch-1")).metadata["projector"]["seed"] == 7
+
+
+def test_several_dimensions_in_one_pass_equal_separate_passes(tiny_run, tmp_path):
+    run_dir = _copy_run(tiny_run, tmp_path, "dims")
+    project_grads(run_dir, tiny_run["target"], proj_dim=[32, 64], batch_size=4, chunk_size=5, progress=False)
+    single = _copy_run(tiny_run, tmp_path, "dim32")
+    project_grads(single, tiny_run["target"], proj_dim=32, batch_size=4, chunk_size=5, progress=False)
+    for dim, reference in ((64, Run(tiny_run["run"]).store_path), (32, single / "grads.zarr")):
+        for dataset in ("train", tiny_run["target_dataset"]):
+            path = group(dataset, "epoch-2", dim)
+            a = GradientStore.open(run_dir / "grads.zarr", path)
+            assert a.metadata["projector"]["output_dim"] == dim
+            np.testing.assert_array_equal(a.array("grads"), GradientStore.open(reference, path).array("grads"))
 
 
 def test_nonfinite_rows_are_flagged(tmp_path):
-    meta = {"model": "m", "checkpoint": "c", "adapter_sha256": "h", "gradient_type": "sgd",
+    meta = {"model": "m", "checkpoint": "c", "adapter_sha256": "h", "gradient_type": "sgd", "feature": "g",
             "projector": {"output_dim": 3}, "dtype": "float16", "dataset": "d", "n_examples": 4,
             "examples_sha256": "x", "max_length": 8, "chunk_size": 2}
     store = GradientStore.open_or_create(tmp_path / "s.zarr", "d/c", meta, ["a", "b", "c", "d"], [""] * 4)

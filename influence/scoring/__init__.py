@@ -5,6 +5,8 @@ the top, the bottom, a middle band or a threshold of that order. Each method doc
 score means, its sign and its scale (``Scores.description``, written to ``summary.json``).
 
 * ``less`` (needs a target): gradient cosine influence, higher = more helpful for the target;
+* LESS's baselines: ``random``; ``bm25``, ``dsir`` (lexical, need a target); ``rds`` (last-token
+  representation cosine, needs a target);
 * ``grand``, ``forgetting``: training dynamics, higher = harder / more important;
 * ``nll``, ``ppl``, ``nll_full``, ``el2n``, ``entropy``, ``least_confidence``, ``mean_margin``,
   ``min_margin``, ``ifd``: one forward pass per example per checkpoint (see ``forward``).
@@ -15,16 +17,22 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .base import Scores
+from .baselines import bm25_scores, dsir_scores, random_scores
 from .dynamics import forgetting_scores, grand_scores
 from .forward import METRICS, forward_score
-from .less import less_scores, less_top_k
+from .less import less_scores, less_scores_many, less_top_k
+from .rds import rds_scores
 
 METHODS: dict[str, Callable[..., Scores]] = {
     "less": less_scores,
+    "random": random_scores,
+    "bm25": bm25_scores,
+    "dsir": dsir_scores,
+    "rds": rds_scores,
     "grand": grand_scores,
     "forgetting": forgetting_scores,
     **{metric: forward_score(metric) for metric in METRICS},
 }
-TARGET_METHODS = {"less"}
+TARGET_METHODS = {"less", "bm25", "dsir", "rds"}
 
-__all__ = ["METHODS", "TARGET_METHODS", "Scores", "less_scores", "less_top_k", "grand_scores", "forgetting_scores"]
+__all__ = ["METHODS", "TARGET_METHODS", "Scores", "less_scores", "less_top_k", "less_scores_many", "grand_scores", "forgetting_scores"]

@@ -24,3 +24,4 @@ class Scores:
     task_names: list[str] = field(default_factory=list)
     finite: np.ndarray | None = None
     details: dict = field(default_factory=dict)
+    columns: dict[str, np.ndarray] = field(default_factory=dict)

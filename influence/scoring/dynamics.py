@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..collect import TRAIN
 from ..data import load_pool
 from ..errors import InfluenceError
 from ..run import Run
+from ..store import TRAIN
 from .base import Scores
-from .less import open_checkpoint_stores
+from .less import open_checkpoint_stores, resolve_dim
 
 
 def count_forgetting(learned: list[bool] | np.ndarray) -> int:
@@ -76,11 +76,9 @@ def forgetting_scores(run_dir: str | Path, target: str | None = None, learned_th
     )
 
 
-def grand_scores(run_dir: str | Path, target: str | None = None) -> Scores:
+def grand_scores(run_dir: str | Path, target: str | None = None, proj_dim: int | None = None) -> Scores:
     run = Run(run_dir)
-    stores = open_checkpoint_stores(run, TRAIN)
-    for store in stores:
-        store.require_complete()
+    stores = open_checkpoint_stores(run, TRAIN, resolve_dim(run, proj_dim, any_dim=True))
     norms = np.stack([s.array("norms").astype(np.float64) for s in stores])
     finite = np.logical_and.reduce([s.array("finite") for s in stores])
     score = np.where(finite, norms.mean(axis=0), np.nan)

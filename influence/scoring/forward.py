@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .. import __version__
 from ..data import Example, examples_sha256, load_pool
@@ -38,6 +37,7 @@ from ..models import choose_device, load_adapter, load_base_model, model_fingerp
 from ..run import Run
 from ..store import ChunkedStore
 from ..templates import IGNORE_INDEX, Encoded, collate, encode_example
+from ..units import fill_pending
 from .base import Scores
 
 MEANING = {
@@ -144,25 +144,16 @@ def compute_forward_scores(
         if encoded is None:
             encoded = [encode_example(e, tokenizer, run.max_length) for e in pool]
         start_token = start_token_id(tokenizer)
-        pending = store.pending_chunks()
-        todo = sum(stop - start for start, stop in map(store.chunk_bounds, pending))
-        bar = tqdm(total=todo, desc=f"forward scores {checkpoint.name}", unit="ex", disable=not progress)
-        for index in pending:
-            start, stop = store.chunk_bounds(index)
-            values = {m: np.zeros(stop - start, dtype=np.float32) for m in METRICS}
-            for b in range(start, stop, batch_size):
-                part = encoded[b : min(b + batch_size, stop)]
-                batch = {k: v.to(device) for k, v in collate(part, tokenizer.pad_token_id).items()}
-                metrics = token_metrics(model, batch)
-                alone = {k: v.to(device) for k, v in collate([response_alone(e, start_token) for e in part],
-                                                             tokenizer.pad_token_id).items()}
-                nll_alone = token_metrics(model, alone)["nll"]
-                metrics["ifd"] = metrics["nll"] / nll_alone.clamp(min=1e-8)
-                for m in METRICS:
-                    values[m][b - start : b - start + len(part)] = metrics[m].cpu().numpy()
-                bar.update(len(part))
-            store.write_columns(index, **values)
-        bar.close()
+
+        def compute(batch, part, model=model, start_token=start_token):
+            metrics = token_metrics(model, batch)
+            alone = {k: v.to(device) for k, v in collate([response_alone(e, start_token) for e in part],
+                                                         tokenizer.pad_token_id).items()}
+            metrics["ifd"] = metrics["nll"] / token_metrics(model, alone)["nll"].clamp(min=1e-8)
+            return metrics
+
+        fill_pending(store, encoded, tokenizer.pad_token_id, batch_size, device, compute,
+                     f"forward scores {checkpoint.name}", progress)
         del model, base
     return written
 

@@ -1,11 +1,13 @@
 """LESS influence (Xia et al., 2024): cosine similarity of Adam-preconditioned training gradients to
 target gradients, at every warm-up checkpoint.
 
-For training example ``x`` and checkpoint ``c`` with normalised mean learning rate ``w_c``
-(``w_c = lr_c / sum lr``)::
+For training example ``x``, checkpoint ``c`` with normalised mean learning rate ``w_c``
+(``w_c = lr_c / sum lr``) and target subtask ``s``, in the order of LESS's ``matching.py`` (the
+weighted sum of the train x target cosine matrices first, then the mean over each subtask's
+examples, then the max over subtasks)::
 
-    task_score(x, s) = sum_c w_c * mean_{t in subtask s} cos(g_c(x), g_c(t))
-    score(x)         = sum_c w_c * max_s mean_{t in s} cos(g_c(x), g_c(t))
+    task_score(x, s) = mean_{t in s} sum_c w_c cos(g_c(x), g_c(t))
+    score(x)         = max_s task_score(x, s)
 
 Sign and scale: cosines lie in [-1, 1] and the weights sum to 1, so scores lie in [-1, 1]. Positive
 means a gradient step on ``x`` points the same way as one on the target (a first-order estimate
@@ -23,11 +25,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..collect import TRAIN, target_dataset
 from ..errors import InfluenceError, StoreMismatchError
 from ..kernels.scoring import HAVE_TRITON, RunningTopK, score_block, subtask_means
 from ..run import Run
-from ..store import GradientStore, check_metadata
+from ..store import TRAIN, GradientStore, check_metadata, grads_group, stored_dims
+from ..targets import find_target_dataset
 from .base import Scores
 
 # Fields every store of one ranking shares, and fields a train/target pair of a checkpoint shares.
@@ -35,13 +37,36 @@ SHARED_FIELDS = ("format", "format_version", "model", "projector", "dtype", "max
 PAIR_FIELDS = ("checkpoint", "adapter_sha256")
 
 
-def open_checkpoint_stores(run: Run, dataset: str) -> list[GradientStore]:
+def resolve_dim(run: Run, proj_dim: int | None = None, any_dim: bool = False) -> int:
+    """The projected dimension to read: ``proj_dim``, or the only one the run has (the smallest when
+    ``any_dim``: for readers of columns that every dimension's store holds alike, e.g. norms)."""
+    dims = stored_dims(run.store_path)
+    if proj_dim is not None:
+        if proj_dim not in dims:
+            raise InfluenceError(f"{run.store_path}: no gradients projected to {proj_dim} dimensions "
+                                 f"(available: {', '.join(map(str, dims)) or 'none'}); run `influence project-grads`")
+        return proj_dim
+    if not dims:
+        raise InfluenceError(f"{run.store_path}: no gradient stores; run `influence project-grads` first")
+    if len(dims) > 1 and not any_dim:
+        raise InfluenceError(f"{run.store_path} has gradients of several dimensions ({', '.join(map(str, dims))}); "
+                             "choose one with --proj-dim")
+    return dims[0]
+
+
+def open_checkpoint_stores(run: Run, dataset: str, dim: int) -> list[GradientStore]:
+    """The complete stores of ``dataset`` at every current checkpoint of the run, each checked to
+    have been computed from that checkpoint's adapter as it is now."""
     stores = []
     for checkpoint in run.checkpoints():
         try:
-            stores.append(GradientStore.open(run.store_path, f"{dataset}/{checkpoint.name}"))
+            store = GradientStore.open(run.store_path, grads_group(dim, dataset, checkpoint.name))
         except InfluenceError as err:
             raise InfluenceError(f"{err} (checkpoint {checkpoint.name}, dataset {dataset})") from None
+        store.require_complete()
+        expected = {"checkpoint": checkpoint.name, "adapter_sha256": checkpoint.adapter_sha256()}
+        check_metadata(store.metadata, expected, store.where + " (the run's checkpoint changed since)", PAIR_FIELDS)
+        stores.append(store)
     return stores
 
 
@@ -69,34 +94,56 @@ def default_backend(device: torch.device) -> str:
 
 
 @dataclass
+class TargetMeans:
+    """One target's per-checkpoint subtask means, and where its columns sit in a concatenation."""
+
+    target: str
+    dataset: str
+    task_names: list[str]
+    n_examples: int
+    columns: slice
+
+
+@dataclass
 class LessInputs:
-    """Everything LESS scoring reads: the pool's stores per checkpoint, their weights and the
-    per-checkpoint subtask means of the target's unit-normalised gradients (checked compatible)."""
+    """Everything LESS scoring reads: the pool's stores per checkpoint, their weights and, for every
+    target, the per-checkpoint subtask means of its unit-normalised gradients (checked compatible),
+    concatenated along the subtask axis so that one pass over the pool scores every target."""
 
     train: list[GradientStore]
     weights: np.ndarray  # (checkpoints,), normalised mean learning rates
-    means: torch.Tensor  # (checkpoints, subtasks, dim)
-    task_names: list[str]
-    n_target_examples: int
+    means: torch.Tensor  # (checkpoints, subtasks of all targets, dim)
+    targets: list[TargetMeans]
+    dim: int
     device: torch.device
     backend: str
 
 
-def load_less_inputs(run_dir: str | Path, target: str, device: str | None = None, backend: str | None = None) -> LessInputs:
+def load_less_inputs(run_dir: str | Path, targets: str | list[str], device: str | None = None,
+                     backend: str | None = None, proj_dim: int | None = None,
+                     target_tasks: list[str] | None = None) -> LessInputs:
     run = Run(run_dir)
-    train = open_checkpoint_stores(run, TRAIN)
-    targets = open_checkpoint_stores(run, target_dataset(target))
-    check_compatible(train, targets)
+    dim = resolve_dim(run, proj_dim)
+    train = open_checkpoint_stores(run, TRAIN, dim)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     lrs = np.array([s.metadata["checkpoint_mean_lr"] for s in train], dtype=np.float64)
     if lrs.sum() <= 0:
         raise InfluenceError("checkpoint learning rates sum to zero; cannot weight checkpoints")
-    task_names = sorted(set(targets[0].tasks.tolist()))
-    task_index = torch.tensor([task_names.index(t) for t in targets[0].tasks.tolist()], device=device)
-    means = torch.stack([
-        subtask_means(torch.from_numpy(store.array("grads")).to(device), task_index, len(task_names)) for store in targets
-    ])
-    return LessInputs(train, lrs / lrs.sum(), means, task_names, targets[0].n_examples, device,
+    means, described, start = [], [], 0
+    for target in [targets] if isinstance(targets, str) else targets:
+        dataset = find_target_dataset(run.store_path, dim, target, target_tasks)
+        stores = open_checkpoint_stores(run, dataset, dim)
+        check_compatible(train, stores)
+        task_names = sorted(set(stores[0].tasks.tolist()))
+        task_index = torch.tensor([task_names.index(t) for t in stores[0].tasks.tolist()], device=device)
+        means.append(torch.stack([
+            subtask_means(torch.from_numpy(store.array("grads")).to(device), task_index, len(task_names))
+            for store in stores
+        ]))
+        described.append(TargetMeans(target, dataset, task_names, stores[0].n_examples,
+                                     slice(start, start + len(task_names))))
+        start += len(task_names)
+    return LessInputs(train, lrs / lrs.sum(), torch.cat(means, dim=1), described, dim, device,
                       backend or default_backend(device))
 
 
@@ -115,46 +162,60 @@ def iter_scored_blocks(
         blocks = torch.from_numpy(np.stack([block for _, block in chunks])).to(device)
         per_task, score = score_block(blocks, means, weights, backend)
         finite = torch.from_numpy(np.logical_and.reduce([flags for _, flags in finite_chunks])).to(device)
-        yield start, per_task, score.masked_fill(~finite, float("nan"))
+        yield start, per_task.masked_fill(~finite[:, None], float("nan")), score.masked_fill(~finite, float("nan"))
 
 
-def less_scores(
+def less_scores_many(
     run_dir: str | Path,
-    target: str,
+    targets: list[str],
     rows_per_block: int | None = None,
     device: str | None = None,
     backend: str | None = None,
-) -> Scores:
-    """LESS scores of the run's pool for ``target`` (registry name or file), streamed block by block.
+    proj_dim: int | None = None,
+    target_tasks: list[str] | None = None,
+) -> list[Scores]:
+    """LESS scores of the run's pool for several targets in one streamed pass over the pool's stores.
 
-    Memory: one block of stored rows per checkpoint plus the (n, n_subtasks) float32 breakdown.
+    Memory: one block of stored rows per checkpoint plus the (n, subtasks) float32 breakdown.
     """
-    inputs = load_less_inputs(run_dir, target, device, backend)
+    inputs = load_less_inputs(run_dir, targets, device, backend, proj_dim, target_tasks)
     train = inputs.train
     n = train[0].n_examples
-    score = np.zeros(n, dtype=np.float64)
-    per_task = np.zeros((n, len(inputs.task_names)), dtype=np.float32)
-    for start, block_per_task, block_score in iter_scored_blocks(
+    per_task = np.zeros((n, inputs.means.shape[1]), dtype=np.float32)
+    for start, block_per_task, _ in iter_scored_blocks(
         train, inputs.means, inputs.weights, rows_per_block, inputs.device, inputs.backend
     ):
-        per_task[start : start + len(block_score)] = block_per_task.cpu().numpy()
-        score[start : start + len(block_score)] = block_score.cpu().numpy()
-    return Scores(
-        method="less",
-        ids=train[0].ids.tolist(),
-        score=score,
-        description=__doc__.strip().split("\n\n", 1)[1],
-        per_task=per_task,
-        task_names=inputs.task_names,
-        finite=np.isfinite(score),
-        details={
-            "target": target,
-            "checkpoints": [s.metadata["checkpoint"] for s in train],
-            "checkpoint_weights": inputs.weights.tolist(),
-            "projector": train[0].metadata["projector"],
-            "n_target_examples": inputs.n_target_examples,
-        },
-    )
+        per_task[start : start + len(block_per_task)] = block_per_task.cpu().numpy()
+    results = []
+    for target in inputs.targets:
+        columns = per_task[:, target.columns]
+        score = columns.max(axis=1).astype(np.float64)  # NaN rows stay NaN
+        results.append(Scores(
+            method="less",
+            ids=train[0].ids.tolist(),
+            score=score,
+            description=__doc__.strip().split("\n\n", 1)[1],
+            per_task=columns,
+            task_names=target.task_names,
+            finite=np.isfinite(score),
+            details={
+                "target": target.target,
+                "target_store": target.dataset,
+                "checkpoints": [s.metadata["checkpoint"] for s in train],
+                "checkpoint_weights": inputs.weights.tolist(),
+                "projector": train[0].metadata["projector"],
+                "feature": train[0].metadata["feature"],
+                "n_target_examples": target.n_examples,
+            },
+        ))
+    return results
+
+
+def less_scores(run_dir: str | Path, target: str, rows_per_block: int | None = None, device: str | None = None,
+                backend: str | None = None, proj_dim: int | None = None,
+                target_tasks: list[str] | None = None) -> Scores:
+    """LESS scores of the run's pool for ``target`` (registry name or file), streamed block by block."""
+    return less_scores_many(run_dir, [target], rows_per_block, device, backend, proj_dim, target_tasks)[0]
 
 
 def less_top_k(
@@ -164,10 +225,11 @@ def less_top_k(
     rows_per_block: int | None = None,
     device: str | None = None,
     backend: str | None = None,
+    proj_dim: int | None = None,
 ) -> pd.DataFrame:
     """The ``k`` most helpful pool examples for ``target`` (columns rank, index, id, score), found
     with a running top-k over the stream: memory independent of the pool size."""
-    inputs = load_less_inputs(run_dir, target, device, backend)
+    inputs = load_less_inputs(run_dir, target, device, backend, proj_dim)
     top = RunningTopK(k)
     for start, _, block_score in iter_scored_blocks(
         inputs.train, inputs.means, inputs.weights, rows_per_block, inputs.device, inputs.backend

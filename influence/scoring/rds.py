@@ -1,0 +1,129 @@
+"""RDS, representation-based data selection (LESS's RDS baseline; Zhang et al. 2018, Hanawa et al. 2021).
+
+Each example is represented by the final layer's hidden state at its last token (as LESS's
+``collect_reps`` takes it: ``hidden_states[-1]`` at the last non-padding position), computed with the
+warm-up's last checkpoint (base model + adapter). Representations are stored like the gradients, in
+the run's store (``reps/<dataset>/<checkpoint>``, resumable chunk by chunk, target stores keyed by
+content), and compared like LESS compares gradients: cosine with every target example, mean over a
+subtask's examples, max over subtasks.
+
+Sign and scale: in [-1, 1]; higher = the example's representation is closer to the target's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..data import Example, examples_sha256, load_pool
+from ..kernels.scoring import score_block, subtask_means
+from ..models import choose_device, load_adapter, load_base_model, model_fingerprint
+from ..run import Checkpoint, Run
+from ..store import TRAIN, ChunkedStore, check_metadata, target_dataset
+from ..targets import load_target, target_name
+from ..templates import encode_example
+from ..units import fill_pending
+from .base import Scores
+
+FORMAT = "influence-reps"
+POOLING = "final-layer hidden state at the last non-padding token (LESS collect_reps)"
+
+
+def reps_group(dataset: str, checkpoint: str) -> str:
+    return f"reps/{dataset}/{checkpoint}"
+
+
+@torch.no_grad()
+def last_token_states(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(batch, hidden) final-layer hidden state at each row's last non-padding token (right padding)."""
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "output_hidden_states": True}
+    try:
+        hidden = model(**kwargs, logits_to_keep=1).hidden_states[-1]
+    except TypeError:  # models without logits_to_keep
+        hidden = model(**kwargs).hidden_states[-1]
+    last = batch["attention_mask"].sum(dim=1) - 1
+    return hidden[torch.arange(len(last), device=last.device), last].float()
+
+
+def _datasets(run: Run, target: str | None, target_tasks: list[str] | None) -> list[tuple[str, list[Example]]]:
+    datasets = [(TRAIN, load_pool(run.train_files))]
+    if target is not None:
+        examples = load_target(target, target_tasks)
+        datasets.append((target_dataset(target_name(target), examples_sha256(examples)), examples))
+    return datasets
+
+
+def _metadata(run: Run, checkpoint: Checkpoint, fingerprint: str, dataset: str, examples: list[Example],
+              chunk_size: int) -> dict:
+    return {
+        "format": FORMAT, "format_version": 1, "pooling": POOLING, "model": fingerprint,
+        "checkpoint": checkpoint.name, "adapter_sha256": checkpoint.adapter_sha256(), "dataset": dataset,
+        "n_examples": len(examples), "examples_sha256": examples_sha256(examples), "max_length": run.max_length,
+        "chunk_size": chunk_size, "influence_version": __version__,
+    }
+
+
+def compute_representations(run_dir: str | Path, target: str | None = None, target_tasks: list[str] | None = None,
+                            batch_size: int = 8, chunk_size: int = 128, overwrite: bool = False,
+                            progress: bool = True) -> list[ChunkedStore]:
+    """Fill the representation stores of the pool (and ``target``) at the run's last checkpoint."""
+    run = Run(run_dir)
+    run.check_data_unchanged()
+    checkpoint = run.checkpoints()[-1]
+    device = choose_device()
+    base, tokenizer = load_base_model(run.model_name)
+    fingerprint = model_fingerprint(run.model_name, base)
+    model = None
+    stores = []
+    for dataset, examples in _datasets(run, target, target_tasks):
+        store = ChunkedStore.open_or_create(
+            run.store_path, reps_group(dataset, checkpoint.name),
+            _metadata(run, checkpoint, fingerprint, dataset, examples, chunk_size),
+            [e.id for e in examples], [e.task or "" for e in examples],
+            {"reps": ((base.config.hidden_size,), "float32")}, overwrite,
+        )
+        stores.append(store)
+        if not store.pending_chunks():
+            continue
+        if model is None:
+            model = load_adapter(base, checkpoint.path).to(device).eval()
+        encoded = [encode_example(e, tokenizer, run.max_length) for e in examples]
+        fill_pending(store, encoded, tokenizer.pad_token_id, batch_size, device,
+                     lambda batch, _: {"reps": last_token_states(model, batch)}, f"representations {dataset}", progress)
+    return stores
+
+
+def rds_scores(run_dir: str | Path, target: str, target_tasks: list[str] | None = None) -> Scores:
+    run = Run(run_dir)
+    checkpoint = run.checkpoints()[-1]
+    fingerprint = run.manifest["model_fingerprint"]  # what the stores were made with, if made from this run
+    stores = []
+    for dataset, examples in _datasets(run, target, target_tasks):
+        path = reps_group(dataset, checkpoint.name)
+        expected = _metadata(run, checkpoint, fingerprint, dataset, examples, 0)
+        if not (run.store_path / path / "zarr.json").is_file() or not ChunkedStore.open(run.store_path, path).complete:
+            compute_representations(run_dir, target, target_tasks)  # resumes whatever is missing
+        store = ChunkedStore.open(run.store_path, path)
+        check_metadata(store.metadata, expected, store.where,
+                       ("format", "format_version", "model", "adapter_sha256", "examples_sha256", "max_length"))
+        stores.append(store)
+    pool, targets = stores
+    names = sorted(set(targets.tasks.tolist()))
+    task_index = torch.tensor([names.index(t) for t in targets.tasks.tolist()])
+    means = subtask_means(torch.from_numpy(targets.array("reps")), task_index, len(names))[None]
+    per_task, score = score_block(torch.from_numpy(pool.array("reps"))[None], means, torch.ones(1))
+    finite = pool.array("finite")
+    return Scores(
+        method="rds",
+        ids=pool.ids.tolist(),
+        score=np.where(finite, score.double().numpy(), np.nan),
+        description=__doc__.split("\n\n", 1)[1].strip(),
+        per_task=per_task.numpy(),
+        task_names=names,
+        finite=finite,
+        details={"target": target, "checkpoint": checkpoint.name, "pooling": POOLING,
+                 "n_target_examples": targets.n_examples},
+    )
