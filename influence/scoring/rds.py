@@ -104,8 +104,11 @@ def rds_scores(run_dir: str | Path, target: str, target_tasks: list[str] | None 
     for dataset, examples in _datasets(run, target, target_tasks):
         path = reps_group(dataset, checkpoint.name)
         expected = _metadata(run, checkpoint, fingerprint, dataset, examples, 0)
-        if not (run.store_path / path / "zarr.json").is_file() or not ChunkedStore.open(run.store_path, path).complete:
-            compute_representations(run_dir, target, target_tasks)  # resumes whatever is missing
+        if not (run.store_path / path / "zarr.json").is_file():
+            compute_representations(run_dir, target, target_tasks)
+        elif not ChunkedStore.open(run.store_path, path).complete:  # resume with the store's own chunking
+            chunk_size = ChunkedStore.open(run.store_path, path).chunk_size
+            compute_representations(run_dir, target, target_tasks, chunk_size=chunk_size)
         store = ChunkedStore.open(run.store_path, path)
         check_metadata(store.metadata, expected, store.where,
                        ("format", "format_version", "model", "adapter_sha256", "examples_sha256", "max_length"))
