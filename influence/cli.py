@@ -221,6 +221,30 @@ def rank(run_dir, targets, method, fraction, top_k, mode, band, threshold, learn
                     click.echo(f"  {row['score']:+.4f}  {row['id']:<28} {example_text(pool[row['id']], 110)}")
 
 
+@main.command()
+@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False, exists=True))
+@click.option("--target", required=True, help="Target registry name or data file.")
+@click.option("--methods", default="less,random,bm25,dsir,rds", show_default=True,
+              help="Comma-separated methods to rank with and compare.")
+@click.option("--reference", default="less", show_default=True, help="The method the others are compared with.")
+@click.option("--fraction", default=0.1, show_default=True, help="Top fraction whose overlap is reported.")
+@click.option("--proj-dim", default=None, type=click.IntRange(min=1), help="Projected dimension for less/grand.")
+@click.option("--target-tasks", default=None, help="Comma-separated subtasks of the target to rank against.")
+def compare(run_dir, target, methods, reference, fraction, proj_dim, target_tasks) -> None:
+    """Rank the pool with several methods and compare them: top overlap, score correlation, length bias."""
+    from .selection import compare_methods
+
+    names = _split(methods) or []
+    try:
+        if reference not in names:
+            raise InfluenceError(f"--reference {reference} is not among --methods")
+        table = compare_methods(run_dir, target, names, fraction, reference, proj_dim=proj_dim,
+                                target_tasks=_split(target_tasks))
+    except (InfluenceError, ValueError) as err:
+        _fail(err)
+    click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
 @main.command("forward-scores")
 @click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False, exists=True))
 @click.option("--batch-size", default=8, show_default=True)

@@ -2,7 +2,8 @@
 # The whole pipeline on the embedded default: SmolLM2-135M-Instruct (from PyPI), a pool of ~190
 # real FLAN-CoT and P3 examples vendored in the package, target mmlu_val (4 subjects).
 # Sized for ~10 minutes on a 2-core CPU: LoRA r=8 on q/v, max 256 tokens, 2 epochs on 25% of the pool,
-# 2048-dimensional projection. Usage: scripts/demo.sh [run dir]
+# 2048-dimensional projection; then LESS's baselines (random, bm25, dsir, rds) compared with LESS.
+# Usage: scripts/demo.sh [run dir]
 set -euo pipefail
 RUN=${1:-runs/demo}
 BIN=${VENV:-.venv}/bin
@@ -17,5 +18,7 @@ $BIN/influence warmup --model smollm2-135m --out "$RUN" --fraction 0.25 --epochs
   --lora-modules q_proj,v_proj
 $BIN/influence project-grads --run "$RUN" --target mmlu_val --target-tasks "$SUBJECTS" \
   --proj-dim 2048 --batch-size 8 --chunk-size 32
-$BIN/influence rank --run "$RUN" --target mmlu_val --fraction 0.1 --show 3 --show-tasks "$SUBJECTS"
-echo "== demo finished in $(( $(date +%s) - start )) s; outputs in $RUN/rank-less-mmlu_val"
+$BIN/influence rank --run "$RUN" --target mmlu_val --target-tasks "$SUBJECTS" --fraction 0.1 --show 3
+echo "== LESS's baselines on the same run: top-10% overlap with LESS, score correlation, length bias"
+$BIN/influence compare --run "$RUN" --target mmlu_val --target-tasks "$SUBJECTS" --fraction 0.1
+echo "== demo finished in $(( $(date +%s) - start )) s; outputs in $RUN/rank-<method>-mmlu_val"

@@ -25,6 +25,7 @@ cells = [
     new_code_cell(
         "import json\n\n"
         "import matplotlib.pyplot as plt\n"
+        "import numpy as np\n"
         "import pandas as pd\n\n"
         "from influence.selection import example_text, load_rankings, pool_by_id, task_columns, top_for_task\n\n"
         "table = load_rankings(RANKING)\n"
@@ -57,6 +58,31 @@ cells = [
         "plt.show()\n"
         "composition"
     ),
+    new_markdown_cell(
+        "## Length bias\n"
+        "LESS is known to favour short training examples. Left: score against response length (characters), "
+        "with the Spearman correlation `rank` wrote to `summary.json`. Right: the selected subset's length "
+        "distribution against the pool's."
+    ),
+    new_code_cell(
+        "bias = summary['length_bias']\n"
+        "rho = bias['spearman_score_vs_length']\n"
+        "print(f\"Spearman(score, response length) = {rho if rho is None else round(rho, 3)}; median length: \"\n"
+        "      f\"pool {bias['pool'].get('median')}, selected {bias['selected'].get('median')} characters\")\n"
+        "fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))\n"
+        "scored = table[table['finite']]\n"
+        "left.scatter(scored['response_chars'], scored['score'], s=8, alpha=0.6)\n"
+        "left.set_xscale('log')\n"
+        "left.set_xlabel('response length (characters)')\n"
+        "left.set_ylabel('score')\n"
+        "bins = np.logspace(0, np.log10(max(2, table['response_chars'].max())), 30)\n"
+        "right.hist(table['response_chars'], bins=bins, alpha=0.5, density=True, label='pool')\n"
+        "right.hist(selected['response_chars'], bins=bins, alpha=0.5, density=True, label='selected')\n"
+        "right.set_xscale('log')\n"
+        "right.set_xlabel('response length (characters)')\n"
+        "right.legend()\n"
+        "plt.show()"
+    ),
     new_markdown_cell("## Most and least helpful examples per subtask"),
     new_code_cell(
         "def preview(rows, column):\n"
@@ -76,6 +102,24 @@ cells = [
         "    display(preview(scored.head(K), 'score'))\n"
         "    print(f'=== bottom {K}')\n"
         "    display(preview(scored.tail(K), 'score'))"
+    ),
+    new_markdown_cell(
+        "## Other methods on the same run\n"
+        "Every other ranking of this run (`rank-<method>-<target>` folders, e.g. from `influence compare`): "
+        "how much of each one's top agrees with this ranking's, and its own length bias."
+    ),
+    new_code_cell(
+        "from influence.selection import overlap, spearman\n\n"
+        "rows = []\n"
+        "suffix = RANKING.name.split('-', 2)[-1] if RANKING.name.startswith('rank-') else ''\n"
+        "for folder in sorted(RUN.glob('rank-*')):\n"
+        "    if not (folder / 'scores.parquet').is_file() or (suffix and not folder.name.endswith(suffix)):\n"
+        "        continue\n"
+        "    other = load_rankings(folder)\n"
+        "    fraction = summary['n_selected'] / summary['n_pool']\n"
+        "    rows.append({'ranking': folder.name, 'top_overlap_with_this': overlap(other, table, fraction),\n"
+        "                 'spearman_with_length': spearman(other['score'], other['response_chars'])})\n"
+        "pd.DataFrame(rows)"
     ),
     new_markdown_cell("## Do subtasks agree?\nSpearman correlation between per-subtask scores."),
     new_code_cell(

@@ -231,3 +231,17 @@ def test_spearman_against_known_values():
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1)
     assert spearman([1, 2, 3, np.nan, 5], [1, 3, 2, 7, 5]) == pytest.approx(0.8)
     assert spearman([1, 1, 1], [1, 2, 3]) is None
+
+
+def test_compare_reports_overlap_and_length_bias(tiny_run, tmp_path):
+    run_dir = _copy_run(tiny_run, tmp_path, "compare")
+    project_grads(run_dir, tiny_run["target"], proj_dim=64, chunk_size=5, progress=False)
+    result = CliRunner().invoke(main, ["compare", "--run", str(run_dir), "--target", tiny_run["target"],
+                                       "--methods", "less,random,bm25,dsir", "--fraction", "0.3"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert "top_0.3_overlap_with_less" in lines[0] and len(lines) == 5
+    less_row = next(line.split() for line in lines if line.split()[0] == "less")
+    assert float(less_row[1]) == 1.0 and float(less_row[2]) == 1.0  # less against itself
+    for method in ("less", "random", "bm25", "dsir"):
+        assert (run_dir / f"rank-{method}-tgt" / "summary.json").is_file()

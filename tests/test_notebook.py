@@ -9,8 +9,9 @@ NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "explore_rankings
 
 
 def test_notebook_runs_on_a_tiny_run(tiny_run, tmp_path, monkeypatch):
-    out = tmp_path / "ranking"
+    out = Path(tiny_run["run"]) / "rank-less-tgt"
     rank(tiny_run["run"], tiny_run["target"], fraction=0.2, out=out)
+    rank(tiny_run["run"], tiny_run["target"], method="random", fraction=0.2)  # another ranking to compare with
     monkeypatch.setenv("INFLUENCE_RUN", tiny_run["run"])
     monkeypatch.setenv("INFLUENCE_RANKING", str(out))
     monkeypatch.setenv("INFLUENCE_TASKS", "math,words")
@@ -22,6 +23,8 @@ def test_notebook_runs_on_a_tiny_run(tiny_run, tmp_path, monkeypatch):
     )
     assert "=== math: top 5" in outputs and "=== words: bottom 5" in outputs
     assert "4 selected" in outputs  # floor(23 examples x 0.2), as LESS counts --percentage
+    assert "Spearman(score, response length) = " in outputs
+    assert "rank-random-tgt" in outputs and "rank-less-tgt" in outputs  # the comparison table
     assert any(o.get("data", {}).get("image/png") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
 
 
