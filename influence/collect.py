@@ -16,10 +16,10 @@ from tqdm.auto import tqdm
 from . import __version__
 from .data import Example, examples_sha256, load_pool
 from .gradients import FEATURES, AdamPreconditioner, LoraGradients
-from .models import choose_device, load_adapter, load_base_model, model_fingerprint
+from .models import load_adapter, load_base_model, model_fingerprint, parse_device
 from .projection import Projector
 from .run import Checkpoint, Run
-from .store import TRAIN, GradientStore, grads_group, target_dataset
+from .store import TRAIN, GradientStore, exclusive, grads_group, target_dataset
 from .targets import load_target, target_name
 from .templates import Encoded, collate, encode_example
 
@@ -112,6 +112,7 @@ def collect_stores(
     return skipped, nonfinite
 
 
+@exclusive("project-grads")
 def project_grads(
     run_dir: str | Path,
     target: str | None = None,
@@ -147,13 +148,14 @@ def project_grads(
         raise ValueError("nothing to do: no target and include_train=False")
     if overwrite:
         _remove_legacy_stores(run.store_path)
-    device = torch.device(device) if device else choose_device()
+    device = parse_device(device)
     projectors: dict[int, Projector] = {}
     encodings: dict[str, list[Encoded]] = {}
     reports = []
     for checkpoint in run.checkpoints():
         base, tokenizer = load_base_model(run.model_name)
         fingerprint = model_fingerprint(run.model_name, base)
+        run.check_model_unchanged(fingerprint)
         model = load_adapter(base, checkpoint.path).to(device)
         hooks = LoraGradients(model)
         if not projectors:

@@ -32,6 +32,21 @@ def choose_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def parse_device(name: str | None) -> torch.device:
+    """``name`` as a torch device (default :func:`choose_device`); an unknown or absent one is refused."""
+    if not name:
+        return choose_device()
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InfluenceError(f"--device {name}: not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise InfluenceError(f"--device {name}: no such CUDA device on this machine")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise InfluenceError(f"--device {name}: unsupported device type '{device.type}'")
+    return device
+
+
 def cache_dir() -> Path:
     """Where converted models live: ``$INFLUENCE_CACHE`` or ``~/.cache/influence``."""
     return Path(os.environ.get("INFLUENCE_CACHE", Path.home() / ".cache" / "influence"))
@@ -153,8 +168,28 @@ def build_tiny_llama(seed: int = 0):
     return model, tokenizer
 
 
+def check_model_name(name: str) -> None:
+    """Refuse, before any work, a ``--model`` that is a path to nothing or to a folder with no model."""
+    if name in (TINY, SMOLLM2):
+        return
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise InfluenceError(f"--model {name}: the folder has no config.json; not a Hugging Face model folder")
+    elif name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith("/"):
+        raise InfluenceError(f"--model {name}: no such model folder (nor a hub id of the form org/name)")
+
+
 def load_base_model(name: str, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None):
     """(model, tokenizer) for a built-in name, a local folder or a hub id, in eval mode."""
+    check_model_name(name)
+    try:
+        return _load_base_model(name, dtype, attn_implementation)
+    except OSError as err:  # transformers' word for a model it cannot find or read
+        raise InfluenceError(f"--model {name}: cannot load it ({str(err).splitlines()[0]})") from None
+
+
+def _load_base_model(name: str, dtype: torch.dtype, attn_implementation: str | None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if name == TINY:
@@ -174,9 +209,48 @@ def load_base_model(name: str, dtype: torch.dtype = torch.float32, attn_implemen
 
 
 def model_fingerprint(name: str, model) -> str:
-    """Identifies the base model in store metadata: name plus a hash of its config."""
+    """Identifies the base model in store metadata: name, a hash of its config and a hash of its weights
+    (so replaced weights with the same config are never mixed with stores made from the old ones)."""
     config = json.dumps(model.config.to_diff_dict(), sort_keys=True, default=str)
-    return f"{name}@{hashlib.sha256(config.encode()).hexdigest()[:16]}"
+    return f"{name}@{hashlib.sha256(config.encode()).hexdigest()[:16]}:{weights_sha256(model)[:16]}"
+
+
+def weights_sha256(model) -> str:
+    """sha256 over every parameter and buffer (name, dtype, shape, bytes) of the model as loaded.
+
+    Cached on disk for models loaded from local files, keyed by the files' paths, sizes and
+    modification times, so a large model is hashed once, not at every command."""
+    files = _weight_files(getattr(model.config, "_name_or_path", "") or "")
+    key = json.dumps([[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]) if files else None
+    cache = cache_dir() / "fingerprints.json"
+    known = {}
+    if key is not None and cache.is_file():
+        try:
+            known = json.loads(cache.read_text())
+        except (json.JSONDecodeError, OSError):
+            known = {}
+        if key in known:
+            return known[key]
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    value = digest.hexdigest()
+    if key is not None:
+        known[key] = value
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known))
+        tmp.replace(cache)
+    return value
+
+
+def _weight_files(source: str) -> list[Path]:
+    folder = Path(source)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf", ".pt"))
 
 
 @contextmanager

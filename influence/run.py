@@ -120,7 +120,14 @@ class Run:
         manifest_file = self.path / MANIFEST
         if not manifest_file.is_file():
             raise RunError(f"{self.path}: no {MANIFEST}; run `influence warmup --out {self.path}` first")
-        self.manifest = json.loads(manifest_file.read_text())
+        try:
+            self.manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise RunError(f"{manifest_file}: not a readable manifest ({err}); the folder is not a usable run") from None
+        missing = [k for k in ("kind", "model", "config", "train_files", "checkpoints") if k not in self.manifest] \
+            if isinstance(self.manifest, dict) else ["all fields"]
+        if missing:
+            raise RunError(f"{manifest_file}: manifest lacks {', '.join(missing)}; the folder is not a usable run")
 
     @property
     def model_name(self) -> str:
@@ -149,6 +156,14 @@ class Run:
             raise RunError(f"{self.path}: the warm-up saved no checkpoint (interrupted before its first epoch ended?)")
         return found
 
+    def check_model_unchanged(self, fingerprint: str) -> None:
+        """The base model's weights must be those the warm-up trained on (see ``model_fingerprint``)."""
+        if self.manifest.get("model_fingerprint") != fingerprint:
+            raise RunError(
+                f"{self.path}: the model '{self.model_name}' is not the one this run was warmed up on (its weights "
+                f"or config changed: {fingerprint} now, {self.manifest.get('model_fingerprint')} at warm-up)"
+            )
+
     def check_data_unchanged(self) -> None:
         """The pool files must be byte-identical to those the warm-up saw (ids are file positions)."""
         for entry in self.manifest["train_files"]:
@@ -158,7 +173,12 @@ class Run:
                 raise RunError(f"{entry['path']}: training file changed since the warm-up (sha256 differs)")
 
 
+def atomic_write(path: Path, write) -> None:
+    """``write(tmp)`` then rename onto ``path``: a reader sees the old file or the new one, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    tmp.replace(path)
+
+
 def write_manifest(run_dir: Path, manifest: dict) -> None:
-    tmp = run_dir / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    tmp.replace(run_dir / MANIFEST)
+    atomic_write(run_dir / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2)))

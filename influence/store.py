@@ -25,11 +25,17 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import functools
+import os
+import shutil
+import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import zarr
+from filelock import FileLock, Timeout
 
 from .errors import InfluenceError, StoreMismatchError
 
@@ -87,25 +93,17 @@ class ChunkedStore:
         if missing:
             raise ValueError(f"store metadata lacks {missing}")
         where = f"{root}/{path}"
+        _remove_partials(root, path)
         existing = _open_group(root, path)
         if existing is not None and not overwrite:
             fields = tuple(k for k in metadata if k not in INFORMATIONAL_FIELDS)
             check_metadata(dict(existing.attrs), metadata, where, fields)
+            missing_arrays = [name for name in (*columns, "finite", "done", "ids", "tasks") if name not in existing]
+            if missing_arrays:  # only a store of another layout (stores appear whole, see below)
+                raise StoreMismatchError("arrays", "complete layout", f"missing {missing_arrays}", where)
             group = existing
         else:
-            group = zarr.create_group(store=str(root), path=path, attributes=metadata, overwrite=True)
-        n, chunk = metadata["n_examples"], metadata["chunk_size"]
-        n_chunks = -(-n // chunk)
-        arrays = {name: ((n, *tail), (chunk, *tail), dtype) for name, (tail, dtype) in columns.items()}
-        arrays["finite"] = ((n,), (chunk,), "bool")
-        arrays["done"] = ((n_chunks,), (max(1, n_chunks),), "bool")
-        for name, (shape, chunks, dtype) in arrays.items():
-            if name not in group:
-                group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0)
-        for name, values in (("ids", ids), ("tasks", tasks)):
-            if name not in group:
-                array = group.create_array(name, shape=(n,), chunks=(max(n, 1),), dtype=str)
-                array[:] = np.asarray(values, dtype=object).astype(str)
+            group = _publish(root, path, lambda tmp: _build(root, tmp, metadata, ids, tasks, columns))
         store = cls(group, where)
         if list(store.ids) != list(ids):
             raise StoreMismatchError("ids", "the requested examples", "different ids", where)
@@ -225,6 +223,96 @@ class GradientStore(ChunkedStore):
         self, index: int, grads: np.ndarray, norms: np.ndarray, loss: np.ndarray, n_tokens: np.ndarray
     ) -> np.ndarray:
         return self.write_columns(index, grads=grads, norms=norms, loss=loss, n_tokens=n_tokens)
+
+
+def _build(root, path: str, metadata: dict, ids: list[str], tasks: list[str], columns: Columns) -> None:
+    """Create an empty store at ``root/path``: every array, the ids and the subtask labels."""
+    group = zarr.create_group(store=str(root), path=path, attributes=metadata, overwrite=True)
+    n, chunk = metadata["n_examples"], metadata["chunk_size"]
+    n_chunks = -(-n // chunk)
+    arrays = {name: ((n, *tail), (chunk, *tail), dtype) for name, (tail, dtype) in columns.items()}
+    arrays["finite"] = ((n,), (chunk,), "bool")
+    arrays["done"] = ((n_chunks,), (max(1, n_chunks),), "bool")
+    for name, (shape, chunks, dtype) in arrays.items():
+        group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0)
+    for name, values in (("ids", ids), ("tasks", tasks)):
+        array = group.create_array(name, shape=(n,), chunks=(max(n, 1),), dtype=str)
+        array[:] = np.asarray(values, dtype=object).astype(str)
+
+
+PARTIAL = ".partial-"
+
+
+def _publish(root, path: str, build) -> zarr.Group:
+    """Build a store under a temporary name beside ``path``, then rename it into place, so that a store
+    either exists whole (ids, tasks and every array) or not at all, whenever a process is killed."""
+    tmp = f"{path}{PARTIAL}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    build(tmp)
+    final = Path(root, path)
+    if final.exists():
+        shutil.rmtree(final)
+    Path(root, tmp).rename(final)
+    return zarr.open_group(store=str(root), path=path, mode="a")
+
+
+def _remove_partials(root, path: str) -> None:
+    """Delete what interrupted creations of ``path`` left behind (callers hold the run's writer lock)."""
+    final = Path(root, path)
+    if final.parent.is_dir():
+        for leftover in final.parent.glob(final.name + PARTIAL + "*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+LOCK_FILE = ".influence.lock"
+
+
+@contextmanager
+def writer_lock(folder: str | Path, command: str):
+    """Hold the one writer lock of a run folder for the duration of a writing command (``filelock``:
+    released by the OS when a process dies, so a killed writer never blocks the next one)."""
+    folder = Path(folder)
+    lock = FileLock(str(folder / LOCK_FILE))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise InfluenceError(
+            f"{folder}: another influence process is writing to this run; `{command}` refused so that the "
+            "two never mix their results. Wait for it to finish, then run the command again"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def exclusive(command: str):
+    """Decorator: the function (whose first argument is a run folder) runs under :func:`writer_lock`."""
+
+    def decorate(function):
+        @functools.wraps(function)
+        def locked(run_dir, *args, **kwargs):
+            if not Path(run_dir).is_dir():  # the function's own check says what is missing
+                return function(run_dir, *args, **kwargs)
+            with writer_lock(run_dir, command):
+                return function(run_dir, *args, **kwargs)
+
+        return locked
+
+    return decorate
+
+
+def writer_active(folder: str | Path) -> bool:
+    """Whether another process holds the run's writer lock right now."""
+    path = Path(folder) / LOCK_FILE
+    if not path.exists():
+        return False
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return True
+    lock.release()
+    return False
 
 
 def _open_group(root: str | Path, path: str, mode: str = "a") -> zarr.Group | None:

@@ -22,8 +22,9 @@ from tqdm.auto import tqdm
 from .data import Example, file_sha256, load_pool
 from .errors import InfluenceError, RunError
 from .losses import ResponseForward, forward_response
-from .models import LoraSettings, add_lora, choose_device, load_base_model, lora_parameters, model_fingerprint
-from .run import Run, package_versions, save_checkpoint, write_manifest
+from .models import LoraSettings, add_lora, check_model_name, choose_device, load_base_model, lora_parameters, model_fingerprint
+from .run import Run, atomic_write, package_versions, save_checkpoint, write_manifest
+from .store import LOCK_FILE, writer_lock
 from .templates import Encoded, collate, encode_example
 
 LOSS_WEIGHTINGS = ("micro_batch", "token")
@@ -162,7 +163,7 @@ def _config_dict(config: WarmupConfig) -> dict:
 
 def _check_resumable(out: Path, config: WarmupConfig) -> dict:
     """The manifest of an interrupted run with the same settings, or a RunError naming what differs."""
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = Run(out).manifest
     saved = manifest["config"]
     for key, value in _config_dict(config).items():
         if key == "out" or json.loads(json.dumps(value)) == saved.get(key):
@@ -182,15 +183,28 @@ def warmup(config: WarmupConfig, progress: bool = True, resume: bool = False) ->
     restored, so the result equals an uninterrupted run).
     """
     config.check()
+    check_model_name(config.model)
+    pool = load_pool(config.train_files)  # validates every file before anything is written
     out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise RunError(f"{out}: exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    with writer_lock(out, "warmup"):
+        return _warmup(config, pool, out, progress, resume)
+
+
+# What an interrupted first start leaves in a run folder: a retry may go ahead over them.
+RETRYABLE_LEFTOVERS = {LOCK_FILE, "manifest.json.tmp"}
+
+
+def _warmup(config: WarmupConfig, pool: list[Example], out: Path, progress: bool, resume: bool) -> Run:
     previous = None
     if (out / "manifest.json").exists():
         if not resume:
             raise RunError(f"{out}: a run already exists here; use --resume, another --out, or delete it")
         previous = _check_resumable(out, config)
-    elif out.exists() and any(out.iterdir()):
+    elif {p.name for p in out.iterdir()} - RETRYABLE_LEFTOVERS:
         raise RunError(f"{out}: exists and is not an influence run; choose an empty or new folder")
-    pool = load_pool(config.train_files)  # validates every file before anything is written
     chosen = sample_fraction(len(pool), config.fraction, config.seed)
     examples = [pool[i] for i in chosen]
 
@@ -198,6 +212,9 @@ def warmup(config: WarmupConfig, progress: bool = True, resume: bool = False) ->
     model, tokenizer = load_base_model(config.model)
     encoded, n_truncated = encode_all(examples, tokenizer, config.max_length)
     fingerprint = model_fingerprint(config.model, model)
+    if previous is not None and previous.get("model_fingerprint") != fingerprint:
+        raise RunError(f"{out}: cannot resume: the weights of --model {config.model} differ from those the run "
+                       f"started with ({fingerprint} vs {previous.get('model_fingerprint')})")
     model = add_lora(model, config.lora, config.seed).to(device)
     model.train()
     params = {p: n for n, p in lora_parameters(model).items()}
@@ -296,7 +313,7 @@ def warmup(config: WarmupConfig, progress: bool = True, resume: bool = False) ->
             dynamics += evaluate_pool(model, pool_encoded, [e.id for e in pool], tokenizer.pad_token_id,
                                       max(config.batch_size, 8), device, epoch, step, progress)
         checkpoint = save_checkpoint(out, model, optimizer, params, epoch, step, float(np.mean(epoch_lrs)))
-        pd.DataFrame(dynamics).to_parquet(out / "dynamics.parquet", index=False)
+        atomic_write(out / "dynamics.parquet", lambda path: pd.DataFrame(dynamics).to_parquet(path, index=False))
         manifest["checkpoints"].append(
             {"name": checkpoint.name, "epoch": epoch, "step": step, "mean_lr": checkpoint.mean_lr}
         )

@@ -35,10 +35,11 @@ from ..data import Example, examples_sha256, load_pool
 from ..losses import logits_at, mean_by_row
 from ..models import choose_device, load_adapter, load_base_model, model_fingerprint
 from ..run import Run
-from ..store import ChunkedStore
+from ..store import ChunkedStore, exclusive
 from ..templates import IGNORE_INDEX, Encoded, collate, encode_example
 from ..units import fill_pending
 from .base import Scores
+from .less import check_current
 
 MEANING = {
     "nll": "mean NLL of the response tokens (nats/token); higher = harder",
@@ -107,6 +108,7 @@ def start_token_id(tokenizer) -> int:
     return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 
 
+@exclusive("forward-scores")
 def compute_forward_scores(
     run_dir: str | Path, batch_size: int = 8, chunk_size: int = 128, overwrite: bool = False, progress: bool = True
 ) -> list[str]:
@@ -119,10 +121,12 @@ def compute_forward_scores(
     written = []
     for checkpoint in run.checkpoints():
         base, tokenizer = load_base_model(run.model_name)
+        fingerprint = model_fingerprint(run.model_name, base)
+        run.check_model_unchanged(fingerprint)
         metadata = {
             "format": FORMAT,
             "format_version": 1,
-            "model": model_fingerprint(run.model_name, base),
+            "model": fingerprint,
             "checkpoint": checkpoint.name,
             "adapter_sha256": checkpoint.adapter_sha256(),
             "dataset": "train",
@@ -171,6 +175,8 @@ def forward_score(metric: str):
         if not all(_complete(run.store_path, path) for path in paths):
             compute_forward_scores(run_dir)  # resumes whatever is missing
         stores = [ChunkedStore.open(run.store_path, path) for path in paths]
+        for checkpoint, store in zip(run.checkpoints(), stores):
+            check_current(run, checkpoint, store)
         values = np.mean([s.array(metric).astype(np.float64) for s in stores], axis=0)
         finite = np.logical_and.reduce([s.array("finite") for s in stores]) & np.isfinite(values)
         return Scores(

@@ -25,10 +25,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..data import examples_sha256, load_pool
 from ..errors import InfluenceError, StoreMismatchError
 from ..kernels.scoring import HAVE_TRITON, RunningTopK, score_block, subtask_means
-from ..run import Run
-from ..store import TRAIN, GradientStore, check_metadata, grads_group, stored_dims
+from ..run import Checkpoint, Run
+from ..store import TRAIN, ChunkedStore, GradientStore, check_metadata, grads_group, stored_dims
 from ..targets import find_target_dataset
 from .base import Scores
 
@@ -56,7 +57,8 @@ def resolve_dim(run: Run, proj_dim: int | None = None, any_dim: bool = False) ->
 
 def open_checkpoint_stores(run: Run, dataset: str, dim: int) -> list[GradientStore]:
     """The complete stores of ``dataset`` at every current checkpoint of the run, each checked to
-    have been computed from that checkpoint's adapter as it is now."""
+    have been computed from the run's model and that checkpoint's adapter as they are now (and, for
+    the pool, from its current content)."""
     stores = []
     for checkpoint in run.checkpoints():
         try:
@@ -64,10 +66,20 @@ def open_checkpoint_stores(run: Run, dataset: str, dim: int) -> list[GradientSto
         except InfluenceError as err:
             raise InfluenceError(f"{err} (checkpoint {checkpoint.name}, dataset {dataset})") from None
         store.require_complete()
-        expected = {"checkpoint": checkpoint.name, "adapter_sha256": checkpoint.adapter_sha256()}
-        check_metadata(store.metadata, expected, store.where + " (the run's checkpoint changed since)", PAIR_FIELDS)
+        check_current(run, checkpoint, store)
         stores.append(store)
+    if dataset == TRAIN:
+        expected = {"examples_sha256": examples_sha256(load_pool(run.train_files))}
+        check_metadata(stores[0].metadata, expected, stores[0].where + " (the pool changed since)", ("examples_sha256",))
     return stores
+
+
+def check_current(run: Run, checkpoint: Checkpoint, store: ChunkedStore) -> None:
+    """Refuse a store made from another model or another version of this checkpoint's adapter."""
+    expected = {"checkpoint": checkpoint.name, "adapter_sha256": checkpoint.adapter_sha256(),
+                "model": run.manifest.get("model_fingerprint")}
+    check_metadata(store.metadata, expected, store.where + " (made from another model or adapter than the run's "
+                   "current one; recompute it with --overwrite)", ("checkpoint", "adapter_sha256", "model"))
 
 
 def check_compatible(train: list[GradientStore], targets: list[GradientStore]) -> None:

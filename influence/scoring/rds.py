@@ -22,7 +22,7 @@ from ..data import Example, examples_sha256, load_pool
 from ..kernels.scoring import score_block, subtask_means
 from ..models import choose_device, load_adapter, load_base_model, model_fingerprint
 from ..run import Checkpoint, Run
-from ..store import TRAIN, ChunkedStore, check_metadata, target_dataset
+from ..store import TRAIN, ChunkedStore, check_metadata, exclusive, target_dataset
 from ..targets import load_target, target_name
 from ..templates import encode_example
 from ..units import fill_pending
@@ -66,6 +66,7 @@ def _metadata(run: Run, checkpoint: Checkpoint, fingerprint: str, dataset: str, 
     }
 
 
+@exclusive("rank --method rds (representations)")
 def compute_representations(run_dir: str | Path, target: str | None = None, target_tasks: list[str] | None = None,
                             batch_size: int = 8, chunk_size: int = 128, overwrite: bool = False,
                             progress: bool = True) -> list[ChunkedStore]:
@@ -76,6 +77,7 @@ def compute_representations(run_dir: str | Path, target: str | None = None, targ
     device = choose_device()
     base, tokenizer = load_base_model(run.model_name)
     fingerprint = model_fingerprint(run.model_name, base)
+    run.check_model_unchanged(fingerprint)
     model = None
     stores = []
     for dataset, examples in _datasets(run, target, target_tasks):
@@ -110,7 +112,7 @@ def rds_scores(run_dir: str | Path, target: str, target_tasks: list[str] | None 
             chunk_size = ChunkedStore.open(run.store_path, path).chunk_size
             compute_representations(run_dir, target, target_tasks, chunk_size=chunk_size)
         store = ChunkedStore.open(run.store_path, path)
-        check_metadata(store.metadata, expected, store.where,
+        check_metadata(store.metadata, expected, store.where + f" (stale: delete {store.where} to recompute it)",
                        ("format", "format_version", "model", "adapter_sha256", "examples_sha256", "max_length"))
         stores.append(store)
     pool, targets = stores
