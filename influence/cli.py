@@ -195,6 +195,7 @@ def rank(run_dir, targets, method, fraction, top_k, mode, band, threshold, learn
     except (InfluenceError, ValueError) as err:
         _fail(err)
     pool = pool_by_id(run_dir) if show else {}
+    degenerate = False
     for (target, table), folder in zip(tables.items(), output_folders(run_dir, method, targets, out)):
         n_selected = sum(1 for _ in open(folder / "selected.jsonl", encoding="utf-8"))
         summary = json.loads((folder / "summary.json").read_text())
@@ -203,7 +204,8 @@ def rank(run_dir, targets, method, fraction, top_k, mode, band, threshold, learn
                    f"selected {n_selected} ({mode}) -> {folder}"
                    + (f"  [score vs response length: Spearman {rho:+.2f}]" if rho is not None else ""))
         for warning in summary.get("warnings", []):
-            click.secho(f"warning: {warning}", fg="yellow")
+            click.secho(f"warning: {warning}", fg="yellow", err=True)
+            degenerate = degenerate or "another influence process" not in warning
         unscorable = int((~table["finite"]).sum())
         if unscorable:
             click.secho(f"{unscorable} example(s) could not be scored (non-finite or not presented); ranked last",
@@ -219,6 +221,10 @@ def rank(run_dir, targets, method, fraction, top_k, mode, band, threshold, learn
                 click.secho(f"\n== top {show} by {method}", bold=True)
                 for _, row in table.head(show).iterrows():
                     click.echo(f"  {row['score']:+.4f}  {row['id']:<28} {example_text(pool[row['id']], 110)}")
+    if degenerate:
+        click.secho("the ranking is degenerate (see the warnings above and summary.json); exit status 3", fg="red",
+                    err=True)
+        sys.exit(3)
 
 
 @main.command()

@@ -50,6 +50,7 @@ class Example:
     task: str | None = None
     response_prefix: str = ""
     label_end_of_turn: bool = True
+    line: int | None = None  # where the record starts in its file (JSON arrays: the record's position)
 
 
 def _check_messages(messages: Any, path: str, line: int) -> list[dict[str, str]]:
@@ -118,12 +119,25 @@ def record_to_messages(record: Any, path: str, line: int) -> list[dict[str, str]
 def _json_records(path: Path, text: str) -> Iterable[tuple[int, Any]]:
     """(line number, record) for JSONL, or for a JSON array (line = position of the record)."""
     stripped = text.lstrip()
+    if stripped.startswith("{") and "\n" in stripped.strip():
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None
+        if isinstance(whole, dict):  # one pretty-printed object, not JSON Lines
+            if any(k in whole for k in ("messages", "instruction", "prompt")):
+                return [(1, whole)]
+            keys = ", ".join(sorted(whole)[:8])
+            raise DataFormatError(str(path), f"the file is one JSON object (keys: {keys}), not a list of records: "
+                                  "expected a JSON array of records or JSON Lines (one record per line)", 1)
     if path.suffix == ".json" and stripped.startswith("["):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
             raise DataFormatError(str(path), f"invalid JSON: {err.msg}", err.lineno) from None
         # Report the record index as "line" for arrays: there is no meaningful line per record.
+        if not isinstance(data, list):
+            raise DataFormatError(str(path), f"expected a JSON array of records, got {type(data).__name__}", 1)
         return [(i + 1, r) for i, r in enumerate(data)]
     records = []
     for lineno, line in enumerate(text.splitlines(), start=1):
@@ -157,6 +171,17 @@ def flan_cot_messages(record: dict[str, str], path: str, line: int) -> list[dict
     return [{"role": "user", "content": record["question"]}, {"role": "assistant", "content": response}]
 
 
+def _check_text(messages: list[dict[str, str]], path: str, line: int) -> list[dict[str, str]]:
+    """Refuse text that cannot be encoded (a lone surrogate such as a JSON ``\\ud800`` escape)."""
+    for i, message in enumerate(messages):
+        try:
+            message["content"].encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise DataFormatError(path, f"messages[{i}] contains an unpaired surrogate "
+                                  f"({message['content'][err.start]!r} at character {err.start}); not valid text", line) from None
+    return messages
+
+
 def load_examples(path: str | Path, source: str | None = None) -> list[Example]:
     """Read one data file into examples. Raises :class:`DataFormatError` naming file and line.
 
@@ -167,24 +192,27 @@ def load_examples(path: str | Path, source: str | None = None) -> list[Example]:
     if not path.is_file():
         raise DataFormatError(str(path), "file not found")
     source = source or path.name
+    raw = path.read_bytes()
     try:
-        text = path.read_text(encoding="utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise DataFormatError(str(path), f"not UTF-8 text ({err.reason})") from None
+        line = raw[: err.start].count(b"\n") + 1
+        raise DataFormatError(str(path), f"not UTF-8 text ({err.reason} at byte {err.start})", line) from None
     if not text.strip():
         raise DataFormatError(str(path), "file is empty")
     examples: list[Example] = []
     if path.suffix == ".tsv":
         for lineno, record in _tsv_records(path, text):
-            messages = flan_cot_messages(record, str(path), lineno)
-            examples.append(Example(f"{source}#{len(examples)}", source, messages, record))
+            messages = _check_text(flan_cot_messages(record, str(path), lineno), str(path), lineno)
+            examples.append(Example(f"{source}#{len(examples)}", source, messages, record, line=lineno))
     elif path.suffix in (".jsonl", ".json"):
         for lineno, record in _json_records(path, text):
-            messages = record_to_messages(record, str(path), lineno)
+            messages = _check_text(record_to_messages(record, str(path), lineno), str(path), lineno)
             task = record.get("task")
-            examples.append(
-                Example(f"{source}#{len(examples)}", source, messages, record, task=str(task) if task else None)
-            )
+            if task is not None and not isinstance(task, (str, int)):
+                raise DataFormatError(str(path), f"field 'task' must be a string, got {type(task).__name__}", lineno)
+            examples.append(Example(f"{source}#{len(examples)}", source, messages, record,
+                                    task=str(task) if task not in (None, "") else None, line=lineno))
     else:
         raise DataFormatError(str(path), f"unknown file type '{path.suffix}': use .jsonl, .json or .tsv")
     if not examples:

@@ -28,6 +28,7 @@ from .data import Example, load_pool
 from .errors import InfluenceError
 from .run import Run
 from .scoring import METHODS, TARGET_METHODS, Scores, less_scores_many
+from .store import writer_active
 from .targets import target_name
 
 TASK_PREFIX = "task:"
@@ -99,6 +100,23 @@ def length_bias(table: pd.DataFrame, selected: pd.DataFrame) -> dict:
     }
 
 
+def degenerate_warnings(table: pd.DataFrame, scores: Scores) -> list[str]:
+    """What makes a ranking meaningless: no scorable example, every score equal (the "top" is pool
+    order), or examples whose gradient was exactly zero (no direction to compare; ranked last)."""
+    warnings = []
+    finite = table.loc[table["finite"], "score"]
+    if finite.empty:
+        warnings.append("no example could be scored")
+    elif finite.nunique() == 1:
+        warnings.append(f"every score equals {finite.iloc[0]:g}: the ranking carries no information and a top "
+                        "selection is simply pool order (degenerate training, or a score that cannot separate these examples)")
+    zero = scores.details.get("zero_gradient_examples", 0)
+    if zero:
+        warnings.append(f"{zero} example(s) have an all-zero gradient feature at some checkpoint: they cannot "
+                        "be compared and are ranked last as unscorable")
+    return warnings
+
+
 def select(
     table: pd.DataFrame,
     mode: str = "top",
@@ -141,7 +159,8 @@ def select(
 
 
 def write_outputs(
-    out: Path, table: pd.DataFrame, selected: pd.DataFrame, pool: list[Example], scores: Scores, selection: dict
+    out: Path, table: pd.DataFrame, selected: pd.DataFrame, pool: list[Example], scores: Scores, selection: dict,
+    warnings: list[str] | None = None,
 ) -> None:
     out.mkdir(parents=True, exist_ok=True)
     table[["id", "source", "score", "rank", "finite"]].to_csv(out / "scores.csv", index=False)
@@ -151,6 +170,7 @@ def write_outputs(
             fh.write(json.dumps(pool[int(index)].record, ensure_ascii=False) + "\n")
     summary = {
         "method": scores.method,
+        "warnings": warnings or [],
         "score_meaning": scores.description,
         "n_pool": len(pool),
         "n_selected": len(selected),
@@ -222,12 +242,17 @@ def rank_many(
     run.check_data_unchanged()
     pool = load_pool(run.train_files)
     folders = output_folders(run_dir, method, targets, out)
+    writing = writer_active(run.path)  # stores read are complete and checked; say that a writer is at work
     results = {}
     for target, folder, scores in zip(targets, folders, score_targets(run_dir, method, targets, **options)):
         table = ranking_table(scores, pool)
         selected = select(table, mode, fraction, band, threshold, top_k)
         selection = {"mode": mode, "fraction": fraction, "top_k": top_k, "band": list(band), "threshold": threshold}
-        write_outputs(folder, table, selected, pool, scores, selection)
+        warnings = degenerate_warnings(table, scores)
+        if writing:
+            warnings.append("another influence process was writing to this run while it was ranked (only complete, "
+                            "checked stores were read)")
+        write_outputs(folder, table, selected, pool, scores, selection, warnings)
         results[target] = table
     return results
 

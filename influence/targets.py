@@ -22,7 +22,7 @@ from importlib import resources
 from pathlib import Path
 
 from .data import Example, examples_sha256, load_examples
-from .errors import InfluenceError
+from .errors import DataFormatError, InfluenceError
 from .store import GradientStore, grads_group, stored_datasets, target_dataset
 
 MMLU_CHOICES = ("A", "B", "C", "D")
@@ -131,6 +131,11 @@ def load_target(target: str, tasks: list[str] | None = None) -> list[Example]:
         examples = TARGETS[target].loader()
     elif Path(target).is_file():
         examples = load_examples(target)
+        labelled = [e for e in examples if e.task is not None]
+        if labelled and len(labelled) < len(examples):
+            first = next(e for e in examples if e.task is None)
+            raise DataFormatError(target, f"record has no 'task' while {len(labelled)} other records have one: give "
+                                  "every record a task, or none (then the whole file is one task)", first.line)
         for example in examples:
             example.task = example.task or Path(target).stem
     else:

@@ -173,7 +173,9 @@ def iter_scored_blocks(
         start = chunks[0][0]
         blocks = torch.from_numpy(np.stack([block for _, block in chunks])).to(device)
         per_task, score = score_block(blocks, means, weights, backend)
-        finite = torch.from_numpy(np.logical_and.reduce([flags for _, flags in finite_chunks])).to(device)
+        # a zero feature has no direction: its cosines are undefined, so the row is unscorable
+        nonzero = (blocks != 0).any(dim=2).all(dim=0)
+        finite = torch.from_numpy(np.logical_and.reduce([flags for _, flags in finite_chunks])).to(device) & nonzero
         yield start, per_task.masked_fill(~finite[:, None], float("nan")), score.masked_fill(~finite, float("nan"))
 
 
@@ -198,6 +200,8 @@ def less_scores_many(
         train, inputs.means, inputs.weights, rows_per_block, inputs.device, inputs.backend
     ):
         per_task[start : start + len(block_per_task)] = block_per_task.cpu().numpy()
+    stored_finite = np.logical_and.reduce([s.array("finite") for s in train])
+    zero = int((stored_finite & ~np.isfinite(per_task).all(axis=1)).sum())  # unscorable for a zero feature
     results = []
     for target in inputs.targets:
         columns = per_task[:, target.columns]
@@ -218,6 +222,7 @@ def less_scores_many(
                 "projector": train[0].metadata["projector"],
                 "feature": train[0].metadata["feature"],
                 "n_target_examples": target.n_examples,
+                "zero_gradient_examples": zero,
             },
         ))
     return results
