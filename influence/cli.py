@@ -143,8 +143,6 @@ def project_grads(run_dir, target, target_tasks, proj_dim, seed, batch_size, chu
     tasks = _split(target_tasks)
     try:
         dims = [_positive_int(d, "--proj-dim") for d in _split(proj_dim) or [""]]
-        for value, name in ((batch_size, "--batch-size"), (chunk_size, "--chunk-size")):
-            _positive_int(str(value), name)
         reports = run_project(run_dir, target, dims, seed, batch_size, chunk_size, tasks,
                               include_train=not skip_train, overwrite=overwrite, device=device)
     except InfluenceError as err:

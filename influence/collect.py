@@ -22,6 +22,7 @@ from .run import Checkpoint, Run
 from .store import TRAIN, GradientStore, exclusive, grads_group, target_dataset
 from .targets import load_target, target_name
 from .templates import Encoded, collate, encode_example
+from .units import check_sizes
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,7 @@ def project_grads(
     refused (or replaced with ``overwrite``).
     """
     dims = sorted({int(d) for d in ([proj_dim] if isinstance(proj_dim, int) else proj_dim)})
+    check_sizes(batch_size=batch_size, chunk_size=chunk_size, proj_dim=min(dims, default=0))
     run = Run(run_dir)
     run.check_data_unchanged()
     datasets: list[tuple[str, list[Example], str, dict]] = []

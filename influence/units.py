@@ -15,8 +15,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .errors import InfluenceError
 from .store import ChunkedStore
 from .templates import Encoded, collate
+
+
+def check_sizes(**sizes: int) -> None:
+    """Refuse a non-positive batch size, chunk size or dimension, naming the option."""
+    bad = [f"--{name.replace('_', '-')} must be at least 1, got {value}" for name, value in sizes.items()
+           if not isinstance(value, int) or value < 1]
+    if bad:
+        raise InfluenceError("; ".join(bad))
+
 
 BatchFn = Callable[[dict[str, torch.Tensor], list[Encoded]], dict[str, torch.Tensor]]
 

@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -88,10 +89,11 @@ def test_stores_from_an_old_adapter_are_refused_by_every_reader(tiny_run, tmp_pa
 
 
 # 5. two writers at once; stores appear whole ---------------------------------------------------------------
-def test_a_second_writer_is_refused_while_the_first_holds_the_run(tiny_run, tmp_path):
-    run_dir = _copy_run(tiny_run, tmp_path, "two")
+@contextmanager
+def _lock_held_by_another_process(run_dir):
+    """Another process holds the run's writer lock until the block ends (then it is killed)."""
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import sys, time
+        import time
         from influence.store import writer_lock
         with writer_lock({str(run_dir)!r}, "test"):
             print("locked", flush=True)
@@ -99,14 +101,20 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_run(tiny_run, tmp_
     """)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_second_writer_is_refused_while_the_first_holds_the_run(tiny_run, tmp_path):
+    run_dir = _copy_run(tiny_run, tmp_path, "two")
+    with _lock_held_by_another_process(run_dir):
         with pytest.raises(InfluenceError, match="another influence process is writing"):
             project_grads(run_dir, tiny_run["target"], proj_dim=64, seed=7, chunk_size=5, progress=False)
         result = CliRunner().invoke(main, ["project-grads", "--run", str(run_dir), "--proj-dim", "64"])
         assert result.exit_code == 2 and "another influence process is writing" in result.output
         assert not (run_dir / "grads.zarr").exists()
-    finally:
-        holder.kill()
-        holder.wait()
     project_grads(run_dir, tiny_run["target"], proj_dim=64, chunk_size=5, progress=False)  # released by the kill
 
 
@@ -134,19 +142,8 @@ def test_a_store_killed_while_being_created_never_appears(tiny_run, tmp_path, mo
 def test_rank_says_when_a_writer_is_at_work(tiny_run, tmp_path):
     run_dir = _copy_run(tiny_run, tmp_path, "reading")
     project_grads(run_dir, tiny_run["target"], proj_dim=64, chunk_size=5, progress=False)
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import time
-        from influence.store import writer_lock
-        with writer_lock({str(run_dir)!r}, "test"):
-            print("locked", flush=True)
-            time.sleep(60)
-    """)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with _lock_held_by_another_process(run_dir):
         rank(run_dir, tiny_run["target"], out=tmp_path / "r")
-    finally:
-        holder.kill()
-        holder.wait()
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert any("another influence process was writing" in w for w in summary["warnings"])
 

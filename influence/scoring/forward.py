@@ -37,7 +37,7 @@ from ..models import choose_device, load_adapter, load_base_model, model_fingerp
 from ..run import Run
 from ..store import ChunkedStore, exclusive
 from ..templates import IGNORE_INDEX, Encoded, collate, encode_example
-from ..units import fill_pending
+from ..units import check_sizes, fill_pending
 from .base import Scores
 from .less import check_current
 
@@ -113,6 +113,7 @@ def compute_forward_scores(
     run_dir: str | Path, batch_size: int = 8, chunk_size: int = 128, overwrite: bool = False, progress: bool = True
 ) -> list[str]:
     """Fill the forward-score store of every checkpoint for the whole pool (resumable)."""
+    check_sizes(batch_size=batch_size, chunk_size=chunk_size)
     run = Run(run_dir)
     run.check_data_unchanged()
     pool: list[Example] = load_pool(run.train_files)

@@ -25,7 +25,7 @@ from ..run import Checkpoint, Run
 from ..store import TRAIN, ChunkedStore, check_metadata, exclusive, target_dataset
 from ..targets import load_target, target_name
 from ..templates import encode_example
-from ..units import fill_pending
+from ..units import check_sizes, fill_pending
 from .base import Scores
 
 FORMAT = "influence-reps"
@@ -71,6 +71,7 @@ def compute_representations(run_dir: str | Path, target: str | None = None, targ
                             batch_size: int = 8, chunk_size: int = 128, overwrite: bool = False,
                             progress: bool = True) -> list[ChunkedStore]:
     """Fill the representation stores of the pool (and ``target``) at the run's last checkpoint."""
+    check_sizes(batch_size=batch_size, chunk_size=chunk_size)
     run = Run(run_dir)
     run.check_data_unchanged()
     checkpoint = run.checkpoints()[-1]
