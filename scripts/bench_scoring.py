@@ -26,7 +26,7 @@ def build_store(path: Path, rows: int, dim: int, chunk: int = 4096):
     """A gradient store of ``rows`` pseudo-random fp16 rows (written once, reused afterwards)."""
     from influence.store import GradientStore
 
-    meta = {"model": "bench", "checkpoint": "c", "adapter_sha256": "-", "gradient_type": "adam",
+    meta = {"model": "bench", "checkpoint": "c", "adapter_sha256": "-", "gradient_type": "adam", "feature": "bench",
             "projector": {"output_dim": dim}, "dtype": "float16", "dataset": "train", "n_examples": rows,
             "examples_sha256": f"bench-{rows}-{dim}", "max_length": 0, "chunk_size": chunk}
     ids = [str(i) for i in range(rows)]
