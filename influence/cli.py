@@ -49,7 +49,9 @@ def main(verbose: bool) -> None:
 
     Typical use: `influence warmup` -> `influence project-grads` -> `influence rank`.
     """
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    level = logging.DEBUG if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(message)s")
+    logging.getLogger("bm25s").setLevel(level)  # it sets its own logger to DEBUG
 
 
 def warmup_options(command):
