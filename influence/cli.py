@@ -49,9 +49,7 @@ def main(verbose: bool) -> None:
 
     Typical use: `influence warmup` -> `influence project-grads` -> `influence rank`.
     """
-    level = logging.DEBUG if verbose else logging.WARNING
-    logging.basicConfig(level=level, format="%(levelname)s %(message)s")
-    logging.getLogger("bm25s").setLevel(level)  # it sets its own logger to DEBUG
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(message)s")
 
 
 def warmup_options(command):

@@ -19,6 +19,7 @@ needs a warm-up checkpoint or a gradient, so they run on any run directory in se
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,9 @@ def random_scores(run_dir: str | Path, target: str | None = None, seed: int = 0)
 
 def bm25_scores(run_dir: str | Path, target: str, target_tasks: list[str] | None = None) -> Scores:
     import bm25s
+
+    # bm25s sets its logger to DEBUG on import; follow the root logger's level instead
+    logging.getLogger("bm25s").setLevel(logging.getLogger().getEffectiveLevel())
 
     pool = _pool(run_dir)
     targets = load_target(target, target_tasks)
