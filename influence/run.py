@@ -16,6 +16,7 @@ half-written checkpoint behind.
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import shutil
@@ -57,7 +58,8 @@ class Checkpoint:
         return self.path / "adapter_model.safetensors"
 
     def adapter_sha256(self) -> str:
-        return file_sha256(self.adapter_file)
+        stat = self.adapter_file.stat()
+        return _file_sha256_cached(str(self.adapter_file), stat.st_size, stat.st_mtime_ns)
 
     def rng_state(self) -> torch.Tensor:
         with safe_open(str(self.path / "optimizer.safetensors"), framework="pt") as tensors:
@@ -70,6 +72,13 @@ class Checkpoint:
         exp_avg = {k[len("exp_avg."):]: v for k, v in tensors.items() if k.startswith("exp_avg.")}
         exp_avg_sq = {k[len("exp_avg_sq."):]: v for k, v in tensors.items() if k.startswith("exp_avg_sq.")}
         return exp_avg, exp_avg_sq, state["optimizer"]
+
+
+@functools.lru_cache(maxsize=64)
+def _file_sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a file, computed once per (path, size, modification time) in a process: every reader
+    checks every store against its checkpoint's adapter, and large adapters are slow to hash."""
+    return file_sha256(path)
 
 
 def save_checkpoint(
