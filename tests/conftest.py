@@ -75,7 +75,7 @@ def make_target_file(folder: Path) -> str:
 def tiny_run(tmp_path_factory):
     """A warmed-up tiny run with train and target gradient stores (2 checkpoints)."""
     from influence.collect import project_grads
-    from influence.training import WarmupConfig, warmup
+    from influence.train.warmup import WarmupConfig, warmup
 
     folder = tmp_path_factory.mktemp("tiny_run")
     chat = write_jsonl(folder / "chat.jsonl", [

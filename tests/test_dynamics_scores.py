@@ -11,7 +11,7 @@ from influence.scoring.dynamics import count_forgetting, forgetting_table
 from influence.scoring.forward import METRICS, compute_forward_scores
 from influence.selection import select
 from influence.store import ChunkedStore, GradientStore
-from influence.training import WarmupConfig, warmup
+from influence.train.warmup import WarmupConfig, warmup
 
 from .conftest import group, write_jsonl
 

@@ -4,7 +4,7 @@ from click.testing import CliRunner
 
 from influence.cli import main
 from influence.data import load_pool
-from influence.evaluation import corrupt_pool, roc_auc
+from influence.evaluate.noisy import corrupt_pool, roc_auc
 
 
 def test_roc_auc():

@@ -25,7 +25,7 @@ from influence.scoring import METHODS, less_scores
 from influence.selection import rank
 from influence.store import GradientStore, writer_lock
 from influence.targets import load_target
-from influence.training import WarmupConfig, warmup
+from influence.train.warmup import WarmupConfig, warmup
 
 from .conftest import group, write_jsonl
 from .test_store import _copy_run
@@ -150,7 +150,7 @@ def test_rank_says_when_a_writer_is_at_work(tiny_run, tmp_path):
 
 # 6. degenerate training and degenerate scores --------------------------------------------------------------
 def test_non_finite_training_loss_stops_the_warmup(tmp_path, pool_files, monkeypatch):
-    import influence.training as training
+    import influence.train.warmup as training
 
     original, calls = training.forward_response, {"n": 0}
 

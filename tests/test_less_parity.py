@@ -26,7 +26,7 @@ from influence.models import LoraSettings, build_tiny_llama
 from influence.projection import Projector
 from influence.targets import load_target
 from influence.templates import collate, encode_example
-from influence.training import WarmupConfig, warmup
+from influence.train.warmup import WarmupConfig, warmup
 
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-08  # LESS obtain_gradients_with_adam
 DIM = 256

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from influence.errors import DataFormatError, RunError
 from influence.run import Run
-from influence.training import WarmupConfig, sample_fraction, warmup
+from influence.train.warmup import WarmupConfig, sample_fraction, warmup
 
 
 def test_run_layout_and_manifest(tiny_run):
@@ -70,7 +70,7 @@ def test_changed_pool_file_is_detected(tiny_run, tmp_path):
 
 
 def test_interrupted_warmup_resumes_identically(tmp_path, pool_files, monkeypatch):
-    import influence.training as training
+    import influence.train.warmup as training
     from influence.models import LoraSettings
 
     def config(out):

@@ -19,13 +19,13 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .data import Example, file_sha256, load_pool
-from .errors import InfluenceError, RunError
-from .losses import ResponseForward, forward_response
-from .models import LoraSettings, add_lora, check_model_name, choose_device, load_base_model, lora_parameters, model_fingerprint
-from .run import Run, atomic_write, package_versions, save_checkpoint, write_manifest
-from .store import LOCK_FILE, writer_lock
-from .templates import Encoded, collate, encode_example
+from ..data import Example, file_sha256, load_pool
+from ..errors import InfluenceError, RunError
+from ..losses import ResponseForward, forward_response
+from ..models import LoraSettings, add_lora, check_model_name, choose_device, load_base_model, lora_parameters, model_fingerprint
+from ..run import Run, atomic_write, package_versions, save_checkpoint, write_manifest
+from ..store import LOCK_FILE, writer_lock
+from ..templates import Encoded, collate, encode_example
 
 LOSS_WEIGHTINGS = ("micro_batch", "token")
 

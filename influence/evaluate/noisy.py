@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .collect import project_grads
-from .data import Example, load_pool
-from .errors import InfluenceError
-from .scoring import METHODS, TARGET_METHODS
-from .scoring.forward import compute_forward_scores
-from .training import WarmupConfig, warmup
+from ..collect import project_grads
+from ..data import Example, load_pool
+from ..errors import InfluenceError
+from ..scoring import METHODS, TARGET_METHODS
+from ..scoring.forward import compute_forward_scores
+from ..train.warmup import WarmupConfig, warmup
 
 
 def corrupt_pool(

@@ -1,0 +1,1 @@
+"""Evaluations that say whether a score can be trusted."""
