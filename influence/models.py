@@ -56,10 +56,13 @@ def cache_dir() -> Path:
 class LoraSettings:
     """LoRA hyper-parameters. Defaults are LESS's (r=128, alpha=512, dropout 0.1, q/k/v/o)."""
 
-    r: int = 128
-    alpha: float = 512.0
-    dropout: float = 0.1
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    r: int = field(default=128, metadata={"help": "LoRA rank.", "min": 1})
+    alpha: float = field(default=512.0, metadata={"help": "LoRA scaling numerator (scale = alpha / r).", "min": 0,
+                                                  "min_open": True})
+    dropout: float = field(default=0.1, metadata={"help": "LoRA dropout while training.", "min": 0, "max": 1, "max_open": True})
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+                                      metadata={"flag": "modules", "list": True,
+                                                "help": "Comma-separated names of the linear modules to adapt."})
 
     def to_peft(self):
         from peft import LoraConfig

@@ -150,7 +150,7 @@ def test_rank_says_when_a_writer_is_at_work(tiny_run, tmp_path):
 
 # 6. degenerate training and degenerate scores --------------------------------------------------------------
 def test_non_finite_training_loss_stops_the_warmup(tmp_path, pool_files, monkeypatch):
-    import influence.train.warmup as training
+    import influence.train.loop as training
 
     original, calls = training.forward_response, {"n": 0}
 

@@ -1,0 +1,184 @@
+"""The one training primitive: LoRA fine-tuning of a causal LM on encoded examples, epoch by epoch.
+
+The warm-up (checkpoints with Adam moments, per-presentation dynamics) and the models of the
+counterfactual engine (one per random subset of the pool) both train through :class:`LoraTrainer`,
+with the settings of :class:`TrainSettings`. Its defaults are LESS's: ``less/scripts/train/
+base_training_args.sh`` on top of the Hugging Face Trainer defaults of the version LESS pins
+(transformers 4.36.2).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..errors import InfluenceError
+from ..losses import ResponseForward, forward_response
+from ..models import LoraSettings, lora_parameters
+from ..templates import Encoded, collate
+
+LOSS_WEIGHTINGS = ("micro_batch", "token")
+
+
+@dataclass(kw_only=True)
+class TrainSettings:
+    """How a LoRA adapter is trained; defaults are LESS's.
+
+    LESS's flags: 4 epochs, lr 2e-5, linear schedule, 3% warm-up, weight decay 0, AdamW (torch),
+    batch 1 x 32 accumulation, LoRA r=128/alpha=512/dropout 0.1 on q/k/v/o. Trainer defaults: betas
+    (0.9, 0.999), eps 1e-8, gradient-norm clipping at ``max_grad_norm = 1.0``, warm-up steps
+    ``ceil(ratio * total)``, and, under accumulation, each forward pass's mean token loss divided by
+    the accumulation steps (``loss_weighting = "micro_batch"``: with batch 1 every example weighs the
+    same; ``"token"`` weighs every response token of the step the same, as transformers >= 4.46 does).
+
+    Deliberate differences: an optimizer step is also taken on the last, partial accumulation window
+    of an epoch (transformers 4.36 carries it over into the next epoch), so each per-epoch checkpoint
+    holds exactly that epoch's updates; we train in fp32 by default (``bf16`` autocasts the forward).
+    """
+
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    epochs: int = field(default=4, metadata={"help": "Epochs of training.", "min": 1})
+    learning_rate: float = field(default=2e-5, metadata={"flag": "lr", "help": "Peak learning rate (linear decay).",
+                                                         "min": 0, "min_open": True})
+    warmup_ratio: float = field(default=0.03, metadata={"help": "Fraction of steps with linear LR warm-up.",
+                                                        "min": 0, "max": 1, "max_open": True})
+    batch_size: int = field(default=1, metadata={"help": "Examples per forward pass.", "min": 1})
+    grad_accum: int = field(default=32, metadata={"help": "Forward passes per optimizer step.", "min": 1})
+    max_length: int = field(default=2048, metadata={"help": "Truncate examples to this many tokens.", "min": 1})
+    seed: int = field(default=0, metadata={"help": "Seed of the random subset (where one is drawn), the LoRA initialisation and the data order."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay.", "min": 0})
+    max_grad_norm: float = field(default=1.0, metadata={
+        "help": "Clip the gradient norm of each optimizer step (the Trainer default LESS trains with); 0 = off.",
+        "min": 0})
+    loss_weighting: str = field(default="micro_batch", metadata={
+        "choices": LOSS_WEIGHTINGS,
+        "help": "Under accumulation: each forward pass's mean loss / accumulation steps (Trainer 4.36, LESS) or "
+                "every response token of the step weighted alike (Trainer >= 4.46)."})
+    bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast for the forward pass."})
+
+    def problems(self) -> list[str]:
+        """What is out of range, named by CLI option (empty when the settings are usable)."""
+        problems = []
+        for name, value in (("epochs", self.epochs), ("batch-size", self.batch_size),
+                            ("grad-accum", self.grad_accum), ("max-length", self.max_length)):
+            if value < 1:
+                problems.append(f"--{name} must be at least 1, got {value}")
+        if not self.learning_rate > 0:
+            problems.append(f"--lr must be positive, got {self.learning_rate}")
+        if not 0 <= self.warmup_ratio < 1:
+            problems.append(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            problems.append("--weight-decay and --max-grad-norm must not be negative")
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            problems.append(f"--loss-weighting must be one of {', '.join(LOSS_WEIGHTINGS)}, got {self.loss_weighting!r}")
+        return problems + self.lora.problems()
+
+
+def step_loss(forward: ResponseForward, step_tokens: int, settings: TrainSettings) -> torch.Tensor:
+    """This forward pass's share of the optimizer step's loss (see ``TrainSettings.loss_weighting``)."""
+    if settings.loss_weighting == "token":
+        return (forward.losses * forward.counts).sum() / max(step_tokens, 1)
+    # Trainer 4.36: the model's loss is the mean over the pass's response tokens; accelerate divides
+    # it by the accumulation steps.
+    mean = (forward.losses * forward.counts).sum() / forward.counts.sum().clamp(min=1)
+    return mean / settings.grad_accum
+
+
+def token_accuracy(forward: ResponseForward) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per example: fraction of response tokens predicted by argmax, and whether all were."""
+    accuracy = forward.per_example((forward.logits.argmax(dim=-1) == forward.targets).float())
+    return accuracy, accuracy == 1
+
+
+class TrainingDiverged(InfluenceError):
+    """The training loss became NaN/inf: the adapter would be NaN."""
+
+
+class LoraTrainer:
+    """AdamW with a linear warm-up/decay schedule over the LoRA parameters of a peft model.
+
+    ``run_epoch(epoch)`` makes one pass over ``encoded`` in an order seeded by (seed, epoch) and
+    returns one dynamics row per presentation (loss, response-token accuracy, exact match). The
+    optimizer state is keyed by parameter name (:attr:`names`) so checkpoints can be restored.
+    """
+
+    def __init__(self, model, encoded: list[Encoded], ids: list[str], settings: TrainSettings, pad_token_id: int,
+                 device: torch.device):
+        self.model, self.encoded, self.ids, self.settings = model, encoded, ids, settings
+        self.pad_token_id, self.device = pad_token_id, device
+        self.names = {p: n for n, p in lora_parameters(model).items()}
+        self.optimizer = torch.optim.AdamW(list(self.names), lr=settings.learning_rate, betas=(0.9, 0.999), eps=1e-8,
+                                           weight_decay=settings.weight_decay)
+        self.per_step = settings.batch_size * settings.grad_accum
+        self.steps_per_epoch = math.ceil(len(encoded) / self.per_step)
+        self.total_steps = self.steps_per_epoch * settings.epochs
+        self.warmup_steps = math.ceil(settings.warmup_ratio * self.total_steps)
+        from transformers import get_linear_schedule_with_warmup
+
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, self.warmup_steps, self.total_steps)
+        self.step = 0
+
+    def restore(self, adapter: dict[str, torch.Tensor], exp_avg: dict[str, torch.Tensor],
+                exp_avg_sq: dict[str, torch.Tensor], step: int, rng_state: torch.Tensor) -> None:
+        """Continue from a checkpoint: adapter weights, Adam moments, schedule position, RNG state."""
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(self.model, adapter)
+        for param, name in self.names.items():
+            self.optimizer.state[param] = {
+                "step": torch.tensor(float(step)),
+                "exp_avg": exp_avg[name].to(self.device),
+                "exp_avg_sq": exp_avg_sq[name].to(self.device),
+            }
+        with warnings.catch_warnings():  # replaying the schedule without optimizer steps is intended here
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(step):
+                self.scheduler.step()
+        self.step = step
+        torch.set_rng_state(rng_state)
+
+    def run_epoch(self, epoch: int, bar=None, where: str = "") -> tuple[list[dict], list[float]]:
+        """Train one epoch; returns (dynamics rows, learning rate of each optimizer step)."""
+        settings, encoded = self.settings, self.encoded
+        self.model.train()
+        order = torch.randperm(len(encoded), generator=torch.Generator().manual_seed(settings.seed * 1000 + epoch))
+        rows, lrs = [], []
+        for start in range(0, len(order), self.per_step):
+            step_indices = order[start : start + self.per_step].tolist()
+            n_tokens = sum(encoded[i].n_response_tokens for i in step_indices)
+            for micro in range(0, len(step_indices), settings.batch_size):
+                indices = step_indices[micro : micro + settings.batch_size]
+                batch = {k: v.to(self.device) for k, v in collate([encoded[i] for i in indices], self.pad_token_id).items()}
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=settings.bf16):
+                    forward = forward_response(self.model, batch)
+                losses = forward.losses
+                if not torch.isfinite(losses).all():
+                    raise TrainingDiverged(
+                        f"{where + ': ' if where else ''}the training loss became non-finite at epoch {epoch}, step "
+                        f"{self.step + 1} (learning rate {self.optimizer.param_groups[0]['lr']:.3g}); the adapters would be "
+                        "NaN. Lower --lr, or check the data; nothing after the last checkpoint was kept"
+                    )
+                step_loss(forward, n_tokens, settings).backward()
+                with torch.no_grad():
+                    accuracy, exact = token_accuracy(forward)
+                del forward
+                for j, i in enumerate(indices):
+                    rows.append({"phase": "train", "epoch": epoch, "step": self.step + 1, "id": self.ids[i],
+                                 "loss": float(losses[j].detach()), "token_accuracy": float(accuracy[j]),
+                                 "exact_match": bool(exact[j])})
+            lrs.append(self.optimizer.param_groups[0]["lr"])
+            if settings.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(list(self.names), settings.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            if bar is not None:
+                recent = [d["loss"] for d in rows[-self.per_step:]]
+                bar.set_postfix(epoch=epoch, loss=f"{np.mean(recent):.3f}", lr=f"{lrs[-1]:.2e}")
+                bar.update(1)
+        return rows, lrs
