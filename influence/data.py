@@ -23,7 +23,7 @@ import hashlib
 import io
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,21 @@ class Example:
     response_prefix: str = ""
     label_end_of_turn: bool = True
     line: int | None = None  # where the record starts in its file (JSON arrays: the record's position)
+    # Multiple choice: the possible answers (the last response is one of them), e.g. MMLU's " A".." D".
+    # Used to measure the correct answer's margin; not part of the gradient, so not of the content hash.
+    choices: list[str] | None = None
+
+    @property
+    def response(self) -> str:
+        """The last assistant turn: the answer a target's loss is taken on."""
+        return [m["content"] for m in self.messages if m["role"] == "assistant"][-1]
+
+    def with_response(self, response: str) -> Example:
+        """The same example with another last response (e.g. a wrong choice), for scoring it."""
+        messages = [dict(m) for m in self.messages]
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        messages[last]["content"] = response
+        return replace(self, messages=messages)
 
 
 def _check_messages(messages: Any, path: str, line: int) -> list[dict[str, str]]:

@@ -13,6 +13,14 @@ Gradient features, as in LESS:
   ``m' = b1 m + (1-b1) g``, ``v' = b2 v + (1-b2) g^2``, feature ``m' / sqrt(v' + eps)``, exactly as
   LESS's ``obtain_gradients_with_adam`` (eps *inside* the square root; with LoRA gradients most ``v'``
   are far below ``eps = 1e-8``, so ``m' / (sqrt(v') + eps)`` would be a different feature).
+
+Also, for TracIn (``project-grads --train-gradient sgd``) the pool's plain gradient, and for TRAK
+(``--train-gradient margin``) the gradient of TRAK's model output function, the margin
+``log p - log(1 - p)`` of each response token averaged over the response (for a multi-class output
+TRAK's margin is the gold logit minus the log-sum-exp of the others), for pool and target alike.
+Averaging over tokens, as the training loss does, keeps ``Q * grad f`` equal to minus the loss
+gradient wherever ``1 - p`` is the same for every token, with ``Q`` TRAK's out-to-loss weight
+``1 - p`` averaged the same way.
 """
 
 from __future__ import annotations
@@ -22,8 +30,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .losses import forward_response
+from .losses import forward_response, mean_by_row
 from .models import lora_parameters
+
+OBJECTIVES = ("loss", "margin")
 
 
 @dataclass
@@ -32,6 +42,16 @@ class BatchGradients:
     losses: torch.Tensor  # (batch,) mean response-token loss
     n_tokens: torch.Tensor  # (batch,) response tokens
     norms: torch.Tensor  # (batch,) L2 norm of the plain (unprojected, unpreconditioned) gradient
+    out_to_loss: torch.Tensor | None = None  # (batch,) margin objective: mean of 1 - p over response tokens
+
+
+def token_margins(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """TRAK's margin per token: the gold token's logit minus the log-sum-exp of every other logit,
+    ``log p - log(1 - p)`` (computed without forming ``1 - p``, which underflows as p -> 1)."""
+    logits = logits.float()
+    gold = logits.gather(1, targets[:, None])[:, 0]
+    others = logits.scatter(1, targets[:, None], float("-inf")).logsumexp(dim=1)
+    return gold - others
 
 
 class LoraGradients:
@@ -79,12 +99,25 @@ class LoraGradients:
         for handle in self._handles:
             handle.remove()
 
-    def compute(self, batch: dict[str, torch.Tensor]) -> BatchGradients:
+    def compute(self, batch: dict[str, torch.Tensor], objective: str = "loss") -> BatchGradients:
+        """Per-example gradients of ``objective``: ``loss`` (mean response-token NLL) or ``margin``
+        (mean response-token TRAK margin, :func:`token_margins`; ``out_to_loss`` is then TRAK's
+        ``1 - p`` averaged over the response tokens)."""
+        if objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {objective!r}")
         self._inputs.clear()
         self._output_grads.clear()
         forward = forward_response(self.model, batch)
-        forward.losses.sum().backward()
         losses, counts, rows = forward.losses, forward.counts, forward.rows
+        out_to_loss = None
+        if objective == "margin":
+            margins = mean_by_row(token_margins(forward.logits, forward.targets), rows, len(counts))
+            with torch.no_grad():
+                token_loss = torch.nn.functional.cross_entropy(forward.logits.float(), forward.targets, reduction="none")
+                out_to_loss = mean_by_row(1 - torch.exp(-token_loss), rows, len(counts))
+            margins.sum().backward()
+        else:
+            losses.sum().backward()
         del forward
         pieces = []
         for name in self.names:
@@ -98,7 +131,7 @@ class LoraGradients:
         self._inputs.clear()
         self._output_grads.clear()
         grads = torch.cat(pieces, dim=1)
-        return BatchGradients(grads, losses.detach(), counts, grads.norm(dim=1))
+        return BatchGradients(grads, losses.detach(), counts, grads.norm(dim=1), out_to_loss)
 
     def flatten(self, tensors: dict[str, torch.Tensor], device) -> torch.Tensor:
         """Concatenate per-parameter tensors (e.g. Adam moments) in gradient order."""
@@ -121,7 +154,10 @@ def _unflatten(values: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor) -
 FEATURES = {
     "adam": "m'/sqrt(v'+eps); m'=b1*m+(1-b1)*g, v'=b2*v+(1-b2)*g^2 (LESS obtain_gradients_with_adam)",
     "sgd": "g (plain gradient of the mean response-token loss)",
+    "margin": "grad of the mean over response tokens of TRAK's margin logit(gold) - logsumexp(other logits); "
+              "out_to_loss = mean over response tokens of 1 - p(gold)",
 }
+OBJECTIVE_OF = {"adam": "loss", "sgd": "loss", "margin": "margin"}  # what a feature differentiates
 
 
 @dataclass

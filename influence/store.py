@@ -217,12 +217,14 @@ class GradientStore(ChunkedStore):
             "loss": ((), "float32"),
             "n_tokens": ((), "int32"),
         }
+        if metadata["gradient_type"] == "margin":
+            columns["out_to_loss"] = ((), "float32")  # TRAK's Q: mean of 1 - p over the response tokens
         return super().open_or_create(root, path, metadata, ids, tasks, columns, overwrite)
 
-    def write_chunk(
-        self, index: int, grads: np.ndarray, norms: np.ndarray, loss: np.ndarray, n_tokens: np.ndarray
-    ) -> np.ndarray:
-        return self.write_columns(index, grads=grads, norms=norms, loss=loss, n_tokens=n_tokens)
+    def write_chunk(self, index: int, grads: np.ndarray, norms: np.ndarray, loss: np.ndarray, n_tokens: np.ndarray,
+                    out_to_loss: np.ndarray | None = None) -> np.ndarray:
+        extra = {} if out_to_loss is None else {"out_to_loss": out_to_loss}
+        return self.write_columns(index, grads=grads, norms=norms, loss=loss, n_tokens=n_tokens, **extra)
 
 
 def _build(root, path: str, metadata: dict, ids: list[str], tasks: list[str], columns: Columns) -> None:
@@ -236,8 +238,13 @@ def _build(root, path: str, metadata: dict, ids: list[str], tasks: list[str], co
     for name, (shape, chunks, dtype) in arrays.items():
         group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0)
     for name, values in (("ids", ids), ("tasks", tasks)):
-        array = group.create_array(name, shape=(n,), chunks=(max(n, 1),), dtype=str)
-        array[:] = np.asarray(values, dtype=object).astype(str)
+        _write_strings(group, name, values)
+
+
+def _write_strings(group: zarr.Group, name: str, values: list[str]) -> None:
+    """A 1-D array of variable-length strings (ids, subtask labels)."""
+    array = group.create_array(name, shape=(len(values),), chunks=(max(len(values), 1),), dtype=str)
+    array[:] = np.asarray(values, dtype=object).astype(str)
 
 
 PARTIAL = ".partial-"
@@ -333,6 +340,17 @@ def grads_group(dim: int, dataset: str, checkpoint: str) -> str:
     return f"dim{dim}/{dataset}/{checkpoint}"
 
 
+GRADIENT_TYPES = ("adam", "sgd", "margin")
+
+
+def gradient_dataset(dataset: str, gradient_type: str) -> str:
+    """Where a dataset's stores of one gradient type live: the pool's Adam features under ``train`` and
+    a target's plain gradients under its own name (what LESS reads), any other type under
+    ``<dataset>.<type>`` (``train.sgd`` for TracIn, ``train.margin`` and ``target-....margin`` for TRAK)."""
+    default = "adam" if dataset == TRAIN else "sgd"
+    return dataset if gradient_type == default else f"{dataset}.{gradient_type}"
+
+
 def target_dataset(name: str, examples_sha256: str) -> str:
     """Dataset name of a target: its short name plus a hash of its content (examples, tasks, ids)."""
     return f"target-{name}-{examples_sha256[:12]}"
@@ -354,9 +372,197 @@ def stored_dims(root: str | Path) -> list[int]:
     return sorted(int(p.name[3:]) for p in root.iterdir() if p.is_dir() and p.name.startswith("dim") and p.name[3:].isdigit())
 
 
-def stored_datasets(root: str | Path, dim: int, prefix: str = "") -> list[str]:
-    """Datasets with at least one gradient store of dimension ``dim`` whose name starts with ``prefix``."""
+def stored_datasets(root: str | Path, dim: int, prefix: str = "", gradient_type: str | None = None) -> list[str]:
+    """Datasets with at least one gradient store of dimension ``dim`` whose name starts with ``prefix``
+    (with ``gradient_type``: only the stores of that type, see :func:`gradient_dataset`)."""
     folder = Path(root, f"dim{dim}")
     if not folder.is_dir():
         return []
-    return sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name.startswith(prefix))
+    names = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name.startswith(prefix) and PARTIAL not in p.name)
+    if gradient_type is None:
+        return names
+    default = gradient_type in ("adam", "sgd")
+    return [n for n in names if ("." not in n if default else n.endswith("." + gradient_type))]
+
+
+SUBSETS_FORMAT = "influence-subsets"
+SUBSETS_VERSION = 1
+UNIT_OUTCOMES = ("loss", "accuracy", "probability", "margin", "choice_correct")  # rows of a unit's arrays
+POOL = "pool"
+
+
+def random_mask(n: int, size: int, seed: int, unit: int) -> np.ndarray:
+    """Unit ``unit``'s subset of a random design: ``size`` of ``n`` examples, a pure function of
+    (seed, unit), so every worker derives the same masks and a design can grow without rewriting."""
+    mask = np.zeros(n, dtype=bool)
+    mask[np.random.default_rng([seed, unit]).choice(n, size=size, replace=False)] = True
+    return mask
+
+
+class SubsetStore:
+    """Models trained on subsets of the pool (the counterfactual engine's units) and their outcomes.
+
+    ``runs/x/subsets.zarr/<name>/`` holds the pool's ids, each evaluated target's ids and subtasks
+    (``targets/<dataset>/``), the design (``random``: unit ``k`` trains on :func:`random_mask`;
+    ``explicit``: the ``masks`` array, one named row per unit), the training settings and the model
+    fingerprint; ``units/unit-<k>/`` holds one finished model's ``mask`` (n_pool bool) and its
+    outcomes (:data:`UNIT_OUTCOMES` x examples, float32) on the pool (``pool``) and on every target
+    (``target-<...>``). A unit is published whole (built under a temporary name and renamed), so it
+    exists complete or not at all; ``claims/`` holds the workers' locks (:class:`~influence.units.UnitClaims`).
+    """
+
+    def __init__(self, root: str | Path, name: str):
+        self.root, self.name = Path(root), name
+        self.path = self.root / name
+        self.group = zarr.open_group(store=str(self.root), path=name, mode="r")
+
+    @classmethod
+    def open(cls, root: str | Path, name: str) -> SubsetStore:
+        if not Path(root, name, "zarr.json").is_file():
+            known = ", ".join(stored_subsets(root)) or "none"
+            raise InfluenceError(f"no subset models named '{name}' in {root} (stored: {known}); "
+                                 "train them with `influence subsets train`")
+        store = cls(root, name)
+        if store.metadata.get("format") != SUBSETS_FORMAT or store.metadata.get("format_version") != SUBSETS_VERSION:
+            raise StoreMismatchError("format_version", SUBSETS_VERSION, store.metadata.get("format_version"), str(store.path))
+        return store
+
+    @classmethod
+    def open_or_create(cls, root: str | Path, name: str, metadata: dict, pool_ids: list[str],
+                       targets: dict[str, tuple[list[str], list[str]]], masks: np.ndarray | None = None) -> SubsetStore:
+        """Open ``root/name`` checking ``metadata`` and the evaluated targets, or create it. Several
+        workers may call this at once: creation is serialised by a lock and published whole."""
+        metadata = {"format": SUBSETS_FORMAT, "format_version": SUBSETS_VERSION, **metadata}
+        Path(root).mkdir(parents=True, exist_ok=True)
+        with FileLock(str(Path(root, f".{name}.create.lock"))):
+            if not Path(root, name, "zarr.json").is_file():
+                _remove_partials(root, name)
+                _publish(root, name, lambda tmp: _build_subsets(root, tmp, metadata, pool_ids, targets, masks))
+        store = cls.open(root, name)
+        where = str(store.path)
+        fields = tuple(k for k in metadata if k not in ("influence_version", "targets"))
+        check_metadata(store.metadata, metadata, where + " (another design, model, pool or training settings; "
+                       "choose another --name)", fields)
+        stored, wanted = set(store.targets), set(targets)
+        if stored != wanted:
+            raise StoreMismatchError("targets", sorted(wanted), sorted(stored), where + " (these subset models evaluate "
+                                     "other targets; choose another --name to evaluate these)")
+        if masks is not None and not np.array_equal(store.group["masks"][:], masks):
+            raise StoreMismatchError("masks", "the requested subsets", "other subsets", where)
+        return store
+
+    @property
+    def metadata(self) -> dict:
+        return dict(self.group.attrs)
+
+    @property
+    def design(self) -> dict:
+        return self.metadata["design"]
+
+    @property
+    def n_pool(self) -> int:
+        return int(self.metadata["n_pool"])
+
+    @property
+    def targets(self) -> dict[str, dict]:
+        """Evaluated targets: dataset name -> {target, n_examples, examples_sha256, multiple_choice}."""
+        return self.metadata["targets"]
+
+    @property
+    def pool_ids(self) -> np.ndarray:
+        return self.group["ids"][:]
+
+    def target_labels(self, dataset: str) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, subtasks) of an evaluated target."""
+        self.require_target(dataset)
+        return self.group[f"targets/{dataset}/ids"][:], self.group[f"targets/{dataset}/tasks"][:]
+
+    def require_target(self, dataset: str) -> None:
+        if dataset != POOL and dataset not in self.targets:
+            names = ", ".join(t["target"] for t in self.targets.values()) or "none"
+            raise InfluenceError(f"{self.path}: these subset models did not evaluate this target (or it changed "
+                                 f"since: its content hash differs); they evaluated: {names}. Train subset models "
+                                 "that evaluate it (`influence subsets train --target ... --name ...`)")
+
+    @property
+    def n_units(self) -> int | None:
+        """Units of an explicit design; None for a random design (it grows with ``--k``)."""
+        return int(self.group["masks"].shape[0]) if self.design["kind"] == "explicit" else None
+
+    @property
+    def unit_names(self) -> list[str]:
+        return list(self.design.get("names", []))
+
+    def mask(self, unit: int) -> np.ndarray:
+        design = self.design
+        if design["kind"] == "explicit":
+            return self.group["masks"][unit]
+        return random_mask(self.n_pool, design["size"], design["seed"], unit)
+
+    def unit_path(self, unit: int) -> str:
+        return f"{self.name}/units/unit-{unit:06d}"
+
+    def is_done(self, unit: int) -> bool:
+        return Path(self.root, self.unit_path(unit), "zarr.json").is_file()
+
+    def done_units(self) -> list[int]:
+        folder = self.path / "units"
+        if not folder.is_dir():
+            return []
+        return sorted(int(p.name[5:]) for p in folder.iterdir() if p.name.startswith("unit-") and p.name[5:].isdigit()
+                      and (p / "zarr.json").is_file())
+
+    def write_unit(self, unit: int, mask: np.ndarray, outcomes: dict[str, dict[str, np.ndarray]], attrs: dict) -> None:
+        """Publish one finished unit: its mask and, per dataset (``pool`` and each target), its
+        outcomes. Callers hold the unit's claim, so leftovers of its earlier attempts are theirs."""
+        missing = sorted({POOL, *self.targets} - set(outcomes))
+        if missing:
+            raise ValueError(f"unit {unit} lacks outcomes for {missing}")
+
+        def build(tmp: str) -> None:
+            group = zarr.create_group(store=str(self.root), path=tmp, attributes=attrs, overwrite=True)
+            group.create_array("mask", data=np.asarray(mask, dtype=bool))
+            for dataset, values in outcomes.items():
+                rows = np.stack([np.asarray(values[o], dtype=np.float32) for o in UNIT_OUTCOMES])
+                group.create_array(dataset, data=rows)
+
+        _remove_partials(self.root, self.unit_path(unit))
+        _publish(self.root, self.unit_path(unit), build)
+
+    def outcomes(self, dataset: str, outcome: str, units: list[int] | None = None) -> tuple[list[int], np.ndarray, np.ndarray]:
+        """(units, masks (units x n_pool bool), values (units x examples)) of finished units."""
+        self.require_target(dataset)
+        if outcome not in UNIT_OUTCOMES:
+            raise InfluenceError(f"unknown outcome '{outcome}'; choose from {', '.join(UNIT_OUTCOMES)}")
+        units = self.done_units() if units is None else units
+        row = UNIT_OUTCOMES.index(outcome)
+        masks, values = [], []
+        for unit in units:
+            group = zarr.open_group(store=str(self.root), path=self.unit_path(unit), mode="r")
+            masks.append(group["mask"][:])
+            values.append(group[dataset][row])
+        n = self.n_pool if dataset == POOL else int(self.targets[dataset]["n_examples"])
+        return (units, np.array(masks, dtype=bool).reshape(len(units), self.n_pool),
+                np.array(values, dtype=np.float64).reshape(len(units), n))
+
+    def unit_attrs(self, unit: int) -> dict:
+        return dict(zarr.open_group(store=str(self.root), path=self.unit_path(unit), mode="r").attrs)
+
+
+def _build_subsets(root, path: str, metadata: dict, pool_ids: list[str], targets: dict[str, tuple[list[str], list[str]]],
+                   masks: np.ndarray | None) -> None:
+    group = zarr.create_group(store=str(root), path=path, attributes=metadata, overwrite=True)
+    _write_strings(group, "ids", pool_ids)
+    for dataset, (ids, tasks) in targets.items():
+        _write_strings(group, f"targets/{dataset}/ids", ids)
+        _write_strings(group, f"targets/{dataset}/tasks", tasks)
+    if masks is not None:
+        group.create_array("masks", data=np.asarray(masks, dtype=bool), chunks=(1, masks.shape[1]))
+
+
+def stored_subsets(root: str | Path) -> list[str]:
+    """Names of the subset-model stores under ``root`` (``runs/x/subsets.zarr``)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / "zarr.json").is_file() and PARTIAL not in p.name)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .data import Example, examples_sha256, load_examples
 from .errors import DataFormatError, InfluenceError
-from .store import GradientStore, grads_group, stored_datasets, target_dataset
+from .store import GradientStore, gradient_dataset, grads_group, stored_datasets, target_dataset
 
 MMLU_CHOICES = ("A", "B", "C", "D")
 
@@ -32,7 +32,8 @@ def _resource_dir(*parts: str) -> Path:
     return Path(str(resources.files("influence.resources").joinpath("targets", *parts)))
 
 
-def _one_turn(example_id: str, prompt: str, answer: str, record: dict, task: str, response_prefix: str) -> Example:
+def _one_turn(example_id: str, prompt: str, answer: str, record: dict, task: str, response_prefix: str,
+              choices: list[str] | None = None) -> Example:
     """A built-in target example: one user turn, the answer as the assistant turn (source = the
     target's name, the part of the id before '/')."""
     return Example(
@@ -42,6 +43,7 @@ def _one_turn(example_id: str, prompt: str, answer: str, record: dict, task: str
         record=record,
         task=task,
         response_prefix=response_prefix,
+        choices=choices,
     )
 
 
@@ -61,7 +63,7 @@ def load_mmlu_val() -> list[Example]:
             prompt += "\nAnswer:"
             record = {"question": question, "choices": choices, "answer": answer, "subject": subject}
             examples.append(_one_turn(f"mmlu_val/{subject}#{row_index}", prompt, " " + answer, record, subject,
-                                      response_prefix="The answer is:"))
+                                      response_prefix="The answer is:", choices=[" " + c for c in MMLU_CHOICES]))
     return examples
 
 
@@ -106,6 +108,18 @@ def load_tydiqa() -> list[Example]:
     return examples
 
 
+def _choices(example: Example, path: str) -> list[str] | None:
+    """A target record's ``choices`` (a list of strings, one of them its response): multiple choice."""
+    choices = example.record.get("choices") if isinstance(example.record, dict) else None
+    if choices is None:
+        return None
+    if not (isinstance(choices, list) and len(choices) >= 2 and all(isinstance(c, str) for c in choices)):
+        raise DataFormatError(path, "field 'choices' must be a list of at least two strings", example.line)
+    if example.response not in choices:
+        raise DataFormatError(path, f"the response {example.response!r} is not one of the record's 'choices'", example.line)
+    return list(choices)
+
+
 @dataclass(frozen=True)
 class TargetSpec:
     name: str
@@ -138,6 +152,7 @@ def load_target(target: str, tasks: list[str] | None = None) -> list[Example]:
                                   "every record a task, or none (then the whole file is one task)", first.line)
         for example in examples:
             example.task = example.task or Path(target).stem
+            example.choices = _choices(example, target)
     else:
         raise InfluenceError(
             f"unknown target '{target}': not a file, and not one of the registered targets: "
@@ -161,8 +176,10 @@ def target_store_name(target: str, tasks: list[str] | None = None) -> str:
     return target_dataset(target_name(target), examples_sha256(load_target(target, tasks)))
 
 
-def find_target_dataset(root: str | Path, dim: int, target: str, tasks: list[str] | None = None) -> str:
-    """The stored dataset holding exactly the current content of ``target`` (restricted to ``tasks``).
+def find_target_dataset(root: str | Path, dim: int, target: str, tasks: list[str] | None = None,
+                        gradient_type: str = "sgd") -> str:
+    """The stored dataset holding exactly the current content of ``target`` (restricted to ``tasks``),
+    for gradients of ``gradient_type`` (plain ``sgd`` for LESS and TracIn, ``margin`` for TRAK).
 
     Without ``tasks``, a store made with ``project-grads --target-tasks`` is found as long as the
     target's current content restricted to the stored subtasks is what was stored. A target file that
@@ -171,20 +188,24 @@ def find_target_dataset(root: str | Path, dim: int, target: str, tasks: list[str
     """
     name = target_name(target)
     full = load_target(target)
-    stored = stored_datasets(root, dim, prefix=f"target-{name}-")
+    stored = stored_datasets(root, dim, prefix=f"target-{name}-", gradient_type=gradient_type)
+
+    def key(examples: list[Example]) -> str:
+        return gradient_dataset(target_dataset(name, examples_sha256(examples)), gradient_type)
+
     if tasks:
-        wanted = target_dataset(name, examples_sha256(load_target(target, tasks)))
+        wanted = key(load_target(target, tasks))
         if wanted in stored:
             return wanted
     else:
-        wanted = target_dataset(name, examples_sha256(full))
+        wanted = key(full)
         if wanted in stored:
             return wanted
         matches = []
         for dataset in stored:
             stored_tasks = _stored_target_tasks(root, dim, dataset)
             subset = [e for e in full if stored_tasks is None or e.task in stored_tasks]
-            if subset and target_dataset(name, examples_sha256(subset)) == dataset:
+            if subset and key(subset) == dataset:
                 matches.append((dataset, stored_tasks))
         if len(matches) == 1:
             return matches[0][0]
@@ -198,8 +219,9 @@ def find_target_dataset(root: str | Path, dim: int, target: str, tasks: list[str
             f"'{name}' was used): no stored gradients match its current content; run "
             f"`influence project-grads --target {target}` again"
         )
-    raise InfluenceError(f"no gradients of dimension {dim} for target '{target}'; run "
-                         f"`influence project-grads --target {target}` first")
+    hint = "" if gradient_type == "sgd" else " --train-gradient " + gradient_type
+    raise InfluenceError(f"no {gradient_type} gradients of dimension {dim} for target '{target}'; run "
+                         f"`influence project-grads --target {target}{hint}` first")
 
 
 def _stored_target_tasks(root, dim: int, dataset: str) -> list[str] | None:

@@ -43,8 +43,11 @@ def warmup(track_all, resume, **settings) -> None:
 @click.option("--skip-train", is_flag=True, help="Only the target (the pool's stores already exist).")
 @click.option("--overwrite", is_flag=True, help="Replace stores made with other settings instead of refusing.")
 @click.option("--device", default=None, help="torch device (default: cuda when available, else cpu).")
+@click.option("--train-gradient", default="adam", show_default=True,
+              help="Pool features, comma-separated: adam (LESS), sgd (plain gradient, for TracIn), margin (TRAK's "
+                   "model-output gradient; the target then gets it too).")
 def project_grads(run_dir, target, target_tasks, proj_dim, seed, batch_size, chunk_size, skip_train, overwrite,
-                  device) -> None:
+                  device, train_gradient) -> None:
     """Per-example LoRA gradients of the pool (Adam) and the target (SGD), projected, into Zarr."""
     from ..collect import project_grads as run_project
 
@@ -52,13 +55,14 @@ def project_grads(run_dir, target, target_tasks, proj_dim, seed, batch_size, chu
     try:
         dims = [positive_int(d, "--proj-dim") for d in split_list(proj_dim) or [""]]
         reports = run_project(run_dir, target, dims, seed, batch_size, chunk_size, tasks,
-                              include_train=not skip_train, overwrite=overwrite, device=device)
+                              include_train=not skip_train, overwrite=overwrite, device=device,
+                              train_gradients=split_list(train_gradient) or [])
     except InfluenceError as err:
         fail(err)
     for r in reports:
         note = f", resumed {r.resumed_chunks} chunks" if r.resumed_chunks else ""
         bad = f", {r.n_nonfinite} NON-FINITE" if r.n_nonfinite else ""
-        click.echo(f"{r.dataset:>20} {r.checkpoint}: {r.n_examples} examples, {r.n_truncated} truncated, "
+        click.echo(f"{r.dataset:>30} {r.checkpoint}: {r.n_examples} examples, {r.n_truncated} truncated, "
                    f"{r.seconds} s{note}{bad}")
 
 

@@ -49,7 +49,8 @@ class TrainSettings:
     batch_size: int = field(default=1, metadata={"help": "Examples per forward pass.", "min": 1})
     grad_accum: int = field(default=32, metadata={"help": "Forward passes per optimizer step.", "min": 1})
     max_length: int = field(default=2048, metadata={"help": "Truncate examples to this many tokens.", "min": 1})
-    seed: int = field(default=0, metadata={"help": "Seed of the random subset (where one is drawn), the LoRA initialisation and the data order."})
+    seed: int = field(default=0, metadata={
+        "help": "Seed of the random subset (where one is drawn), the LoRA initialisation and the data order."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay.", "min": 0})
     max_grad_norm: float = field(default=1.0, metadata={
         "help": "Clip the gradient norm of each optimizer step (the Trainer default LESS trains with); 0 = off.",

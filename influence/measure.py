@@ -1,0 +1,90 @@
+"""What a trained model does on each example: the outcomes the counterfactual engine records.
+
+Per example, from one forward pass with dropout off (the model in eval mode):
+
+* ``loss``: mean NLL of the response tokens (nats/token), as training minimises it;
+* ``accuracy``: fraction of response tokens the model predicts by argmax (teacher forcing);
+* ``probability``: ``exp(-loss)``, the geometric mean of the response tokens' probabilities
+  (a smooth "is it right" in [0, 1] that does not vanish for long responses, unlike the sequence's);
+
+and, for multiple-choice examples (``Example.choices``, e.g. MMLU's letters), from one more pass per
+choice:
+
+* ``margin``: ``log p(correct) - log sum_{c != correct} p(c)``, each choice's log-likelihood being the
+  sum over its response tokens: TRAK's classification margin over the choices (> 0: the correct
+  answer is more likely than all the others together);
+* ``choice_correct``: 1 where the correct choice has the highest log-likelihood (multiple-choice
+  accuracy by answer log-likelihood), else 0.
+
+Both are NaN for examples that are not multiple choice.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .data import Example
+from .losses import forward_response
+from .templates import Encoded, collate, encode_example
+
+OUTCOMES = ("loss", "accuracy", "probability", "margin", "choice_correct")
+
+
+def encode_choices(examples: list[Example], tokenizer, max_length: int) -> list[list[Encoded] | None]:
+    """For each multiple-choice example, one encoding per choice (its response replaced); else None."""
+    return [[encode_example(e.with_response(c), tokenizer, max_length) for c in e.choices] if e.choices else None
+            for e in examples]
+
+
+@torch.no_grad()
+def _losses(model, encoded: list[Encoded], pad_token_id: int, batch_size: int, device) -> tuple[np.ndarray, ...]:
+    """(mean response loss, response-token accuracy, response tokens) per encoding, in order."""
+    losses, accuracy, counts = [], [], []
+    for start in range(0, len(encoded), batch_size):
+        batch = {k: v.to(device) for k, v in collate(encoded[start : start + batch_size], pad_token_id).items()}
+        forward = forward_response(model, batch)
+        correct = (forward.logits.argmax(dim=-1) == forward.targets).float()
+        losses.append(forward.losses.float().cpu().numpy())
+        accuracy.append(forward.per_example(correct).cpu().numpy())
+        counts.append(forward.counts.cpu().numpy())
+    if not losses:
+        return np.zeros(0), np.zeros(0), np.zeros(0)
+    return np.concatenate(losses), np.concatenate(accuracy), np.concatenate(counts)
+
+
+@torch.no_grad()
+def measure(model, encoded: list[Encoded], pad_token_id: int, batch_size: int, device,
+            choices: list[list[Encoded] | None] | None = None, correct: list[int | None] | None = None
+            ) -> dict[str, np.ndarray]:
+    """Every outcome of :data:`OUTCOMES` for each example (see the module docstring). ``choices[j]``
+    are example j's encodings per choice and ``correct[j]`` the index of its right answer."""
+    was_training = model.training
+    model.eval()
+    try:
+        loss, accuracy, _ = _losses(model, encoded, pad_token_id, batch_size, device)
+        margin = np.full(len(encoded), np.nan)
+        choice_correct = np.full(len(encoded), np.nan)
+        if choices is not None and any(c is not None for c in choices):
+            flat = [enc for options in choices if options is not None for enc in options]
+            choice_loss, _, choice_tokens = _losses(model, flat, pad_token_id, batch_size, device)
+            log_likelihood = -(choice_loss * choice_tokens)
+            offset = 0
+            for j, options in enumerate(choices):
+                if options is None:
+                    continue
+                scores = log_likelihood[offset : offset + len(options)]
+                offset += len(options)
+                right = correct[j]
+                others = np.delete(scores, right)
+                margin[j] = scores[right] - np.logaddexp.reduce(others)
+                choice_correct[j] = float(np.argmax(scores) == right)
+    finally:
+        model.train(was_training)
+    return {"loss": loss, "accuracy": accuracy, "probability": np.exp(-loss), "margin": margin,
+            "choice_correct": choice_correct}
+
+
+def correct_choices(examples: list[Example]) -> list[int | None]:
+    """Index of each example's response among its choices (None when not multiple choice)."""
+    return [e.choices.index(e.response) if e.choices else None for e in examples]

@@ -1,0 +1,245 @@
+"""The counterfactual engine's primitive: LoRA fine-tunes from the base model on subsets of the pool.
+
+``train_subsets(run, k, alpha)`` trains ``k`` models, each on a random subset holding a fraction
+``alpha`` of the pool (a random design: unit ``u``'s subset is a pure function of (seed, u), so the
+design grows by asking for a larger ``k``), and records what each model does on every pool example
+and every target example (:mod:`influence.measure`). ``train_masks`` trains models on given subsets
+(an explicit design: leave-some-out checks, selection retraining). Memorization, influence estimates,
+datamodels and the LDS check are all computed from these records (``influence.scoring.counterfactual``,
+``influence.evaluate.lds``).
+
+Every model is an independent unit (:mod:`influence.units`): published whole when finished, never
+redone, claimable by several processes or machines working on one store at once, with ``worker =
+(i, n)`` for a static split, a time cap and a cost estimate printed before starting. Training uses the
+warm-up's settings (the same learning algorithm the gradient methods approximate) unless overridden.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..config import build
+from ..data import Example, examples_sha256, load_pool
+from ..errors import InfluenceError
+from ..losses import forward_response
+from ..measure import correct_choices, encode_choices, measure
+from ..models import add_lora, load_base_model, model_fingerprint, parse_device
+from ..run import Run
+from ..store import POOL, SubsetStore, target_dataset
+from ..targets import load_target, target_name
+from ..templates import Encoded, collate, encode_example
+from ..units import UnitClaims, UnitReport, run_units
+from .loop import LoraTrainer, TrainingDiverged, TrainSettings
+
+SUBSETS_DIR = "subsets.zarr"
+
+
+@dataclass
+class SubsetReport:
+    """What a call of :func:`train_subsets` / :func:`train_masks` did or, with ``dry_run``, would do."""
+
+    store: str
+    units: int  # units asked for
+    estimate_seconds: float  # per unit, measured on this machine before starting
+    pool_size: int
+    subset_size: int | str
+    settings: dict
+    run: UnitReport | None = None  # None for a dry run
+    notes: list[str] = field(default_factory=list)
+
+
+def subsets_root(run: Run) -> Path:
+    return run.path / SUBSETS_DIR
+
+
+def train_settings(run: Run, overrides: dict | TrainSettings | None = None) -> TrainSettings:
+    """The warm-up's training settings, with ``overrides`` (CLI values by option name, None = keep)."""
+    if isinstance(overrides, TrainSettings):
+        return overrides
+    return build(TrainSettings, overrides or {}, base=run.manifest["config"])
+
+
+def unit_seed(design_seed: int, unit: int) -> int:
+    """Seed of unit ``unit``'s LoRA initialisation and data order: distinct per unit and design."""
+    return int(np.random.default_rng([design_seed, unit, 1]).integers(2**31 - 1))
+
+
+def train_subsets(run_dir: str | Path, k: int, alpha: float = 0.5, targets: list[str] = (), *, name: str = "fit",
+                  seed: int = 0, target_tasks: list[str] | None = None, settings: dict | TrainSettings | None = None,
+                  worker: tuple[int, int] | None = None, max_hours: float | None = None, dry_run: bool = False,
+                  device: str | None = None, eval_batch_size: int = 16, progress: bool = True,
+                  say: Callable[[str], None] | None = None) -> SubsetReport:
+    """Train units ``0..k-1`` of the random design ``name`` (each on ``round(alpha x pool)`` examples)
+    that are not finished yet, and record their outcomes on the pool and on ``targets``."""
+    if not isinstance(k, int) or k < 2:
+        raise InfluenceError(f"--k must be at least 2 (estimates compare models with and without each example), got {k}")
+    if not 0 < alpha < 1:
+        raise InfluenceError(f"--alpha must be in (0, 1), got {alpha}")
+    run = Run(run_dir)
+    n = run.manifest["pool_size"]
+    size = int(round(alpha * n))
+    if not 1 <= size <= n - 1:
+        raise InfluenceError(f"--alpha {alpha} gives subsets of {size} of the pool's {n} examples; each subset must "
+                             "hold at least one example and leave at least one out")
+    design = {"kind": "random", "alpha": alpha, "size": size, "seed": seed}
+    return _train(run, name, design, None, list(range(k)), targets, target_tasks, settings, worker, max_hours,
+                  dry_run, device, eval_batch_size, progress, say)
+
+
+def train_masks(run_dir: str | Path, masks: np.ndarray, unit_names: list[str], targets: list[str], *, name: str,
+                seed: int = 0, target_tasks: list[str] | None = None, settings: dict | TrainSettings | None = None,
+                worker: tuple[int, int] | None = None, max_hours: float | None = None, dry_run: bool = False,
+                device: str | None = None, eval_batch_size: int = 16, progress: bool = True,
+                say: Callable[[str], None] | None = None) -> SubsetReport:
+    """Train one model per row of ``masks`` (units named ``unit_names``) in the explicit design ``name``."""
+    masks = np.asarray(masks, dtype=bool)
+    if masks.ndim != 2 or len(unit_names) != len(masks) or not masks.any(axis=1).all():
+        raise InfluenceError("masks must be (units x pool) with at least one example per unit, one name per unit")
+    design = {"kind": "explicit", "names": list(unit_names), "seed": seed}
+    return _train(Run(run_dir), name, design, masks, list(range(len(masks))), targets, target_tasks, settings, worker,
+                  max_hours, dry_run, device, eval_batch_size, progress, say)
+
+
+@dataclass
+class _Target:
+    target: str  # as given: a registry name or a file
+    dataset: str  # its store name: short name + content hash
+    examples: list[Example]
+
+
+def _targets(targets: list[str], target_tasks: list[str] | None) -> list[_Target]:
+    found = []
+    for target in targets:
+        examples = load_target(target, target_tasks)
+        found.append(_Target(target, target_dataset(target_name(target), examples_sha256(examples)), examples))
+    if len({t.dataset for t in found}) < len(found):
+        raise InfluenceError("the same target is given twice")
+    return found
+
+
+def _train(run: Run, name: str, design: dict, masks: np.ndarray | None, units: list[int], targets: list[str],
+           target_tasks: list[str] | None, overrides, worker, max_hours, dry_run, device, eval_batch_size, progress,
+           say) -> SubsetReport:
+    say = say or (lambda message: None)
+    if max_hours is not None and not max_hours > 0:
+        raise InfluenceError(f"--max-hours must be positive, got {max_hours}")
+    if eval_batch_size < 1:
+        raise InfluenceError(f"evaluation batch size must be at least 1, got {eval_batch_size}")
+    run.check_data_unchanged()
+    settings = train_settings(run, overrides)
+    problems = settings.problems()
+    if problems:
+        raise InfluenceError("invalid training settings: " + "; ".join(problems))
+    pool = load_pool(run.train_files)
+    if masks is not None and masks.shape[1] != len(pool):
+        raise InfluenceError(f"masks cover {masks.shape[1]} examples, the pool has {len(pool)}")
+    chosen = _targets(list(targets), target_tasks)
+    device = parse_device(device)
+    # Everything above is checked before the model is loaded.
+    base, tokenizer = load_base_model(run.model_name)
+    fingerprint = model_fingerprint(run.model_name, base)
+    run.check_model_unchanged(fingerprint)
+    metadata = {
+        "model": fingerprint,
+        "pool_sha256": examples_sha256(pool),
+        "n_pool": len(pool),
+        "design": design,
+        "settings": asdict(settings),
+        "targets": {t.dataset: {"target": t.target, "n_examples": len(t.examples),
+                                "examples_sha256": examples_sha256(t.examples),
+                                "multiple_choice": any(e.choices for e in t.examples)} for t in chosen},
+        "influence_version": __version__,
+    }
+    store = SubsetStore.open_or_create(subsets_root(run), name, metadata, [e.id for e in pool],
+                                       {t.dataset: ([e.id for e in t.examples], [e.task or "" for e in t.examples])
+                                        for t in chosen}, masks)
+    pool_encoded = [encode_example(e, tokenizer, settings.max_length) for e in pool]
+    target_encoded = {t.dataset: ([encode_example(e, tokenizer, settings.max_length) for e in t.examples],
+                                  encode_choices(t.examples, tokenizer, settings.max_length),
+                                  correct_choices(t.examples)) for t in chosen}
+    subset_size = design["size"] if design["kind"] == "random" else "given"
+    todo = [u for u in units if not store.is_done(u) and (worker is None or u % worker[1] == worker[0])]
+    estimate = _estimate_unit_seconds(base, settings, pool_encoded, target_encoded, store, todo[:1] or units[:1],
+                                      tokenizer.pad_token_id, device, eval_batch_size) if todo or dry_run else 0.0
+    report = SubsetReport(str(store.path), len(units), estimate, len(pool), subset_size, asdict(settings))
+    done = sum(store.is_done(u) for u in units)
+    say(f"{store.path}: {len(units)} units asked, {done} done; {len(todo)} to train here, ~{estimate:.0f} s each "
+        f"(measured on this machine), ~{len(todo) * estimate / 60:.1f} min in all for one process (pool {len(pool)}, "
+        f"subset size {subset_size}, {settings.epochs} epochs, lr {settings.learning_rate:g}, max length {settings.max_length})")
+    if dry_run:
+        return report
+
+    def work(unit: int) -> None:
+        started = time.time()
+        mask = store.mask(unit)
+        members = np.flatnonzero(mask)
+        unit_settings = replace(settings, seed=unit_seed(design["seed"], unit))
+        model = add_lora(copy.deepcopy(base), settings.lora, unit_settings.seed).to(device)
+        trainer = LoraTrainer(model, [pool_encoded[i] for i in members], [pool[i].id for i in members], unit_settings,
+                              tokenizer.pad_token_id, device)
+        last_epoch: list[dict] = []
+        try:
+            for epoch in range(1, settings.epochs + 1):
+                last_epoch, _ = trainer.run_epoch(epoch, where=f"{store.path} unit {unit}")
+        except TrainingDiverged as err:
+            raise InfluenceError(f"{err}; no unit after it was trained") from None
+        outcomes = {POOL: measure(model, pool_encoded, tokenizer.pad_token_id, eval_batch_size, device)}
+        for dataset, (encoded, choices, correct) in target_encoded.items():
+            outcomes[dataset] = measure(model, encoded, tokenizer.pad_token_id, eval_batch_size, device, choices, correct)
+        store.write_unit(unit, mask, outcomes, {
+            "unit": unit, "seed": unit_settings.seed, "seconds": round(time.time() - started, 2),
+            "train_loss_last_epoch": float(np.mean([r["loss"] for r in last_epoch])) if last_epoch else None,
+            "worker": f"{socket.gethostname()}:{os.getpid()}", "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        })
+        del model, trainer
+
+    report.run = run_units(units, store.is_done, work, UnitClaims(store.path / "claims"), worker,
+                           max_hours * 3600 if max_hours else None, estimate, progress, desc=f"subsets {name}")
+    if report.run.busy:
+        report.notes.append(f"{len(report.run.busy)} unit(s) were being trained by other workers")
+    if report.run.left:
+        report.notes.append(f"{len(report.run.left)} unit(s) not started: --max-hours reached; rerun to continue")
+    return report
+
+
+def _estimate_unit_seconds(base, settings: TrainSettings, pool_encoded: list[Encoded], target_encoded: dict,
+                           store: SubsetStore, sample_units: list[int], pad_token_id: int, device,
+                           eval_batch_size: int) -> float:
+    """Seconds one unit takes here: a training step and an evaluation batch are timed on a throwaway
+    adapter (on examples of median length) and scaled by the unit's tokens."""
+    lengths = np.array([len(e.input_ids) for e in pool_encoded])
+    order = np.argsort(lengths)
+    middle = order[len(order) // 2 : len(order) // 2 + max(settings.batch_size, 1)]
+    sample = [pool_encoded[i] for i in middle]
+    model = add_lora(copy.deepcopy(base), settings.lora, 0).to(device)
+    trainer = LoraTrainer(model, sample, ["calibration"] * len(sample), replace(settings, epochs=1, grad_accum=1),
+                          pad_token_id, device)
+    trainer.run_epoch(1)  # warm-up call (allocations), then the timed one
+    started = time.perf_counter()
+    trainer.run_epoch(1)
+    train_seconds = time.perf_counter() - started
+    sample_tokens = sum(len(e.input_ids) for e in sample)
+    eval_batch = [pool_encoded[i] for i in order[len(order) // 2 : len(order) // 2 + eval_batch_size]]
+    model.eval()
+    batch = {k: v.to(device) for k, v in collate(eval_batch, pad_token_id).items()}
+    started = time.perf_counter()
+    with torch.no_grad():
+        forward_response(model, batch)
+    eval_seconds = time.perf_counter() - started
+    eval_tokens = sum(len(e.input_ids) for e in eval_batch)
+    mask = store.mask(sample_units[0])
+    unit_train_tokens = lengths[mask].sum() * settings.epochs
+    unit_eval_tokens = lengths.sum() + sum(
+        sum(len(e.input_ids) for e in encoded) + sum(len(c.input_ids) for options in choices if options for c in options)
+        for encoded, choices, _ in target_encoded.values())
+    return float(unit_train_tokens * train_seconds / sample_tokens + unit_eval_tokens * eval_seconds / eval_tokens)
