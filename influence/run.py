@@ -9,6 +9,7 @@ Layout::
                                     state.json (epoch, optimizer step, mean learning rate, betas, eps)
       dynamics.parquet              per-presentation training dynamics (loss, token accuracy, ...)
       grads.zarr/                   projected gradient stores (see influence.store)
+      subsets.zarr/<name>/          models trained on subsets of the pool and their outcomes
 
 Checkpoints are written to a temporary folder and renamed when complete, so a crash never leaves a
 half-written checkpoint behind.
@@ -153,6 +154,11 @@ class Run:
     @property
     def store_path(self) -> Path:
         return self.path / "grads.zarr"
+
+    @property
+    def subsets_path(self) -> Path:
+        """Where the counterfactual engine's subset models live (``influence subsets train``)."""
+        return self.path / "subsets.zarr"
 
     def checkpoints(self) -> list[Checkpoint]:
         found = []

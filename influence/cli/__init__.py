@@ -6,7 +6,7 @@ import logging
 
 import click
 
-from . import evaluate, pipeline
+from . import evaluate, pipeline, subsets
 from .common import demo_pool_files
 
 __all__ = ["main", "demo_pool_files"]
@@ -23,7 +23,7 @@ def main(verbose: bool) -> None:
 
 
 for command in (pipeline.warmup, pipeline.project_grads, pipeline.rank, pipeline.compare, pipeline.forward_scores,
-                pipeline.targets, pipeline.prepare_model, evaluate.evaluate):
+                pipeline.targets, pipeline.prepare_model, subsets.subsets, evaluate.evaluate):
     main.add_command(command)
 
 if __name__ == "__main__":

@@ -72,8 +72,9 @@ def project_grads(run_dir, target, target_tasks, proj_dim, seed, batch_size, chu
               help="Target registry name or data file (needed by less, bm25, dsir, rds); repeat for several "
                    "(one output folder each, one pass over the pool's gradients).")
 @click.option("--method", default="less", show_default=True,
-              help="less | random | bm25 | dsir | rds | grand | forgetting | nll | ppl | nll_full | el2n | entropy | "
-                   "least_confidence | mean_margin | min_margin | ifd")
+              help="less | random | bm25 | dsir | rds | trak | tracin | memorization | fz_influence | datamodel | dsdm | "
+                   "grand | forgetting | nll | ppl | nll_full | el2n | entropy | least_confidence | mean_margin | "
+                   "min_margin | ifd")
 @click.option("--fraction", default=0.05, show_default=True,
               help="Fraction of the pool to select (top / bottom), counted as LESS's --percentage: floor(fraction x pool).")
 @click.option("--top-k", default=None, type=click.IntRange(min=1), help="Select this many instead (LESS's --max_samples).")
@@ -88,11 +89,21 @@ def project_grads(run_dir, target, target_tasks, proj_dim, seed, batch_size, chu
               help="less, grand: which projected dimension to read (default: the only one stored).")
 @click.option("--target-tasks", default=None, help="Comma-separated subtasks of the target to rank against.")
 @click.option("--seed", default=None, type=int, help="random, dsir: seed of the draw (default 0).")
+@click.option("--subsets", default=None, help="memorization, fz_influence, datamodel, dsdm: which subset models "
+              "(`influence subsets train --name`; default fit).")
+@click.option("--outcome", default=None, type=click.Choice(["loss", "accuracy", "probability", "margin", "choice_correct"]),
+              help="memorization (default accuracy), fz_influence, datamodel (default loss): the measured outcome.")
+@click.option("--regression", default=None, type=click.Choice(["lasso", "ridge"]),
+              help="datamodel, dsdm: scikit-learn LassoCV (default) or RidgeCV.")
+@click.option("--estimator", default=None, type=click.Choice(["datamodel", "trak"]),
+              help="dsdm: the datamodel estimate (default datamodel: regression on the subset models).")
+@click.option("--lambda-reg", default=None, type=click.FloatRange(min=0),
+              help="trak, dsdm --estimator trak: ridge term of the kernel (default 1e-2 x mean diagonal; 0 = traker's).")
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--show", default=0, show_default=True, help="Print this many top examples for a few subtasks.")
 @click.option("--show-tasks", default=None, help="Comma-separated subtasks to show (default: first 4).")
 def rank(run_dir, targets, method, fraction, top_k, mode, band, threshold, learned_threshold, proj_dim, target_tasks,
-         seed, out, show, show_tasks) -> None:
+         seed, subsets, outcome, regression, estimator, lambda_reg, out, show, show_tasks) -> None:
     """Score and rank the pool; write scores.csv, scores.parquet, selected.jsonl, summary.json."""
     from ..selection import example_text, output_folders, pool_by_id, rank_many, task_columns, top_for_task
 
@@ -100,7 +111,8 @@ def rank(run_dir, targets, method, fraction, top_k, mode, band, threshold, learn
     try:
         low, high = (float(x) for x in band.split(","))
         options = {"learned_threshold": learned_threshold, "proj_dim": proj_dim, "target_tasks": split_list(target_tasks),
-                   "seed": seed}
+                   "seed": seed, "subsets": subsets, "outcome": outcome, "regression": regression,
+                   "estimator": estimator, "lambda_reg": lambda_reg}
         tables = rank_many(run_dir, targets, method, fraction, out, mode, (low, high), threshold, top_k, **options)
     except (InfluenceError, ValueError) as err:
         fail(err)

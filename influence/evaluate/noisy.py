@@ -19,8 +19,9 @@ import pandas as pd
 from ..collect import project_grads
 from ..data import Example, load_pool
 from ..errors import InfluenceError
-from ..scoring import METHODS, TARGET_METHODS
+from ..scoring import METHODS, SUBSET_METHODS, TARGET_METHODS
 from ..scoring.forward import compute_forward_scores
+from ..train.subsets import train_subsets
 from ..train.warmup import WarmupConfig, warmup
 
 
@@ -92,14 +93,19 @@ def evaluate_noisy(
     proj_dim: int = 1024,
     batch_size: int = 8,
     progress: bool = True,
+    subsets_k: int = 0,
 ) -> pd.DataFrame:
     """Corrupt ``noise`` of the pool in ``config.train_files``, warm up on it, score it with every
-    target-free method and write ``detection.csv`` and ``labels.csv`` into ``config.out``."""
+    target-free method and write ``detection.csv`` and ``labels.csv`` into ``config.out``. With
+    ``subsets_k``, also train that many models on random halves of the noisy pool (the warm-up's
+    settings) and score Feldman & Zhang memorization."""
     config.check()
     if not 0 < noise < 1:
         raise InfluenceError(f"--noise must be in (0, 1), got {noise}")
     if proj_dim < 1 or batch_size < 1:
         raise InfluenceError("--proj-dim and --grad-batch-size must be at least 1")
+    if subsets_k and subsets_k < 2:
+        raise InfluenceError(f"--subsets-k must be 0 (no memorization) or at least 2, got {subsets_k}")
     out = Path(config.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InfluenceError(f"{out}: exists and is not empty; evaluate noisy writes into a new or empty folder "
@@ -114,7 +120,10 @@ def evaluate_noisy(
     warmup(replace(config, train_files=[str(noisy_file)], out=str(run_dir), track_all=True), progress=progress)
     project_grads(run_dir, None, proj_dim=proj_dim, seed=config.seed, batch_size=batch_size, progress=progress)
     compute_forward_scores(run_dir, batch_size=batch_size, progress=progress)
-    scores = {m: fn(run_dir).score for m, fn in METHODS.items() if m not in TARGET_METHODS}
+    if subsets_k:
+        train_subsets(run_dir, subsets_k, 0.5, progress=progress)
+    scores = {m: fn(run_dir).score for m, fn in METHODS.items()
+              if m not in TARGET_METHODS and (m not in SUBSET_METHODS or subsets_k)}
     table = detection_table(scores, labels["corrupted"].to_numpy())
     table.to_csv(out / "detection.csv", index=False)
     return table

@@ -9,19 +9,35 @@ score means, its sign and its scale (``Scores.description``, written to ``summar
   representation cosine, needs a target);
 * ``grand``, ``forgetting``: training dynamics, higher = harder / more important;
 * ``nll``, ``ppl``, ``nll_full``, ``el2n``, ``entropy``, ``least_confidence``, ``mean_margin``,
-  ``min_margin``, ``ifd``: one forward pass per example per checkpoint (see ``forward``).
+  ``min_margin``, ``ifd``: one forward pass per example per checkpoint (see ``forward``);
+* ``trak``, ``tracin`` (need a target): gradient attribution on the stored projected gradients;
+* ``memorization`` (target-free), ``fz_influence``, ``datamodel``, ``dsdm`` (need a target): the
+  counterfactual engine's models trained on random subsets (see ``counterfactual``).
+
+Methods that estimate the effect of each pool example on each target example also provide it whole
+(:data:`ATTRIBUTIONS`, an :class:`Attribution`), which the LDS check uses.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from .base import Scores
+from .base import Attribution, Scores
 from .baselines import bm25_scores, dsir_scores, random_scores
+from .counterfactual import (
+                             datamodel_attribution,
+                             datamodel_scores,
+                             dsdm_scores,
+                             fz_influence_attribution,
+                             fz_influence_scores,
+                             memorization_scores,
+)
 from .dynamics import forgetting_scores, grand_scores
 from .forward import METRICS, forward_score
-from .less import less_scores, less_scores_many, less_top_k
+from .less import less_attribution, less_scores, less_scores_many, less_top_k
 from .rds import rds_scores
+from .tracin import tracin_attribution, tracin_scores
+from .trak import trak_attribution, trak_scores
 
 METHODS: dict[str, Callable[..., Scores]] = {
     "less": less_scores,
@@ -32,7 +48,23 @@ METHODS: dict[str, Callable[..., Scores]] = {
     "grand": grand_scores,
     "forgetting": forgetting_scores,
     **{metric: forward_score(metric) for metric in METRICS},
+    "trak": trak_scores,
+    "tracin": tracin_scores,
+    "memorization": memorization_scores,
+    "fz_influence": fz_influence_scores,
+    "datamodel": datamodel_scores,
+    "dsdm": dsdm_scores,
 }
-TARGET_METHODS = {"less", "bm25", "dsir", "rds"}
+SUBSET_METHODS = {"memorization", "fz_influence", "datamodel", "dsdm"}  # need `influence subsets train`
+TARGET_METHODS = {"less", "bm25", "dsir", "rds", "trak", "tracin", "fz_influence", "datamodel", "dsdm"}
+# Methods whose effect of every pool example on every target example is available whole.
+ATTRIBUTIONS: dict[str, Callable[..., Attribution]] = {
+    "less": less_attribution,
+    "trak": trak_attribution,
+    "tracin": tracin_attribution,
+    "fz_influence": fz_influence_attribution,
+    "datamodel": datamodel_attribution,
+}
 
-__all__ = ["METHODS", "TARGET_METHODS", "Scores", "less_scores", "less_top_k", "less_scores_many", "grand_scores", "forgetting_scores"]
+__all__ = ["METHODS", "TARGET_METHODS", "SUBSET_METHODS", "ATTRIBUTIONS", "Attribution", "Scores", "less_scores", "less_top_k",
+           "less_scores_many", "grand_scores", "forgetting_scores"]

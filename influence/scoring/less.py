@@ -27,11 +27,11 @@ import torch
 
 from ..data import examples_sha256, load_pool
 from ..errors import InfluenceError, StoreMismatchError
-from ..kernels.scoring import HAVE_TRITON, RunningTopK, score_block, subtask_means
+from ..kernels.scoring import HAVE_TRITON, RunningTopK, score_block, subtask_means, unit_rows
 from ..run import Checkpoint, Run
 from ..store import TRAIN, ChunkedStore, GradientStore, check_metadata, grads_group, stored_dims
 from ..targets import find_target_dataset
-from .base import Scores
+from .base import Attribution, Scores
 
 # Fields every store of one ranking shares, and fields a train/target pair of a checkpoint shares.
 SHARED_FIELDS = ("format", "format_version", "model", "projector", "dtype", "max_length")
@@ -68,7 +68,7 @@ def open_checkpoint_stores(run: Run, dataset: str, dim: int) -> list[GradientSto
         store.require_complete()
         check_current(run, checkpoint, store)
         stores.append(store)
-    if dataset == TRAIN:
+    if dataset.split(".")[0] == TRAIN:
         expected = {"examples_sha256": examples_sha256(load_pool(run.train_files))}
         check_metadata(stores[0].metadata, expected, stores[0].where + " (the pool changed since)", ("examples_sha256",))
     return stores
@@ -82,8 +82,10 @@ def check_current(run: Run, checkpoint: Checkpoint, store: ChunkedStore) -> None
                    "current one; recompute it with --overwrite)", ("checkpoint", "adapter_sha256", "model"))
 
 
-def check_compatible(train: list[GradientStore], targets: list[GradientStore]) -> None:
-    """Refuse to combine stores that differ in model, projector, dimension, checkpoint or examples."""
+def check_compatible(train: list[GradientStore], targets: list[GradientStore], train_type: str = "adam",
+                     target_type: str = "sgd") -> None:
+    """Refuse to combine stores that differ in model, projector, dimension, checkpoint or examples,
+    or whose features are not of the types the method reads."""
     reference = train[0].metadata
     for store in train + targets:
         check_metadata(store.metadata, reference, store.where, SHARED_FIELDS)
@@ -92,12 +94,10 @@ def check_compatible(train: list[GradientStore], targets: list[GradientStore]) -
             check_metadata(store.metadata, group[0].metadata, store.where, ("examples_sha256", "chunk_size"))
     for train_store, target_store in zip(train, targets):
         check_metadata(target_store.metadata, train_store.metadata, target_store.where, PAIR_FIELDS)
-    for store in train:
-        if store.metadata["gradient_type"] != "adam":
-            raise StoreMismatchError("gradient_type", "adam", store.metadata["gradient_type"], store.where)
-    for store in targets:
-        if store.metadata["gradient_type"] != "sgd":
-            raise StoreMismatchError("gradient_type", "sgd", store.metadata["gradient_type"], store.where)
+    for group, expected in ((train, train_type), (targets, target_type)):
+        for store in group:
+            if store.metadata["gradient_type"] != expected:
+                raise StoreMismatchError("gradient_type", expected, store.metadata["gradient_type"], store.where)
 
 
 def default_backend(device: torch.device) -> str:
@@ -177,6 +177,49 @@ def iter_scored_blocks(
         nonzero = (blocks != 0).any(dim=2).all(dim=0)
         finite = torch.from_numpy(np.logical_and.reduce([flags for _, flags in finite_chunks])).to(device) & nonzero
         yield start, per_task.masked_fill(~finite[:, None], float("nan")), score.masked_fill(~finite, float("nan"))
+
+
+def pairwise_products(train: list[GradientStore], targets: list[torch.Tensor], weights, normalize: bool = False,
+                      rows_per_block: int | None = None, device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """``sum_c weights[c] * rows_c(x) . targets[c]^T`` for every pool row ``x`` (unit-normalised rows
+    with ``normalize``), streamed block by block over the pool's stores, one per checkpoint: the
+    (n_pool, n_target) float64 matrix and a per-row ``finite`` flag (false where any store flagged
+    the row, or, with ``normalize``, where a row is all zero and has no direction)."""
+    n = train[0].n_examples
+    matrix = np.zeros((n, targets[0].shape[0]), dtype=np.float64)
+    finite = np.logical_and.reduce([store.array("finite") for store in train])
+    readers = [store.iter_chunks(rows_per_block) for store in train]
+    for chunks in zip(*readers):
+        start = chunks[0][0]
+        block = torch.zeros((len(chunks[0][1]), targets[0].shape[0]), dtype=torch.float64, device=device)
+        for (_, rows), target, weight in zip(chunks, targets, np.asarray(weights, dtype=np.float64)):
+            rows = torch.from_numpy(rows).to(device).float()
+            if normalize:
+                finite[start : start + len(rows)] &= (rows != 0).any(dim=1).cpu().numpy()
+                rows = unit_rows(rows)
+            block += weight * (rows @ target.to(device).float().T).double()
+        matrix[start : start + len(block)] = block.cpu().numpy()
+    matrix[~finite] = np.nan
+    return matrix, finite
+
+
+def less_attribution(run_dir: str | Path, target: str, proj_dim: int | None = None,
+                     target_tasks: list[str] | None = None, rows_per_block: int | None = None) -> Attribution:
+    """LESS's effect of each pool example on each target example, before any aggregation:
+    ``sum_c w_c cos(g_c(x), g_c(t))`` (what ``less`` averages per subtask and maximises over)."""
+    run = Run(run_dir)
+    dim = resolve_dim(run, proj_dim)
+    train = open_checkpoint_stores(run, TRAIN, dim)
+    stores = open_checkpoint_stores(run, find_target_dataset(run.store_path, dim, target, target_tasks), dim)
+    check_compatible(train, stores)
+    lrs = np.array([s.metadata["checkpoint_mean_lr"] for s in train], dtype=np.float64)
+    units = [unit_rows(torch.from_numpy(store.array("grads"))) for store in stores]
+    matrix, _ = pairwise_products(train, units, lrs / lrs.sum(), normalize=True, rows_per_block=rows_per_block)
+    return Attribution("less", train[0].ids.tolist(), stores[0].ids.tolist(), stores[0].tasks.tolist(), matrix,
+                       "LESS per target example: sum over checkpoints of w_c cos(g_c(x), g_c(t)), in [-1, 1]; "
+                       "higher = more helpful",
+                       {"checkpoints": [s.metadata["checkpoint"] for s in train],
+                        "checkpoint_weights": (lrs / lrs.sum()).tolist()})
 
 
 def less_scores_many(

@@ -41,8 +41,6 @@ from ..templates import Encoded, collate, encode_example
 from ..units import UnitClaims, UnitReport, run_units
 from .loop import LoraTrainer, TrainingDiverged, TrainSettings
 
-SUBSETS_DIR = "subsets.zarr"
-
 
 @dataclass
 class SubsetReport:
@@ -58,10 +56,6 @@ class SubsetReport:
     notes: list[str] = field(default_factory=list)
 
 
-def subsets_root(run: Run) -> Path:
-    return run.path / SUBSETS_DIR
-
-
 def train_settings(run: Run, overrides: dict | TrainSettings | None = None) -> TrainSettings:
     """The warm-up's training settings, with ``overrides`` (CLI values by option name, None = keep)."""
     if isinstance(overrides, TrainSettings):
@@ -74,7 +68,7 @@ def unit_seed(design_seed: int, unit: int) -> int:
     return int(np.random.default_rng([design_seed, unit, 1]).integers(2**31 - 1))
 
 
-def train_subsets(run_dir: str | Path, k: int, alpha: float = 0.5, targets: list[str] = (), *, name: str = "fit",
+def train_subsets(run_dir: str | Path, k: int, alpha: float = 0.5, targets: list[TargetSpec] = (), *, name: str = "fit",
                   seed: int = 0, target_tasks: list[str] | None = None, settings: dict | TrainSettings | None = None,
                   worker: tuple[int, int] | None = None, max_hours: float | None = None, dry_run: bool = False,
                   device: str | None = None, eval_batch_size: int = 16, progress: bool = True,
@@ -96,7 +90,7 @@ def train_subsets(run_dir: str | Path, k: int, alpha: float = 0.5, targets: list
                   dry_run, device, eval_batch_size, progress, say)
 
 
-def train_masks(run_dir: str | Path, masks: np.ndarray, unit_names: list[str], targets: list[str], *, name: str,
+def train_masks(run_dir: str | Path, masks: np.ndarray, unit_names: list[str], targets: list[TargetSpec], *, name: str,
                 seed: int = 0, target_tasks: list[str] | None = None, settings: dict | TrainSettings | None = None,
                 worker: tuple[int, int] | None = None, max_hours: float | None = None, dry_run: bool = False,
                 device: str | None = None, eval_batch_size: int = 16, progress: bool = True,
@@ -110,24 +104,30 @@ def train_masks(run_dir: str | Path, masks: np.ndarray, unit_names: list[str], t
                   max_hours, dry_run, device, eval_batch_size, progress, say)
 
 
+TargetSpec = str | tuple[str, list[str] | None]  # a target, or (target, its subtasks to keep)
+
+
 @dataclass
 class _Target:
     target: str  # as given: a registry name or a file
+    tasks: list[str] | None  # subtasks kept (None: all)
     dataset: str  # its store name: short name + content hash
     examples: list[Example]
 
 
-def _targets(targets: list[str], target_tasks: list[str] | None) -> list[_Target]:
-    found = []
-    for target in targets:
-        examples = load_target(target, target_tasks)
-        found.append(_Target(target, target_dataset(target_name(target), examples_sha256(examples)), examples))
-    if len({t.dataset for t in found}) < len(found):
-        raise InfluenceError("the same target is given twice")
-    return found
+def _targets(targets: list[TargetSpec], target_tasks: list[str] | None) -> list[_Target]:
+    """Each target (``target_tasks`` applies to those given without their own subtasks), loaded and
+    keyed by content; a target given twice counts once."""
+    found: dict[str, _Target] = {}
+    for spec in targets:
+        target, tasks = (spec, target_tasks) if isinstance(spec, str) else spec
+        examples = load_target(target, tasks)
+        dataset = target_dataset(target_name(target), examples_sha256(examples))
+        found.setdefault(dataset, _Target(target, sorted(tasks) if tasks else None, dataset, examples))
+    return list(found.values())
 
 
-def _train(run: Run, name: str, design: dict, masks: np.ndarray | None, units: list[int], targets: list[str],
+def _train(run: Run, name: str, design: dict, masks: np.ndarray | None, units: list[int], targets: list[TargetSpec],
            target_tasks: list[str] | None, overrides, worker, max_hours, dry_run, device, eval_batch_size, progress,
            say) -> SubsetReport:
     say = say or (lambda message: None)
@@ -155,12 +155,12 @@ def _train(run: Run, name: str, design: dict, masks: np.ndarray | None, units: l
         "n_pool": len(pool),
         "design": design,
         "settings": asdict(settings),
-        "targets": {t.dataset: {"target": t.target, "n_examples": len(t.examples),
+        "targets": {t.dataset: {"target": t.target, "target_tasks": t.tasks, "n_examples": len(t.examples),
                                 "examples_sha256": examples_sha256(t.examples),
                                 "multiple_choice": any(e.choices for e in t.examples)} for t in chosen},
         "influence_version": __version__,
     }
-    store = SubsetStore.open_or_create(subsets_root(run), name, metadata, [e.id for e in pool],
+    store = SubsetStore.open_or_create(run.subsets_path, name, metadata, [e.id for e in pool],
                                        {t.dataset: ([e.id for e in t.examples], [e.task or "" for e in t.examples])
                                         for t in chosen}, masks)
     pool_encoded = [encode_example(e, tokenizer, settings.max_length) for e in pool]

@@ -1,0 +1,101 @@
+"""``influence subsets``: the counterfactual engine's models trained on random subsets of the pool."""
+
+from __future__ import annotations
+
+import click
+
+from ..errors import InfluenceError
+from .common import fail, split_list
+
+TRAINING_NOTE = "[default: the warm-up's]"
+
+
+def training_options(command):
+    """The training settings of :class:`~influence.train.loop.TrainSettings`, each defaulting to the
+    run's warm-up value (the per-unit seed comes from --seed and the unit)."""
+    from ..config import click_options
+    from ..train.loop import TrainSettings
+
+    return click_options(TrainSettings, optional=True, exclude=("seed",), defaults_note=TRAINING_NOTE)(command)
+
+
+def unit_options(command):
+    """Options of every command that trains units: workers, cap, dry run, device."""
+    for option in reversed([
+        click.option("--worker", default=None, help="Take only units u with u % n == i (i/n, e.g. 0/4), for schedulers "
+                     "without a shared file system lock; otherwise start as many processes as you like on one store."),
+        click.option("--max-hours", default=None, type=click.FloatRange(min=0, min_open=True),
+                     help="Start no unit that would end after this many hours; rerun to continue."),
+        click.option("--dry-run", is_flag=True, help="Print the cost estimate and stop."),
+        click.option("--device", default=None, help="torch device (default: cuda when available, else cpu)."),
+    ]):
+        command = option(command)
+    return command
+
+
+@click.group()
+def subsets() -> None:
+    """Models trained on random subsets of the pool: memorization, datamodels, DsDm, the LDS check."""
+
+
+@subsets.command("train")
+@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False, exists=True))
+@click.option("--k", required=True, type=click.IntRange(min=2),
+              help="Number of subset models (units 0..k-1; a larger k adds units).")
+@click.option("--alpha", default=0.5, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Fraction of the pool in each subset.")
+@click.option("--target", "targets", multiple=True,
+              help="Target to evaluate every model on (registry name or file); repeat for several.")
+@click.option("--target-tasks", default=None, help="Comma-separated subtasks of the targets to keep.")
+@click.option("--name", default="fit", show_default=True, help="Name of this set of subset models in the run.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the subsets (and of each unit's training seed).")
+@unit_options
+@training_options
+def train(run_dir, k, alpha, targets, target_tasks, name, seed, worker, max_hours, dry_run, device, **overrides) -> None:
+    """Fine-tune K LoRA models from the base model, each on a random alpha-fraction of the pool, and
+    record every model's loss, accuracy (and multiple-choice margin) on every pool and target example.
+
+    Resumable (a finished model is never retrained) and shareable: start several processes, or
+    machines with a shared folder, on one run and they split the units between them."""
+    from ..train.subsets import train_subsets
+    from ..units import parse_worker
+
+    try:
+        report = train_subsets(run_dir, k, alpha, list(targets), name=name, seed=seed,
+                               target_tasks=split_list(target_tasks), settings=overrides, worker=parse_worker(worker),
+                               max_hours=max_hours, dry_run=dry_run, device=device, say=click.echo)
+    except InfluenceError as err:
+        fail(err)
+    if report.run is not None:
+        seconds = report.run.seconds
+        mean = f", {sum(seconds) / len(seconds):.1f} s each" if seconds else ""
+        click.echo(f"trained {report.run.done_now} model(s){mean}; {report.run.done_before} were already done -> "
+                   f"{report.store}")
+    for note in report.notes:
+        click.secho(note, fg="yellow")
+
+
+@subsets.command("status")
+@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False, exists=True))
+def status(run_dir) -> None:
+    """The run's sets of subset models: design, finished units, targets evaluated, training time."""
+    from ..run import Run
+    from ..store import SubsetStore, stored_subsets
+
+    try:
+        run = Run(run_dir)
+        names = stored_subsets(run.subsets_path)
+        if not names:
+            click.echo(f"{run.subsets_path}: no subset models yet (`influence subsets train`)")
+        for name in names:
+            store = SubsetStore.open(run.subsets_path, name)
+            done = store.done_units()
+            seconds = [store.unit_attrs(u).get("seconds", 0) for u in done]
+            design = store.design
+            what = (f"random, alpha {design['alpha']} ({design['size']} of {store.n_pool}), seed {design['seed']}"
+                    if design["kind"] == "random" else f"explicit, {store.n_units} units")
+            targets = ", ".join(t["target"] for t in store.targets.values()) or "none"
+            click.echo(f"{name}: {len(done)} finished; {what}; targets: {targets}; "
+                       f"{sum(seconds) / 3600:.2f} h of training ({sum(seconds) / max(len(done), 1):.1f} s per model)")
+    except InfluenceError as err:
+        fail(err)

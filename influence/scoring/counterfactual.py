@@ -1,0 +1,258 @@
+"""Scores from the counterfactual engine: models trained on random subsets of the pool
+(``influence subsets train``), compared with and without each example.
+
+Notation: units ``k = 1..K`` trained on subsets ``S_k`` (fraction ``alpha`` of the pool); ``y_k(z)``
+unit ``k``'s outcome on example ``z`` (see :mod:`influence.measure`): ``loss`` (lower is better),
+``accuracy``, ``probability``, ``margin`` (higher is better). "in" averages over the units whose
+subset holds ``x``, "out" over the others; ``n_in`` and ``n_out`` count them and are reported with
+every estimate (columns ``n_in`` / ``n_out``): with few models an estimate is mostly noise.
+
+* ``memorization`` (Feldman & Zhang, 2020), per pool example ``x``, on itself:
+  ``mem(x) = mean_in y(x) - mean_out y(x)`` with ``y`` the response-token accuracy (their
+  definition; ``--outcome probability`` for the smooth variant, ``loss`` is signed so that higher is
+  still more memorised). Higher = the model gets ``x`` right mostly when it trained on it (atypical
+  or mislabelled examples); around 0 = learnt from the rest of the pool anyway. In [-1, 1] for
+  accuracy and probability.
+* ``fz_influence`` (Feldman & Zhang's influence estimate), per pool example ``x`` and target example
+  ``t``: ``infl(x, t) = mean_in y(t) - mean_out y(t)`` (for ``loss``: out minus in), so positive =
+  including ``x`` helps ``t``. Default outcome ``loss``: a small model's target accuracy is often at
+  chance, its loss still moves.
+* ``datamodel`` (Ilyas et al., 2022): per target example ``t``, a sparse linear model
+  ``y(t) ~ b_t + sum_x w_{t,x} 1[x in S]`` fit on the K units (scikit-learn's ``LassoCV``, or
+  ``RidgeCV``; regularisation chosen by cross-validation). Effect of ``x`` on ``t``: ``-w_{t,x}`` for
+  the loss (the predicted loss decrease from including ``x``), ``+w_{t,x}`` for the others.
+* ``dsdm`` (Engstrom et al., 2024): selection that minimises the datamodel-predicted mean target loss
+  ``L(S) = mean_t (b_t + sum_{x in S} w_{t,x})`` over subsets of the selection's size, i.e. the
+  examples with the largest ``-mean_t w_{t,x}``. ``--estimator trak`` uses TRAK as the datamodel (the
+  paper's choice at scale; no subset models needed). The predicted loss of any selection is
+  ``intercept + sum of -score`` over it (``intercept`` in ``summary.json``); datamodels are fit at
+  subset fraction ``alpha``, so predictions are most reliable for selections of about that size.
+
+``rank`` averages pairwise effects over the target's examples (``task:`` columns per subtask):
+higher = more helpful.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..data import examples_sha256, load_pool
+from ..errors import InfluenceError, StoreMismatchError
+from ..run import Run
+from ..store import POOL, SubsetStore, target_dataset
+from ..targets import load_target, target_name
+from .base import Attribution, Scores
+
+HIGHER_IS_BETTER = {"loss": False, "accuracy": True, "probability": True, "margin": True, "choice_correct": True}
+REGRESSIONS = ("lasso", "ridge")
+ESTIMATORS = ("datamodel", "trak")
+
+
+def open_subsets(run: Run, name: str = "fit") -> SubsetStore:
+    """A run's subset-model store, checked against the run's model and current pool."""
+    store = SubsetStore.open(run.subsets_path, name)
+    if store.metadata.get("model") != run.manifest.get("model_fingerprint"):
+        raise StoreMismatchError("model", run.manifest.get("model_fingerprint"), store.metadata.get("model"),
+                                 f"{store.path} (trained from another base model than the run's)")
+    expected = examples_sha256(load_pool(run.train_files))
+    if store.metadata.get("pool_sha256") != expected:
+        raise StoreMismatchError("pool_sha256", expected, store.metadata.get("pool_sha256"),
+                                 f"{store.path} (the pool changed since these models were trained)")
+    return store
+
+
+def require_units(store: SubsetStore, units: list[int], at_least: int = 2) -> None:
+    if len(units) < at_least:
+        raise InfluenceError(f"{store.path}: {len(units)} finished subset model(s); at least {at_least} are needed "
+                             "(run `influence subsets train` with a larger --k)")
+
+
+def target_columns(store: SubsetStore, target: str, target_tasks: list[str] | None) -> tuple[str, np.ndarray]:
+    """The store's dataset for ``target`` and which of its columns belong to ``target_tasks``."""
+    name = target_name(target)
+    full = load_target(target)
+    dataset = target_dataset(name, examples_sha256(full))
+    if dataset not in store.targets and target_tasks:
+        dataset = target_dataset(name, examples_sha256(load_target(target, target_tasks)))
+    store.require_target(dataset)
+    _, tasks = store.target_labels(dataset)
+    keep = np.ones(len(tasks), dtype=bool) if not target_tasks else np.isin(tasks, target_tasks)
+    if not keep.any():
+        raise InfluenceError(f"target '{target}' has no subtask {', '.join(target_tasks)} among those the subset models "
+                             "evaluated")
+    return dataset, keep
+
+
+def in_out_difference(masks: np.ndarray, values: np.ndarray, higher_is_better: bool) -> tuple[np.ndarray, ...]:
+    """For every pool example x and evaluated example z: mean of ``values[:, z]`` over the units whose
+    subset holds x minus over the others (signed so that positive = better with x), and n_in, n_out."""
+    inside = masks.astype(np.float64)
+    n_in = inside.sum(axis=0)
+    n_out = len(masks) - n_in
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_in = inside.T @ values / n_in[:, None]
+        mean_out = (1 - inside).T @ values / n_out[:, None]
+    effect = mean_in - mean_out if higher_is_better else mean_out - mean_in
+    effect[(n_in == 0) | (n_out == 0)] = np.nan
+    return effect, n_in, n_out
+
+
+def _check_outcome(outcome: str) -> None:
+    if outcome not in HIGHER_IS_BETTER:
+        raise InfluenceError(f"unknown --outcome '{outcome}'; choose from {', '.join(HIGHER_IS_BETTER)}")
+
+
+def memorization_scores(run_dir: str | Path, target: str | None = None, subsets: str = "fit",
+                        outcome: str = "accuracy") -> Scores:
+    """Feldman & Zhang memorization of every pool example (see the module docstring)."""
+    _check_outcome(outcome)
+    run = Run(run_dir)
+    store = open_subsets(run, subsets)
+    units, masks, values = store.outcomes(POOL, outcome)
+    require_units(store, units)
+    inside = masks.astype(np.float64)
+    n_in = inside.sum(axis=0)
+    n_out = len(masks) - n_in
+    with np.errstate(invalid="ignore", divide="ignore"):  # each example on itself: the diagonal only
+        difference = (inside * values).sum(axis=0) / n_in - ((1 - inside) * values).sum(axis=0) / n_out
+    score = difference if HIGHER_IS_BETTER[outcome] else -difference
+    score[(n_in == 0) | (n_out == 0)] = np.nan
+    return Scores("memorization", store.pool_ids.tolist(), score,
+                  f"Feldman & Zhang memorization on {outcome}: mean over models trained with the example minus "
+                  "without it (signed so that higher = more memorised); in [-1, 1] for accuracy/probability",
+                  finite=np.isfinite(score),
+                  details={**_counts(store, units, n_in, n_out), "outcome": outcome},
+                  columns={"n_in": n_in, "n_out": n_out})
+
+
+def _counts(store: SubsetStore, units: list[int], n_in: np.ndarray, n_out: np.ndarray) -> dict:
+    return {"subsets": store.name, "units": len(units), "design": store.design,
+            "n_in": {"min": int(n_in.min()), "median": float(np.median(n_in))},
+            "n_out": {"min": int(n_out.min()), "median": float(np.median(n_out))}}
+
+
+def fz_influence_attribution(run_dir: str | Path, target: str, subsets: str = "fit", outcome: str = "loss",
+                             target_tasks: list[str] | None = None) -> Attribution:
+    """Feldman & Zhang influence estimates of every pool example on every target example."""
+    _check_outcome(outcome)
+    run = Run(run_dir)
+    store = open_subsets(run, subsets)
+    dataset, keep = target_columns(store, target, target_tasks)
+    units, masks, values = store.outcomes(dataset, outcome)
+    require_units(store, units)
+    effect, n_in, n_out = in_out_difference(masks, values[:, keep], HIGHER_IS_BETTER[outcome])
+    ids, tasks = store.target_labels(dataset)
+    return Attribution("fz_influence", store.pool_ids.tolist(), ids[keep].tolist(), tasks[keep].tolist(), effect,
+                       f"Feldman & Zhang influence estimate on the target's {outcome}: mean over models trained with "
+                       "the example minus without it, signed so that positive = helpful",
+                       {**_counts(store, units, n_in, n_out), "outcome": outcome},
+                       {"n_in": n_in, "n_out": n_out})
+
+
+_FITS: dict = {}  # in-process cache of datamodel fits: (store, dataset, units, outcome, regression) -> fit
+
+
+def fit_datamodels(masks: np.ndarray, values: np.ndarray, regression: str = "lasso",
+                   seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per column ``t`` of ``values`` (units x targets), a linear model of ``values[:, t]`` on the
+    masks with regularisation chosen by cross-validation. Returns (weights (targets x pool),
+    intercepts (targets,), cross-validated R^2 (targets,))."""
+    from sklearn.linear_model import LassoCV, RidgeCV
+
+    if regression not in REGRESSIONS:
+        raise InfluenceError(f"unknown --regression '{regression}'; choose from {', '.join(REGRESSIONS)}")
+    x = masks.astype(np.float64)
+    k, n_targets = values.shape
+    weights = np.zeros((n_targets, x.shape[1]))
+    intercepts = np.zeros(n_targets)
+    r2 = np.full(n_targets, np.nan)
+    if regression == "ridge":
+        model = RidgeCV(alphas=np.logspace(-3, 4, 15), alpha_per_target=True).fit(x, values)
+        weights, intercepts = np.atleast_2d(model.coef_), np.atleast_1d(model.intercept_)
+        loo_mse = -np.atleast_1d(model.best_score_)  # efficient leave-one-out, negative MSE
+        with np.errstate(invalid="ignore", divide="ignore"):
+            r2 = 1 - loo_mse / values.var(axis=0)
+        return weights, intercepts, r2
+    folds = min(5, k)
+    for t in range(n_targets):
+        y = values[:, t]
+        if np.ptp(y) == 0:
+            intercepts[t] = y[0]
+            continue
+        model = LassoCV(alphas=30, cv=folds, max_iter=20000, random_state=seed).fit(x, y)
+        weights[t], intercepts[t] = model.coef_, model.intercept_
+        r2[t] = 1 - model.mse_path_.mean(axis=1).min() / y.var()
+    return weights, intercepts, r2
+
+
+def datamodel_fit(run_dir: str | Path, target: str, subsets: str = "fit", outcome: str = "loss",
+                  regression: str = "lasso", target_tasks: list[str] | None = None):
+    """(store, units, target ids, target tasks, weights, intercepts, cv R^2) for the target's examples."""
+    _check_outcome(outcome)
+    run = Run(run_dir)
+    store = open_subsets(run, subsets)
+    dataset, keep = target_columns(store, target, target_tasks)
+    units = store.done_units()
+    require_units(store, units, at_least=4)
+    key = (str(store.path), dataset, tuple(units), outcome, regression)
+    if key not in _FITS:
+        _, masks, values = store.outcomes(dataset, outcome, units)
+        _FITS[key] = fit_datamodels(masks, values, regression)
+    weights, intercepts, r2 = _FITS[key]
+    ids, tasks = store.target_labels(dataset)
+    return store, units, ids[keep], tasks[keep], weights[keep], intercepts[keep], r2[keep]
+
+
+def datamodel_attribution(run_dir: str | Path, target: str, subsets: str = "fit", outcome: str = "loss",
+                          regression: str = "lasso", target_tasks: list[str] | None = None) -> Attribution:
+    """Datamodel weights as effects: positive = including the pool example helps the target example."""
+    store, units, ids, tasks, weights, intercepts, r2 = datamodel_fit(run_dir, target, subsets, outcome, regression,
+                                                                     target_tasks)
+    sign = 1.0 if HIGHER_IS_BETTER[outcome] else -1.0
+    return Attribution("datamodel", store.pool_ids.tolist(), ids.tolist(), tasks.tolist(), sign * weights.T,
+                       f"datamodel ({regression}) weight on the target's {outcome}, signed so that positive = "
+                       "including the example helps; in outcome units",
+                       {"subsets": store.name, "units": len(units), "design": store.design, "outcome": outcome,
+                        "regression": regression, "cv_r2_mean": _nanmean(r2),
+                        "nonzero_weights_mean": float((weights != 0).sum(axis=1).mean()),
+                        "intercept_mean": float(intercepts.mean())})
+
+
+def _nanmean(values: np.ndarray) -> float | None:
+    return float(np.nanmean(values)) if np.isfinite(values).any() else None
+
+
+def datamodel_scores(run_dir: str | Path, target: str, subsets: str = "fit", outcome: str = "loss",
+                     regression: str = "lasso", target_tasks: list[str] | None = None) -> Scores:
+    return datamodel_attribution(run_dir, target, subsets, outcome, regression, target_tasks).scores()
+
+
+def fz_influence_scores(run_dir: str | Path, target: str, subsets: str = "fit", outcome: str = "loss",
+                        target_tasks: list[str] | None = None) -> Scores:
+    return fz_influence_attribution(run_dir, target, subsets, outcome, target_tasks).scores()
+
+
+def dsdm_scores(run_dir: str | Path, target: str, estimator: str = "datamodel", subsets: str = "fit",
+                regression: str = "lasso", target_tasks: list[str] | None = None, proj_dim: int | None = None,
+                lambda_reg: float | None = None) -> Scores:
+    """DsDm: each example's predicted decrease of the mean target loss; the top ``k`` of this score
+    is the size-``k`` selection with the lowest predicted mean target loss (see the module docstring)."""
+    if estimator not in ESTIMATORS:
+        raise InfluenceError(f"unknown --estimator '{estimator}'; choose from {', '.join(ESTIMATORS)}")
+    if estimator == "trak":
+        from .trak import trak_attribution
+
+        attribution = trak_attribution(run_dir, target, proj_dim, target_tasks, lambda_reg)
+        intercept = None
+    else:
+        attribution = datamodel_attribution(run_dir, target, subsets, "loss", regression, target_tasks)
+        intercept = attribution.details["intercept_mean"]
+    scores = attribution.scores()
+    scores.method = "dsdm"
+    scores.description = (f"DsDm with {estimator} datamodels: predicted decrease of the mean target loss when the "
+                          "example is included; the top k minimise the predicted mean target loss over selections "
+                          "of k (predicted loss = intercept - sum of the selection's scores)")
+    scores.details = {**scores.details, "estimator": estimator, "intercept": intercept}
+    return scores

@@ -1,0 +1,48 @@
+"""TracIn (Pruthi et al., 2020), in its checkpoint form TracInCP with random projections (TracInRP):
+the learning-rate-weighted dot products of plain loss gradients over the warm-up's checkpoints,
+
+    tracin(x, t) = sum_c lr_c <P g_c(x), P g_c(t)>
+
+with ``lr_c`` the checkpoint epoch's mean learning rate (the step size between checkpoints) and ``P``
+the run's projector (dot products preserved in expectation). Needs the pool's plain gradients:
+``influence project-grads --train-gradient sgd`` (the target's are always stored).
+
+Sign and scale: positive = a proponent (a gradient step on ``x`` lowers ``t``'s loss, to first
+order), negative = an opponent; unbounded, in loss units x learning rate. ``rank`` averages over the
+target's examples: higher = more helpful.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..run import Run
+from ..store import TRAIN, gradient_dataset
+from ..targets import find_target_dataset
+from .base import Attribution, Scores
+from .less import check_compatible, open_checkpoint_stores, pairwise_products, resolve_dim
+
+
+def tracin_attribution(run_dir: str | Path, target: str, proj_dim: int | None = None,
+                       target_tasks: list[str] | None = None, rows_per_block: int | None = None) -> Attribution:
+    """TracInCP of every pool example on every target example (see the module docstring)."""
+    run = Run(run_dir)
+    dim = resolve_dim(run, proj_dim)
+    train = open_checkpoint_stores(run, gradient_dataset(TRAIN, "sgd"), dim)
+    targets = open_checkpoint_stores(run, find_target_dataset(run.store_path, dim, target, target_tasks), dim)
+    check_compatible(train, targets, "sgd", "sgd")
+    lrs = np.array([s.metadata["checkpoint_mean_lr"] for s in train], dtype=np.float64)
+    grads = [torch.from_numpy(store.array("grads")).float() for store in targets]
+    matrix, _ = pairwise_products(train, grads, lrs, rows_per_block=rows_per_block)
+    return Attribution("tracin", train[0].ids.tolist(), targets[0].ids.tolist(), targets[0].tasks.tolist(), matrix,
+                       __doc__.strip().split("\n\n", 1)[1],
+                       {"checkpoints": [s.metadata["checkpoint"] for s in train], "learning_rates": lrs.tolist(),
+                        "projector": train[0].metadata["projector"]})
+
+
+def tracin_scores(run_dir: str | Path, target: str, proj_dim: int | None = None,
+                  target_tasks: list[str] | None = None) -> Scores:
+    return tracin_attribution(run_dir, target, proj_dim, target_tasks).scores()

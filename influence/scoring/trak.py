@@ -1,0 +1,93 @@
+"""TRAK (Park et al., 2023): attribution through the randomly projected after-kernel, computed on the
+run's stored projected gradients, one "model" per warm-up checkpoint, as ``traker`` computes it.
+
+For checkpoint ``c``, with ``Phi_c`` the pool's projected gradients of the model output function and
+``psi_c(t)`` the target example's (``project-grads --train-gradient margin``: TRAK's margin
+``log p - log(1 - p)`` of each response token, averaged over the response), and ``Q`` TRAK's
+out-to-loss weights (``1 - p`` averaged over the response tokens, then over checkpoints)::
+
+    K_c        = (Phi_c^T Phi_c + lambda I)^-1, divided by its mean absolute entry (as traker's
+                 BasicScoreComputer does before the ensemble average)
+    trak(x, t) = (1/C) sum_c  phi_c(x)^T K_c psi_c(t)  *  Q(x)
+
+Differences from ``traker``, on purpose: the kernel is accumulated and inverted in float64 (traker:
+its working dtype, inverse in float32); ``lambda`` defaults to ``1e-2 x trace(Phi^T Phi) / dim`` per
+checkpoint instead of 0, because instruction pools are often smaller than the projection dimension,
+where ``Phi^T Phi`` is singular (``--lambda-reg 0`` gives traker's default and is refused when
+singular). TRAK ensembles independently trained models; the checkpoints of one warm-up are a cheaper
+stand-in (as TracIn uses them).
+
+Sign and scale: positive = including ``x`` raises ``t``'s margin (lowers its loss): helpful;
+unbounded. ``rank`` averages over the target's examples: higher = more helpful.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import InfluenceError
+from ..run import Run
+from ..store import TRAIN, GradientStore, gradient_dataset
+from ..targets import find_target_dataset
+from .base import Attribution, Scores
+from .less import check_compatible, open_checkpoint_stores, pairwise_products, resolve_dim
+
+RELATIVE_LAMBDA = 1e-2
+
+
+def gram(store: GradientStore, rows_per_block: int | None = None) -> torch.Tensor:
+    """``Phi^T Phi`` (float64) of a store's projected gradients, streamed block by block."""
+    dim = store.metadata["projector"]["output_dim"]
+    total = torch.zeros((dim, dim), dtype=torch.float64)
+    for _, block in store.iter_chunks(rows_per_block):
+        block = torch.from_numpy(np.nan_to_num(block.astype(np.float64), nan=0.0))
+        total += block.T @ block
+    return total
+
+
+def kernel_inverse(xtx: torch.Tensor, lambda_reg: float | None) -> tuple[torch.Tensor, float]:
+    """``(xtx + lambda I)^-1`` divided by its mean absolute entry (traker's normalisation), and lambda."""
+    dim = xtx.shape[0]
+    lam = RELATIVE_LAMBDA * float(torch.diagonal(xtx).sum()) / dim if lambda_reg is None else float(lambda_reg)
+    if lambda_reg is not None and lam < 0:
+        raise InfluenceError(f"--lambda-reg must not be negative, got {lambda_reg}")
+    regularised = xtx + lam * torch.eye(dim, dtype=xtx.dtype)
+    if lam == 0 and torch.linalg.matrix_rank(regularised) < dim:
+        raise InfluenceError(f"Phi^T Phi is singular (rank {int(torch.linalg.matrix_rank(regularised))} < projection "
+                             f"dimension {dim}: the pool has fewer examples than dimensions); use --lambda-reg > 0 "
+                             "(or leave it unset) or a smaller --proj-dim")
+    inverse = torch.linalg.inv(regularised)
+    return inverse / inverse.abs().mean(), lam
+
+
+def trak_attribution(run_dir: str | Path, target: str, proj_dim: int | None = None,
+                     target_tasks: list[str] | None = None, lambda_reg: float | None = None,
+                     rows_per_block: int | None = None) -> Attribution:
+    """TRAK scores of every pool example for every target example (see the module docstring)."""
+    run = Run(run_dir)
+    dim = resolve_dim(run, proj_dim)
+    train = open_checkpoint_stores(run, gradient_dataset(TRAIN, "margin"), dim)
+    targets = open_checkpoint_stores(
+        run, find_target_dataset(run.store_path, dim, target, target_tasks, gradient_type="margin"), dim)
+    check_compatible(train, targets, "margin", "margin")
+    sides, lambdas = [], []
+    for train_store, target_store in zip(train, targets):
+        inverse, lam = kernel_inverse(gram(train_store, rows_per_block), lambda_reg)
+        psi = torch.from_numpy(target_store.array("grads").astype(np.float64))
+        sides.append((psi @ inverse.T).float())  # rows: K_c psi_c(t), so that phi(x) . row = phi^T K psi
+        lambdas.append(lam)
+    products, _ = pairwise_products(train, sides, np.full(len(train), 1.0 / len(train)), rows_per_block=rows_per_block)
+    out_to_loss = np.mean([store.array("out_to_loss").astype(np.float64) for store in train], axis=0)
+    return Attribution("trak", train[0].ids.tolist(), targets[0].ids.tolist(), targets[0].tasks.tolist(),
+                       products * out_to_loss[:, None], __doc__.strip().split("\n\n", 1)[1].split("\n\n")[0],
+                       {"checkpoints": [s.metadata["checkpoint"] for s in train], "lambda": lambdas,
+                        "projector": train[0].metadata["projector"]},
+                       {"out_to_loss": out_to_loss})
+
+
+def trak_scores(run_dir: str | Path, target: str, proj_dim: int | None = None, target_tasks: list[str] | None = None,
+                lambda_reg: float | None = None) -> Scores:
+    return trak_attribution(run_dir, target, proj_dim, target_tasks, lambda_reg).scores()
