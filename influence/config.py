@@ -129,6 +129,51 @@ def _field_of(base: Any, name: str) -> Any:
     return getattr(base, name, dataclasses.MISSING) if base is not None else dataclasses.MISSING
 
 
+def given_fields(cls: type, values: dict[str, Any]) -> dict:
+    """The CLI values that were given (not None), as a nested dict keyed by field name."""
+    given: dict = {}
+    for option in options_of(cls):
+        value = values.get(option.dest)
+        if value is None:
+            continue
+        if option.is_list:
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        node = given
+        for name in option.path[:-1]:
+            node = node.setdefault(name, {})
+        node[option.path[-1]] = value
+    return given
+
+
+def from_dict(cls: type, data: dict, base: dict | None = None, where: str = "settings") -> Any:
+    """An instance of ``cls`` from ``base`` (a dict of its fields; extra keys ignored) updated with
+    ``data`` (field names; nested settings as dicts). A key of ``data`` that is no field is an error."""
+    from .errors import InfluenceError
+
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise InfluenceError(f"{where}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(names)}")
+    base = base or {}
+    kwargs = {}
+    for name in names:
+        if dataclasses.is_dataclass(hints[name]):
+            if name in data or name in base:
+                kwargs[name] = from_dict(hints[name], _as_dict(data.get(name)), _as_dict(base.get(name)), f"{where}.{name}")
+        elif name in data:
+            kwargs[name] = data[name]
+        elif name in base:
+            kwargs[name] = base[name]
+    return cls(**kwargs)
+
+
+def _as_dict(value: Any) -> dict:
+    if value is None:
+        return {}
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else dict(value)
+
+
 def settings_dict(settings: Any) -> dict:
     """A settings dataclass as plain JSON-able data (for manifests and store metadata)."""
     return dataclasses.asdict(settings)

@@ -57,12 +57,15 @@ def train(run_dir, k, alpha, targets, target_tasks, name, seed, worker, max_hour
 
     Resumable (a finished model is never retrained) and shareable: start several processes, or
     machines with a shared folder, on one run and they split the units between them."""
+    from ..config import given_fields
+    from ..train.loop import TrainSettings
     from ..train.subsets import train_subsets
     from ..units import parse_worker
 
     try:
+        settings = given_fields(TrainSettings, overrides)
         report = train_subsets(run_dir, k, alpha, list(targets), name=name, seed=seed,
-                               target_tasks=split_list(target_tasks), settings=overrides, worker=parse_worker(worker),
+                               target_tasks=split_list(target_tasks), settings=settings, worker=parse_worker(worker),
                                max_hours=max_hours, dry_run=dry_run, device=device, say=click.echo)
     except InfluenceError as err:
         fail(err)

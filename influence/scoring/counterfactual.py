@@ -99,6 +99,19 @@ def in_out_difference(masks: np.ndarray, values: np.ndarray, higher_is_better: b
     return effect, n_in, n_out
 
 
+def self_difference(masks: np.ndarray, values: np.ndarray, higher_is_better: bool) -> tuple[np.ndarray, ...]:
+    """:func:`in_out_difference` of every pool example on itself (the diagonal, without forming the
+    n x n matrix): ``values`` are the units' outcomes on the pool (units x n_pool)."""
+    inside = masks.astype(np.float64)
+    n_in = inside.sum(axis=0)
+    n_out = len(masks) - n_in
+    with np.errstate(invalid="ignore", divide="ignore"):
+        difference = (inside * values).sum(axis=0) / n_in - ((1 - inside) * values).sum(axis=0) / n_out
+    score = difference if higher_is_better else -difference
+    score[(n_in == 0) | (n_out == 0)] = np.nan
+    return score, n_in, n_out
+
+
 def _check_outcome(outcome: str) -> None:
     if outcome not in HIGHER_IS_BETTER:
         raise InfluenceError(f"unknown --outcome '{outcome}'; choose from {', '.join(HIGHER_IS_BETTER)}")
@@ -112,13 +125,7 @@ def memorization_scores(run_dir: str | Path, target: str | None = None, subsets:
     store = open_subsets(run, subsets)
     units, masks, values = store.outcomes(POOL, outcome)
     require_units(store, units)
-    inside = masks.astype(np.float64)
-    n_in = inside.sum(axis=0)
-    n_out = len(masks) - n_in
-    with np.errstate(invalid="ignore", divide="ignore"):  # each example on itself: the diagonal only
-        difference = (inside * values).sum(axis=0) / n_in - ((1 - inside) * values).sum(axis=0) / n_out
-    score = difference if HIGHER_IS_BETTER[outcome] else -difference
-    score[(n_in == 0) | (n_out == 0)] = np.nan
+    score, n_in, n_out = self_difference(masks, values, HIGHER_IS_BETTER[outcome])
     return Scores("memorization", store.pool_ids.tolist(), score,
                   f"Feldman & Zhang memorization on {outcome}: mean over models trained with the example minus "
                   "without it (signed so that higher = more memorised); in [-1, 1] for accuracy/probability",

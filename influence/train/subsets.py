@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..config import build
+from ..config import from_dict
 from ..data import Example, examples_sha256, load_pool
 from ..errors import InfluenceError
 from ..losses import forward_response
@@ -57,10 +57,11 @@ class SubsetReport:
 
 
 def train_settings(run: Run, overrides: dict | TrainSettings | None = None) -> TrainSettings:
-    """The warm-up's training settings, with ``overrides`` (CLI values by option name, None = keep)."""
+    """The warm-up's training settings updated with ``overrides`` (field names, e.g.
+    ``{"learning_rate": 1e-4, "lora": {"r": 8}}``), or ``overrides`` itself when it is complete."""
     if isinstance(overrides, TrainSettings):
         return overrides
-    return build(TrainSettings, overrides or {}, base=run.manifest["config"])
+    return from_dict(TrainSettings, overrides or {}, base=run.manifest["config"], where="training settings")
 
 
 def unit_seed(design_seed: int, unit: int) -> int:
