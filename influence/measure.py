@@ -7,8 +7,8 @@ Per example, from one forward pass with dropout off (the model in eval mode):
 * ``probability``: ``exp(-loss)``, the geometric mean of the response tokens' probabilities
   (a smooth "is it right" in [0, 1] that does not vanish for long responses, unlike the sequence's);
 
-and, for multiple-choice examples (``Example.choices``, e.g. MMLU's letters), from one more pass per
-choice:
+and, for multiple-choice examples (``Example.choices``, e.g. MMLU's letters), from the same pass when
+every choice is a single token after the same prompt (the letters), else from one more pass per choice:
 
 * ``margin``: ``log p(correct) - log sum_{c != correct} p(c)``, each choice's log-likelihood being the
   sum over its response tokens: TRAK's classification margin over the choices (> 0: the correct
@@ -26,7 +26,7 @@ import torch
 
 from .data import Example
 from .losses import forward_response
-from .templates import Encoded, collate, encode_example
+from .templates import IGNORE_INDEX, Encoded, collate, encode_example
 
 OUTCOMES = ("loss", "accuracy", "probability", "margin", "choice_correct")
 
@@ -38,9 +38,12 @@ def encode_choices(examples: list[Example], tokenizer, max_length: int) -> list[
 
 
 @torch.no_grad()
-def _losses(model, encoded: list[Encoded], pad_token_id: int, batch_size: int, device) -> tuple[np.ndarray, ...]:
-    """(mean response loss, response-token accuracy, response tokens) per encoding, in order."""
-    losses, accuracy, counts = [], [], []
+def _losses(model, encoded: list[Encoded], pad_token_id: int, batch_size: int, device,
+            first_rows: set[int] = frozenset()) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[int, np.ndarray]]:
+    """(mean response loss, response-token accuracy, response tokens) per encoding, in order, and for
+    the encodings in ``first_rows`` the log-probabilities over the vocabulary at their first response
+    position."""
+    losses, accuracy, counts, first = [], [], [], {}
     for start in range(0, len(encoded), batch_size):
         batch = {k: v.to(device) for k, v in collate(encoded[start : start + batch_size], pad_token_id).items()}
         forward = forward_response(model, batch)
@@ -48,9 +51,29 @@ def _losses(model, encoded: list[Encoded], pad_token_id: int, batch_size: int, d
         losses.append(forward.losses.float().cpu().numpy())
         accuracy.append(forward.per_example(correct).cpu().numpy())
         counts.append(forward.counts.cpu().numpy())
+        offsets = (torch.cumsum(forward.counts, 0) - forward.counts).tolist()
+        for j, offset in enumerate(offsets):
+            if start + j in first_rows and forward.counts[j] > 0:
+                first[start + j] = torch.log_softmax(forward.logits[offset].float(), dim=-1).cpu().numpy()
     if not losses:
-        return np.zeros(0), np.zeros(0), np.zeros(0)
-    return np.concatenate(losses), np.concatenate(accuracy), np.concatenate(counts)
+        return np.zeros(0), np.zeros(0), np.zeros(0), first
+    return np.concatenate(losses), np.concatenate(accuracy), np.concatenate(counts), first
+
+
+def single_token_choices(options: list[Encoded]) -> list[int] | None:
+    """The choices' tokens when every choice is one response token after the same prompt (MMLU's
+    letters): their log-likelihoods then come from one forward pass. Else None."""
+    tokens, prefix = [], None
+    for encoding in options:
+        positions = [i for i, label in enumerate(encoding.labels) if label != IGNORE_INDEX]
+        if len(positions) != 1:
+            return None
+        here = encoding.input_ids[: positions[0]]
+        if prefix is not None and here != prefix:
+            return None
+        prefix = here
+        tokens.append(encoding.labels[positions[0]])
+    return tokens if len(set(tokens)) == len(tokens) else None
 
 
 @torch.no_grad()
@@ -59,26 +82,29 @@ def measure(model, encoded: list[Encoded], pad_token_id: int, batch_size: int, d
             ) -> dict[str, np.ndarray]:
     """Every outcome of :data:`OUTCOMES` for each example (see the module docstring). ``choices[j]``
     are example j's encodings per choice and ``correct[j]`` the index of its right answer."""
+    choices = choices or [None] * len(encoded)
+    single = {j: single_token_choices(options) for j, options in enumerate(choices) if options is not None}
+    single = {j: tokens for j, tokens in single.items() if tokens is not None}
     was_training = model.training
     model.eval()
     try:
-        loss, accuracy, _ = _losses(model, encoded, pad_token_id, batch_size, device)
+        loss, accuracy, _, first = _losses(model, encoded, pad_token_id, batch_size, device, set(single))
         margin = np.full(len(encoded), np.nan)
         choice_correct = np.full(len(encoded), np.nan)
-        if choices is not None and any(c is not None for c in choices):
-            flat = [enc for options in choices if options is not None for enc in options]
-            choice_loss, _, choice_tokens = _losses(model, flat, pad_token_id, batch_size, device)
+        scores: dict[int, np.ndarray] = {j: first[j][tokens] for j, tokens in single.items()}
+        rest = [j for j, options in enumerate(choices) if options is not None and j not in single]
+        if rest:  # multi-token choices: one pass per choice
+            flat = [enc for j in rest for enc in choices[j]]
+            choice_loss, _, choice_tokens, _ = _losses(model, flat, pad_token_id, batch_size, device)
             log_likelihood = -(choice_loss * choice_tokens)
             offset = 0
-            for j, options in enumerate(choices):
-                if options is None:
-                    continue
-                scores = log_likelihood[offset : offset + len(options)]
-                offset += len(options)
-                right = correct[j]
-                others = np.delete(scores, right)
-                margin[j] = scores[right] - np.logaddexp.reduce(others)
-                choice_correct[j] = float(np.argmax(scores) == right)
+            for j in rest:
+                scores[j] = log_likelihood[offset : offset + len(choices[j])]
+                offset += len(choices[j])
+        for j, values in scores.items():
+            right = correct[j]
+            margin[j] = values[right] - np.logaddexp.reduce(np.delete(values, right))
+            choice_correct[j] = float(np.argmax(values) == right)
     finally:
         model.train(was_training)
     return {"loss": loss, "accuracy": accuracy, "probability": np.exp(-loss), "margin": margin,

@@ -446,7 +446,7 @@ class SubsetStore:
         stored, wanted = set(store.targets), set(targets)
         if stored != wanted:
             raise StoreMismatchError("targets", sorted(wanted), sorted(stored), where + " (these subset models evaluate "
-                                     "other targets; choose another --name to evaluate these)")
+                                     "other targets; give the models that evaluate these another name)")
         if masks is not None and not np.array_equal(store.group["masks"][:], masks):
             raise StoreMismatchError("masks", "the requested subsets", "other subsets", where)
         return store

@@ -21,12 +21,11 @@ from influence.errors import InfluenceError, StoreMismatchError
 from influence.evaluate.lds import column_spearman, evaluate_lds, lds
 from influence.gradients import LoraGradients, token_margins
 from influence.losses import per_example_loss
-from influence.measure import correct_choices, encode_choices, measure
+from influence.measure import correct_choices, encode_choices, measure, single_token_choices
 from influence.models import lora_parameters
 from influence.run import Run
 from influence.scoring import METHODS
-from influence.scoring.counterfactual import (datamodel_fit, fit_datamodels, in_out_difference, memorization_scores,
-                                              self_difference)
+from influence.scoring.counterfactual import datamodel_fit, fit_datamodels, in_out_difference, memorization_scores, self_difference
 from influence.scoring.tracin import tracin_attribution
 from influence.scoring.trak import trak_attribution
 from influence.selection import rank
@@ -143,14 +142,17 @@ def test_margin_gradients_equal_autograd_per_example(tiny_lora):
     assert token_margins(logits, torch.tensor([0])).item() == pytest.approx(float(torch.log(p / (1 - p))))
 
 
-def test_multiple_choice_margin_against_full_sequence_likelihoods(tiny_lora, tmp_path):
+@pytest.mark.parametrize("options", [["yes", "no", "maybe"], ["A", "B", "C"]])  # several passes / one pass
+def test_multiple_choice_margin_against_full_sequence_likelihoods(tiny_lora, tmp_path, options):
     model, tok = tiny_lora
     path = write_jsonl(tmp_path / "mc.jsonl", [
-        {"prompt": f"Is {i} even?", "completion": ["yes", "no"][i % 2], "choices": ["yes", "no", "maybe"]} for i in range(3)
+        {"prompt": f"Is {i} even?", "completion": options[i % 2], "choices": options} for i in range(3)
     ])
     examples = load_target(str(path))
-    assert [e.choices for e in examples] == [["yes", "no", "maybe"]] * 3
+    assert [e.choices for e in examples] == [options] * 3
     encoded = [encode_example(e, tok, 64) for e in examples]
+    single = single_token_choices(encode_choices(examples, tok, 64)[0])
+    assert (single is not None) == (options[0] == "A")
     result = measure(model, encoded, tok.pad_token_id, 2, "cpu", encode_choices(examples, tok, 64), correct_choices(examples))
     for j, example in enumerate(examples):
         log_likelihoods = []
@@ -269,7 +271,7 @@ def test_lds_end_to_end_with_leave_some_out(engine_run):
     report = evaluate_lds(engine_run["run"], engine_run["target"], methods, k=5, leave_out=0.2, bootstrap=50,
                           progress=False)
     table = report.table
-    assert list(table["method"]) == methods[:-1] + ["scores.csv"]
+    assert list(table["method"]) == methods[:-1] + ["rank-mem/scores.csv"]
     assert (table["n_subsets"] == 5).all() and table["lds"].between(-1, 1).all()
     assert (table["ci_low"] <= table["ci_high"]).all() and table["leave_out_delta"].notna().all()
     assert (report.folder / "lds.csv").is_file() and (report.folder / "lds_per_target.csv").is_file()

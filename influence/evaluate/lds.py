@@ -101,22 +101,31 @@ def read_ranking(path: str | Path, pool_ids: list[str]) -> np.ndarray:
 
 
 def _effects(run_dir, method: str, target: str, options: dict, target_tasks, pool_ids: list[str],
-             n_targets: int) -> tuple[np.ndarray, str]:
-    """(n_pool x n_targets effects, kind) of a method name or a ranking file."""
+             n_targets: int) -> tuple[np.ndarray, str, list[str] | None]:
+    """(n_pool x n_targets effects, kind, the target ids the effects are for when per target example)
+    of a method name or a ranking file."""
     if method in ATTRIBUTIONS:
         function, kind = ATTRIBUTIONS[method], "per target example"
     elif method in METHODS:
         function, kind = METHODS[method], "one score per example"
     else:
-        return np.repeat(read_ranking(method, pool_ids)[:, None], n_targets, axis=1), "ranking file"
+        return np.repeat(read_ranking(method, pool_ids)[:, None], n_targets, axis=1), "ranking file", None
     accepted = set(inspect.signature(function).parameters)
     given = {k: v for k, v in options.items() if k in accepted and v is not None}
     if "target_tasks" in accepted:
         given["target_tasks"] = target_tasks
     if method in ATTRIBUTIONS:
-        return function(run_dir, target, **given).matrix, kind
+        attribution = function(run_dir, target, **given)
+        if list(attribution.pool_ids) != list(pool_ids):
+            raise InfluenceError(f"{method}: its scores cover other pool examples than the held-out models")
+        return attribution.matrix, kind, list(attribution.target_ids)
     scores = function(run_dir, target if method in TARGET_METHODS else None, **given)
-    return np.repeat(scores.score[:, None], n_targets, axis=1), kind
+    return np.repeat(scores.score[:, None], n_targets, axis=1), kind, None
+
+
+def method_label(method: str) -> str:
+    """A method's name, or a ranking file's folder and name (``rank-less-mmlu_val/scores.csv``)."""
+    return method if method in METHODS else f"{Path(method).parent.name}/{Path(method).name}"
 
 
 def check_methods(methods: list[str]) -> None:
@@ -190,12 +199,12 @@ def evaluate_lds(run_dir: str | Path, target: str, methods: list[str], *, k: int
     pool_ids = held.pool_ids.tolist()
     rows, per_target = [], {}
     for method in methods:
-        effects, kind = _effects(run.path, method, target, options, target_tasks, pool_ids, int(keep.sum()))
-        if effects.shape != (len(pool_ids), int(keep.sum())):
-            raise InfluenceError(f"{method}: effects of shape {effects.shape} do not match the held-out models' pool "
-                                 f"and target ({len(pool_ids)} x {int(keep.sum())})")
+        effects, kind, ids = _effects(run.path, method, target, options, target_tasks, pool_ids, int(keep.sum()))
+        if ids is not None and ids != target_ids.tolist():
+            raise InfluenceError(f"{method}: its effects are for other target examples than the held-out models "
+                                 "measured (another --target-tasks?)")
         mean, low, high, values_t = lds(masks, effects, measured, bootstrap)
-        label = method if method in METHODS else Path(method).name
+        label = method_label(method)
         per_target[label] = values_t
         rows.append({"method": label, "lds": mean, "ci_low": low, "ci_high": high, "n_subsets": len(units),
                      "n_targets": int(np.isfinite(values_t).sum()), "effects": kind})
@@ -220,11 +229,11 @@ def _leave_out(run: Run, target, methods, options, target_tasks, fraction, repea
     count = max(1, int(fraction * n))
     names, masks = ["whole pool"], [np.ones(n, dtype=bool)]
     for method in methods:
-        effects, _ = _effects(run.path, method, target, options, target_tasks, pool_ids, n_targets)
+        effects, _, _ = _effects(run.path, method, target, options, target_tasks, pool_ids, n_targets)
         score = np.nan_to_num(effects.mean(axis=1), nan=-np.inf)
         mask = np.ones(n, dtype=bool)
         mask[np.argsort(-score, kind="stable")[:count]] = False
-        names.append(method if method in METHODS else Path(method).name)
+        names.append(method_label(method))
         masks.append(mask)
     masks = np.repeat(np.array(masks), repeats, axis=0)
     names = [f"{name} #{r}" for name in names for r in range(repeats)]

@@ -32,7 +32,7 @@ from ..config import from_dict
 from ..data import Example, examples_sha256, load_pool
 from ..errors import InfluenceError
 from ..losses import forward_response
-from ..measure import correct_choices, encode_choices, measure
+from ..measure import correct_choices, encode_choices, measure, single_token_choices
 from ..models import add_lora, load_base_model, model_fingerprint, parse_device
 from ..run import Run
 from ..store import POOL, SubsetStore, target_dataset
@@ -174,7 +174,7 @@ def _train(run: Run, name: str, design: dict, masks: np.ndarray | None, units: l
                                       tokenizer.pad_token_id, device, eval_batch_size) if todo or dry_run else 0.0
     report = SubsetReport(str(store.path), len(units), estimate, len(pool), subset_size, asdict(settings))
     done = sum(store.is_done(u) for u in units)
-    say(f"{store.path}: {len(units)} units asked, {done} done; {len(todo)} to train here, ~{estimate:.0f} s each "
+    say(f"{store.path}: {len(units)} units asked, {done} done; {len(todo)} to train here, ~{estimate:.1f} s each "
         f"(measured on this machine), ~{len(todo) * estimate / 60:.1f} min in all for one process (pool {len(pool)}, "
         f"subset size {subset_size}, {settings.epochs} epochs, lr {settings.learning_rate:g}, max length {settings.max_length})")
     if dry_run:
@@ -222,7 +222,9 @@ def _estimate_unit_seconds(base, settings: TrainSettings, pool_encoded: list[Enc
     order = np.argsort(lengths)
     middle = order[len(order) // 2 : len(order) // 2 + max(settings.batch_size, 1)]
     sample = [pool_encoded[i] for i in middle]
+    started = time.perf_counter()
     model = add_lora(copy.deepcopy(base), settings.lora, 0).to(device)
+    setup_seconds = time.perf_counter() - started
     trainer = LoraTrainer(model, sample, ["calibration"] * len(sample), replace(settings, epochs=1, grad_accum=1),
                           pad_token_id, device)
     trainer.run_epoch(1)  # warm-up call (allocations), then the timed one
@@ -241,6 +243,8 @@ def _estimate_unit_seconds(base, settings: TrainSettings, pool_encoded: list[Enc
     mask = store.mask(sample_units[0])
     unit_train_tokens = lengths[mask].sum() * settings.epochs
     unit_eval_tokens = lengths.sum() + sum(
-        sum(len(e.input_ids) for e in encoded) + sum(len(c.input_ids) for options in choices if options for c in options)
+        sum(len(e.input_ids) for e in encoded)
+        + sum(len(c.input_ids) for options in choices if options and not single_token_choices(options) for c in options)
         for encoded, choices, _ in target_encoded.values())
-    return float(unit_train_tokens * train_seconds / sample_tokens + unit_eval_tokens * eval_seconds / eval_tokens)
+    return float(setup_seconds + unit_train_tokens * train_seconds / sample_tokens
+                 + unit_eval_tokens * eval_seconds / eval_tokens)
