@@ -26,7 +26,7 @@ import torch
 
 from .data import Example
 from .losses import forward_response
-from .templates import IGNORE_INDEX, Encoded, collate, encode_example
+from .templates import IGNORE_INDEX, Encoded, collate, encode_example, prompt_ids
 
 OUTCOMES = ("loss", "accuracy", "probability", "margin", "choice_correct")
 
@@ -114,3 +114,28 @@ def measure(model, encoded: list[Encoded], pad_token_id: int, batch_size: int, d
 def correct_choices(examples: list[Example]) -> list[int | None]:
     """Index of each example's response among its choices (None when not multiple choice)."""
     return [e.choices.index(e.response) if e.choices else None for e in examples]
+
+
+@torch.no_grad()
+def generate_responses(model, tokenizer, examples: list[Example], max_length: int, max_new_tokens: int,
+                       batch_size: int, device) -> list[str]:
+    """Greedy responses of ``model`` to the examples' prompts (formatted as in training), for judges."""
+    was_training = model.training
+    model.eval()
+    pad = tokenizer.pad_token_id
+    responses = []
+    try:
+        for start in range(0, len(examples), batch_size):
+            prompts = [prompt_ids(e, tokenizer, max_length) for e in examples[start : start + batch_size]]
+            width = max(len(p) for p in prompts)
+            input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+            attention = torch.zeros((len(prompts), width), dtype=torch.long)
+            for row, ids in enumerate(prompts):  # left padding: every prompt ends where generation starts
+                input_ids[row, width - len(ids):] = torch.tensor(ids)
+                attention[row, width - len(ids):] = 1
+            output = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                                    max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+            responses += [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in output.cpu()]
+    finally:
+        model.train(was_training)
+    return responses

@@ -477,7 +477,14 @@ class SubsetStore:
         self.require_target(dataset)
         return self.group[f"targets/{dataset}/ids"][:], self.group[f"targets/{dataset}/tasks"][:]
 
+    @property
+    def pool_measured(self) -> bool:
+        """Whether every model was also measured on the pool (not for selection retraining)."""
+        return bool(self.metadata.get("pool_measured", True))
+
     def require_target(self, dataset: str) -> None:
+        if dataset == POOL and not self.pool_measured:
+            raise InfluenceError(f"{self.path}: these models were not measured on the pool's examples")
         if dataset != POOL and dataset not in self.targets:
             names = ", ".join(t["target"] for t in self.targets.values()) or "none"
             raise InfluenceError(f"{self.path}: these subset models did not evaluate this target (or it changed "
@@ -512,10 +519,13 @@ class SubsetStore:
         return sorted(int(p.name[5:]) for p in folder.iterdir() if p.name.startswith("unit-") and p.name[5:].isdigit()
                       and (p / "zarr.json").is_file())
 
-    def write_unit(self, unit: int, mask: np.ndarray, outcomes: dict[str, dict[str, np.ndarray]], attrs: dict) -> None:
-        """Publish one finished unit: its mask and, per dataset (``pool`` and each target), its
-        outcomes. Callers hold the unit's claim, so leftovers of its earlier attempts are theirs."""
-        missing = sorted({POOL, *self.targets} - set(outcomes))
+    def write_unit(self, unit: int, mask: np.ndarray, outcomes: dict[str, dict[str, np.ndarray]], attrs: dict,
+                   texts: dict[str, list[str]] | None = None) -> None:
+        """Publish one finished unit: its mask, per dataset (``pool`` and each target) its outcomes,
+        and optionally texts per dataset (generated responses, ``texts/<dataset>``). Callers hold the
+        unit's claim, so leftovers of its earlier attempts are theirs."""
+        required = {POOL, *self.targets} if self.pool_measured else set(self.targets)
+        missing = sorted(required - set(outcomes))
         if missing:
             raise ValueError(f"unit {unit} lacks outcomes for {missing}")
 
@@ -525,6 +535,8 @@ class SubsetStore:
             for dataset, values in outcomes.items():
                 rows = np.stack([np.asarray(values[o], dtype=np.float32) for o in UNIT_OUTCOMES])
                 group.create_array(dataset, data=rows)
+            for dataset, strings in (texts or {}).items():
+                _write_strings(group, f"texts/{dataset}", strings)
 
         _remove_partials(self.root, self.unit_path(unit))
         _publish(self.root, self.unit_path(unit), build)
@@ -544,6 +556,13 @@ class SubsetStore:
         n = self.n_pool if dataset == POOL else int(self.targets[dataset]["n_examples"])
         return (units, np.array(masks, dtype=bool).reshape(len(units), self.n_pool),
                 np.array(values, dtype=np.float64).reshape(len(units), n))
+
+    def texts(self, unit: int, dataset: str) -> list[str]:
+        """A finished unit's texts for a dataset (e.g. its generated responses)."""
+        group = zarr.open_group(store=str(self.root), path=self.unit_path(unit), mode="r")
+        if f"texts/{dataset}" not in group:
+            raise InfluenceError(f"{self.path}: unit {unit} stored no texts for {dataset}")
+        return [str(t) for t in group[f"texts/{dataset}"][:]]
 
     def unit_attrs(self, unit: int) -> dict:
         return dict(zarr.open_group(store=str(self.root), path=self.unit_path(unit), mode="r").attrs)

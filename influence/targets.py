@@ -47,24 +47,29 @@ def _one_turn(example_id: str, prompt: str, answer: str, record: dict, task: str
     )
 
 
-def load_mmlu_val() -> list[Example]:
+def _mmlu(folder: Path, suffix: str, name: str, limit: int | None) -> list[Example]:
+    """MMLU rows in LESS's prompt (subject header, question, lettered choices, ``Answer:``; the answer
+    letter after ``The answer is:``), multiple choice over the four letters."""
     examples = []
-    folder = _resource_dir("mmlu")
-    for path in sorted(folder.glob("*_dev.csv")):
-        subject = path.name[: -len("_dev.csv")]
+    for path in sorted(folder.glob(f"*{suffix}")):
+        subject = path.name[: -len(suffix)]
         header = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
         with open(path, newline="", encoding="utf-8") as fh:
             rows = list(csv.reader(fh))
-        for row_index, row in enumerate(rows[:5]):
+        for row_index, row in enumerate(rows[:limit]):
             question, *choices, answer = row
             prompt = header + question
             for letter, choice in zip(MMLU_CHOICES, choices):
                 prompt += f"\n{letter}. {choice}"
             prompt += "\nAnswer:"
             record = {"question": question, "choices": choices, "answer": answer, "subject": subject}
-            examples.append(_one_turn(f"mmlu_val/{subject}#{row_index}", prompt, " " + answer, record, subject,
+            examples.append(_one_turn(f"{name}/{subject}#{row_index}", prompt, " " + answer, record, subject,
                                       response_prefix="The answer is:", choices=[" " + c for c in MMLU_CHOICES]))
     return examples
+
+
+def load_mmlu_val() -> list[Example]:
+    return _mmlu(_resource_dir("mmlu"), "_dev.csv", "mmlu_val", 5)
 
 
 def load_bbh() -> list[Example]:
@@ -118,6 +123,106 @@ def _choices(example: Example, path: str) -> list[str] | None:
     if example.response not in choices:
         raise DataFormatError(path, f"the response {example.response!r} is not one of the record's 'choices'", example.line)
     return list(choices)
+
+
+def _heldout_dir(*parts: str) -> Path:
+    return Path(str(resources.files("influence.resources").joinpath("heldout", *parts)))
+
+
+def load_mmlu_test() -> list[Example]:
+    """Held-out for ``mmlu_val``: the first 20 MMLU test questions of every subject (vendored)."""
+    return _mmlu(_heldout_dir("mmlu"), "_test.csv", "mmlu_test", None)
+
+
+def load_bbh_heldout() -> list[Example]:
+    """Held-out for ``bbh``: 20 test examples of every task after the task's three-shot prompt, the
+    answer (e.g. ``(A)``) after ``A:``."""
+    prompts = json.loads(_resource_dir("bbh", "bbh-three-shot.json").read_text(encoding="utf-8"))
+    examples = []
+    for task in sorted(prompts):
+        path = _heldout_dir("bbh", f"{task}.json")
+        if not path.is_file():
+            continue
+        parts = prompts[task].split("\n\n")
+        context = "\n\n".join(parts).strip()
+        for i, item in enumerate(json.loads(path.read_text(encoding="utf-8"))["examples"]):
+            examples.append(_one_turn(f"bbh_test/{task}#{i}", f"{context}\n\nQ: {item['input']}", " " + item["target"],
+                                      {"task": task, **item}, task, response_prefix="A:"))
+    return examples
+
+
+def load_self_instruct() -> list[Example]:
+    """Self-Instruct's 252 user-oriented instructions with their reference answers (first instance):
+    reference-answer NLL measures instruction following."""
+    examples = []
+    with open(_heldout_dir("user_oriented_instructions.jsonl"), encoding="utf-8") as fh:
+        for index, line in enumerate(fh):
+            record = json.loads(line)
+            instance = record["instances"][0]
+            prompt = record["instruction"] + (f"\n\n{instance['input']}" if instance.get("input", "").strip() else "")
+            example = _one_turn(f"self_instruct/{record['id']}", prompt, instance["output"], record, "self_instruct", "")
+            examples.append(example)
+    return examples
+
+
+TYDIQA_HUB = ("google-research-datasets/tydiqa", "secondary_task", "validation")
+
+
+def tydiqa_examples(records: list[dict], per_language: int = 20) -> list[Example]:
+    """TyDiQA-GoldP records (the hub's ``secondary_task`` schema: id ``<language>-...``, context, question,
+    answers) in the target's one-shot prompt, at most ``per_language`` per language."""
+    examples, counts = [], {}
+    for record in records:
+        language = record["id"].split("-", 1)[0]
+        if language not in TYDIQA_TEMPLATES or counts.get(language, 0) >= per_language:
+            continue
+        counts[language] = counts.get(language, 0) + 1
+        instruction, passage, question, answer = TYDIQA_TEMPLATES[language]
+        prompt = f"{instruction}{passage} {record['context']}\n{question} {record['question']}\n"
+        examples.append(_one_turn(f"tydiqa_dev/{record['id']}", prompt, " " + record["answers"]["text"][0], record,
+                                  language, response_prefix=answer))
+    return examples
+
+
+def load_tydiqa_dev() -> list[Example]:
+    """Held-out for ``tydiqa``: TyDiQA-GoldP dev, 20 per language, from the Hugging Face hub (not
+    vendored: it needs the network and the ``datasets`` package)."""
+    try:
+        from datasets import load_dataset
+
+        records = load_dataset(*TYDIQA_HUB[:2], split=TYDIQA_HUB[2])
+    except Exception as err:  # ImportError, or any failure to reach the hub
+        raise InfluenceError(f"TyDiQA's dev set is not vendored and could not be loaded from the Hugging Face hub "
+                             f"({type(err).__name__}); offline, give a held-out file with --eval") from None
+    return tydiqa_examples(list(records))
+
+
+# Held-out evaluation data of a target (what `evaluate select` scores retrained models on): never the
+# examples the selection looked at.
+HELDOUT: dict[str, tuple[str, Callable[[], list[Example]]]] = {
+    "mmlu_val": ("MMLU test, 20 per subject", load_mmlu_test),
+    "bbh": ("BIG-Bench Hard test examples, 20 per task", load_bbh_heldout),
+    "tydiqa": ("TyDiQA-GoldP dev, 20 per language (from the hub)", load_tydiqa_dev),
+    "self_instruct": ("Self-Instruct's 252 user-oriented instructions, reference answers", load_self_instruct),
+}
+
+
+def load_heldout(name: str, tasks: list[str] | None = None) -> list[Example]:
+    """Built-in held-out data (``mmlu_val`` -> MMLU test, ``bbh`` -> BBH test examples, ``tydiqa`` ->
+    TyDiQA dev from the hub, and ``self_instruct``), restricted to ``tasks``; the loss of a held-out
+    example covers its answer only."""
+    if name not in HELDOUT:
+        raise InfluenceError(f"no built-in held-out data for '{name}' (there is for {', '.join(sorted(HELDOUT))}); "
+                             "give a held-out file with --eval")
+    examples = HELDOUT[name][1]()
+    for example in examples:
+        example.label_end_of_turn = False
+    if tasks:
+        missing = sorted(set(tasks) - {e.task for e in examples})
+        if missing:
+            raise InfluenceError(f"held-out data of '{name}' has no subtask(s) {', '.join(missing)}")
+        examples = [e for e in examples if e.task in set(tasks)]
+    return examples
 
 
 @dataclass(frozen=True)

@@ -126,3 +126,16 @@ def collate(batch: list[Encoded], pad_token_id: int) -> dict[str, torch.Tensor]:
         attention[row, :n] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
 
+
+
+def prompt_ids(example: Example, tokenizer, max_length: int) -> list[int]:
+    """The tokens before the example's last response (its prompt, formatted as in training), for
+    generation: at most the last ``max_length`` of them."""
+    encoded = encode_example(example, tokenizer, 1 << 30)
+    end = len(encoded.labels)
+    while end > 0 and encoded.labels[end - 1] == IGNORE_INDEX:  # unlabelled end-of-turn marker
+        end -= 1
+    start = end
+    while start > 0 and encoded.labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    return encoded.input_ids[:start][-max_length:]

@@ -19,6 +19,14 @@ def demo_pool_files() -> list[str]:
     return [str(folder.joinpath(name)) for name in DEMO_POOL]
 
 
+# Options several commands share, defined once.
+run_option = click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False, exists=True),
+                          help="The run folder (made by `influence warmup`).")
+target_tasks_option = click.option("--target-tasks", default=None,
+                                   help="Comma-separated subtasks of the target(s) to keep.")
+device_option = click.option("--device", default=None, help="torch device (default: cuda when available, else cpu).")
+
+
 def split_list(value: str | None) -> list[str] | None:
     """A comma-separated option as a list (None when not given)."""
     return [part.strip() for part in value.split(",") if part.strip()] if value else None

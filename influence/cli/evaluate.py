@@ -7,8 +7,8 @@ from pathlib import Path
 import click
 
 from ..errors import InfluenceError
-from .common import fail, split_list, warmup_config, warmup_options
-from .subsets import unit_options
+from .common import fail, run_option, split_list, target_tasks_option, warmup_config, warmup_options
+from .subsets import training_options, unit_options
 
 
 @click.group()
@@ -37,11 +37,12 @@ def evaluate_noisy(noise, truncate, proj_dim, grad_batch_size, subsets_k, **sett
 
 
 @evaluate.command("lds")
-@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False, exists=True))
+@run_option
 @click.option("--target", required=True, help="Target registry name or data file.")
-@click.option("--target-tasks", default=None, help="Comma-separated subtasks of the target to keep.")
+@target_tasks_option
 @click.option("--methods", default="less,trak,tracin,datamodel,fz_influence,grand,random", show_default=True,
-              help="Comma-separated methods of `rank`, or ranking files (scores.csv / .parquet with id and score).")
+              help="Comma-separated methods of `rank`, ranking files (scores.csv / .parquet with id and score) or "
+                   "selections (a selected.jsonl: 1 for its examples, 0 for the others).")
 @click.option("--k", default=16, show_default=True, type=click.IntRange(min=3), help="Held-out subset models.")
 @click.option("--heldout", default="heldout", show_default=True, help="Name of the held-out subset models.")
 @click.option("--subsets", default="fit", show_default=True,
@@ -86,3 +87,70 @@ def evaluate_lds(run_dir, target, target_tasks, methods, k, heldout, subsets, al
     for note in report.notes:
         click.secho(note, fg="yellow")
     click.echo(f"-> {report.folder}")
+
+
+@evaluate.command("select")
+@click.option("--subsets", "specs", required=True,
+              help="Comma-separated subsets to retrain on: full, random, a method of `rank` (its top --fraction), or "
+                   "data files (e.g. a selected.jsonl, or LIMA / Alpaca files).")
+@click.option("--run", "run_dir", default=None, type=click.Path(file_okay=False, exists=True),
+              help="The run whose model, pool and warm-up settings to use (or give --model).")
+@click.option("--model", default=None, help="Base model when there is no run (subsets are then data files).")
+@click.option("--target", default=None, help="The selection's target: its held-out data is the evaluation "
+              "(mmlu_val: MMLU test; bbh: BBH test examples), and evaluation may never share its prompts.")
+@target_tasks_option
+@click.option("--eval", "eval_files", multiple=True, type=click.Path(dir_okay=False, exists=True),
+              help="Held-out evaluation file (answer NLL; accuracy too where records have 'choices'); repeatable.")
+@click.option("--instruction", is_flag=True,
+              help="Also evaluate instruction following: reference-answer NLL on Self-Instruct's 252 instructions.")
+@click.option("--fraction", default=0.05, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="Size of method and random subsets, as a fraction of the pool.")
+@click.option("--grid-lr", default="1e-4,5e-4", show_default=True, help="Learning rates of the grid.")
+@click.option("--grid-epochs", default="1,3", show_default=True, help="Epoch counts of the grid.")
+@click.option("--grid-batch", default="8,32", show_default=True,
+              help="Effective batch sizes of the grid (multiples of --batch-size, by gradient accumulation).")
+@click.option("--grid-scheduler", default="linear,cosine", show_default=True, help="Schedulers of the grid.")
+@click.option("--seeds", default=2, show_default=True, type=click.IntRange(min=1), help="Seeds per setting.")
+@click.option("--baselines", default=None, help="Subsets to compare the others with [default: random and full where "
+              "given, else the last subset].")
+@click.option("--metric", default="nll", show_default=True, type=click.Choice(["nll", "accuracy"]),
+              help="The verdict's metric on the first evaluation set (nll: lower is better).")
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="Output folder [default: RUN/select-<target>].")
+@click.option("--judge", default=None, help="Pairwise judge of the models' answers to Self-Instruct instructions: a "
+              "local model (hub id, folder, smollm2-135m) or an OpenAI-compatible URL (with --judge-model; key from "
+              "OPENAI_API_KEY). Needs --instruction.")
+@click.option("--judge-model", default=None, help="The endpoint's model name, for --judge URL.")
+@click.option("--judge-n", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Instructions each model answers for the judge.")
+@click.option("--judge-max-new-tokens", default=128, show_default=True, type=click.IntRange(min=1))
+@unit_options
+@training_options(exclude=("learning_rate", "epochs", "grad_accum", "scheduler"))
+def evaluate_select(specs, run_dir, model, target, target_tasks, eval_files, instruction, fraction, grid_lr, grid_epochs,
+                    grid_batch, grid_scheduler, seeds, baselines, metric, out, judge, judge_model, judge_n,
+                    judge_max_new_tokens, worker, max_hours, dry_run, device, **overrides) -> None:
+    """Retrain on each subset across a hyperparameter grid (several seeds each), evaluate on held-out
+    data, and report wins / ties / losses against the baselines and a verdict that survives the grid."""
+    from ..config import given_fields
+    from ..evaluate.select import Grid
+    from ..evaluate.select import evaluate_select as run_select
+    from ..train.loop import TrainSettings
+    from ..units import parse_worker
+
+    try:
+        grid = Grid.parse(grid_lr, grid_epochs, grid_batch, grid_scheduler, seeds)
+        report = run_select(split_list(specs) or [], run_dir=run_dir, model=model, target=target,
+                            target_tasks=split_list(target_tasks), eval_files=list(eval_files), instruction=instruction,
+                            fraction=fraction, grid=grid, settings=given_fields(TrainSettings, overrides),
+                            baselines=split_list(baselines), metric=metric, out=out, worker=parse_worker(worker),
+                            max_hours=max_hours, dry_run=dry_run, device=device, judge=judge,
+                            judge_model=judge_model, judge_n=judge_n, judge_max_new_tokens=judge_max_new_tokens,
+                            say=click.echo)
+    except InfluenceError as err:
+        fail(err)
+    if report is None:  # dry run
+        return
+    click.echo(report.text())
+    for note in report.notes:
+        click.secho(note, fg="yellow")
+    click.echo(f"-> {report.folder} (report.json, results.csv, summary.csv, wins.csv, report.png)")

@@ -5,18 +5,22 @@ from __future__ import annotations
 import click
 
 from ..errors import InfluenceError
-from .common import fail, split_list
+from .common import device_option, fail, run_option, split_list, target_tasks_option
 
 TRAINING_NOTE = "[default: the warm-up's]"
 
 
-def training_options(command):
+def training_options(command=None, *, exclude: tuple[str, ...] = ()):
     """The training settings of :class:`~influence.train.loop.TrainSettings`, each defaulting to the
-    run's warm-up value (the per-unit seed comes from --seed and the unit)."""
+    run's warm-up value (the per-unit seed comes from --seed and the unit); ``exclude`` leaves some out."""
     from ..config import click_options
     from ..train.loop import TrainSettings
 
-    return click_options(TrainSettings, optional=True, exclude=("seed",), defaults_note=TRAINING_NOTE)(command)
+    def decorate(function):
+        return click_options(TrainSettings, optional=True, exclude=("seed", *exclude),
+                             defaults_note=TRAINING_NOTE)(function)
+
+    return decorate(command) if command is not None else decorate
 
 
 def unit_options(command):
@@ -27,7 +31,7 @@ def unit_options(command):
         click.option("--max-hours", default=None, type=click.FloatRange(min=0, min_open=True),
                      help="Start no unit that would end after this many hours; rerun to continue."),
         click.option("--dry-run", is_flag=True, help="Print the cost estimate and stop."),
-        click.option("--device", default=None, help="torch device (default: cuda when available, else cpu)."),
+        device_option,
     ]):
         command = option(command)
     return command
@@ -39,14 +43,14 @@ def subsets() -> None:
 
 
 @subsets.command("train")
-@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False, exists=True))
+@run_option
 @click.option("--k", required=True, type=click.IntRange(min=2),
               help="Number of subset models (units 0..k-1; a larger k adds units).")
 @click.option("--alpha", default=0.5, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="Fraction of the pool in each subset.")
 @click.option("--target", "targets", multiple=True,
               help="Target to evaluate every model on (registry name or file); repeat for several.")
-@click.option("--target-tasks", default=None, help="Comma-separated subtasks of the targets to keep.")
+@target_tasks_option
 @click.option("--name", default="fit", show_default=True, help="Name of this set of subset models in the run.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the subsets (and of each unit's training seed).")
 @unit_options
@@ -79,7 +83,7 @@ def train(run_dir, k, alpha, targets, target_tasks, name, seed, worker, max_hour
 
 
 @subsets.command("status")
-@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False, exists=True))
+@run_option
 def status(run_dir) -> None:
     """The run's sets of subset models: design, finished units, targets evaluated, training time."""
     from ..run import Run

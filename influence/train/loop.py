@@ -22,13 +22,15 @@ from ..models import LoraSettings, lora_parameters
 from ..templates import Encoded, collate
 
 LOSS_WEIGHTINGS = ("micro_batch", "token")
+SCHEDULERS = ("linear", "cosine")
 
 
 @dataclass(kw_only=True)
 class TrainSettings:
     """How a LoRA adapter is trained; defaults are LESS's.
 
-    LESS's flags: 4 epochs, lr 2e-5, linear schedule, 3% warm-up, weight decay 0, AdamW (torch),
+    LESS's flags: 4 epochs, lr 2e-5, linear schedule (``scheduler = "cosine"`` for the other common one),
+    3% warm-up, weight decay 0, AdamW (torch),
     batch 1 x 32 accumulation, LoRA r=128/alpha=512/dropout 0.1 on q/k/v/o. Trainer defaults: betas
     (0.9, 0.999), eps 1e-8, gradient-norm clipping at ``max_grad_norm = 1.0``, warm-up steps
     ``ceil(ratio * total)``, and, under accumulation, each forward pass's mean token loss divided by
@@ -60,6 +62,8 @@ class TrainSettings:
         "help": "Under accumulation: each forward pass's mean loss / accumulation steps (Trainer 4.36, LESS) or "
                 "every response token of the step weighted alike (Trainer >= 4.46)."})
     bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast for the forward pass."})
+    scheduler: str = field(default="linear", metadata={
+        "choices": SCHEDULERS, "help": "Learning-rate decay after the warm-up steps (transformers' schedules)."})
 
     def problems(self) -> list[str]:
         """What is out of range, named by CLI option (empty when the settings are usable)."""
@@ -74,6 +78,8 @@ class TrainSettings:
             problems.append(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.weight_decay < 0 or self.max_grad_norm < 0:
             problems.append("--weight-decay and --max-grad-norm must not be negative")
+        if self.scheduler not in SCHEDULERS:
+            problems.append(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
         if self.loss_weighting not in LOSS_WEIGHTINGS:
             problems.append(f"--loss-weighting must be one of {', '.join(LOSS_WEIGHTINGS)}, got {self.loss_weighting!r}")
         return problems + self.lora.problems()
@@ -118,9 +124,10 @@ class LoraTrainer:
         self.steps_per_epoch = math.ceil(len(encoded) / self.per_step)
         self.total_steps = self.steps_per_epoch * settings.epochs
         self.warmup_steps = math.ceil(settings.warmup_ratio * self.total_steps)
-        from transformers import get_linear_schedule_with_warmup
+        from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
-        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, self.warmup_steps, self.total_steps)
+        schedule = get_cosine_schedule_with_warmup if settings.scheduler == "cosine" else get_linear_schedule_with_warmup
+        self.scheduler = schedule(self.optimizer, self.warmup_steps, self.total_steps)
         self.step = 0
 
     def restore(self, adapter: dict[str, torch.Tensor], exp_avg: dict[str, torch.Tensor],

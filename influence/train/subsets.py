@@ -32,7 +32,7 @@ from ..config import from_dict
 from ..data import Example, examples_sha256, load_pool
 from ..errors import InfluenceError
 from ..losses import forward_response
-from ..measure import correct_choices, encode_choices, measure, single_token_choices
+from ..measure import correct_choices, encode_choices, generate_responses, measure, single_token_choices
 from ..models import add_lora, load_base_model, model_fingerprint, parse_device
 from ..run import Run
 from ..store import POOL, SubsetStore, target_dataset
@@ -54,6 +54,8 @@ class SubsetReport:
     settings: dict
     run: UnitReport | None = None  # None for a dry run
     notes: list[str] = field(default_factory=list)
+    speed: Speed | None = None  # what the estimate was computed from
+    todo: int = 0  # units this worker had left to train when it started
 
 
 def train_settings(run: Run, overrides: dict | TrainSettings | None = None) -> TrainSettings:
@@ -69,7 +71,7 @@ def unit_seed(design_seed: int, unit: int) -> int:
     return int(np.random.default_rng([design_seed, unit, 1]).integers(2**31 - 1))
 
 
-def train_subsets(run_dir: str | Path, k: int, alpha: float = 0.5, targets: list[TargetSpec] = (), *, name: str = "fit",
+def train_subsets(run_dir: str | Path, k: int, alpha: float = 0.5, targets: list[EvalSpec] = (), *, name: str = "fit",
                   seed: int = 0, target_tasks: list[str] | None = None, settings: dict | TrainSettings | None = None,
                   worker: tuple[int, int] | None = None, max_hours: float | None = None, dry_run: bool = False,
                   device: str | None = None, eval_batch_size: int = 16, progress: bool = True,
@@ -91,7 +93,7 @@ def train_subsets(run_dir: str | Path, k: int, alpha: float = 0.5, targets: list
                   dry_run, device, eval_batch_size, progress, say)
 
 
-def train_masks(run_dir: str | Path, masks: np.ndarray, unit_names: list[str], targets: list[TargetSpec], *, name: str,
+def train_masks(run_dir: str | Path, masks: np.ndarray, unit_names: list[str], targets: list[EvalSpec], *, name: str,
                 seed: int = 0, target_tasks: list[str] | None = None, settings: dict | TrainSettings | None = None,
                 worker: tuple[int, int] | None = None, max_hours: float | None = None, dry_run: bool = False,
                 device: str | None = None, eval_batch_size: int = 16, progress: bool = True,
@@ -105,74 +107,118 @@ def train_masks(run_dir: str | Path, masks: np.ndarray, unit_names: list[str], t
                   max_hours, dry_run, device, eval_batch_size, progress, say)
 
 
-TargetSpec = str | tuple[str, list[str] | None]  # a target, or (target, its subtasks to keep)
+EvalSpec = str | tuple[str, list[str] | None]  # a target, or (target, its subtasks to keep)
 
 
 @dataclass
-class _Target:
-    target: str  # as given: a registry name or a file
+class EvalSet:
+    """Examples every unit's model is measured on (a target, or held-out evaluation data)."""
+
+    target: str  # as given: a registry name or a file, or a label
     tasks: list[str] | None  # subtasks kept (None: all)
-    dataset: str  # its store name: short name + content hash
+    dataset: str  # its name in the store: short name + content hash
     examples: list[Example]
 
+    @classmethod
+    def of(cls, label: str, examples: list[Example], tasks: list[str] | None = None) -> EvalSet:
+        return cls(label, tasks, target_dataset(target_name(label), examples_sha256(examples)), examples)
 
-def _targets(targets: list[TargetSpec], target_tasks: list[str] | None) -> list[_Target]:
+
+def load_eval_sets(targets: list[EvalSpec], target_tasks: list[str] | None = None) -> list[EvalSet]:
     """Each target (``target_tasks`` applies to those given without their own subtasks), loaded and
     keyed by content; a target given twice counts once."""
-    found: dict[str, _Target] = {}
+    found: dict[str, EvalSet] = {}
     for spec in targets:
         target, tasks = (spec, target_tasks) if isinstance(spec, str) else spec
-        examples = load_target(target, tasks)
-        dataset = target_dataset(target_name(target), examples_sha256(examples))
-        found.setdefault(dataset, _Target(target, sorted(tasks) if tasks else None, dataset, examples))
+        evaluated = EvalSet.of(target, load_target(target, tasks), sorted(tasks) if tasks else None)
+        found.setdefault(evaluated.dataset, evaluated)
     return list(found.values())
 
 
-def _train(run: Run, name: str, design: dict, masks: np.ndarray | None, units: list[int], targets: list[TargetSpec],
+@dataclass
+class Universe:
+    """What units train on: the base model (and the fingerprint it must have), the examples that masks
+    index, and where the stores live."""
+
+    root: Path
+    model: str
+    examples: list[Example]
+    fingerprint: str | None = None  # refuse another model's weights (None: record whatever is loaded)
+
+
+def _train(run: Run, name: str, design: dict, masks: np.ndarray | None, units: list[int], targets: list[EvalSpec],
            target_tasks: list[str] | None, overrides, worker, max_hours, dry_run, device, eval_batch_size, progress,
            say) -> SubsetReport:
+    run.check_data_unchanged()
+    settings = train_settings(run, overrides)
+    pool = load_pool(run.train_files)
+    universe = Universe(run.subsets_path, run.model_name, pool, run.manifest.get("model_fingerprint"))
+    return train_units(universe, name, design, masks, units, load_eval_sets(list(targets), target_tasks), settings,
+                       worker=worker, max_hours=max_hours, dry_run=dry_run, device=device,
+                       eval_batch_size=eval_batch_size, progress=progress, say=say)
+
+
+def train_units(universe: Universe, name: str, design: dict, masks: np.ndarray | None, units: list[int],
+                eval_sets: list[EvalSet], settings: TrainSettings, *, measure_pool: bool = True,
+                worker: tuple[int, int] | None = None, max_hours: float | None = None, dry_run: bool = False,
+                device: str | None = None, eval_batch_size: int = 16, progress: bool = True,
+                say: Callable[[str], None] | None = None, loaded: tuple | None = None,
+                generate: dict | None = None, speed: Speed | None = None) -> SubsetReport:
+    """Train the unfinished ``units`` of the store ``universe.root/name`` (created with ``design``, and
+    ``masks`` for an explicit design) with ``settings``, measuring each model on the universe's
+    examples (unless ``measure_pool`` is false) and on ``eval_sets``. ``loaded`` = (base model,
+    tokenizer, fingerprint) reuses a model already loaded. ``generate`` = {"dataset": an eval set's
+    dataset, "n": how many of its examples, "max_new_tokens": ...} also stores each model's greedy
+    responses to those prompts (for judges). ``speed`` reuses an earlier cost measurement."""
     say = say or (lambda message: None)
     if max_hours is not None and not max_hours > 0:
         raise InfluenceError(f"--max-hours must be positive, got {max_hours}")
     if eval_batch_size < 1:
         raise InfluenceError(f"evaluation batch size must be at least 1, got {eval_batch_size}")
-    run.check_data_unchanged()
-    settings = train_settings(run, overrides)
     problems = settings.problems()
     if problems:
         raise InfluenceError("invalid training settings: " + "; ".join(problems))
-    pool = load_pool(run.train_files)
+    pool = universe.examples
     if masks is not None and masks.shape[1] != len(pool):
         raise InfluenceError(f"masks cover {masks.shape[1]} examples, the pool has {len(pool)}")
-    chosen = _targets(list(targets), target_tasks)
     device = parse_device(device)
     # Everything above is checked before the model is loaded.
-    base, tokenizer = load_base_model(run.model_name)
-    fingerprint = model_fingerprint(run.model_name, base)
-    run.check_model_unchanged(fingerprint)
+    if loaded is None:
+        base, tokenizer = load_base_model(universe.model)
+        fingerprint = model_fingerprint(universe.model, base)
+    else:
+        base, tokenizer, fingerprint = loaded
+    if universe.fingerprint is not None and fingerprint != universe.fingerprint:
+        raise InfluenceError(f"--model {universe.model}: its weights are not those the run was warmed up on "
+                             f"({fingerprint} now, {universe.fingerprint} then)")
     metadata = {
         "model": fingerprint,
         "pool_sha256": examples_sha256(pool),
         "n_pool": len(pool),
+        "pool_measured": measure_pool,
+        "generate": generate,
         "design": design,
         "settings": asdict(settings),
         "targets": {t.dataset: {"target": t.target, "target_tasks": t.tasks, "n_examples": len(t.examples),
                                 "examples_sha256": examples_sha256(t.examples),
-                                "multiple_choice": any(e.choices for e in t.examples)} for t in chosen},
+                                "multiple_choice": any(e.choices for e in t.examples)} for t in eval_sets},
         "influence_version": __version__,
     }
-    store = SubsetStore.open_or_create(run.subsets_path, name, metadata, [e.id for e in pool],
+    store = SubsetStore.open_or_create(universe.root, name, metadata, [e.id for e in pool],
                                        {t.dataset: ([e.id for e in t.examples], [e.task or "" for e in t.examples])
-                                        for t in chosen}, masks)
+                                        for t in eval_sets}, masks)
     pool_encoded = [encode_example(e, tokenizer, settings.max_length) for e in pool]
     target_encoded = {t.dataset: ([encode_example(e, tokenizer, settings.max_length) for e in t.examples],
                                   encode_choices(t.examples, tokenizer, settings.max_length),
-                                  correct_choices(t.examples)) for t in chosen}
+                                  correct_choices(t.examples)) for t in eval_sets}
     subset_size = design["size"] if design["kind"] == "random" else "given"
     todo = [u for u in units if not store.is_done(u) and (worker is None or u % worker[1] == worker[0])]
-    estimate = _estimate_unit_seconds(base, settings, pool_encoded, target_encoded, store, todo[:1] or units[:1],
-                                      tokenizer.pad_token_id, device, eval_batch_size) if todo or dry_run else 0.0
-    report = SubsetReport(str(store.path), len(units), estimate, len(pool), subset_size, asdict(settings))
+    if speed is None and (todo or dry_run):
+        speed = measure_speed(base, settings, pool_encoded, tokenizer.pad_token_id, device, eval_batch_size)
+    estimate = unit_seconds(speed, settings, pool_encoded, target_encoded, store, todo or units, measure_pool) \
+        if speed is not None else 0.0
+    report = SubsetReport(str(store.path), len(units), estimate, len(pool), subset_size, asdict(settings), speed=speed,
+                          todo=len(todo))
     done = sum(store.is_done(u) for u in units)
     say(f"{store.path}: {len(units)} units asked, {done} done; {len(todo)} to train here, ~{estimate:.1f} s each "
         f"(measured on this machine), ~{len(todo) * estimate / 60:.1f} min in all for one process (pool {len(pool)}, "
@@ -194,10 +240,16 @@ def _train(run: Run, name: str, design: dict, masks: np.ndarray | None, units: l
                 last_epoch, _ = trainer.run_epoch(epoch, where=f"{store.path} unit {unit}")
         except TrainingDiverged as err:
             raise InfluenceError(f"{err}; no unit after it was trained") from None
-        outcomes = {POOL: measure(model, pool_encoded, tokenizer.pad_token_id, eval_batch_size, device)}
+        outcomes = {POOL: measure(model, pool_encoded, tokenizer.pad_token_id, eval_batch_size, device)} \
+            if measure_pool else {}
         for dataset, (encoded, choices, correct) in target_encoded.items():
             outcomes[dataset] = measure(model, encoded, tokenizer.pad_token_id, eval_batch_size, device, choices, correct)
-        store.write_unit(unit, mask, outcomes, {
+        texts = None
+        if generate:
+            examples = next(t.examples for t in eval_sets if t.dataset == generate["dataset"])[: generate["n"]]
+            texts = {generate["dataset"]: generate_responses(model, tokenizer, examples, settings.max_length,
+                                                             generate["max_new_tokens"], eval_batch_size, device)}
+        store.write_unit(unit, mask, outcomes, texts=texts, attrs={
             "unit": unit, "seed": unit_settings.seed, "seconds": round(time.time() - started, 2),
             "train_loss_last_epoch": float(np.mean([r["loss"] for r in last_epoch])) if last_epoch else None,
             "worker": f"{socket.gethostname()}:{os.getpid()}", "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -205,7 +257,7 @@ def _train(run: Run, name: str, design: dict, masks: np.ndarray | None, units: l
         del model, trainer
 
     report.run = run_units(units, store.is_done, work, UnitClaims(store.path / "claims"), worker,
-                           max_hours * 3600 if max_hours else None, estimate, progress, desc=f"subsets {name}")
+                           max_hours * 3600 if max_hours else None, estimate, progress, desc=f"models {name}")
     if report.run.busy:
         report.notes.append(f"{len(report.run.busy)} unit(s) were being trained by other workers")
     if report.run.left:
@@ -213,38 +265,49 @@ def _train(run: Run, name: str, design: dict, masks: np.ndarray | None, units: l
     return report
 
 
-def _estimate_unit_seconds(base, settings: TrainSettings, pool_encoded: list[Encoded], target_encoded: dict,
-                           store: SubsetStore, sample_units: list[int], pad_token_id: int, device,
-                           eval_batch_size: int) -> float:
-    """Seconds one unit takes here: a training step and an evaluation batch are timed on a throwaway
-    adapter (on examples of median length) and scaled by the unit's tokens."""
+@dataclass
+class Speed:
+    """This machine's measured cost of training and evaluating, per token, and of setting up a model."""
+
+    setup: float  # seconds to copy the base model and add an adapter
+    train_token: float  # seconds per token of a training step
+    eval_token: float  # seconds per token of a forward pass
+
+
+def measure_speed(base, settings: TrainSettings, pool_encoded: list[Encoded], pad_token_id: int, device,
+                  eval_batch_size: int) -> Speed:
+    """Time a training step and an evaluation batch on a throwaway adapter, on examples of median length."""
     lengths = np.array([len(e.input_ids) for e in pool_encoded])
     order = np.argsort(lengths)
     middle = order[len(order) // 2 : len(order) // 2 + max(settings.batch_size, 1)]
     sample = [pool_encoded[i] for i in middle]
     started = time.perf_counter()
     model = add_lora(copy.deepcopy(base), settings.lora, 0).to(device)
-    setup_seconds = time.perf_counter() - started
+    setup = time.perf_counter() - started
     trainer = LoraTrainer(model, sample, ["calibration"] * len(sample), replace(settings, epochs=1, grad_accum=1),
                           pad_token_id, device)
     trainer.run_epoch(1)  # warm-up call (allocations), then the timed one
     started = time.perf_counter()
     trainer.run_epoch(1)
-    train_seconds = time.perf_counter() - started
-    sample_tokens = sum(len(e.input_ids) for e in sample)
+    train = (time.perf_counter() - started) / sum(len(e.input_ids) for e in sample)
     eval_batch = [pool_encoded[i] for i in order[len(order) // 2 : len(order) // 2 + eval_batch_size]]
     model.eval()
     batch = {k: v.to(device) for k, v in collate(eval_batch, pad_token_id).items()}
     started = time.perf_counter()
     with torch.no_grad():
         forward_response(model, batch)
-    eval_seconds = time.perf_counter() - started
-    eval_tokens = sum(len(e.input_ids) for e in eval_batch)
-    mask = store.mask(sample_units[0])
-    unit_train_tokens = lengths[mask].sum() * settings.epochs
-    unit_eval_tokens = lengths.sum() + sum(
+    evaluation = (time.perf_counter() - started) / sum(len(e.input_ids) for e in eval_batch)
+    return Speed(setup, train, evaluation)
+
+
+def unit_seconds(speed: Speed, settings: TrainSettings, pool_encoded: list[Encoded], target_encoded: dict,
+                 store: SubsetStore, sample_units: list[int], measure_pool: bool) -> float:
+    """Expected seconds of a unit of ``sample_units`` on average (training tokens x epochs, then the
+    evaluation's tokens; generation for judges is not counted)."""
+    lengths = np.array([len(e.input_ids) for e in pool_encoded])
+    train_tokens = np.mean([lengths[store.mask(u)].sum() for u in sample_units]) * settings.epochs
+    eval_tokens = lengths.sum() * measure_pool + sum(
         sum(len(e.input_ids) for e in encoded)
         + sum(len(c.input_ids) for options in choices if options and not single_token_choices(options) for c in options)
         for encoded, choices, _ in target_encoded.values())
-    return float(setup_seconds + unit_train_tokens * train_seconds / sample_tokens
-                 + unit_eval_tokens * eval_seconds / eval_tokens)
+    return float(speed.setup + train_tokens * speed.train_token + eval_tokens * speed.eval_token)

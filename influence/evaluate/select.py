@@ -1,0 +1,507 @@
+"""Selection you can trust: retrain on selected subsets across a hyperparameter grid and report a
+verdict that survives it (Moon et al., 2024: the verdict of one training setup can flip with the
+learning rate, batch size, epochs or scheduler).
+
+For every subset (a method's top fraction, a random draw, the full pool, or a data file) and every
+setting of the grid (learning rates x epochs x effective batch sizes x schedulers, each with several
+seeds), a LoRA model is fine-tuned from the base model (the one training primitive, each model one
+unit of work: resumable, shareable between workers, capped) and measured on **held-out** data of the
+target (``mmlu_val``: MMLU test questions of the same subjects; ``bbh``: BBH test examples; or
+``--eval`` files; ``self_instruct`` for instruction following): the mean NLL of the answer and, where
+the data is multiple choice, the accuracy by answer log-likelihood. The held-out data is checked to
+share no prompt with the examples the selection looked at (the target) or trained on.
+
+Per subset and setting the metric's mean and standard deviation over seeds; per pair (subset,
+baseline) the wins, ties and losses over the grid, a tie being a difference of means no larger than
+the larger of the two standard deviations over seeds; the best setting of each subset (the "locally
+optimal" setting the paper recommends reporting); and one verdict line per pair: the ordering holds in
+every setting, in most, or flips.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..data import Example, examples_sha256, load_examples, load_pool
+from ..errors import InfluenceError
+from ..models import check_model_name, load_base_model, model_fingerprint
+from ..run import Run
+from ..store import SubsetStore
+from ..targets import TARGETS, load_heldout, load_target, target_name
+from ..train.loop import TrainSettings
+from ..train.subsets import EvalSet, Universe, train_settings, train_units
+from .judge import make_judge, preference
+
+METRICS = {"nll": False, "accuracy": True}  # name -> higher is better
+BUILTIN = ("full", "random")
+
+
+@dataclass
+class Grid:
+    """The hyperparameter grid every subset is retrained over (effective batch = batch size x
+    accumulation steps; the micro batch stays the base settings' ``batch_size``)."""
+
+    learning_rates: list[float] = field(default_factory=lambda: [1e-4, 5e-4])
+    epochs: list[int] = field(default_factory=lambda: [1, 3])
+    batch_sizes: list[int] = field(default_factory=lambda: [8, 32])
+    schedulers: list[str] = field(default_factory=lambda: ["linear", "cosine"])
+    seeds: int = 2
+
+    @classmethod
+    def parse(cls, learning_rates: str, epochs: str, batch_sizes: str, schedulers: str, seeds: int) -> Grid:
+        """A grid from comma-separated values (the ``--grid-*`` options), each refused by name if malformed."""
+
+        def numbers(value: str, option: str, kind: type) -> list:
+            try:
+                parsed = [float(part) for part in value.split(",") if part.strip()]
+            except ValueError:
+                raise InfluenceError(f"{option} takes comma-separated numbers, got {value!r}") from None
+            if kind is int and any(v != int(v) for v in parsed):
+                raise InfluenceError(f"{option} takes comma-separated whole numbers, got {value!r}")
+            return [kind(v) for v in parsed]
+
+        return cls(numbers(learning_rates, "--grid-lr", float), numbers(epochs, "--grid-epochs", int),
+                   numbers(batch_sizes, "--grid-batch", int),
+                   [part.strip() for part in schedulers.split(",") if part.strip()], seeds)
+
+    def settings(self, base: TrainSettings) -> list[tuple[str, TrainSettings]]:
+        """(label, settings) of every point of the grid."""
+        points = []
+        for lr, epochs, batch, scheduler in itertools.product(self.learning_rates, self.epochs, self.batch_sizes,
+                                                             self.schedulers):
+            if batch % base.batch_size:
+                raise InfluenceError(f"--batch {batch} is not a multiple of the micro batch --batch-size {base.batch_size}")
+            label = f"lr={lr:g} epochs={epochs} batch={batch} {scheduler}"
+            points.append((label, replace(base, learning_rate=lr, epochs=epochs, grad_accum=batch // base.batch_size,
+                                          scheduler=scheduler)))
+        return points
+
+    def problems(self) -> list[str]:
+        problems = []
+        if not self.learning_rates or any(not lr > 0 for lr in self.learning_rates):
+            problems.append("--lr needs positive values")
+        if not self.epochs or any(e < 1 for e in self.epochs):
+            problems.append("--epochs needs values >= 1")
+        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
+            problems.append("--batch needs values >= 1")
+        if not self.schedulers or set(self.schedulers) - {"linear", "cosine"}:
+            problems.append("--scheduler takes linear and/or cosine")
+        if self.seeds < 1:
+            problems.append("--seeds must be at least 1")
+        return problems
+
+
+@dataclass
+class Subset:
+    name: str
+    examples: list[Example] | None = None  # a fixed subset
+    random_fraction: float | None = None  # a random draw of the pool per seed
+
+
+@dataclass
+class SelectReport:
+    results: pd.DataFrame  # one row per trained model and evaluation set
+    summary: pd.DataFrame  # mean / sd over seeds per subset, setting and evaluation set
+    wins: pd.DataFrame  # win / tie / loss of each subset against each baseline
+    verdicts: list[str]
+    best: pd.DataFrame  # each subset's best setting
+    folder: Path
+    notes: list[str] = field(default_factory=list)
+    metric: str = "nll"
+
+    def text(self) -> str:
+        """The per-setting tables of every evaluation set, each subset's best setting and the verdicts."""
+        parts = []
+        for evaluation, table in self.summary.groupby("eval", sort=False):
+            metrics = [m for m in METRICS if table[f"{m}_mean"].notna().any()]
+            columns = ["subset", "setting", *(f"{m}_{k}" for m in metrics for k in ("mean", "sd")), "seeds"]
+            parts.append(f"== {evaluation}\n" + table[columns].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        best = ["subset", "setting", f"{self.metric}_mean", f"{self.metric}_sd", "seeds"]
+        parts.append("best setting per subset:\n" + self.best[best].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        return "\n\n".join(parts + ["\n".join(self.verdicts)])
+
+
+def resolve_subsets(specs: list[str], run: Run | None, target: str | None, target_tasks: list[str] | None,
+                    fraction: float, method_options: dict | None = None) -> list[Subset]:
+    """Each ``--subsets`` entry: ``full``, ``random``, a ``rank`` method (its top ``fraction`` for the
+    target) or a data file (e.g. a ``selected.jsonl``)."""
+    from ..scoring import METHODS, TARGET_METHODS
+    from ..selection import ranking_table, score_targets, select
+
+    subsets = []
+    for spec in specs:
+        if spec in BUILTIN or spec in METHODS:
+            if run is None:
+                raise InfluenceError(f"--subsets {spec} needs --run (it is drawn from the run's pool)")
+            pool = load_pool(run.train_files)
+            if spec == "full":
+                subsets.append(Subset("full", pool))
+            elif spec == "random":
+                subsets.append(Subset("random", random_fraction=fraction))
+            else:
+                if spec in TARGET_METHODS and target is None:
+                    raise InfluenceError(f"--subsets {spec} needs --target")
+                options = {k: v for k, v in (method_options or {}).items() if v is not None}
+                if spec in TARGET_METHODS:
+                    options["target_tasks"] = target_tasks
+                scores = score_targets(run.path, spec, [target if spec in TARGET_METHODS else None], **options)[0]
+                table = select(ranking_table(scores, pool), "top", fraction)
+                subsets.append(Subset(spec, [pool[int(i)] for i in table["pool_index"]]))
+        elif Path(spec).is_file():
+            subsets.append(Subset(Path(spec).stem, load_examples(spec)))
+        else:
+            raise InfluenceError(f"--subsets {spec}: neither full, random, a method of `rank`, nor a data file")
+    names = [s.name for s in subsets]
+    if len(set(names)) < len(names):
+        raise InfluenceError(f"--subsets: two subsets are named alike ({', '.join(names)}); rename a file")
+    return subsets
+
+
+def _prompt(example: Example) -> str:
+    return " ".join(m["content"].strip() for m in example.messages if m["role"] != "assistant")
+
+
+def check_held_out(eval_sets: list[EvalSet], looked_at: dict[str, list[Example]]) -> None:
+    """Refuse evaluation data that shares a prompt with what the selection looked at or trains on."""
+    for label, examples in looked_at.items():
+        prompts = {_prompt(e): e for e in examples}
+        for evaluation in eval_sets:
+            for example in evaluation.examples:
+                if _prompt(example) in prompts:
+                    seen = prompts[_prompt(example)]
+                    raise InfluenceError(
+                        f"held-out example {example.id} ({evaluation.target}) has the same prompt as {seen.id} in "
+                        f"{label}: held-out data must be new to the selection and to the models, or the comparison "
+                        "flatters what saw it; choose other --eval data")
+
+
+def _eval_sets(target: str | None, target_tasks: list[str] | None, eval_files: list[str],
+               instruction: bool) -> list[EvalSet]:
+    sets = []
+    if target in TARGETS:
+        sets.append(EvalSet.of(f"{target}:heldout", load_heldout(target, target_tasks), target_tasks))
+    for path in eval_files:
+        sets.append(EvalSet.of(path, load_target(path)))
+    if instruction:
+        sets.append(EvalSet.of("self_instruct", load_heldout("self_instruct")))
+    if not sets:
+        raise InfluenceError(f"no held-out data for target '{target}': give --eval FILE (built-in held-out data exists "
+                             "for mmlu_val and bbh; --instruction adds Self-Instruct's instructions)")
+    return sets
+
+
+def evaluate_select(specs: list[str], *, run_dir: str | Path | None = None, model: str | None = None,
+                    target: str | None = None, target_tasks: list[str] | None = None, eval_files: list[str] = (),
+                    instruction: bool = False, fraction: float = 0.05, grid: Grid | None = None,
+                    settings: dict | TrainSettings | None = None, baselines: list[str] | None = None,
+                    metric: str = "nll", out: str | Path | None = None, method_options: dict | None = None,
+                    worker: tuple[int, int] | None = None, max_hours: float | None = None, dry_run: bool = False,
+                    device: str | None = None, progress: bool = True, judge: str | None = None,
+                    judge_model: str | None = None, judge_n: int = 32, judge_max_new_tokens: int = 128,
+                    say: Callable[[str], None] | None = None) -> SelectReport | None:
+    """Retrain on every subset in ``specs`` over ``grid`` and report how each compares with the
+    ``baselines`` (default: ``random`` and ``full`` where given) on held-out data (module docstring).
+    With ``judge`` (a model, or an OpenAI-compatible URL with ``judge_model``; needs ``instruction``),
+    every model also answers the first ``judge_n`` Self-Instruct instructions and the judge compares
+    each subset's answers with each baseline's, per setting and seed."""
+    say = say or (lambda message: None)
+    grid = grid or Grid()
+    problems = grid.problems()
+    if problems:
+        raise InfluenceError("invalid grid: " + "; ".join(problems))
+    if metric not in METRICS:
+        raise InfluenceError(f"--metric must be one of {', '.join(METRICS)}")
+    if not 0 < fraction <= 1:
+        raise InfluenceError(f"--fraction must be in (0, 1], got {fraction}")
+    if (run_dir is None) == (model is None):
+        raise InfluenceError("give --run (model, pool and training settings of a run) or --model, not both")
+    run = Run(run_dir) if run_dir is not None else None
+    if run is not None:
+        run.check_data_unchanged()
+    else:
+        check_model_name(model)
+    base = train_settings(run, settings) if run is not None else _standalone_settings(settings)
+    points = grid.settings(base)
+    eval_sets = _eval_sets(target, target_tasks, list(eval_files), instruction)
+    generate = None
+    if judge is not None:
+        if not instruction:
+            raise InfluenceError("--judge compares answers to Self-Instruct's instructions: add --instruction")
+        if judge_n < 1 or judge_max_new_tokens < 1:
+            raise InfluenceError("--judge-n and --judge-max-new-tokens must be at least 1")
+        generate = {"dataset": eval_sets[-1].dataset, "n": judge_n, "max_new_tokens": judge_max_new_tokens}
+    subsets = resolve_subsets(list(specs), run, target, target_tasks, fraction, method_options)
+    if len(subsets) < 2:
+        raise InfluenceError("--subsets needs at least two subsets to compare")
+    baselines = baselines or [s.name for s in subsets if s.name in BUILTIN] or [subsets[-1].name]
+    unknown = sorted(set(baselines) - {s.name for s in subsets})
+    if unknown:
+        raise InfluenceError(f"--baselines {', '.join(unknown)} are not among --subsets")
+    looked_at = {"the selection's target": load_target(target, target_tasks)} if target is not None else {}
+    pool = load_pool(run.train_files) if run is not None else []
+    universe_examples = _universe(pool, subsets)
+    looked_at["the training subsets"] = universe_examples
+    check_held_out(eval_sets, looked_at)
+    masks, names = _masks(universe_examples, pool, subsets, grid.seeds)
+    folder = Path(out) if out is not None else (run.path if run is not None else Path(".")) / \
+        f"select-{target_name(target) if target else 'eval'}"
+    universe = Universe(folder / "models.zarr", run.model_name if run is not None else model, universe_examples,
+                        run.manifest.get("model_fingerprint") if run is not None else None)
+    # Everything above is checked before the model is loaded.
+    base_model, tokenizer = load_base_model(universe.model)
+    loaded = (base_model, tokenizer, model_fingerprint(universe.model, base_model))
+    stores = []
+    started_hours = 0.0
+    estimates = []
+    speed = None  # measured once, scaled to each setting
+    for index, (label, point) in enumerate(points):
+        name = f"setting-{index:02d}-{hashlib.sha256(json.dumps(asdict(point), sort_keys=True).encode()).hexdigest()[:8]}"
+        estimate = train_units(universe, name, {"kind": "explicit", "names": names, "seed": 0, "setting": label},
+                               masks, list(range(len(masks))), eval_sets, point, measure_pool=False, dry_run=True,
+                               worker=worker, device=device, progress=False, loaded=loaded, generate=generate,
+                               speed=speed)
+        speed = estimate.speed
+        estimates.append(estimate.estimate_seconds * estimate.todo)
+        stores.append((label, point, name))
+    say(f"{len(points)} settings x {len(subsets)} subsets x {grid.seeds} seeds = {len(points) * len(masks)} fine-tunes "
+        f"({sum(e > 0 for e in estimates)} settings with models left to train), ~{sum(estimates) / 3600:.2f} h for "
+        "one process (measured on this machine)")
+    if dry_run:
+        return None
+    notes = []
+    for (label, point, name), estimate in zip(stores, estimates):
+        left = None if max_hours is None else max_hours - started_hours
+        if left is not None and left <= 0:
+            notes.append(f"--max-hours reached before {label}; rerun to continue")
+            break
+        report = train_units(universe, name, {"kind": "explicit", "names": names, "seed": 0, "setting": label}, masks,
+                             list(range(len(masks))), eval_sets, point, measure_pool=False, worker=worker,
+                             max_hours=left, device=device, progress=progress, say=say, loaded=loaded,
+                             generate=generate, speed=speed)
+        started_hours += sum(report.run.seconds) / 3600 if report.run else 0.0
+        notes += report.notes
+    results = _results(universe.root, stores, names, eval_sets)
+    report = _report(results, [s.name for s in subsets], baselines, metric, eval_sets, folder, notes, grid, base)
+    if judge is not None:
+        _judge(report, make_judge(judge, judge_model, device), universe.root, stores, names, eval_sets[-1], generate,
+               baselines)
+    return report
+
+
+def _judge(report: SelectReport, judge, root: Path, stores: list, names: list[str], instructions: EvalSet,
+           generate: dict, baselines: list[str]) -> None:
+    """Judge each subset's answers against each baseline's, per setting and seed; adds ``judge.csv``,
+    a ``judge`` entry in ``report.json`` and one verdict line per pair."""
+    prompts = [" ".join(m["content"] for m in e.messages if m["role"] == "user") for e in instructions.examples]
+    rows = []
+    unit_of = {name: unit for unit, name in enumerate(names)}
+    subsets = list(dict.fromkeys(name.rsplit(" #", 1)[0] for name in names))
+    for label, _, name in stores:
+        store = SubsetStore.open(root, name)
+        done = set(store.done_units())
+        for subset, baseline in comparison_pairs(subsets, baselines):
+            seeds = sorted({int(n.rsplit(" #", 1)[1]) for n in names if n.startswith(subset + " #")})
+            for seed in seeds:
+                mine, theirs = unit_of[f"{subset} #{seed}"], unit_of[f"{baseline} #{seed}"]
+                if mine not in done or theirs not in done:
+                    continue
+                ours, others = store.texts(mine, generate["dataset"]), store.texts(theirs, generate["dataset"])
+                wins = [preference(judge, p, a, b) for p, a, b in zip(prompts, ours, others)]
+                rows.append({"subset": subset, "baseline": baseline, "setting": label, "seed": seed,
+                             "win_rate": float(np.mean(wins)), "n": len(wins)})
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return
+    table.to_csv(report.folder / "judge.csv", index=False)
+    for (subset, baseline), group in table.groupby(["subset", "baseline"], sort=False):
+        per_setting = group.groupby("setting")["win_rate"].mean()
+        report.verdicts.append(f"judge: {subset}'s answers preferred to {baseline}'s {group['win_rate'].mean():.0%} of the "
+                               f"time (> 50% in {int((per_setting > 0.5).sum())} of {len(per_setting)} settings)")
+    saved = json.loads((report.folder / "report.json").read_text())
+    saved["verdicts"] = report.verdicts
+    saved["judge"] = json.loads(table.to_json(orient="records"))
+    (report.folder / "report.json").write_text(json.dumps(saved, indent=2))
+
+
+def _standalone_settings(settings: dict | TrainSettings | None) -> TrainSettings:
+    from ..config import from_dict
+
+    if isinstance(settings, TrainSettings):
+        return settings
+    return from_dict(TrainSettings, settings or {}, where="training settings")
+
+
+def _universe(pool: list[Example], subsets: list[Subset]) -> list[Example]:
+    """The pool, then every example of a file subset that is not in the pool (by content)."""
+    universe = list(pool)
+    known = {examples_sha256([_content(e)]) for e in pool}
+    for subset in subsets:
+        for example in subset.examples or []:
+            key = examples_sha256([_content(example)])
+            if key not in known:
+                known.add(key)
+                universe.append(example)
+    return universe
+
+
+def _content(example: Example) -> Example:
+    """The example with a neutral id, so that equal conversations from two files compare equal."""
+    return replace(example, id="")
+
+
+def _masks(universe: list[Example], pool: list[Example], subsets: list[Subset], seeds: int) -> tuple[np.ndarray, list[str]]:
+    """One mask per (subset, seed) over the universe; a random subset is drawn from the pool per seed."""
+    index = {examples_sha256([_content(e)]): i for i, e in enumerate(universe)}
+    masks, names = [], []
+    for subset in subsets:
+        for seed in range(seeds):
+            mask = np.zeros(len(universe), dtype=bool)
+            if subset.random_fraction is not None:
+                count = max(1, int(subset.random_fraction * len(pool)))
+                mask[np.random.default_rng([seed, 7]).choice(len(pool), size=count, replace=False)] = True
+            else:
+                mask[[index[examples_sha256([_content(e)])] for e in subset.examples]] = True
+            masks.append(mask)
+            names.append(f"{subset.name} #{seed}")
+    return np.array(masks), names
+
+
+def _results(root: Path, stores: list, names: list[str], eval_sets: list[EvalSet]) -> pd.DataFrame:
+    rows = []
+    for label, point, name in stores:
+        if not Path(root, name, "zarr.json").is_file():
+            continue
+        store = SubsetStore.open(root, name)
+        for evaluation in eval_sets:
+            units, _, loss = store.outcomes(evaluation.dataset, "loss")
+            _, _, correct = store.outcomes(evaluation.dataset, "choice_correct", units)
+            for unit, unit_loss, unit_correct in zip(units, loss, correct):
+                subset, seed = names[unit].rsplit(" #", 1)
+                rows.append({"subset": subset, "seed": int(seed), "setting": label, "lr": point.learning_rate,
+                             "epochs": point.epochs, "batch": point.batch_size * point.grad_accum,
+                             "scheduler": point.scheduler, "eval": evaluation.target,
+                             "nll": float(np.mean(unit_loss)),
+                             "accuracy": float(np.nanmean(unit_correct)) if np.isfinite(unit_correct).any() else np.nan})
+    return pd.DataFrame(rows)
+
+
+def comparison_pairs(subsets: list[str], baselines: list[str]) -> list[tuple[str, str]]:
+    """(subset, baseline) for every subset against every baseline, each unordered pair once."""
+    pairs: list[tuple[str, str]] = []
+    for baseline in baselines:
+        for subset in subsets:
+            if subset != baseline and (baseline, subset) not in pairs:
+                pairs.append((subset, baseline))
+    return pairs
+
+
+def win_tie_loss(summary: pd.DataFrame, subset: str, baseline: str, metric: str) -> dict:
+    """Over the settings where both were trained: wins, ties, losses of ``subset`` against ``baseline``
+    (a tie: the difference of means is no larger than the larger standard deviation over seeds)."""
+    higher = METRICS[metric]
+    a = summary[summary["subset"] == subset].set_index("setting")
+    b = summary[summary["subset"] == baseline].set_index("setting")
+    counts = {"wins": 0, "ties": 0, "losses": 0}
+    for setting in a.index.intersection(b.index):
+        difference = a.loc[setting, f"{metric}_mean"] - b.loc[setting, f"{metric}_mean"]
+        if not higher:
+            difference = -difference
+        spread = max(np.nan_to_num(a.loc[setting, f"{metric}_sd"]), np.nan_to_num(b.loc[setting, f"{metric}_sd"]))
+        if abs(difference) <= spread:
+            counts["ties"] += 1
+        elif difference > 0:
+            counts["wins"] += 1
+        else:
+            counts["losses"] += 1
+    return counts
+
+
+def verdict(subset: str, baseline: str, counts: dict) -> str:
+    """One line: does the ordering hold in every setting, in most, or flip?"""
+    wins, ties, losses = counts["wins"], counts["ties"], counts["losses"]
+    total = wins + ties + losses
+    tally = f"({wins} wins, {ties} ties, {losses} losses over {total} settings)"
+    if total == 0:
+        return f"{subset} vs {baseline}: no setting trained for both"
+    if wins == total:
+        return f"{subset} beats {baseline} in every setting {tally}"
+    if losses == total:
+        return f"{baseline} beats {subset} in every setting {tally}"
+    if ties == total:
+        return f"{subset} and {baseline} tie in every setting (within the seed spread) {tally}"
+    if wins and losses:
+        return f"the ordering of {subset} and {baseline} flips with the setting {tally}"
+    better, worse = (subset, baseline) if wins else (baseline, subset)
+    return f"{better} beats {worse} in most settings, never the other way {tally}"
+
+
+def _report(results: pd.DataFrame, subsets: list[str], baselines: list[str], metric: str, eval_sets: list[EvalSet],
+            folder: Path, notes: list[str], grid: Grid, base: TrainSettings) -> SelectReport:
+    folder.mkdir(parents=True, exist_ok=True)
+    if results.empty:
+        raise InfluenceError(f"{folder}: no model finished yet; rerun to train them")
+    keys = ["subset", "setting", "lr", "epochs", "batch", "scheduler", "eval"]
+    summary = results.groupby(keys, sort=False).agg(nll_mean=("nll", "mean"), nll_sd=("nll", "std"),
+                                                    accuracy_mean=("accuracy", "mean"), accuracy_sd=("accuracy", "std"),
+                                                    seeds=("seed", "count")).reset_index()
+    primary = eval_sets[0].target
+    main = summary[summary["eval"] == primary]
+    wins, verdicts = [], []
+    for subset, baseline in comparison_pairs(subsets, baselines):
+        counts = win_tie_loss(main, subset, baseline, metric)
+        wins.append({"subset": subset, "baseline": baseline, **counts})
+        verdicts.append(verdict(subset, baseline, counts))
+    higher = METRICS[metric]
+    best = main.loc[main.groupby("subset", sort=False)[f"{metric}_mean"].idxmax() if higher
+                    else main.groupby("subset", sort=False)[f"{metric}_mean"].idxmin()]
+    report = SelectReport(results, summary, pd.DataFrame(wins), verdicts, best.reset_index(drop=True), folder, notes,
+                          metric)
+    results.to_csv(folder / "results.csv", index=False)
+    summary.to_csv(folder / "summary.csv", index=False)
+    report.wins.to_csv(folder / "wins.csv", index=False)
+    (folder / "report.json").write_text(json.dumps({
+        "metric": metric, "higher_is_better": higher, "primary_eval": primary,
+        "eval_sets": [{"name": e.target, "n_examples": len(e.examples)} for e in eval_sets],
+        "grid": asdict(grid), "base_settings": asdict(base), "verdicts": verdicts,
+        "wins": json.loads(report.wins.to_json(orient="records")),
+        "best_setting": json.loads(report.best.to_json(orient="records")),
+        "summary": json.loads(summary.to_json(orient="records")), "notes": notes,
+        "tie_rule": "a difference of means no larger than the larger standard deviation over seeds",
+    }, indent=2))
+    _plot(main, metric, folder / "report.png")
+    return report
+
+
+def _plot(summary: pd.DataFrame, metric: str, path: Path) -> None:
+    """Each subset's metric per setting, with the seed spread as error bars (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plotting is optional: the tables say the same
+        return
+    settings = list(dict.fromkeys(summary["setting"]))
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(settings) + 3), 4))
+    subsets = list(dict.fromkeys(summary["subset"]))
+    width = 0.8 / max(1, len(subsets))
+    for j, subset in enumerate(subsets):
+        rows = summary[summary["subset"] == subset].set_index("setting").reindex(settings)
+        x = np.arange(len(settings)) + j * width
+        ax.errorbar(x, rows[f"{metric}_mean"], yerr=rows[f"{metric}_sd"].fillna(0), fmt="o", capsize=3, label=subset)
+    ax.set_xticks(np.arange(len(settings)) + 0.4 - width / 2)
+    ax.set_xticklabels(settings, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel(f"held-out {metric} ({'higher' if METRICS[metric] else 'lower'} is better)")
+    ax.set_title(f"{summary['eval'].iloc[0]}: {metric} per setting (mean and sd over seeds)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
