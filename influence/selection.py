@@ -19,15 +19,28 @@ from __future__ import annotations
 
 import inspect
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from .data import Example, load_pool
+from .diversity import (
+    DIVERSIFY,
+    cluster_balanced,
+    default_clusters,
+    facility_location,
+    k_center_greedy,
+    kmeans,
+    redundancy_filter,
+    subset_diversity,
+    subtask_quota,
+)
 from .errors import InfluenceError
 from .run import Run
 from .scoring import METHODS, TARGET_METHODS, Scores, less_scores_many
+from .spaces import Space, load_space
 from .store import writer_active
 from .targets import target_name
 
@@ -215,6 +228,82 @@ def score_targets(run_dir: str | Path, method: str, targets: list[str | None], *
     return [METHODS[method](run_dir, target, **options) for target in targets]
 
 
+@dataclass
+class Diversify:
+    """Diversity-aware selection of the top (see :mod:`influence.diversity`): ``algorithm`` one of
+    kcenter, fl (with ``weight``, the diversity weight), filter (with ``min_distance``), clusters (with
+    ``clusters`` and ``balance``), quota."""
+
+    algorithm: str
+    weight: float = 0.3
+    min_distance: float = 0.1
+    clusters: int | None = None
+    balance: str = "proportional"
+
+    def problems(self) -> list[str]:
+        problems = []
+        if self.algorithm not in DIVERSIFY:
+            problems.append(f"--diversify must be one of {', '.join(DIVERSIFY)}, got {self.algorithm!r}")
+        if not 0 <= self.weight <= 1:
+            problems.append(f"--diversity-weight must be in [0, 1], got {self.weight}")
+        if not 0 <= self.min_distance <= 2:
+            problems.append(f"--min-distance must be a cosine distance in [0, 2], got {self.min_distance}")
+        if self.clusters is not None and self.clusters < 1:
+            problems.append(f"--clusters must be at least 1, got {self.clusters}")
+        if self.balance not in ("proportional", "equal"):
+            problems.append(f"--balance must be proportional or equal, got {self.balance!r}")
+        return problems
+
+
+def selection_space(run: Run, space: str | None, proj_dim: int | None) -> Space | None:
+    """The space diversity is measured in: ``space``, or by default the run's gradient features when
+    it has some (None when there is nothing to measure in, or ``space = "none"``)."""
+    if space == "none":
+        return None
+    if space is None:
+        try:
+            return load_space(run.path, "grads", proj_dim)
+        except InfluenceError:
+            return None
+    return load_space(run.path, space, proj_dim)
+
+
+def diversify_selection(table: pd.DataFrame, scores: Scores, diversify: Diversify, space: Space | None,
+                        budget: int, seed: int = 0) -> tuple[pd.DataFrame, dict]:
+    """The ``budget`` rows a diversity-aware algorithm picks from the scorable ones of a ranking, in
+    the order it picked them, and what it reports (objective, radius...)."""
+    candidates = table[table["finite"]]
+    if diversify.algorithm == "quota":
+        if scores.per_task is None or len(scores.task_names) < 2:
+            raise InfluenceError("--diversify quota needs a method with per-subtask scores and a target with subtasks")
+        per_task = candidates[[TASK_PREFIX + name for name in scores.task_names]].to_numpy(dtype=np.float64)
+        return candidates.iloc[subtask_quota(per_task, budget)], {"algorithm": "quota", "subtasks": scores.task_names}
+    if space is None:
+        raise InfluenceError(f"--diversify {diversify.algorithm} needs a space: the run has no gradient stores; "
+                             "give --space reps or --space embed:<model>")
+    candidates = candidates[space.finite[candidates["pool_index"].to_numpy()]]
+    vectors = space.vectors[candidates["pool_index"].to_numpy()]
+    details: dict = {"algorithm": diversify.algorithm, "space": space.name, "candidates": len(candidates)}
+    if diversify.algorithm == "kcenter":
+        picks, details["covering_radius"] = k_center_greedy(vectors, budget, first=0)
+    elif diversify.algorithm == "fl":
+        picks, details["objective"] = facility_location(vectors, candidates["score"].to_numpy(), budget,
+                                                        diversify.weight, seed=seed)
+        details["diversity_weight"] = diversify.weight
+    elif diversify.algorithm == "filter":
+        picks = redundancy_filter(vectors, np.arange(len(vectors)), budget, diversify.min_distance)
+        details["min_distance"] = diversify.min_distance
+        if len(picks) < budget:
+            details["note"] = (f"only {len(picks)} examples are farther than {diversify.min_distance} from every other "
+                               "kept one")
+    else:
+        clusters = diversify.clusters or default_clusters(len(vectors))
+        labels, _ = kmeans(vectors, clusters, seed)
+        picks = cluster_balanced(labels, np.arange(len(vectors)), budget, diversify.balance)
+        details.update(clusters=clusters, balance=diversify.balance)
+    return candidates.iloc[picks], details
+
+
 def rank_many(
     run_dir: str | Path,
     targets: list[str | None],
@@ -225,10 +314,19 @@ def rank_many(
     band: tuple[float, float] = (0.25, 0.75),
     threshold: float | None = None,
     top_k: int | None = None,
+    diversify: Diversify | str | None = None,
+    space: str | None = None,
     **options,
 ) -> dict[str | None, pd.DataFrame]:
     """:func:`rank` for several targets at once: one output folder per target (see
     :func:`output_folders`); returns each target's full ranking."""
+    diversify = Diversify(diversify) if isinstance(diversify, str) else diversify
+    if diversify is not None:
+        problems = diversify.problems() + ([] if mode == "top" else [f"--diversify picks from the top, not --select {mode}"])
+        if problems:
+            raise InfluenceError("; ".join(problems))
+    if space is not None and "space" in inspect.signature(METHODS.get(method, rank_many)).parameters:
+        options["space"] = space
     if method not in METHODS:
         raise InfluenceError(f"unknown method '{method}'; available: {', '.join(sorted(METHODS))}")
     if method in TARGET_METHODS and not all(targets):
@@ -243,11 +341,17 @@ def rank_many(
     pool = load_pool(run.train_files)
     folders = output_folders(run_dir, method, targets, out)
     writing = writer_active(run.path)  # stores read are complete and checked; say that a writer is at work
+    measured_in = selection_space(run, space, options.get("proj_dim"))
+    labels = _pool_clusters(measured_in)
     results = {}
     for target, folder, scores in zip(targets, folders, score_targets(run_dir, method, targets, **options)):
         table = ranking_table(scores, pool)
         selected = select(table, mode, fraction, band, threshold, top_k)
         selection = {"mode": mode, "fraction": fraction, "top_k": top_k, "band": list(band), "threshold": threshold}
+        if diversify is not None:
+            selected, selection["diversify"] = diversify_selection(table, scores, diversify, measured_in, len(selected))
+        if measured_in is not None:
+            selection["diversity"] = _diversity(measured_in, labels, selected)
         warnings = degenerate_warnings(table, scores)
         if writing:
             warnings.append("another influence process was writing to this run while it was ranked (only complete, "
@@ -255,6 +359,26 @@ def rank_many(
         write_outputs(folder, table, selected, pool, scores, selection, warnings)
         results[target] = table
     return results
+
+
+def _pool_clusters(space: Space | None) -> np.ndarray | None:
+    """k-means clusters of the pool's usable rows in ``space`` (for cluster coverage)."""
+    if space is None or space.finite.sum() < 2:
+        return None
+    rows = np.flatnonzero(space.finite)
+    return kmeans(space.vectors[rows], default_clusters(len(rows)))[0]
+
+
+def _diversity(space: Space, labels: np.ndarray | None, selected: pd.DataFrame) -> dict | None:
+    """Subset-level diversity of a selection against a random subset of its size and the pool."""
+    if labels is None:
+        return None
+    rows = np.flatnonzero(space.finite)
+    position = np.full(len(space.finite), -1)
+    position[rows] = np.arange(len(rows))
+    chosen = position[selected["pool_index"].to_numpy()]
+    report = subset_diversity(space.vectors[rows], chosen[chosen >= 0], labels)
+    return {"space": space.name, **report}
 
 
 def rank(
@@ -271,7 +395,9 @@ def rank(
 ) -> pd.DataFrame:
     """Score the run's pool with ``method`` (for ``target`` where the method needs one), write the
     outputs (see the module docstring) and return the full ranking. ``options`` go to the scoring
-    function (e.g. ``learned_threshold`` for ``forgetting``, ``seed`` for ``random``, ``proj_dim``)."""
+    function (e.g. ``learned_threshold`` for ``forgetting``, ``seed`` for ``random``, ``proj_dim``),
+    except ``diversify`` (a :class:`Diversify` or an algorithm's name: diversity-aware selection of the
+    top) and ``space`` (where diversity is measured; default the run's gradients, ``"none"`` to skip)."""
     return rank_many(run_dir, [target], method, fraction, out, mode, band, threshold, top_k, **options)[target]
 
 

@@ -138,6 +138,71 @@ cells = [
     ),
 ]
 
+cells += [
+    new_markdown_cell(
+        "## How diverse is the selection?\n"
+        "Vendi score (the effective number of distinct examples, cosine kernel), mean distance to the nearest "
+        "other example, and the share of the pool's k-means clusters covered: the selection against a random "
+        "subset of the same size and the whole pool (`rank --diversify` selects for diversity)."
+    ),
+    new_code_cell(
+        "diversity = summary['selection'].get('diversity')\n"
+        "if diversity:\n"
+        "    frame = pd.DataFrame({k: diversity[k] for k in ('selection', 'random', 'pool')}).T\n"
+        "    print(f\"space: {diversity['space']}; diversify: {summary['selection'].get('diversify', 'no')}\")\n"
+        "    fig, axes = plt.subplots(1, 3, figsize=(10, 2.8))\n"
+        "    for ax, column in zip(axes, ['vendi', 'mean_nn_distance', 'cluster_coverage']):\n"
+        "        frame[column].plot.bar(ax=ax, color=['tab:red', 'tab:gray', 'tab:blue'], rot=0)\n"
+        "        ax.set_title(column)\n"
+        "    plt.tight_layout()\n"
+        "    plt.show()\n"
+        "    display(frame)\n"
+        "else:\n"
+        "    print('no diversity report: the run has no space to measure in (--space)')"
+    ),
+    new_markdown_cell(
+        "## What retraining says: the LDS (`influence evaluate lds`)\n"
+        "For every target checked with the counterfactual engine: how well each method's summed effects predict "
+        "the loss that held-out subset models actually reach (Spearman per target example, averaged; 1 = exact "
+        "order, 0 = chance), with its bootstrap interval."
+    ),
+    new_code_cell(
+        "lds_tables = {folder.name: pd.read_csv(folder / 'lds.csv') for folder in sorted((RUN / 'lds').glob('*'))\n"
+        "              if (folder / 'lds.csv').is_file()}\n"
+        "for name, lds in lds_tables.items():\n"
+        "    fig, ax = plt.subplots(figsize=(7, 0.4 * len(lds) + 1.5))\n"
+        "    ax.errorbar(lds['lds'], range(len(lds)), xerr=[lds['lds'] - lds['ci_low'], lds['ci_high'] - lds['lds']],\n"
+        "                fmt='o', capsize=3)\n"
+        "    ax.set_yticks(range(len(lds)), lds['method'])\n"
+        "    ax.axvline(0, color='k', lw=0.5)\n"
+        "    ax.set_xlabel(f'LDS on {name} (higher = predicts retraining better)')\n"
+        "    ax.set_title(f\"{name}: {int(lds['n_subsets'].iloc[0])} held-out subset models\")\n"
+        "    plt.show()\n"
+        "if not lds_tables:\n"
+        "    print('no LDS yet: run `influence evaluate lds --run RUN --target ...`')"
+    ),
+    new_markdown_cell(
+        "## Does the selection survive the hyperparameter grid? (`influence evaluate select`)\n"
+        "Each subset retrained over a grid of learning rates, epochs, batch sizes and schedulers with several "
+        "seeds, measured on held-out data: the verdict against each baseline, and each subset's best setting."
+    ),
+    new_code_cell(
+        "for path in sorted(RUN.glob('select-*/report.json')):\n"
+        "    report = json.loads(path.read_text())\n"
+        "    print(f\"== {path.parent.name}: {report['metric']} on {report['primary_eval']}\")\n"
+        "    for line in report['verdicts']:\n"
+        "        print('  ' + line)\n"
+        "    display(pd.DataFrame(report['best_setting'])[['subset', 'setting', report['metric'] + '_mean',\n"
+        "                                                   report['metric'] + '_sd']])\n"
+        "    summary_table = pd.DataFrame(report['summary'])\n"
+        "    main = summary_table[summary_table['eval'] == report['primary_eval']]\n"
+        "    pivot = main.pivot(index='setting', columns='subset', values=report['metric'] + '_mean')\n"
+        "    pivot.plot(marker='o', figsize=(8, 3.5), rot=60)\n"
+        "    plt.ylabel(report['metric'] + (' (higher is better)' if report['higher_is_better'] else ' (lower is better)'))\n"
+        "    plt.show()"
+    ),
+]
+
 notebook = new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
 path = Path(__file__).resolve().parents[1] / "notebooks" / "explore_rankings.ipynb"
 nbformat.write(notebook, path)

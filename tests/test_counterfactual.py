@@ -403,3 +403,12 @@ def test_cli_lists_the_engine(engine_run):
     result = runner.invoke(main, ["subsets", "train", "--run", engine_run["run"], "--k", "14", "--dry-run",
                                   "--target", engine_run["target"]])
     assert result.exit_code == 0 and "2 to train here" in result.output
+    for method in ("trak", "tracin", "datamodel", "dsdm", "fz_influence"):
+        dim = ["--proj-dim", "16"] if method in ("trak", "tracin") else []
+        result = runner.invoke(main, ["rank", "--run", engine_run["run"], "--target", engine_run["target"], "--method", method,
+                                      *dim, "--out", str(engine_run["folder"] / f"cli-{method}")])
+        assert result.exit_code in (0, 3), result.output  # 3: a degenerate ranking is written and flagged
+    result = runner.invoke(main, ["evaluate", "lds", "--run", engine_run["run"], "--target", engine_run["target"],
+                                  "--methods", "tracin,random", "--k", "5", "--bootstrap", "20", "--proj-dim", "16"])
+    assert result.exit_code == 0, result.output
+    assert "tracin" in result.output and "lds" in result.output

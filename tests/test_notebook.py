@@ -25,6 +25,7 @@ def test_notebook_runs_on_a_tiny_run(tiny_run, tmp_path, monkeypatch):
     assert "4 selected" in outputs  # floor(23 examples x 0.2), as LESS counts --percentage
     assert "Spearman(score, response length) = " in outputs
     assert "rank-random-tgt" in outputs and "rank-less-tgt" in outputs  # the comparison table
+    assert "space: grads" in outputs  # the selection's diversity against random and the pool
     assert any(o.get("data", {}).get("image/png") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 
 import click
 
 from ..errors import InfluenceError
-from .common import fail, positive_int, split_list, warmup_config, warmup_options
+from .common import device_option, fail, positive_int, run_option, split_list, target_tasks_option, warmup_config, warmup_options
 
 
 @click.command()
@@ -32,9 +33,9 @@ def warmup(track_all, resume, **settings) -> None:
 
 
 @click.command("project-grads")
-@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False, exists=True))
+@run_option
 @click.option("--target", default=None, help="Target registry name (see `influence targets`) or data file.")
-@click.option("--target-tasks", default=None, help="Comma-separated subtasks of the target to keep.")
+@target_tasks_option
 @click.option("--proj-dim", default="8192", show_default=True,
               help="Projected dimension, or several comma-separated (e.g. 4096,8192): gradients are computed once.")
 @click.option("--seed", default=0, show_default=True, help="Projection seed.")
@@ -42,7 +43,7 @@ def warmup(track_all, resume, **settings) -> None:
 @click.option("--chunk-size", default=128, show_default=True, help="Examples per stored chunk (resume unit).")
 @click.option("--skip-train", is_flag=True, help="Only the target (the pool's stores already exist).")
 @click.option("--overwrite", is_flag=True, help="Replace stores made with other settings instead of refusing.")
-@click.option("--device", default=None, help="torch device (default: cuda when available, else cpu).")
+@device_option
 @click.option("--train-gradient", default="adam", show_default=True,
               help="Pool features, comma-separated: adam (LESS), sgd (plain gradient, for TracIn), margin (TRAK's "
                    "model-output gradient; the target then gets it too).")
@@ -67,7 +68,7 @@ def project_grads(run_dir, target, target_tasks, proj_dim, seed, batch_size, chu
 
 
 @click.command()
-@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False, exists=True))
+@run_option
 @click.option("--target", "targets", multiple=True,
               help="Target registry name or data file (needed by less, bm25, dsir, rds); repeat for several "
                    "(one output folder each, one pass over the pool's gradients).")
@@ -87,7 +88,7 @@ def project_grads(run_dir, target, target_tasks, proj_dim, seed, batch_size, chu
               help="forgetting: token accuracy at which an example counts as learned (default 1.0 = exact match).")
 @click.option("--proj-dim", default=None, type=click.IntRange(min=1),
               help="less, grand: which projected dimension to read (default: the only one stored).")
-@click.option("--target-tasks", default=None, help="Comma-separated subtasks of the target to rank against.")
+@target_tasks_option
 @click.option("--seed", default=None, type=int, help="random, dsir: seed of the draw (default 0).")
 @click.option("--subsets", default=None, help="memorization, fz_influence, datamodel, dsdm: which subset models "
               "(`influence subsets train --name`; default fit).")
@@ -99,21 +100,42 @@ def project_grads(run_dir, target, target_tasks, proj_dim, seed, batch_size, chu
               help="dsdm: the datamodel estimate (default datamodel: regression on the subset models).")
 @click.option("--lambda-reg", default=None, type=click.FloatRange(min=0),
               help="trak, dsdm --estimator trak: ridge term of the kernel (default 1e-2 x mean diagonal; 0 = traker's).")
+@click.option("--diversify", default=None, type=click.Choice(["kcenter", "fl", "filter", "clusters", "quota"]),
+              help="Diversity-aware selection of the top: k-center greedy, facility location with the score as quality "
+                   "(QDIT), the redundancy filter (DEITA), the best of each k-means cluster, or per-subtask quotas.")
+@click.option("--space", default=None, help="Space of diversity (and of knn_distance, prototypicality, semdedup): grads, "
+              "grads:<checkpoint>, reps, embed:<model>, or none [default: grads when the run has gradient stores].")
+@click.option("--diversity-weight", default=0.3, show_default=True, type=click.FloatRange(0, 1),
+              help="--diversify fl: weight w of facility location against the score (quality).")
+@click.option("--min-distance", default=0.1, show_default=True, type=click.FloatRange(0, 2),
+              help="--diversify filter: keep an example only if every kept one is farther (cosine distance).")
+@click.option("--clusters", default=None, type=click.IntRange(min=1),
+              help="k-means clusters for --diversify clusters, prototypicality and semdedup [default: about sqrt(n/2)].")
+@click.option("--balance", default="proportional", show_default=True, type=click.Choice(["proportional", "equal"]),
+              help="--diversify clusters: each cluster's share of the budget.")
+@click.option("--neighbours", default=None, type=click.IntRange(min=1), help="knn_distance: which neighbour (default 5).")
+@click.option("--eps", default=None, type=click.FloatRange(0, 1), help="semdedup: duplicates above 1 - eps (default 0.05).")
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--show", default=0, show_default=True, help="Print this many top examples for a few subtasks.")
 @click.option("--show-tasks", default=None, help="Comma-separated subtasks to show (default: first 4).")
 def rank(run_dir, targets, method, fraction, top_k, mode, band, threshold, learned_threshold, proj_dim, target_tasks,
-         seed, subsets, outcome, regression, estimator, lambda_reg, out, show, show_tasks) -> None:
+         seed, subsets, outcome, regression, estimator, lambda_reg, diversify, space, diversity_weight, min_distance,
+         clusters, balance, neighbours, eps, out, show, show_tasks) -> None:
     """Score and rank the pool; write scores.csv, scores.parquet, selected.jsonl, summary.json."""
-    from ..selection import example_text, output_folders, pool_by_id, rank_many, task_columns, top_for_task
+    from ..scoring import METHODS
+    from ..selection import Diversify, example_text, output_folders, pool_by_id, rank_many, task_columns, top_for_task
 
     targets = list(targets) or [None]
     try:
         low, high = (float(x) for x in band.split(","))
         options = {"learned_threshold": learned_threshold, "proj_dim": proj_dim, "target_tasks": split_list(target_tasks),
                    "seed": seed, "subsets": subsets, "outcome": outcome, "regression": regression,
-                   "estimator": estimator, "lambda_reg": lambda_reg}
-        tables = rank_many(run_dir, targets, method, fraction, out, mode, (low, high), threshold, top_k, **options)
+                   "estimator": estimator, "lambda_reg": lambda_reg, "neighbours": neighbours, "eps": eps}
+        if method in METHODS and "clusters" in inspect.signature(METHODS[method]).parameters:
+            options["clusters"] = clusters
+        plan = Diversify(diversify, diversity_weight, min_distance, clusters, balance) if diversify else None
+        tables = rank_many(run_dir, targets, method, fraction, out, mode, (low, high), threshold, top_k, plan, space,
+                           **options)
     except (InfluenceError, ValueError) as err:
         fail(err)
     pool = pool_by_id(run_dir) if show else {}
@@ -125,6 +147,11 @@ def rank(run_dir, targets, method, fraction, top_k, mode, band, threshold, learn
         click.echo(f"ranked {len(table)} examples with {method}{f' for {target}' if target else ''}; "
                    f"selected {n_selected} ({mode}) -> {folder}"
                    + (f"  [score vs response length: Spearman {rho:+.2f}]" if rho is not None else ""))
+        diversity = summary["selection"].get("diversity")
+        if diversity:
+            parts = ", ".join(f"{name} {diversity[name]['vendi']:.1f}" for name in ("selection", "random", "pool"))
+            click.echo(f"  diversity in {diversity['space']}: Vendi score {parts}; clusters covered "
+                       f"{diversity['selection']['cluster_coverage']:.0%} (random {diversity['random']['cluster_coverage']:.0%})")
         for warning in summary.get("warnings", []):
             click.secho(f"warning: {warning}", fg="yellow", err=True)
             degenerate = degenerate or "another influence process" not in warning
@@ -150,14 +177,14 @@ def rank(run_dir, targets, method, fraction, top_k, mode, band, threshold, learn
 
 
 @click.command()
-@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False, exists=True))
+@run_option
 @click.option("--target", required=True, help="Target registry name or data file.")
 @click.option("--methods", default="less,random,bm25,dsir,rds", show_default=True,
               help="Comma-separated methods to rank with and compare.")
 @click.option("--reference", default="less", show_default=True, help="The method the others are compared with.")
 @click.option("--fraction", default=0.1, show_default=True, help="Top fraction whose overlap is reported.")
 @click.option("--proj-dim", default=None, type=click.IntRange(min=1), help="Projected dimension for less/grand.")
-@click.option("--target-tasks", default=None, help="Comma-separated subtasks of the target to rank against.")
+@target_tasks_option
 def compare(run_dir, target, methods, reference, fraction, proj_dim, target_tasks) -> None:
     """Rank the pool with several methods and compare them: top overlap, score correlation, length bias."""
     from ..selection import compare_methods
@@ -174,7 +201,7 @@ def compare(run_dir, target, methods, reference, fraction, proj_dim, target_task
 
 
 @click.command("forward-scores")
-@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False, exists=True))
+@run_option
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--chunk-size", default=128, show_default=True, help="Examples per stored chunk (resume unit).")
 @click.option("--overwrite", is_flag=True, help="Replace stores made with other settings instead of refusing.")

@@ -8,7 +8,8 @@ disjoint from those the datamodels were fit on), for every target example ``t``:
 
 where ``effect`` is the method's effect of ``x`` on ``t`` (its :class:`~influence.scoring.Attribution`;
 for a method with one score per example, that score for every ``t``; for a ranking file, its
-``score`` column) and ``measured`` is the held-out model's outcome on ``t``, signed so that higher is
+``score`` column; for a selection file such as a ``selected.jsonl``, diversified or not, 1 for its
+members and 0 for the others) and ``measured`` is the held-out model's outcome on ``t``, signed so that higher is
 better (minus the loss by default). The LDS is the mean over the target's examples (those whose
 outcome and prediction vary over the subsets), with a bootstrap interval over the held-out subsets
 and the number of subsets used. 1 = the method orders subsets exactly as retraining does; 0 = no better
@@ -33,6 +34,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import rankdata
 
+from ..data import Example, load_examples, load_pool
 from ..errors import InfluenceError
 from ..run import Run
 from ..scoring import ATTRIBUTIONS, METHODS, TARGET_METHODS
@@ -81,10 +83,23 @@ def lds(masks: np.ndarray, effects: np.ndarray, measured: np.ndarray, bootstrap:
     return mean, float(low), float(high), per_target
 
 
-def read_ranking(path: str | Path, pool_ids: list[str]) -> np.ndarray:
+def read_selection(path: Path, pool: list[Example]) -> np.ndarray:
+    """A selection (a data file such as ``selected.jsonl``, diversified or not) as a score: 1 for the
+    pool's examples it holds (matched by content), 0 for the others."""
+    chosen = {json.dumps(e.messages, sort_keys=True) for e in load_examples(path)}
+    score = np.array([float(json.dumps(e.messages, sort_keys=True) in chosen) for e in pool])
+    if not score.any():
+        raise InfluenceError(f"{path}: none of its examples is in this run's pool")
+    return score
+
+
+def read_ranking(path: str | Path, pool: list[Example]) -> np.ndarray:
     """The ``score`` column of a ranking file (``scores.csv`` / ``scores.parquet`` from ``rank``, or any
-    CSV/Parquet with ``id`` and ``score``), in pool order."""
+    CSV/Parquet with ``id`` and ``score``) in pool order, or a selection's membership (a data file)."""
     path = Path(path)
+    if path.suffix in (".jsonl", ".json", ".tsv"):
+        return read_selection(path, pool)
+    pool_ids = [e.id for e in pool]
     try:
         table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
     except Exception as err:  # pandas raises many kinds for an unreadable file
@@ -109,7 +124,8 @@ def _effects(run_dir, method: str, target: str, options: dict, target_tasks, poo
     elif method in METHODS:
         function, kind = METHODS[method], "one score per example"
     else:
-        return np.repeat(read_ranking(method, pool_ids)[:, None], n_targets, axis=1), "ranking file", None
+        return np.repeat(read_ranking(method, load_pool(Run(run_dir).train_files))[:, None], n_targets, axis=1), \
+            "ranking or selection file", None
     accepted = set(inspect.signature(function).parameters)
     given = {k: v for k, v in options.items() if k in accepted and v is not None}
     if "target_tasks" in accepted:
@@ -133,7 +149,7 @@ def check_methods(methods: list[str]) -> None:
     unknown = [m for m in methods if m not in METHODS and not Path(m).is_file()]
     if unknown:
         raise InfluenceError(f"--methods: {', '.join(unknown)} is neither a method ({', '.join(sorted(METHODS))}) "
-                             "nor a ranking file")
+                             "nor a ranking or selection file")
     if not methods:
         raise InfluenceError("--methods names no method")
 

@@ -12,7 +12,9 @@ score means, its sign and its scale (``Scores.description``, written to ``summar
   ``min_margin``, ``ifd``: one forward pass per example per checkpoint (see ``forward``);
 * ``trak``, ``tracin`` (need a target): gradient attribution on the stored projected gradients;
 * ``memorization`` (target-free), ``fz_influence``, ``datamodel``, ``dsdm`` (need a target): the
-  counterfactual engine's models trained on random subsets (see ``counterfactual``).
+  counterfactual engine's models trained on random subsets (see ``counterfactual``);
+* ``ttr``, ``mtld``, ``distinct1``, ``distinct2``, ``knn_distance``, ``prototypicality``, ``semdedup``:
+  diversity indicators (see ``diversity``).
 
 Methods that estimate the effect of each pool example on each target example also provide it whole
 (:data:`ATTRIBUTIONS`, an :class:`Attribution`), which the LDS check uses.
@@ -32,6 +34,7 @@ from .counterfactual import (
                              fz_influence_scores,
                              memorization_scores,
 )
+from .diversity import LEXICAL, knn_distance_scores, lexical_score, prototypicality_scores, semdedup_scores
 from .dynamics import forgetting_scores, grand_scores
 from .forward import METRICS, forward_score
 from .less import less_attribution, less_scores, less_scores_many, less_top_k
@@ -54,6 +57,10 @@ METHODS: dict[str, Callable[..., Scores]] = {
     "fz_influence": fz_influence_scores,
     "datamodel": datamodel_scores,
     "dsdm": dsdm_scores,
+    **{name: lexical_score(name) for name in LEXICAL},
+    "knn_distance": knn_distance_scores,
+    "prototypicality": prototypicality_scores,
+    "semdedup": semdedup_scores,
 }
 SUBSET_METHODS = {"memorization", "fz_influence", "datamodel", "dsdm"}  # need `influence subsets train`
 TARGET_METHODS = {"less", "bm25", "dsir", "rds", "trak", "tracin", "fz_influence", "datamodel", "dsdm"}

@@ -99,7 +99,10 @@ def compute_representations(run_dir: str | Path, target: str | None = None, targ
     return stores
 
 
-def rds_scores(run_dir: str | Path, target: str, target_tasks: list[str] | None = None) -> Scores:
+def representation_stores(run_dir: str | Path, target: str | None = None,
+                          target_tasks: list[str] | None = None) -> list[ChunkedStore]:
+    """The complete, checked representation stores of the pool (and ``target``), computed or
+    finished first where needed."""
     run = Run(run_dir)
     checkpoint = run.checkpoints()[-1]
     fingerprint = run.manifest["model_fingerprint"]  # what the stores were made with, if made from this run
@@ -116,7 +119,12 @@ def rds_scores(run_dir: str | Path, target: str, target_tasks: list[str] | None 
         check_metadata(store.metadata, expected, store.where + f" (stale: delete {store.where} to recompute it)",
                        ("format", "format_version", "model", "adapter_sha256", "examples_sha256", "max_length"))
         stores.append(store)
-    pool, targets = stores
+    return stores
+
+
+def rds_scores(run_dir: str | Path, target: str, target_tasks: list[str] | None = None) -> Scores:
+    checkpoint = Run(run_dir).checkpoints()[-1]
+    pool, targets = representation_stores(run_dir, target, target_tasks)
     names = sorted(set(targets.tasks.tolist()))
     task_index = torch.tensor([names.index(t) for t in targets.tasks.tolist()])
     means = subtask_means(torch.from_numpy(targets.array("reps")), task_index, len(names))[None]

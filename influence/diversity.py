@@ -1,0 +1,284 @@
+"""Diversity of a selection and diversity-aware selection, in a space of unit vectors (:mod:`influence.spaces`).
+
+Similarity is the cosine ``x . y`` and distance the cosine distance ``1 - x . y``. Everything works on
+blocks of rows (``block`` at a time against the whole set), so memory grows with the number of
+examples times the dimension, never with its square.
+
+Subset-level diversity (reported for every selection): the **Vendi score** (Friedman & Dieng, 2023:
+``exp`` of the entropy of the eigenvalues of ``K / n``, ``K`` the cosine kernel; from 1 = all alike to
+n = all orthogonal), the **mean nearest-neighbour distance** inside the set, and the **cluster
+coverage** (share of the pool's k-means clusters the set touches).
+
+Selection algorithms, each usable with any score of ``rank``:
+
+* ``kcenter``: k-center greedy (Sener & Savarese, 2018; Gonzalez's farthest-first traversal, a
+  2-approximation of the minimax facility location), started from the best-scored example;
+* ``fl``: facility location with a quality term, QDIT's objective (Bukharin et al., 2023), here
+  ``f(S) = (1 - w) * mean_{s in S} q(s) + w * mean_{v} max(0, max_{s in S} sim(v, s))`` with ``q`` the
+  score min-max scaled to [0, 1] and ``w`` the diversity weight (both terms in [0, 1]; for a fixed
+  budget the first is modular and the second monotone submodular, so lazy greedy applies). The
+  facility-location term is measured over a random sample of ``sample`` pool examples (exact when the
+  pool is no larger);
+* ``filter``: DEITA's representation filter (Liu et al., 2024): walk the ranking and keep an example
+  only if its nearest already-kept example is farther than ``min_distance``;
+* ``clusters``: k-means clusters, then the best of each cluster, in proportion to the cluster's size
+  or equally;
+* ``quota``: per-subtask quotas for targets with subtasks: the best of each subtask's column in turn
+  (LESS's max over subtasks can starve a subtask).
+
+Hand-written rather than ``apricot-select``: apricot builds the dense (or k-NN sparse) similarity
+matrix of the whole pool and has no quality term; these stream blocks against the pool.
+"""
+
+from __future__ import annotations
+
+import heapq
+
+import numpy as np
+import torch
+
+from .errors import InfluenceError
+
+BLOCK = 4096
+DIVERSIFY = ("kcenter", "fl", "filter", "clusters", "quota")
+
+
+def _tensor(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+
+
+def similarities(x: np.ndarray, rows: np.ndarray, block: int = BLOCK):
+    """Yield (start, sim) with ``sim = x[start:start+block] @ rows.T`` (float32)."""
+    right = _tensor(rows).T
+    for start in range(0, len(x), block):
+        yield start, (_tensor(x[start : start + block]) @ right).numpy()
+
+
+# -- per-example indicators -------------------------------------------------------------------------------------
+def knn_distance(x: np.ndarray, k: int = 5, block: int = BLOCK) -> np.ndarray:
+    """Cosine distance of every row to its ``k``-th nearest other row (exact, blocked)."""
+    if len(x) < 2:
+        return np.full(len(x), np.nan)
+    k = min(k, len(x) - 1)
+    out = np.empty(len(x))
+    for start, sim in similarities(x, x, block):
+        rows = np.arange(start, start + len(sim))
+        sim[np.arange(len(sim)), rows] = -np.inf  # not its own neighbour
+        kth = -np.partition(-sim, k - 1, axis=1)[:, k - 1]
+        out[rows] = 1 - kth
+    return out
+
+
+def kmeans(x: np.ndarray, clusters: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, unit centroids) of k-means on the unit vectors (scikit-learn's MiniBatchKMeans)."""
+    from sklearn.cluster import MiniBatchKMeans
+
+    clusters = max(1, min(clusters, len(x)))
+    model = MiniBatchKMeans(n_clusters=clusters, random_state=seed, n_init=3, batch_size=min(4096, max(len(x), 1)))
+    labels = model.fit_predict(x)
+    centroids = model.cluster_centers_.astype(np.float32)
+    norms = np.linalg.norm(centroids, axis=1, keepdims=True)
+    return labels, centroids / np.where(norms > 0, norms, 1)
+
+
+def default_clusters(n: int) -> int:
+    """A default number of clusters: about sqrt(n / 2), between 2 and 1000."""
+    return int(min(1000, max(2, round(np.sqrt(n / 2)))))
+
+
+def centroid_distance(x: np.ndarray, labels: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Cosine distance of every row to its own cluster's centroid (prototypicality: low = typical)."""
+    return 1 - np.einsum("nd,nd->n", x, centroids[labels])
+
+
+def semdedup(x: np.ndarray, labels: np.ndarray, centroids: np.ndarray, eps: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    """SemDeDup (Abbas et al., 2023): inside each cluster, examples sorted from the farthest to the
+    nearest to the centroid; an example whose cosine similarity to one earlier in that order exceeds
+    ``1 - eps`` is a near-duplicate (the farthest of a group is kept). Returns (duplicate flags, each
+    example's largest similarity to another member of its cluster)."""
+    duplicate = np.zeros(len(x), dtype=bool)
+    nearest = np.full(len(x), np.nan)
+    distance = centroid_distance(x, labels, centroids)
+    for cluster in np.unique(labels):
+        members = np.flatnonzero(labels == cluster)
+        members = members[np.argsort(-distance[members], kind="stable")]
+        if len(members) < 2:
+            continue
+        sim = _tensor(x[members]) @ _tensor(x[members]).T
+        sim.fill_diagonal_(-np.inf)
+        nearest[members] = sim.max(dim=1).values.numpy()
+        earlier = torch.triu(sim, diagonal=1)  # sim[i, j] for i earlier than j
+        earlier[torch.tril(torch.ones_like(sim, dtype=torch.bool))] = -np.inf
+        duplicate[members] = (earlier.max(dim=0).values > 1 - eps).numpy()
+    return duplicate, nearest
+
+
+# -- subset-level diversity -------------------------------------------------------------------------------------------
+def vendi_score(x: np.ndarray) -> float:
+    """Vendi score with the cosine kernel: the eigenvalues of ``K / n`` are those of ``X^T X / n``
+    (computed in the smaller of the two spaces)."""
+    n = len(x)
+    if n == 0:
+        return float("nan")
+    x = x.astype(np.float64)
+    gram = x.T @ x / n if x.shape[1] < n else x @ x.T / n
+    eigenvalues = np.clip(np.linalg.eigvalsh(gram), 0, None)
+    eigenvalues = eigenvalues[eigenvalues > 1e-12]
+    return float(np.exp(-(eigenvalues * np.log(eigenvalues)).sum()))
+
+
+def mean_nn_distance(x: np.ndarray, sample: int = 2000, seed: int = 0) -> float:
+    """Mean cosine distance of each row to its nearest other row (over a random ``sample`` of rows
+    when larger, neighbours searched among all rows)."""
+    if len(x) < 2:
+        return float("nan")
+    rows = np.arange(len(x)) if len(x) <= sample else np.random.default_rng(seed).choice(len(x), sample, replace=False)
+    best = np.full(len(rows), -np.inf)
+    for start, sim in similarities(x, x[rows]):
+        block_rows = np.arange(start, start + len(sim))
+        sim[block_rows[:, None] == rows[None, :]] = -np.inf
+        best = np.maximum(best, sim.max(axis=0))
+    return float(np.mean(1 - best))
+
+
+def subset_diversity(x: np.ndarray, selected: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict:
+    """Vendi score, mean nearest-neighbour distance and cluster coverage of the selection, of a
+    random subset of the same size, and of the whole pool (rows of ``x``; ``labels`` the pool's
+    k-means clusters)."""
+    selected = np.asarray(selected, dtype=int)
+    random = np.random.default_rng(seed).choice(len(x), size=len(selected), replace=False) if len(selected) else selected
+    n_clusters = len(np.unique(labels))
+
+    def describe(rows: np.ndarray) -> dict:
+        return {"n": int(len(rows)), "vendi": vendi_score(x[rows]), "mean_nn_distance": mean_nn_distance(x[rows], seed=seed),
+                "cluster_coverage": float(len(np.unique(labels[rows])) / n_clusters) if len(rows) else 0.0}
+
+    return {"selection": describe(selected), "random": describe(random), "pool": describe(np.arange(len(x))),
+            "clusters": n_clusters}
+
+
+# -- selection --------------------------------------------------------------------------------------------------------
+def k_center_greedy(x: np.ndarray, budget: int, first: int = 0, block: int = BLOCK) -> tuple[list[int], float]:
+    """Farthest-first traversal from ``first``: (order of the picks, covering radius = the largest
+    distance of any row to its nearest pick)."""
+    budget = min(budget, len(x))
+    nearest = np.full(len(x), np.inf)  # each row's distance to its nearest pick so far
+    picks = [int(first)]
+    while True:
+        center = _tensor(x[picks[-1]])
+        for start in range(0, len(x), block):
+            distance = 1 - (_tensor(x[start : start + block]) @ center).numpy()
+            np.minimum(nearest[start : start + len(distance)], distance, out=nearest[start : start + len(distance)])
+        nearest[picks[-1]] = 0.0
+        if len(picks) == budget:
+            return picks, float(nearest.max())
+        gaps = nearest.copy()
+        gaps[picks] = -np.inf  # duplicates of a pick are at distance 0 too: never pick a row twice
+        picks.append(int(np.argmax(gaps)))
+
+
+def scaled_quality(score: np.ndarray) -> np.ndarray:
+    """Scores min-max scaled to [0, 1] (constant scores -> 1)."""
+    score = np.nan_to_num(np.asarray(score, dtype=np.float64), nan=np.nanmin(score) if np.isfinite(score).any() else 0)
+    low, high = score.min(), score.max()
+    return np.ones_like(score) if high == low else (score - low) / (high - low)
+
+
+def facility_location(x: np.ndarray, quality: np.ndarray, budget: int, weight: float, sample: int = 10000,
+                      seed: int = 0, block: int = BLOCK) -> tuple[list[int], float]:
+    """Lazy greedy on QDIT's objective (module docstring): (order of the picks, objective value)."""
+    if not 0 <= weight <= 1:
+        raise InfluenceError(f"--diversity-weight must be in [0, 1], got {weight}")
+    n = len(x)
+    budget = min(budget, n)
+    clients = np.arange(n) if n <= sample else np.random.default_rng(seed).choice(n, sample, replace=False)
+    client_vectors = _tensor(x[clients])
+    current = np.zeros(len(clients))  # each client's best similarity to the picks so far (clipped at 0)
+    q = scaled_quality(quality)
+
+    def gain(candidates: np.ndarray) -> np.ndarray:
+        sim = (_tensor(x[candidates]) @ client_vectors.T).numpy().clip(min=0)
+        coverage = np.maximum(sim - current[None, :], 0).sum(axis=1) / len(clients)
+        return (1 - weight) * q[candidates] / budget + weight * coverage
+
+    heap = []
+    for start in range(0, n, block):  # first pass: every candidate's gain on the empty set
+        candidates = np.arange(start, min(start + block, n))
+        heap += [(-g, int(c)) for g, c in zip(gain(candidates), candidates)]
+    heapq.heapify(heap)
+    picks: list[int] = []
+    value = 0.0
+    while len(picks) < budget and heap:
+        stale, candidate = heapq.heappop(heap)
+        fresh = float(gain(np.array([candidate]))[0])
+        if heap and fresh < -heap[0][0] - 1e-12:  # no longer the best: put back with its true gain
+            heapq.heappush(heap, (-fresh, candidate))
+            continue
+        picks.append(candidate)
+        value += fresh
+        sim = (_tensor(x[candidate]) @ client_vectors.T).numpy().clip(min=0)
+        np.maximum(current, sim, out=current)
+    return picks, value
+
+
+def redundancy_filter(x: np.ndarray, order: np.ndarray, budget: int, min_distance: float) -> list[int]:
+    """Walk ``order`` (the ranking) and keep a row only if its nearest kept row is farther than
+    ``min_distance`` (cosine distance), until ``budget`` are kept."""
+    if not 0 <= min_distance <= 2:
+        raise InfluenceError(f"--min-distance must be a cosine distance in [0, 2], got {min_distance}")
+    kept: list[int] = []
+    kept_vectors = torch.empty((0, x.shape[1]))
+    for row in order:
+        if len(kept) == budget:
+            break
+        vector = _tensor(x[row])
+        if len(kept) and float((1 - kept_vectors @ vector).min()) <= min_distance:
+            continue
+        kept.append(int(row))
+        kept_vectors = torch.cat([kept_vectors, vector[None]])
+    return kept
+
+
+def cluster_balanced(labels: np.ndarray, order: np.ndarray, budget: int, balance: str = "proportional") -> list[int]:
+    """The best-ranked rows of every cluster (``order`` is the ranking): each cluster's share of the
+    budget in proportion to its size (largest remainders), or equal; a cluster with fewer rows than
+    its share gives the rest to the others."""
+    if balance not in ("proportional", "equal"):
+        raise InfluenceError(f"--balance must be proportional or equal, got {balance}")
+    clusters, sizes = np.unique(labels[order], return_counts=True)
+    wanted = sizes / sizes.sum() * budget if balance == "proportional" else np.full(len(clusters), budget / len(clusters))
+    quota = np.floor(wanted).astype(int)
+    for i in np.argsort(-(wanted - quota), kind="stable")[: budget - quota.sum()]:
+        quota[i] += 1
+    quota = np.minimum(quota, sizes)
+    while quota.sum() < min(budget, sizes.sum()):  # hand unused shares to clusters with rows left
+        room = np.flatnonzero(quota < sizes)
+        quota[room[np.argmax(sizes[room] - quota[room])]] += 1
+    taken = dict.fromkeys(clusters.tolist(), 0)
+    limit = dict(zip(clusters.tolist(), quota.tolist()))
+    picks = []
+    for row in order:
+        cluster = labels[row]
+        if taken[cluster] < limit[cluster]:
+            taken[cluster] += 1
+            picks.append(int(row))
+    return picks
+
+
+def subtask_quota(per_task: np.ndarray, budget: int, finite: np.ndarray | None = None) -> list[int]:
+    """Round robin over subtasks: each in turn adds its best-scored example not yet picked."""
+    n, tasks = per_task.shape
+    finite = np.ones(n, dtype=bool) if finite is None else finite
+    orders = [np.argsort(-np.nan_to_num(per_task[:, t], nan=-np.inf), kind="stable") for t in range(tasks)]
+    positions = [0] * tasks
+    picked: list[int] = []
+    chosen = np.zeros(n, dtype=bool)
+    while len(picked) < min(budget, int(finite.sum())):
+        for t in range(tasks):
+            order = orders[t]
+            while positions[t] < n and (chosen[order[positions[t]]] or not finite[order[positions[t]]]):
+                positions[t] += 1
+            if positions[t] < n and len(picked) < budget:
+                chosen[order[positions[t]]] = True
+                picked.append(int(order[positions[t]]))
+    return picked
