@@ -7,13 +7,16 @@ The pipeline as Python calls (the CLI is a thin layer over these)::
     project_grads("runs/x", target="mmlu_val")
     table = rank("runs/x", target="mmlu_val", method="less", fraction=0.05, out="runs/x/sel")
     head = less_top_k("runs/x", target="mmlu_val", k=1000)  # memory independent of the pool size
+    train_subsets("runs/x", k=64, alpha=0.5, targets=["mmlu_val"])  # the counterfactual engine
+    evaluate_lds("runs/x", "mmlu_val", ["less", "trak", "datamodel", "random"], k=16)
+    evaluate_select(["less", "random", "full"], run_dir="runs/x", target="mmlu_val")
 """
 
 __version__ = "0.1.0"
 
 _API = {
-    "WarmupConfig": "training",
-    "warmup": "training",
+    "WarmupConfig": "train.warmup",
+    "warmup": "train.warmup",
     "LoraSettings": "models",
     "project_grads": "collect",
     "compute_forward_scores": "scoring.forward",
@@ -22,7 +25,15 @@ _API = {
     "load_rankings": "selection",
     "load_pool": "data",
     "load_target": "targets",
-    "evaluate_noisy": "evaluation",
+    "evaluate_noisy": "evaluate.noisy",
+    "TrainSettings": "train.loop",
+    "train_subsets": "train.subsets",
+    "train_masks": "train.subsets",
+    "evaluate_lds": "evaluate.lds",
+    "Grid": "evaluate.select",
+    "evaluate_select": "evaluate.select",
+    "Diversify": "selection",
+    "load_space": "spaces",
 }
 
 

@@ -2,7 +2,7 @@
 
 Similarity is the cosine ``x . y`` and distance the cosine distance ``1 - x . y``. Everything works on
 blocks of rows (``block`` at a time against the whole set), so memory grows with the number of
-examples times the dimension, never with its square.
+examples times the dimension, never with its square. The greedy loops run on the GPU when there is one.
 
 Subset-level diversity (reported for every selection): the **Vendi score** (Friedman & Dieng, 2023:
 ``exp`` of the entropy of the eigenvalues of ``K / n``, ``K`` the cosine kernel; from 1 = all alike to
@@ -43,8 +43,14 @@ BLOCK = 4096
 DIVERSIFY = ("kcenter", "fl", "filter", "clusters", "quota")
 
 
-def _tensor(x: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+def device() -> torch.device:
+    """Where the selection loops run: the GPU when there is one (the vectors are copied there once)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _tensor(x: np.ndarray, on: torch.device | None = None) -> torch.Tensor:
+    tensor = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    return tensor if on is None or on.type == "cpu" else tensor.to(on)
 
 
 def similarities(x: np.ndarray, rows: np.ndarray, block: int = BLOCK):
@@ -55,18 +61,18 @@ def similarities(x: np.ndarray, rows: np.ndarray, block: int = BLOCK):
 
 
 # -- per-example indicators -------------------------------------------------------------------------------------
-def knn_distance(x: np.ndarray, k: int = 5, block: int = BLOCK) -> np.ndarray:
-    """Cosine distance of every row to its ``k``-th nearest other row (exact, blocked)."""
+def knn_distance(x: np.ndarray, k: int = 5) -> np.ndarray:
+    """Cosine distance of every row to its ``k``-th nearest other row (exact: scikit-learn's brute-force
+    search, which works through the pool in chunks of bounded memory)."""
+    from sklearn.neighbors import NearestNeighbors
+
     if len(x) < 2:
         return np.full(len(x), np.nan)
     k = min(k, len(x) - 1)
-    out = np.empty(len(x))
-    for start, sim in similarities(x, x, block):
-        rows = np.arange(start, start + len(sim))
-        sim[np.arange(len(sim)), rows] = -np.inf  # not its own neighbour
-        kth = -np.partition(-sim, k - 1, axis=1)[:, k - 1]
-        out[rows] = 1 - kth
-    return out
+    distances, indices = NearestNeighbors(n_neighbors=k + 1, metric="cosine", algorithm="brute").fit(x).kneighbors(x)
+    rows = np.arange(len(x))[:, None]
+    others = np.where(indices == rows, np.inf, distances)  # drop each row itself (a duplicate may come first)
+    return np.sort(others, axis=1)[:, k - 1]
 
 
 def kmeans(x: np.ndarray, clusters: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -162,19 +168,21 @@ def k_center_greedy(x: np.ndarray, budget: int, first: int = 0, block: int = BLO
     """Farthest-first traversal from ``first``: (order of the picks, covering radius = the largest
     distance of any row to its nearest pick)."""
     budget = min(budget, len(x))
-    nearest = np.full(len(x), np.inf)  # each row's distance to its nearest pick so far
+    on = device()
+    vectors = _tensor(x, on)
+    nearest = torch.full((len(x),), float("inf"), device=on)  # each row's distance to its nearest pick so far
     picks = [int(first)]
     while True:
-        center = _tensor(x[picks[-1]])
+        center = vectors[picks[-1]]
         for start in range(0, len(x), block):
-            distance = 1 - (_tensor(x[start : start + block]) @ center).numpy()
-            np.minimum(nearest[start : start + len(distance)], distance, out=nearest[start : start + len(distance)])
+            torch.minimum(nearest[start : start + block], 1 - vectors[start : start + block] @ center,
+                          out=nearest[start : start + block])
         nearest[picks[-1]] = 0.0
         if len(picks) == budget:
             return picks, float(nearest.max())
-        gaps = nearest.copy()
-        gaps[picks] = -np.inf  # duplicates of a pick are at distance 0 too: never pick a row twice
-        picks.append(int(np.argmax(gaps)))
+        gaps = nearest.clone()
+        gaps[picks] = -float("inf")  # duplicates of a pick are at distance 0 too: never pick a row twice
+        picks.append(int(torch.argmax(gaps)))
 
 
 def scaled_quality(score: np.ndarray) -> np.ndarray:
@@ -192,14 +200,15 @@ def facility_location(x: np.ndarray, quality: np.ndarray, budget: int, weight: f
     n = len(x)
     budget = min(budget, n)
     clients = np.arange(n) if n <= sample else np.random.default_rng(seed).choice(n, sample, replace=False)
-    client_vectors = _tensor(x[clients])
-    current = np.zeros(len(clients))  # each client's best similarity to the picks so far (clipped at 0)
+    on = device()
+    client_vectors = _tensor(x[clients], on)
+    current = torch.zeros(len(clients), device=on)  # each client's best similarity to the picks so far (>= 0)
     q = scaled_quality(quality)
 
     def gain(candidates: np.ndarray) -> np.ndarray:
-        sim = (_tensor(x[candidates]) @ client_vectors.T).numpy().clip(min=0)
-        coverage = np.maximum(sim - current[None, :], 0).sum(axis=1) / len(clients)
-        return (1 - weight) * q[candidates] / budget + weight * coverage
+        sim = (_tensor(x[candidates], on) @ client_vectors.T).clamp(min=0)
+        coverage = (sim - current[None, :]).clamp(min=0).sum(dim=1) / len(clients)
+        return (1 - weight) * q[candidates] / budget + weight * coverage.double().cpu().numpy()
 
     heap = []
     for start in range(0, n, block):  # first pass: every candidate's gain on the empty set
@@ -216,8 +225,7 @@ def facility_location(x: np.ndarray, quality: np.ndarray, budget: int, weight: f
             continue
         picks.append(candidate)
         value += fresh
-        sim = (_tensor(x[candidate]) @ client_vectors.T).numpy().clip(min=0)
-        np.maximum(current, sim, out=current)
+        torch.maximum(current, (client_vectors @ _tensor(x[candidate], on)).clamp(min=0), out=current)
     return picks, value
 
 

@@ -71,3 +71,20 @@ def test_targets_and_help():
     assert result.exit_code == 0 and "mmlu_val" in result.output and "285 examples" in result.output
     for command in ("warmup", "project-grads", "rank", "targets"):
         assert runner.invoke(main, [command, "--help"]).exit_code == 0
+
+
+def test_every_public_name_resolves():
+    import influence
+
+    for name in influence.__all__:
+        assert getattr(influence, name) is not None, name
+
+
+def test_version_and_short_help():
+    from click.testing import CliRunner
+
+    from influence.cli import main
+
+    runner = CliRunner()
+    assert runner.invoke(main, ["--version"]).output.startswith("influence, version ")
+    assert "Usage: " in runner.invoke(main, ["rank", "-h"]).output

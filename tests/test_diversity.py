@@ -64,7 +64,7 @@ def test_lexical_indicators_by_hand():
 # -- geometric indicators and subset diversity ---------------------------------------------------------------------------
 def test_knn_distance_and_semdedup_by_hand():
     x = unit([[1, 0], [1, 0.01], [0, 1], [-1, 0]])
-    distances = knn_distance(x, k=1, block=3)  # blocked: also checks the block boundary
+    distances = knn_distance(x, k=1)
     expected = [1 - max(float(x[i] @ x[j]) for j in range(4) if j != i) for i in range(4)]
     np.testing.assert_allclose(distances, expected, atol=1e-6)
     assert knn_distance(x, k=3)[0] == pytest.approx(1 - float(x[0] @ x[3]))

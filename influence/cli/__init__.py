@@ -12,7 +12,8 @@ from .common import demo_pool_files
 __all__ = ["main", "demo_pool_files"]
 
 
-@click.group()
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="influence", prog_name="influence")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
 def main(verbose: bool) -> None:
     """Rank instruction-tuning data by its influence on a target task (LESS and friends).

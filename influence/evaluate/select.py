@@ -277,7 +277,7 @@ def evaluate_select(specs: list[str], *, run_dir: str | Path | None = None, mode
     if dry_run:
         return None
     notes = []
-    for (label, point, name), estimate in zip(stores, estimates):
+    for label, point, name in stores:
         left = None if max_hours is None else max_hours - started_hours
         if left is not None and left <= 0:
             notes.append(f"--max-hours reached before {label}; rerun to continue")
