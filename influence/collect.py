@@ -4,9 +4,11 @@ projected and written to the run's gradient stores (LESS, step 2)."""
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +22,10 @@ from .gradients import FEATURES, OBJECTIVE_OF, OBJECTIVES, AdamPreconditioner, L
 from .models import load_adapter, load_base_model, model_fingerprint, parse_device
 from .projection import Projector
 from .run import Checkpoint, Run
-from .store import GRADIENT_TYPES, TRAIN, GradientStore, exclusive, gradient_dataset, grads_group, target_dataset
+from .store import GRADIENT_TYPES, TRAIN, GradientStore, gradient_dataset, grads_group, target_dataset, writer_lock
 from .targets import load_target, target_name
 from .templates import Encoded, collate, encode_example
-from .units import check_sizes
+from .units import UnitClaims, check_sizes
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,7 @@ class CollectReport:
     n_nonfinite: int
     seconds: float
     resumed_chunks: int
+    busy_chunks: int = 0  # left to other processes working on the same stores
 
 
 PROJECTION_BUFFER_BYTES = 256 << 20
@@ -69,70 +72,85 @@ def collect_stores(
     progress: bool = True,
     desc: str = "",
     objective: str = "loss",
-) -> tuple[int, int]:
+    claims: UnitClaims | None = None,
+    shard: tuple[int, int] | None = None,
+) -> tuple[int, int, int]:
     """Fill the pending chunks of every store in ``outputs`` (same examples and chunking; one per
     projected dimension and feature): each chunk's gradients of ``objective`` are computed once,
     transformed once per feature and projected with every projector whose store still lacks it.
-    Returns (chunks resumed from disk, non-finite rows)."""
+
+    Several processes may fill the same stores at once: a chunk is worked on only by the process
+    that holds its ``claims`` lock (and with ``shard = (i, n)`` only chunks ``c % n == i``); chunks are
+    computed the same way whichever process takes them, so the stores end the same. Returns (chunks
+    resumed from disk, non-finite rows, chunks left to other processes)."""
     for output in outputs:
         if hooks.dim != output.projector.spec.input_dim:
             raise ValueError(f"LoRA gradient has {hooks.dim} entries, projector expects {output.projector.spec.input_dim}")
     first = outputs[0].store
     buffer_rows = projection_rows(hooks.dim, batch_size, first.chunk_size)
-    missing = {id(o.store): set(o.store.pending_chunks()) for o in outputs}
-    pending = sorted(set().union(*missing.values()))
+    pending = sorted(set().union(*(o.store.pending_chunks() for o in outputs)))
     skipped = first.n_chunks - len(pending)
-    todo = sum(first.chunk_bounds(i)[1] - first.chunk_bounds(i)[0] for i in pending)
-    bar = tqdm(total=todo, desc=desc, unit="ex", disable=not progress)
-    nonfinite = 0
+    mine = [i for i in pending if shard is None or i % shard[1] == shard[0]]
+    bar = tqdm(total=sum(first.chunk_bounds(i)[1] - first.chunk_bounds(i)[0] for i in mine), desc=desc, unit="ex",
+               disable=not progress)
+
+    def compute(index: int, writes: list[Output]) -> int:
+        """Compute chunk ``index`` for the stores in ``writes``; returns its non-finite rows."""
+        start, stop = first.chunk_bounds(index)
+        chunk = encoded[start:stop]
+        transforms = list({id(o.transform): o.transform for o in writes}.values())
+        # Longest first inside a chunk: less padding; the order is fixed, so results are reproducible.
+        order = sorted(range(len(chunk)), key=lambda i: -len(chunk[i].input_ids))
+        rows = len(chunk)
+        out = [np.zeros((rows, o.projector.spec.output_dim), dtype=np.float32) for o in writes]
+        norms = np.zeros(rows, dtype=np.float32)
+        losses = np.zeros(rows, dtype=np.float32)
+        tokens = np.zeros(rows, dtype=np.int32)
+        out_to_loss = np.zeros(rows, dtype=np.float32)
+        waiting_rows: list[int] = []  # computed, not yet projected
+        waiting: dict[int, list[torch.Tensor]] = {id(t): [] for t in transforms}  # features per transform
+        for b in range(0, rows, batch_size):
+            idx = order[b : b + batch_size]
+            batch = {k: v.to(device) for k, v in collate([chunk[i] for i in idx], pad_token_id).items()}
+            result = hooks.compute(batch, objective)
+            waiting_rows += idx
+            for transform in transforms:
+                waiting[id(transform)].append(transform(result.grads) if transform is not None else result.grads)
+            norms[idx] = result.norms.cpu().numpy()
+            losses[idx] = result.losses.float().cpu().numpy()
+            tokens[idx] = result.n_tokens.cpu().numpy()
+            if result.out_to_loss is not None:
+                out_to_loss[idx] = result.out_to_loss.float().cpu().numpy()
+            if len(waiting_rows) + batch_size > buffer_rows or b + batch_size >= rows:
+                features = {key: torch.cat(parts) for key, parts in waiting.items()}
+                for target, output in zip(out, writes):
+                    target[waiting_rows] = output.projector.project(features[id(output.transform)]).cpu().numpy()
+                waiting_rows = []
+                waiting = {key: [] for key in waiting}
+            bar.update(len(idx))
+        for output, projected in zip(writes, out):
+            finite = output.store.write_chunk(index, projected, norms, losses, tokens,
+                                              out_to_loss if objective == "margin" else None)
+        if not finite.all():
+            bad_ids = [ids[start + i] for i in np.flatnonzero(~finite)]
+            log.warning("%s: non-finite gradient for %d example(s): %s", first.where, len(bad_ids), bad_ids[:10])
+        return int((~finite).sum())
+
+    nonfinite = busy = 0
     try:
-        for index in pending:
-            start, stop = first.chunk_bounds(index)
-            chunk = encoded[start:stop]
-            writes = [o for o in outputs if index in missing[id(o.store)]]
-            transforms = list({id(o.transform): o.transform for o in writes}.values())
-            # Longest first inside a chunk: less padding; the order is fixed, so results are reproducible.
-            order = sorted(range(len(chunk)), key=lambda i: -len(chunk[i].input_ids))
-            rows = len(chunk)
-            out = [np.zeros((rows, o.projector.spec.output_dim), dtype=np.float32) for o in writes]
-            norms = np.zeros(rows, dtype=np.float32)
-            losses = np.zeros(rows, dtype=np.float32)
-            tokens = np.zeros(rows, dtype=np.int32)
-            out_to_loss = np.zeros(rows, dtype=np.float32)
-            waiting_rows: list[int] = []  # computed, not yet projected
-            waiting: dict[int, list[torch.Tensor]] = {id(t): [] for t in transforms}  # features per transform
-            for b in range(0, rows, batch_size):
-                idx = order[b : b + batch_size]
-                batch = {k: v.to(device) for k, v in collate([chunk[i] for i in idx], pad_token_id).items()}
-                result = hooks.compute(batch, objective)
-                waiting_rows += idx
-                for transform in transforms:
-                    waiting[id(transform)].append(transform(result.grads) if transform is not None else result.grads)
-                norms[idx] = result.norms.cpu().numpy()
-                losses[idx] = result.losses.float().cpu().numpy()
-                tokens[idx] = result.n_tokens.cpu().numpy()
-                if result.out_to_loss is not None:
-                    out_to_loss[idx] = result.out_to_loss.float().cpu().numpy()
-                if len(waiting_rows) + batch_size > buffer_rows or b + batch_size >= rows:
-                    features = {key: torch.cat(parts) for key, parts in waiting.items()}
-                    for target, output in zip(out, writes):
-                        target[waiting_rows] = output.projector.project(features[id(output.transform)]).cpu().numpy()
-                    waiting_rows = []
-                    waiting = {key: [] for key in waiting}
-                bar.update(len(idx))
-            for output, projected in zip(writes, out):
-                extra = out_to_loss if objective == "margin" else None
-                finite = output.store.write_chunk(index, projected, norms, losses, tokens, extra)
-            if not finite.all():
-                bad_ids = [ids[start + i] for i in np.flatnonzero(~finite)]
-                log.warning("%s: non-finite gradient for %d example(s): %s", first.where, len(bad_ids), bad_ids[:10])
-                nonfinite += len(bad_ids)
+        for index in mine:
+            with claims.claim(index) if claims is not None else nullcontext(True) as held:
+                if not held:  # another process is computing it
+                    busy += 1
+                    continue
+                writes = [o for o in outputs if not o.store.is_done(index)]  # read afresh: it may just have been done
+                if writes:
+                    nonfinite += compute(index, writes)
     finally:
         bar.close()
-    return skipped, nonfinite
+    return skipped, nonfinite, busy
 
 
-@exclusive("project-grads")
 def project_grads(
     run_dir: str | Path,
     target: str | None = None,
@@ -146,6 +164,9 @@ def project_grads(
     progress: bool = True,
     device: str | None = None,
     train_gradients: str | list[str] = "adam",
+    shard: tuple[int, int] | None = None,
+    workers: int = 1,
+    cooperative: bool = False,
 ) -> list[CollectReport]:
     """Compute and store projected gradient features for every checkpoint of a run.
 
@@ -156,7 +177,69 @@ def project_grads(
     (LESS keeps 4096 and 8192): the gradients are computed once and projected to each. A target's
     stores are keyed by its content, so another file with the same name never shares them. Existing
     stores are resumed; stores with different metadata are refused (or replaced with ``overwrite``).
+
+    Several processes may run it on one run at once and split the chunks between them (each chunk
+    claimed by one process, the stores ending byte-identical to one process's): ``workers = n`` starts
+    n processes here, ``torchrun --nproc-per-node n -m influence project-grads`` starts them on GPUs
+    (rank r takes ``cuda:<LOCAL_RANK>``), and ``shard = (i, n)`` restricts this process to chunks
+    ``c % n == i`` (a static split for schedulers such as SLURM arrays). A crashed process's chunks are
+    taken on the next run.
     """
+    if workers < 1:
+        raise InfluenceError(f"--workers must be at least 1, got {workers}")
+    if workers > 1:
+        return _with_workers(workers, dict(run_dir=run_dir, target=target, proj_dim=proj_dim, seed=seed,
+                                           batch_size=batch_size, chunk_size=chunk_size, target_tasks=target_tasks,
+                                           include_train=include_train, device=device, train_gradients=train_gradients,
+                                           shard=shard), progress)
+    if overwrite and (cooperative or shard is not None or _world_size() > 1):
+        raise InfluenceError("--overwrite replaces stores: run it in one process, not with --workers, --shard or torchrun")
+    if not Path(run_dir).is_dir():
+        Run(run_dir)  # says what is missing
+    with writer_lock(run_dir, "project-grads", shared=not overwrite):
+        return _project_grads(run_dir, target, proj_dim, seed, batch_size, chunk_size, target_tasks, include_train,
+                              overwrite, progress, device, train_gradients, shard,
+                              cooperative or shard is not None or _world_size() > 1)
+
+
+def _world_size() -> int:
+    """Processes of a torchrun / accelerate launch (1 outside one)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _worker(queue, kwargs: dict, threads: int, index: int) -> None:
+    torch.set_num_threads(threads)
+    try:
+        reports = project_grads(**kwargs, progress=index == 0, cooperative=True)
+        queue.put((index, "ok", [asdict(r) for r in reports]))
+    except InfluenceError as err:
+        queue.put((index, "error", str(err)))
+
+
+def _with_workers(workers: int, kwargs: dict, progress: bool) -> list[CollectReport]:
+    """Run ``project_grads`` in ``workers`` processes (each with its share of the CPU threads) that
+    split the chunks by claims; return the reports of them all."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    threads = max(1, torch.get_num_threads() // workers)
+    processes = [context.Process(target=_worker, args=(queue, kwargs, threads, i)) for i in range(workers)]
+    for process in processes:
+        process.start()
+    results = [queue.get() for _ in processes]
+    for process in processes:
+        process.join()
+    errors = [message for _, status, message in results if status == "error"]
+    failed = [p.exitcode for p in processes if p.exitcode]
+    if errors or failed:
+        raise InfluenceError("; ".join(errors) or f"a worker process failed (exit codes {failed}); rerun to finish: "
+                             "the chunks already written are kept")
+    return [CollectReport(**report) for _, _, reports in sorted(results) for report in reports]
+
+
+def _project_grads(run_dir, target, proj_dim, seed, batch_size, chunk_size, target_tasks, include_train, overwrite,
+                   progress, device, train_gradients, shard, cooperative) -> list[CollectReport]:
     dims = sorted({int(d) for d in ([proj_dim] if isinstance(proj_dim, int) else proj_dim)})
     check_sizes(batch_size=batch_size, chunk_size=chunk_size, proj_dim=min(dims, default=0))
     train_types = [train_gradients] if isinstance(train_gradients, str) else list(train_gradients)
@@ -227,12 +310,20 @@ def project_grads(
                             run.store_path, grads_group(dim, key, checkpoint.name), metadata,
                             ids=ids, tasks=[e.task or "" for e in examples], overwrite=overwrite,
                         )
+                        if cooperative and not store.shareable:
+                            raise InfluenceError(f"{store.where}: written by an earlier version, which keeps the chunks' "
+                                                 "done flags together; finish it in one process, or recompute it with "
+                                                 "--overwrite")
                         outputs.append(Output(store, projector, transform))
-                label = ", ".join(gradient_dataset(dataset, t) for t in chosen)
-                resumed, nonfinite = collect_stores(hooks, encoded, ids, tokenizer.pad_token_id, outputs, batch_size,
-                                                    device, progress, desc=f"{label} {checkpoint.name}", objective=objective)
-                reports.append(CollectReport(label, checkpoint.name, len(examples), sum(e.truncated for e in encoded),
-                                             nonfinite, round(time.time() - started, 1), resumed))
+                keys = [gradient_dataset(dataset, t) for t in chosen]
+                claims = UnitClaims(run.path / ".claims" / f"grads-dim{'-'.join(map(str, dims))}" / checkpoint.name /
+                                    "+".join(keys)) if cooperative else None
+                resumed, nonfinite, busy = collect_stores(
+                    hooks, encoded, ids, tokenizer.pad_token_id, outputs, batch_size, device, progress,
+                    desc=f"{', '.join(keys)} {checkpoint.name}", objective=objective, claims=claims, shard=shard)
+                reports.append(CollectReport(", ".join(keys), checkpoint.name, len(examples),
+                                             sum(e.truncated for e in encoded), nonfinite,
+                                             round(time.time() - started, 1), resumed, busy))
         hooks.remove()
         del model, base
     return reports

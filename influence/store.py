@@ -25,6 +25,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import os
 import shutil
@@ -35,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from filelock import FileLock, Timeout
+from filelock import FileLock
 
 from .errors import InfluenceError, StoreMismatchError
 
@@ -93,17 +94,20 @@ class ChunkedStore:
         if missing:
             raise ValueError(f"store metadata lacks {missing}")
         where = f"{root}/{path}"
-        _remove_partials(root, path)
-        existing = _open_group(root, path)
-        if existing is not None and not overwrite:
-            fields = tuple(k for k in metadata if k not in INFORMATIONAL_FIELDS)
-            check_metadata(dict(existing.attrs), metadata, where, fields)
-            missing_arrays = [name for name in (*columns, "finite", "done", "ids", "tasks") if name not in existing]
-            if missing_arrays:  # only a store of another layout (stores appear whole, see below)
-                raise StoreMismatchError("arrays", "complete layout", f"missing {missing_arrays}", where)
-            group = existing
-        else:
-            group = _publish(root, path, lambda tmp: _build(root, tmp, metadata, ids, tasks, columns))
+        Path(root, path).parent.mkdir(parents=True, exist_ok=True)
+        # Several processes of one command may open a store at once: creation is serialised.
+        with FileLock(str(Path(root, path).parent / f".{Path(path).name}.create.lock")):
+            _remove_partials(root, path)
+            existing = _open_group(root, path)
+            if existing is not None and not overwrite:
+                fields = tuple(k for k in metadata if k not in INFORMATIONAL_FIELDS)
+                check_metadata(dict(existing.attrs), metadata, where, fields)
+                missing_arrays = [name for name in (*columns, "finite", "done", "ids", "tasks") if name not in existing]
+                if missing_arrays:  # only a store of another layout (stores appear whole, see below)
+                    raise StoreMismatchError("arrays", "complete layout", f"missing {missing_arrays}", where)
+                group = existing
+            else:
+                group = _publish(root, path, lambda tmp: _build(root, tmp, metadata, ids, tasks, columns))
         store = cls(group, where)
         if list(store.ids) != list(ids):
             raise StoreMismatchError("ids", "the requested examples", "different ids", where)
@@ -147,6 +151,16 @@ class ChunkedStore:
 
     def pending_chunks(self) -> list[int]:
         return [int(i) for i in np.flatnonzero(~self.group["done"][:])]
+
+    def is_done(self, index: int) -> bool:
+        """Whether chunk ``index`` is written (read afresh: another process may have just finished it)."""
+        return bool(self.group["done"][index])
+
+    @property
+    def shareable(self) -> bool:
+        """Whether several processes may write its chunks at once: each chunk's ``done`` flag is a
+        storage chunk of its own (stores of earlier versions kept them in one)."""
+        return self.group["done"].chunks[0] == 1
 
     def chunk_bounds(self, index: int) -> tuple[int, int]:
         start = index * self.chunk_size
@@ -234,7 +248,7 @@ def _build(root, path: str, metadata: dict, ids: list[str], tasks: list[str], co
     n_chunks = -(-n // chunk)
     arrays = {name: ((n, *tail), (chunk, *tail), dtype) for name, (tail, dtype) in columns.items()}
     arrays["finite"] = ((n,), (chunk,), "bool")
-    arrays["done"] = ((n_chunks,), (max(1, n_chunks),), "bool")
+    arrays["done"] = ((n_chunks,), (1,), "bool")  # one storage chunk per flag: processes write them independently
     for name, (shape, chunks, dtype) in arrays.items():
         group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0)
     for name, values in (("ids", ids), ("tasks", tasks)):
@@ -274,14 +288,18 @@ LOCK_FILE = ".influence.lock"
 
 
 @contextmanager
-def writer_lock(folder: str | Path, command: str):
-    """Hold the one writer lock of a run folder for the duration of a writing command (``filelock``:
-    released by the OS when a process dies, so a killed writer never blocks the next one)."""
+def writer_lock(folder: str | Path, command: str, shared: bool = False):
+    """Hold the writer lock of a run folder for the duration of a writing command: exclusive, or
+    ``shared`` for the processes of one cooperative command (``project-grads`` on several processes,
+    which split the work by chunk claims) that may run together but beside no exclusive writer. An OS
+    file lock (``flock``), released by the OS when a process dies, so a killed writer never blocks the
+    next one."""
     folder = Path(folder)
-    lock = FileLock(str(folder / LOCK_FILE))
+    handle = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        lock.acquire(timeout=0)
-    except Timeout:
+        fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(handle)
         raise InfluenceError(
             f"{folder}: another influence process is writing to this run; `{command}` refused so that the "
             "two never mix their results. Wait for it to finish, then run the command again"
@@ -289,7 +307,8 @@ def writer_lock(folder: str | Path, command: str):
     try:
         yield
     finally:
-        lock.release()
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        os.close(handle)
 
 
 def exclusive(command: str):
@@ -309,17 +328,20 @@ def exclusive(command: str):
 
 
 def writer_active(folder: str | Path) -> bool:
-    """Whether another process holds the run's writer lock right now."""
+    """Whether another process holds the run's writer lock (exclusive or shared) right now."""
     path = Path(folder) / LOCK_FILE
     if not path.exists():
         return False
-    lock = FileLock(str(path))
+    handle = os.open(path, os.O_RDONLY)
     try:
-        lock.acquire(timeout=0)
-    except Timeout:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
         return True
-    lock.release()
-    return False
+    else:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(handle)
 
 
 def _open_group(root: str | Path, path: str, mode: str = "a") -> zarr.Group | None:

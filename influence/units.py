@@ -70,16 +70,16 @@ def fill_pending(
     return store.n_chunks - len(pending)
 
 
-def parse_worker(value: str | None) -> tuple[int, int] | None:
+def parse_worker(value: str | None, option: str = "--worker") -> tuple[int, int] | None:
     """``"i/n"`` (this worker's index, 0-based, and the number of workers) or None."""
     if not value:
         return None
     try:
         index, count = (int(part) for part in value.split("/"))
     except ValueError:
-        raise InfluenceError(f"--worker must look like i/n (e.g. 0/4), got {value!r}") from None
+        raise InfluenceError(f"{option} must look like i/n (e.g. 0/4), got {value!r}") from None
     if count < 1 or not 0 <= index < count:
-        raise InfluenceError(f"--worker {value}: need 0 <= i < n")
+        raise InfluenceError(f"{option} {value}: need 0 <= i < n")
     return index, count
 
 

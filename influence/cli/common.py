@@ -20,8 +20,9 @@ def demo_pool_files() -> list[str]:
 
 
 # Options several commands share, defined once.
-run_option = click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False, exists=True),
-                          help="The run folder (made by `influence warmup`).")
+run_option = click.option("--run", "--run-dir", "run_dir", required=True, type=click.Path(file_okay=False, exists=True),
+                          help="The run folder (made by `influence warmup`); --run-dir is the same (torchrun's own "
+                               "parser takes --run for its --run-path).")
 target_tasks_option = click.option("--target-tasks", default=None,
                                    help="Comma-separated subtasks of the target(s) to keep.")
 device_option = click.option("--device", default=None, help="torch device (default: cuda when available, else cpu).")

@@ -47,21 +47,28 @@ def warmup(track_all, resume, **settings) -> None:
 @click.option("--train-gradient", default="adam", show_default=True,
               help="Pool features, comma-separated: adam (LESS), sgd (plain gradient, for TracIn), margin (TRAK's "
                    "model-output gradient; the target then gets it too).")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Processes that split the chunks (each with its share of the CPU threads). On GPUs: "
+                   "torchrun --nproc-per-node N -m influence project-grads --run-dir RUN ...")
+@click.option("--shard", default=None, help="Only chunks c with c % n == i (i/n): a static split for job arrays.")
 def project_grads(run_dir, target, target_tasks, proj_dim, seed, batch_size, chunk_size, skip_train, overwrite,
-                  device, train_gradient) -> None:
+                  device, train_gradient, workers, shard) -> None:
     """Per-example LoRA gradients of the pool (Adam) and the target (SGD), projected, into Zarr."""
     from ..collect import project_grads as run_project
+    from ..units import parse_worker
 
     tasks = split_list(target_tasks)
     try:
         dims = [positive_int(d, "--proj-dim") for d in split_list(proj_dim) or [""]]
         reports = run_project(run_dir, target, dims, seed, batch_size, chunk_size, tasks,
                               include_train=not skip_train, overwrite=overwrite, device=device,
-                              train_gradients=split_list(train_gradient) or [])
+                              train_gradients=split_list(train_gradient) or [], shard=parse_worker(shard, "--shard"),
+                              workers=workers)
     except InfluenceError as err:
         fail(err)
     for r in reports:
         note = f", resumed {r.resumed_chunks} chunks" if r.resumed_chunks else ""
+        note += f", {r.busy_chunks} chunks by other processes" if r.busy_chunks else ""
         bad = f", {r.n_nonfinite} NON-FINITE" if r.n_nonfinite else ""
         click.echo(f"{r.dataset:>30} {r.checkpoint}: {r.n_examples} examples, {r.n_truncated} truncated, "
                    f"{r.seconds} s{note}{bad}")

@@ -428,7 +428,7 @@ def verdict(subset: str, baseline: str, counts: dict) -> str:
     """One line: does the ordering hold in every setting, in most, or flip?"""
     wins, ties, losses = counts["wins"], counts["ties"], counts["losses"]
     total = wins + ties + losses
-    tally = f"({wins} wins, {ties} ties, {losses} losses over {total} settings)"
+    tally = f"({subset} against {baseline}: {wins} wins, {ties} ties, {losses} losses over {total} settings)"
     if total == 0:
         return f"{subset} vs {baseline}: no setting trained for both"
     if wins == total:

@@ -215,7 +215,8 @@ def train_units(universe: Universe, name: str, design: dict, masks: np.ndarray |
     todo = [u for u in units if not store.is_done(u) and (worker is None or u % worker[1] == worker[0])]
     if speed is None and (todo or dry_run):
         speed = measure_speed(base, settings, pool_encoded, tokenizer.pad_token_id, device, eval_batch_size)
-    estimate = unit_seconds(speed, settings, pool_encoded, target_encoded, store, todo or units, measure_pool) \
+    estimate = unit_seconds(speed, settings, pool_encoded, target_encoded, store, todo or units, measure_pool,
+                            eval_batch_size) \
         if speed is not None else 0.0
     report = SubsetReport(str(store.path), len(units), estimate, len(pool), subset_size, asdict(settings), speed=speed,
                           todo=len(todo))
@@ -289,25 +290,39 @@ def measure_speed(base, settings: TrainSettings, pool_encoded: list[Encoded], pa
     trainer.run_epoch(1)  # warm-up call (allocations), then the timed one
     started = time.perf_counter()
     trainer.run_epoch(1)
-    train = (time.perf_counter() - started) / sum(len(e.input_ids) for e in sample)
+    train = (time.perf_counter() - started) / padded_tokens(np.array([len(e.input_ids) for e in sample]), len(sample))
     eval_batch = [pool_encoded[i] for i in order[len(order) // 2 : len(order) // 2 + eval_batch_size]]
     model.eval()
     batch = {k: v.to(device) for k, v in collate(eval_batch, pad_token_id).items()}
     started = time.perf_counter()
     with torch.no_grad():
         forward_response(model, batch)
-    evaluation = (time.perf_counter() - started) / sum(len(e.input_ids) for e in eval_batch)
+    evaluation = (time.perf_counter() - started) / padded_tokens(np.array([len(e.input_ids) for e in eval_batch]),
+                                                                   len(eval_batch))
     return Speed(setup, train, evaluation)
 
 
+def padded_tokens(lengths: np.ndarray, batch_size: int, shuffle: bool = False) -> float:
+    """Tokens a pass processes, padding included: each batch costs its longest example times its size
+    (training batches come in a random order: one seeded draw stands for it)."""
+    if not len(lengths):
+        return 0.0
+    order = np.random.default_rng(0).permutation(len(lengths)) if shuffle else np.arange(len(lengths))
+    ordered = lengths[order]
+    return float(sum(ordered[i : i + batch_size].max() * len(ordered[i : i + batch_size])
+                     for i in range(0, len(ordered), batch_size)))
+
+
 def unit_seconds(speed: Speed, settings: TrainSettings, pool_encoded: list[Encoded], target_encoded: dict,
-                 store: SubsetStore, sample_units: list[int], measure_pool: bool) -> float:
+                 store: SubsetStore, sample_units: list[int], measure_pool: bool, eval_batch_size: int = 16) -> float:
     """Expected seconds of a unit of ``sample_units`` on average (training tokens x epochs, then the
     evaluation's tokens; generation for judges is not counted)."""
     lengths = np.array([len(e.input_ids) for e in pool_encoded])
-    train_tokens = np.mean([lengths[store.mask(u)].sum() for u in sample_units]) * settings.epochs
-    eval_tokens = lengths.sum() * measure_pool + sum(
-        sum(len(e.input_ids) for e in encoded)
-        + sum(len(c.input_ids) for options in choices if options and not single_token_choices(options) for c in options)
+    train_tokens = np.mean([padded_tokens(lengths[store.mask(u)], settings.batch_size, shuffle=True)
+                            for u in sample_units[:32]]) * settings.epochs
+    eval_tokens = padded_tokens(lengths, eval_batch_size) * measure_pool + sum(
+        padded_tokens(np.array([len(e.input_ids) for e in encoded]), eval_batch_size)
+        + padded_tokens(np.array([len(c.input_ids) for options in choices
+                                  if options and not single_token_choices(options) for c in options]), eval_batch_size)
         for encoded, choices, _ in target_encoded.values())
     return float(speed.setup + train_tokens * speed.train_token + eval_tokens * speed.eval_token)

@@ -1,0 +1,129 @@
+"""Gradient extraction across processes: --workers, --shard and torchrun split the chunks of the same
+stores and end byte-identical to one process; a crashed process's chunks are taken on the next run."""
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from influence.collect import project_grads
+from influence.errors import InfluenceError
+from influence.store import writer_lock
+
+PACKAGE = Path(__file__).resolve().parents[1]
+SETTINGS = dict(proj_dim=16, chunk_size=3, batch_size=2, train_gradients=["adam", "sgd"])
+
+
+def _copy(tiny_run, folder: Path) -> Path:
+    shutil.copytree(tiny_run["run"], folder, ignore=shutil.ignore_patterns("grads.zarr", "subsets.zarr", "lds", "rank-*"))
+    return folder
+
+
+def _arrays(run_dir: Path) -> dict:
+    """Every array and every store's attributes under grads.zarr (claims and locks aside)."""
+    root = zarr.open_group(str(Path(run_dir) / "grads.zarr"), mode="r")
+    found = {}
+    for name, member in root.members(max_depth=None):
+        if isinstance(member, zarr.Array):
+            found[name] = member[:]
+        else:
+            found[name + "/attrs"] = dict(member.attrs)
+    return found
+
+
+def _same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], dict):
+            assert a[key] == b[key], key
+        else:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_run, tmp_path_factory):
+    run_dir = _copy(tiny_run, tmp_path_factory.mktemp("one-process") / "run")
+    project_grads(run_dir, tiny_run["target"], progress=False, **SETTINGS)
+    return _arrays(run_dir)
+
+
+def test_two_worker_processes_equal_one_process(tiny_run, reference, tmp_path):
+    run_dir = _copy(tiny_run, tmp_path / "run")
+    reports = project_grads(run_dir, tiny_run["target"], progress=False, workers=2, **SETTINGS)
+    _same(_arrays(run_dir), reference)
+    assert reports and sum(r.busy_chunks for r in reports) >= 0
+
+
+def test_static_shards_merge_to_one_process(tiny_run, reference, tmp_path):
+    run_dir = _copy(tiny_run, tmp_path / "run")
+    first = project_grads(run_dir, tiny_run["target"], progress=False, shard=(0, 2), **SETTINGS)
+    assert all(r.resumed_chunks == 0 for r in first)
+    project_grads(run_dir, tiny_run["target"], progress=False, shard=(1, 2), **SETTINGS)
+    _same(_arrays(run_dir), reference)
+
+
+CRASH = textwrap.dedent("""
+    import os, sys
+    import influence.store as store
+    original = store.GradientStore.write_chunk
+    def dies_on_third(self, index, *args, **kwargs):
+        if index == 2:
+            os._exit(9)  # killed mid-run: chunks 0 and 1 are written, the rest are not
+        return original(self, index, *args, **kwargs)
+    store.GradientStore.write_chunk = dies_on_third
+    from influence.collect import project_grads
+    project_grads(sys.argv[1], sys.argv[2], progress=False, shard=(0, 1), proj_dim=16, chunk_size=3, batch_size=2,
+                  train_gradients=["adam", "sgd"])
+""")
+
+
+def test_a_killed_process_loses_nothing_and_the_rerun_completes_identically(tiny_run, reference, tmp_path):
+    run_dir = _copy(tiny_run, tmp_path / "run")
+    script = tmp_path / "crash.py"
+    script.write_text(CRASH)
+    killed = subprocess.run([sys.executable, str(script), str(run_dir), tiny_run["target"]], cwd=PACKAGE,
+                            capture_output=True, text=True)
+    assert killed.returncode == 9, killed.stderr
+    done = zarr.open_group(str(run_dir / "grads.zarr"), path="dim16/train/epoch-1", mode="r")["done"][:]
+    assert done[:2].all() and not done[2:].any()
+    project_grads(run_dir, tiny_run["target"], progress=False, workers=2, **SETTINGS)  # the lock died with it
+    _same(_arrays(run_dir), reference)
+
+
+def test_torchrun_form_as_documented(tiny_run, reference, tmp_path):
+    run_dir = _copy(tiny_run, tmp_path / "run")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [str(torchrun), "--nproc-per-node", "2", "-m", "influence", "project-grads", "--run-dir", str(run_dir),
+               "--target", tiny_run["target"], "--proj-dim", "16", "--chunk-size", "3", "--batch-size", "2",
+               "--train-gradient", "adam,sgd"]
+    result = subprocess.run(command, cwd=PACKAGE, capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    _same(_arrays(run_dir), reference)
+
+
+def test_cooperation_is_refused_where_it_would_be_unsafe(tiny_run, tmp_path):
+    run_dir = _copy(tiny_run, tmp_path / "run")
+    with pytest.raises(InfluenceError, match="--overwrite replaces stores"):
+        project_grads(run_dir, tiny_run["target"], overwrite=True, shard=(0, 2), progress=False, **SETTINGS)
+    project_grads(run_dir, None, progress=False, **SETTINGS)
+    done = zarr.open_array(str(run_dir / "grads.zarr" / "dim16" / "train" / "epoch-1" / "done"), mode="r")
+    assert done.chunks == (1,)
+    # a store of the earlier layout (all done flags in one storage chunk) is refused for several processes
+    store = run_dir / "grads.zarr" / "dim16" / "train" / "epoch-2"
+    flags = zarr.open_array(str(store / "done"), mode="r")[:]
+    shutil.rmtree(store / "done")
+    zarr.create_array(str(store / "done"), shape=flags.shape, chunks=flags.shape, dtype=bool, fill_value=False)[:] = flags
+    with pytest.raises(InfluenceError, match="earlier version"):
+        project_grads(run_dir, None, progress=False, shard=(0, 2), **SETTINGS)
+    project_grads(run_dir, None, progress=False, **SETTINGS)  # one process may still use it
+    with writer_lock(run_dir, "test", shared=True), writer_lock(run_dir, "test", shared=True):
+        with pytest.raises(InfluenceError, match="another influence process"):
+            with writer_lock(run_dir, "exclusive"):
+                pass
