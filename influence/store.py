@@ -94,9 +94,8 @@ class ChunkedStore:
         if missing:
             raise ValueError(f"store metadata lacks {missing}")
         where = f"{root}/{path}"
-        Path(root, path).parent.mkdir(parents=True, exist_ok=True)
         # Several processes of one command may open a store at once: creation is serialised.
-        with FileLock(str(Path(root, path).parent / f".{Path(path).name}.create.lock")):
+        with creation_lock(root, path):
             _remove_partials(root, path)
             existing = _open_group(root, path)
             if existing is not None and not overwrite:
@@ -262,6 +261,14 @@ def _write_strings(group: zarr.Group, name: str, values: list[str]) -> None:
 
 
 PARTIAL = ".partial-"
+
+
+def creation_lock(root: str | Path, path: str) -> FileLock:
+    """The lock that serialises the creation of store ``root/path`` by several processes; kept beside
+    the Zarr hierarchy (in ``<root's folder>/.locks``), where it is not mistaken for a member."""
+    folder = Path(root).parent / ".locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(folder / f"{Path(root).name}--{path.replace('/', '--')}.lock"))
 
 
 def _publish(root, path: str, build) -> zarr.Group:
@@ -456,7 +463,7 @@ class SubsetStore:
         workers may call this at once: creation is serialised by a lock and published whole."""
         metadata = {"format": SUBSETS_FORMAT, "format_version": SUBSETS_VERSION, **metadata}
         Path(root).mkdir(parents=True, exist_ok=True)
-        with FileLock(str(Path(root, f".{name}.create.lock"))):
+        with creation_lock(root, name):
             if not Path(root, name, "zarr.json").is_file():
                 _remove_partials(root, name)
                 _publish(root, name, lambda tmp: _build_subsets(root, tmp, metadata, pool_ids, targets, masks))

@@ -5,7 +5,7 @@ naive dense implementation that forms the whole N x N similarity matrix, at a si
 then ours alone at the large size. Each contender runs in its own process, so peak memory is its own;
 prints seconds, peak RSS and the ratio.
 
-    python scripts/bench_diversity.py --small 20000 --large 100000 --dim 2048 --budget 1000
+    python scripts/bench_diversity.py --small 20000 --large 100000 --dim 2048 --budget 1000 --small-budget 200
 """
 
 from __future__ import annotations
@@ -71,20 +71,21 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=20000)
     parser.add_argument("--large", type=int, default=100000)
     parser.add_argument("--dim", type=int, default=2048)
-    parser.add_argument("--budget", type=int, default=1000)
+    parser.add_argument("--budget", type=int, default=1000, help="picks at the large size")
+    parser.add_argument("--small-budget", type=int, default=200, help="picks at the small size (the naive loops are slow)")
     parser.add_argument("--only", default=None)
     parser.add_argument("--n", type=int, default=None)
     args = parser.parse_args()
     if args.only:
         print(json.dumps(run(args.only, args.n, args.dim, args.budget)))
         return
-    extra = ["--dim", str(args.dim), "--budget", str(args.budget)]
+    small = ["--dim", str(args.dim), "--budget", str(args.small_budget), "--n", str(args.small)]
     for algorithm, contenders in (("kcenter", ("ours-kcenter", "naive-kcenter")), ("fl", ("ours-fl", "naive-fl"))):
-        results = {name: run_child(__file__, name, ["--n", str(args.small), *extra]) for name in contenders}
-        report(f"{algorithm}: {args.small} x {args.dim}, budget {args.budget} (naive forms the N x N matrix)", results,
-               contenders[0])
-    results = {name: run_child(__file__, name, ["--n", str(args.large), *extra])
-               for name in ("ours-kcenter", "ours-fl-sampled")}
+        results = {name: run_child(__file__, name, small) for name in contenders}
+        report(f"{algorithm}: {args.small} x {args.dim}, budget {args.small_budget} (naive forms the N x N matrix)",
+               results, contenders[0])
+    large = ["--dim", str(args.dim), "--budget", str(args.budget), "--n", str(args.large)]
+    results = {name: run_child(__file__, name, large) for name in ("ours-kcenter", "ours-fl-sampled")}
     report(f"ours at {args.large} x {args.dim}, budget {args.budget} (naive would need "
            f"{args.large ** 2 * 4 / 2**30:.0f} GiB for the matrix)", results, "ours-kcenter")
 

@@ -96,12 +96,13 @@ def test_files_and_standalone_model(select_run, tmp_path):
                                                  for w in ("cats", "dogs", "owls")])
     alpaca = write_jsonl(tmp_path / "alpaca.jsonl", [{"prompt": f"List {n} colours.", "completion": "red, blue"}
                                                      for n in (2, 3, 4)])
+    settings = {"batch_size": 4, "max_length": 64, "warmup_ratio": 0.0, "lora": {"r": 4, "alpha": 8}}
     report = evaluate_select([str(lima), str(alpaca)], model="tiny-llama", instruction=True,
-                             grid=Grid([1e-3], [1], [4], ["linear"], 1), settings={"batch_size": 4, "max_length": 64,
-                                                                                  "lora": {"r": 4, "alpha": 8}},
-                             out=tmp_path / "out", progress=False)
+                             grid=Grid([1e-2], [2], [4], ["linear"], 1), settings=settings, out=tmp_path / "out",
+                             progress=False)
     assert set(report.results["eval"]) == {"self_instruct"} and len(report.results) == 2
-    assert report.verdicts and report.verdicts[0].count("alpaca") == 1
+    assert report.results["nll"].nunique() == 2  # the two training sets give two models
+    assert len(report.verdicts) == 1 and "lima" in report.verdicts[0] and "alpaca" in report.verdicts[0]
 
 
 def test_bad_input_is_refused_before_training(select_run, tmp_path):
