@@ -18,6 +18,7 @@ _API = {
     "WarmupConfig": "train.warmup",
     "warmup": "train.warmup",
     "LoraSettings": "models",
+    "ModelLoading": "models",
     "project_grads": "collect",
     "compute_forward_scores": "scoring.forward",
     "rank": "selection",

@@ -19,7 +19,7 @@ from . import __version__
 from .data import Example, examples_sha256, load_pool
 from .errors import InfluenceError
 from .gradients import FEATURES, OBJECTIVE_OF, OBJECTIVES, AdamPreconditioner, LoraGradients
-from .models import load_adapter, load_base_model, model_fingerprint, parse_device
+from .models import load_adapter, parse_device, place
 from .projection import Projector
 from .run import Checkpoint, Run
 from .store import GRADIENT_TYPES, TRAIN, GradientStore, gradient_dataset, grads_group, target_dataset, writer_lock
@@ -266,10 +266,8 @@ def _project_grads(run_dir, target, proj_dim, seed, batch_size, chunk_size, targ
     encodings: dict[str, list[Encoded]] = {}
     reports = []
     for checkpoint in run.checkpoints():
-        base, tokenizer = load_base_model(run.model_name)
-        fingerprint = model_fingerprint(run.model_name, base)
-        run.check_model_unchanged(fingerprint)
-        model = load_adapter(base, checkpoint.path).to(device)
+        base, tokenizer, fingerprint = run.load_base_model(device)
+        model, device = place(load_adapter(base, checkpoint.path), device)
         hooks = LoraGradients(model)
         if not projectors:
             projectors = {dim: Projector(hooks.dim, dim, seed) for dim in dims}

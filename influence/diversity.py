@@ -193,7 +193,7 @@ def scaled_quality(score: np.ndarray) -> np.ndarray:
 
 
 def facility_location(x: np.ndarray, quality: np.ndarray, budget: int, weight: float, sample: int = 10000,
-                      seed: int = 0, block: int = BLOCK) -> tuple[list[int], float]:
+                      seed: int = 0, block: int = BLOCK, lazy_batch: int = 64) -> tuple[list[int], float]:
     """Lazy greedy on QDIT's objective (module docstring): (order of the picks, objective value)."""
     if not 0 <= weight <= 1:
         raise InfluenceError(f"--diversity-weight must be in [0, 1], got {weight}")
@@ -218,14 +218,22 @@ def facility_location(x: np.ndarray, quality: np.ndarray, budget: int, weight: f
     picks: list[int] = []
     value = 0.0
     while len(picks) < budget and heap:
-        stale, candidate = heapq.heappop(heap)
-        fresh = float(gain(np.array([candidate]))[0])
-        if heap and fresh < -heap[0][0] - 1e-12:  # no longer the best: put back with its true gain
-            heapq.heappush(heap, (-fresh, candidate))
+        # Re-evaluate the `lazy_batch` best upper bounds at once: one matrix product reads the clients
+        # once for all of them (one candidate at a time, each re-evaluation would read them again).
+        popped = [heapq.heappop(heap) for _ in range(min(lazy_batch, len(heap)))]
+        candidates = np.array([candidate for _, candidate in popped])
+        fresh = gain(candidates)
+        best = int(np.argmax(fresh))
+        if heap and fresh[best] < -heap[0][0] - 1e-12:  # a stale bound may still be higher: not yet
+            best = -1
+        for i, candidate in enumerate(candidates):
+            if i != best:
+                heapq.heappush(heap, (-float(fresh[i]), int(candidate)))
+        if best < 0:
             continue
-        picks.append(candidate)
-        value += fresh
-        torch.maximum(current, (client_vectors @ _tensor(x[candidate], on)).clamp(min=0), out=current)
+        picks.append(int(candidates[best]))
+        value += float(fresh[best])
+        torch.maximum(current, (client_vectors @ _tensor(x[picks[-1]], on)).clamp(min=0), out=current)
     return picks, value
 
 

@@ -15,7 +15,7 @@ import json
 import os
 import warnings
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -94,6 +94,59 @@ class LoraSettings:
         if not self.target_modules:
             problems.append("--lora-modules names no module")
         return problems
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ATTENTION = ("eager", "sdpa", "flash_attention_2", "flex_attention")
+
+
+@dataclass(frozen=True)
+class ModelLoading:
+    """How the base model is loaded (recorded in the run, so every later stage loads it the same way).
+
+    Precision: the base weights are held in ``dtype``; the LoRA adapter is kept in fp32 (peft upcasts
+    adapters of bf16/fp16 models), per-example gradients are accumulated in fp32, projected in fp32 and
+    stored in fp16; scores accumulate in float64. ``auto`` is bf16 on a CUDA device that supports it,
+    else fp32 (on CPU bf16 is slow and fp16 unsupported for training).
+    """
+
+    dtype: str = field(default="auto", metadata={"choices": ("auto", *DTYPES), "help":
+                       "Precision of the base weights (auto: bf16 on a GPU that supports it, else fp32)."})
+    revision: str | None = field(default=None, metadata={"help": "Hub model revision (branch, tag or commit)."})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "Run the model repository's own Python code (only for repositories you trust)."})
+    attn_implementation: str | None = field(default=None, metadata={
+        "choices": ATTENTION, "help": "Attention implementation (default: transformers' choice)."})
+    device_map: str | None = field(default=None, metadata={
+        "help": "Spread the model over devices (e.g. auto; needs accelerate) instead of moving it to --device."})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "Recompute activations in the backward pass when training (less memory, ~30% more time)."})
+
+    def resolved(self, device: torch.device) -> ModelLoading:
+        """The same settings with ``auto`` replaced by the dtype chosen for ``device``."""
+        if self.dtype != "auto":
+            return self
+        bf16 = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return replace(self, dtype="bf16" if bf16 else "fp32")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            raise ValueError("resolve 'auto' first (ModelLoading.resolved)")
+        return DTYPES[self.dtype]
+
+    @classmethod
+    def from_manifest(cls, data: dict | None) -> ModelLoading:
+        """A run's recorded loading; runs made before it was recorded loaded fp32 weights."""
+        return cls(**data) if data else cls(dtype="fp32")
+
+
+def place(model, device: torch.device):
+    """(model, input device): the model moved to ``device``, or left where ``device_map`` put it (its
+    inputs then go to the device of its first parameter)."""
+    if getattr(model, "hf_device_map", None):
+        return model, next(model.parameters()).device
+    return model.to(device), device
 
 
 def _repair_digit_pretokenizer(tokenizer) -> None:
@@ -186,30 +239,44 @@ def check_model_name(name: str) -> None:
         raise InfluenceError(f"--model {name}: no such model folder (nor a hub id of the form org/name)")
 
 
-def load_base_model(name: str, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None):
-    """(model, tokenizer) for a built-in name, a local folder or a hub id, in eval mode."""
+def load_base_model(name: str, loading: ModelLoading | None = None, device: torch.device | None = None):
+    """(model, tokenizer) for a built-in name, a local folder or a hub id, in eval mode, loaded as
+    ``loading`` says (default: fp32 weights; ``auto`` resolved for ``device``)."""
     check_model_name(name)
+    loading = (loading or ModelLoading(dtype="fp32")).resolved(device or choose_device())
     try:
-        return _load_base_model(name, dtype, attn_implementation)
+        return _load_base_model(name, loading)
     except OSError as err:  # transformers' word for a model it cannot find or read
         raise InfluenceError(f"--model {name}: cannot load it ({str(err).splitlines()[0]})") from None
+    except ValueError as err:  # e.g. an attention implementation the model or machine does not support
+        raise InfluenceError(f"--model {name}: cannot load it as asked ({str(err).splitlines()[0]})") from None
 
 
-def _load_base_model(name: str, dtype: torch.dtype, attn_implementation: str | None):
+def _load_base_model(name: str, loading: ModelLoading):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if name == TINY:
         model, tokenizer = build_tiny_llama()
-        model = model.to(dtype)
+        model = model.to(loading.torch_dtype)
     else:
         path = str(prepare_smollm2()) if name == SMOLLM2 else name
-        kwargs = {"dtype": dtype}
-        if attn_implementation:
-            kwargs["attn_implementation"] = attn_implementation
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        hub = {"revision": loading.revision, "trust_remote_code": loading.trust_remote_code}
+        kwargs = {"dtype": loading.torch_dtype, **hub}
+        if loading.attn_implementation:
+            kwargs["attn_implementation"] = loading.attn_implementation
+        if loading.device_map:
+            kwargs["device_map"] = loading.device_map
+        tokenizer = AutoTokenizer.from_pretrained(path, **hub)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if loading.gradient_checkpointing:
+        # Active only in train mode (transformers checks self.training): gradient extraction runs the
+        # model in eval mode, where the hooks must see each forward once.
+        if hasattr(model, "activation_checkpointing_enable"):  # its name since transformers 5.x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.eval()
     return model, tokenizer
 

@@ -144,6 +144,23 @@ class Run:
         return self.manifest["model"]
 
     @property
+    def model_loading(self):
+        """How the warm-up loaded the base model (dtype, revision...): every later stage loads it the same way."""
+        from .models import ModelLoading
+
+        return ModelLoading.from_manifest(self.manifest.get("model_loading"))
+
+    def load_base_model(self, device=None):
+        """(model, tokenizer, fingerprint): the run's base model, loaded as at warm-up and refused when its
+        weights are not those the warm-up trained on."""
+        from .models import load_base_model, model_fingerprint
+
+        model, tokenizer = load_base_model(self.model_name, self.model_loading, device)
+        fingerprint = model_fingerprint(self.model_name, model)
+        self.check_model_unchanged(fingerprint)
+        return model, tokenizer, fingerprint
+
+    @property
     def train_files(self) -> list[str]:
         return [entry["path"] for entry in self.manifest["train_files"]]
 

@@ -161,3 +161,12 @@ class RunningTopK:
         indices = torch.cat([self.indices, torch.arange(start, start + len(scores))[keep]])
         order = torch.sort(values, descending=True, stable=True).indices[: self.k]
         self.values, self.indices = values[order], indices[order]
+
+    def merge(self, later: RunningTopK) -> RunningTopK:
+        """The top k of two streams, ``later`` covering rows after this one's (ties: earlier row first):
+        the step of a tree reduction over neighbouring blocks."""
+        merged = RunningTopK(self.k)
+        values, indices = torch.cat([self.values, later.values]), torch.cat([self.indices, later.indices])
+        order = torch.sort(values, descending=True, stable=True).indices[: self.k]
+        merged.values, merged.indices = values[order], indices[order]
+        return merged

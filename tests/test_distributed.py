@@ -149,3 +149,62 @@ def test_cooperation_is_refused_where_it_would_be_unsafe(tiny_run, tmp_path):
         with pytest.raises(InfluenceError, match="another influence process"):
             with writer_lock(run_dir, "exclusive"):
                 pass
+
+
+# Scoring on Dask: the same blocks scored by the same function as the one-process stream.
+
+@pytest.fixture(scope="module")
+def dask_client():
+    pytest.importorskip("distributed")
+    from influence.scoring.on_dask import dask_client as client_of
+
+    with client_of("local", workers=2) as client:
+        yield client
+
+
+def test_dask_scoring_equals_the_stream(tiny_run, dask_client):
+    from influence.scoring.less import less_scores_many, less_top_k
+
+    address = dask_client.scheduler.address
+    with threads(1):  # as each single-threaded worker computes
+        stream = less_scores_many(tiny_run["run"], [tiny_run["target"]], rows_per_block=4)[0]
+        stream_top = less_top_k(tiny_run["run"], tiny_run["target"], 7, rows_per_block=4)
+    on_dask = less_scores_many(tiny_run["run"], [tiny_run["target"]], rows_per_block=4, dask=address)[0]
+    np.testing.assert_array_equal(stream.per_task, on_dask.per_task)
+    np.testing.assert_array_equal(stream.score, on_dask.score)
+    dask_top = less_top_k(tiny_run["run"], tiny_run["target"], 7, rows_per_block=4, dask=address)
+    assert dask_top["id"].tolist() == stream_top["id"].tolist()
+    np.testing.assert_array_equal(dask_top["score"], stream_top["score"])
+
+
+def test_dask_top_k_is_a_tree_over_blocks_with_ties_by_row():
+    from influence.kernels.scoring import RunningTopK
+
+    from influence.scoring.on_dask import _block_top
+
+    scores = np.array([[0.5], [0.9], [np.nan], [0.5], [0.9], [0.1], [0.5]], dtype=np.float32)
+    blocks = [_block_top(scores[i : i + 2], i, 4) for i in range(0, 7, 2)]
+    merged = blocks[0].merge(blocks[1]).merge(blocks[2].merge(blocks[3]))
+    whole = RunningTopK(4)
+    whole.update(torch.from_numpy(scores[:, 0]), 0)
+    assert merged.indices.tolist() == whole.indices.tolist() == [1, 4, 0, 3]
+
+
+def test_rank_on_dask_from_the_command_line(tiny_run, dask_client, tmp_path):
+    from click.testing import CliRunner
+
+    from influence.cli import main
+
+    runner = CliRunner()
+    base = ["rank", "--run", tiny_run["run"], "--target", tiny_run["target"], "--space", "none"]
+    result = runner.invoke(main, base + ["--dask", dask_client.scheduler.address, "--out", str(tmp_path / "dask")])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(main, base + ["--out", str(tmp_path / "stream")])
+    assert result.exit_code == 0, result.output
+    on_dask = (tmp_path / "dask" / "scores.csv").read_text().splitlines()
+    stream = (tmp_path / "stream" / "scores.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in on_dask] == [line.split(",")[0] for line in stream]  # same ranking
+    result = runner.invoke(main, ["rank", "--run", tiny_run["run"], "--method", "random", "--dask"])
+    assert result.exit_code == 2 and "--dask does not apply to --method random" in result.output
+    result = runner.invoke(main, base + ["--dask", "tcp://127.0.0.1:9", "--out", str(tmp_path / "nowhere")])
+    assert result.exit_code == 2 and "cannot reach a Dask scheduler" in result.output

@@ -28,6 +28,14 @@ target_tasks_option = click.option("--target-tasks", default=None,
 device_option = click.option("--device", default=None, help="torch device (default: cuda when available, else cpu).")
 
 
+def model_loading_options(command):
+    """How a base model is loaded when no run says so (generated from :class:`~influence.models.ModelLoading`)."""
+    from ..config import click_options
+    from ..models import ModelLoading
+
+    return click_options(ModelLoading)(command)
+
+
 def split_list(value: str | None) -> list[str] | None:
     """A comma-separated option as a list (None when not given)."""
     return [part.strip() for part in value.split(",") if part.strip()] if value else None

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..errors import InfluenceError
-from .common import fail, run_option, split_list, target_tasks_option, warmup_config, warmup_options
+from .common import fail, model_loading_options, run_option, split_list, target_tasks_option, warmup_config, warmup_options
 from .subsets import training_options, unit_options
 
 
@@ -126,20 +126,23 @@ def evaluate_lds(run_dir, target, target_tasks, methods, k, heldout, subsets, al
 @click.option("--judge-max-new-tokens", default=128, show_default=True, type=click.IntRange(min=1))
 @unit_options
 @training_options(exclude=("learning_rate", "epochs", "grad_accum", "scheduler"))
+@model_loading_options
 def evaluate_select(specs, run_dir, model, target, target_tasks, eval_files, instruction, fraction, grid_lr, grid_epochs,
                     grid_batch, grid_scheduler, seeds, baselines, metric, out, judge, judge_model, judge_n,
                     judge_max_new_tokens, worker, max_hours, dry_run, device, **overrides) -> None:
     """Retrain on each subset across a hyperparameter grid (several seeds each), evaluate on held-out
     data, and report wins / ties / losses against the baselines and a verdict that survives the grid."""
-    from ..config import given_fields
+    from ..config import build, given_fields
     from ..evaluate.select import Grid
     from ..evaluate.select import evaluate_select as run_select
+    from ..models import ModelLoading
     from ..train.loop import TrainSettings
     from ..units import parse_worker
 
     try:
         grid = Grid.parse(grid_lr, grid_epochs, grid_batch, grid_scheduler, seeds)
-        report = run_select(split_list(specs) or [], run_dir=run_dir, model=model, target=target,
+        report = run_select(split_list(specs) or [], run_dir=run_dir, model=model, loading=build(ModelLoading, overrides),
+                            target=target,
                             target_tasks=split_list(target_tasks), eval_files=list(eval_files), instruction=instruction,
                             fraction=fraction, grid=grid, settings=given_fields(TrainSettings, overrides),
                             baselines=split_list(baselines), metric=metric, out=out, worker=parse_worker(worker),

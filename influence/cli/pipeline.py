@@ -122,12 +122,15 @@ def project_grads(run_dir, target, target_tasks, proj_dim, seed, batch_size, chu
               help="--diversify clusters: each cluster's share of the budget.")
 @click.option("--neighbours", default=None, type=click.IntRange(min=1), help="knn_distance: which neighbour (default 5).")
 @click.option("--eps", default=None, type=click.FloatRange(0, 1), help="semdedup: duplicates above 1 - eps (default 0.05).")
+@click.option("--dask", "dask_address", default=None, is_flag=False, flag_value="local",
+              help="less: score on Dask, on a LocalCluster (--dask alone: one worker process per core) or on the "
+                   "scheduler at ADDRESS (e.g. tcp://host:8786; workers must see the run's folder).")
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--show", default=0, show_default=True, help="Print this many top examples for a few subtasks.")
 @click.option("--show-tasks", default=None, help="Comma-separated subtasks to show (default: first 4).")
 def rank(run_dir, targets, method, fraction, top_k, mode, band, threshold, learned_threshold, proj_dim, target_tasks,
          seed, subsets, outcome, regression, estimator, lambda_reg, diversify, space, diversity_weight, min_distance,
-         clusters, balance, neighbours, eps, out, show, show_tasks) -> None:
+         clusters, balance, neighbours, eps, dask_address, out, show, show_tasks) -> None:
     """Score and rank the pool; write scores.csv, scores.parquet, selected.jsonl, summary.json."""
     from ..scoring import METHODS
     from ..selection import Diversify, example_text, output_folders, pool_by_id, rank_many, task_columns, top_for_task
@@ -137,7 +140,8 @@ def rank(run_dir, targets, method, fraction, top_k, mode, band, threshold, learn
         low, high = (float(x) for x in band.split(","))
         options = {"learned_threshold": learned_threshold, "proj_dim": proj_dim, "target_tasks": split_list(target_tasks),
                    "seed": seed, "subsets": subsets, "outcome": outcome, "regression": regression,
-                   "estimator": estimator, "lambda_reg": lambda_reg, "neighbours": neighbours, "eps": eps}
+                   "estimator": estimator, "lambda_reg": lambda_reg, "neighbours": neighbours, "eps": eps,
+                   "dask": dask_address}
         if method in METHODS and "clusters" in inspect.signature(METHODS[method]).parameters:
             options["clusters"] = clusters
         plan = Diversify(diversify, diversity_weight, min_distance, clusters, balance) if diversify else None

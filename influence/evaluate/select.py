@@ -32,7 +32,7 @@ import pandas as pd
 
 from ..data import Example, examples_sha256, load_examples, load_pool
 from ..errors import InfluenceError
-from ..models import check_model_name, load_base_model, model_fingerprint
+from ..models import ModelLoading, check_model_name, load_base_model, model_fingerprint, parse_device
 from ..run import Run
 from ..store import SubsetStore
 from ..targets import TARGETS, load_heldout, load_target, target_name
@@ -199,6 +199,7 @@ def _eval_sets(target: str | None, target_tasks: list[str] | None, eval_files: l
 
 
 def evaluate_select(specs: list[str], *, run_dir: str | Path | None = None, model: str | None = None,
+                    loading: ModelLoading | None = None,
                     target: str | None = None, target_tasks: list[str] | None = None, eval_files: list[str] = (),
                     instruction: bool = False, fraction: float = 0.05, grid: Grid | None = None,
                     settings: dict | TrainSettings | None = None, baselines: list[str] | None = None,
@@ -254,9 +255,10 @@ def evaluate_select(specs: list[str], *, run_dir: str | Path | None = None, mode
     folder = Path(out) if out is not None else (run.path if run is not None else Path(".")) / \
         f"select-{target_name(target) if target else 'eval'}"
     universe = Universe(folder / "models.zarr", run.model_name if run is not None else model, universe_examples,
-                        run.manifest.get("model_fingerprint") if run is not None else None)
+                        run.manifest.get("model_fingerprint") if run is not None else None,
+                        run.model_loading if run is not None else loading)
     # Everything above is checked before the model is loaded.
-    base_model, tokenizer = load_base_model(universe.model)
+    base_model, tokenizer = load_base_model(universe.model, universe.loading, parse_device(device))
     loaded = (base_model, tokenizer, model_fingerprint(universe.model, base_model))
     stores = []
     started_hours = 0.0

@@ -33,7 +33,7 @@ import torch
 from .. import __version__
 from ..data import Example, examples_sha256, load_pool
 from ..losses import logits_at, mean_by_row
-from ..models import choose_device, load_adapter, load_base_model, model_fingerprint
+from ..models import choose_device, load_adapter, place
 from ..run import Run
 from ..store import ChunkedStore, exclusive
 from ..templates import IGNORE_INDEX, Encoded, collate, encode_example
@@ -121,9 +121,7 @@ def compute_forward_scores(
     encoded: list[Encoded] | None = None
     written = []
     for checkpoint in run.checkpoints():
-        base, tokenizer = load_base_model(run.model_name)
-        fingerprint = model_fingerprint(run.model_name, base)
-        run.check_model_unchanged(fingerprint)
+        base, tokenizer, fingerprint = run.load_base_model(device)
         metadata = {
             "format": FORMAT,
             "format_version": 1,
@@ -145,7 +143,7 @@ def compute_forward_scores(
         written.append(store.where)
         if not store.pending_chunks():
             continue
-        model = load_adapter(base, checkpoint.path).to(device).eval()
+        model, device = place(load_adapter(base, checkpoint.path).eval(), device)
         if encoded is None:
             encoded = [encode_example(e, tokenizer, run.max_length) for e in pool]
         start_token = start_token_id(tokenizer)

@@ -170,13 +170,20 @@ def iter_scored_blocks(
     readers = [store.iter_chunks(rows_per_block) for store in train]
     finite_readers = [store.iter_chunks(rows_per_block, column="finite") for store in train]
     for chunks, finite_chunks in zip(zip(*readers), zip(*finite_readers)):
-        start = chunks[0][0]
         blocks = torch.from_numpy(np.stack([block for _, block in chunks])).to(device)
-        per_task, score = score_block(blocks, means, weights, backend)
-        # a zero feature has no direction: its cosines are undefined, so the row is unscorable
-        nonzero = (blocks != 0).any(dim=2).all(dim=0)
-        finite = torch.from_numpy(np.logical_and.reduce([flags for _, flags in finite_chunks])).to(device) & nonzero
-        yield start, per_task.masked_fill(~finite[:, None], float("nan")), score.masked_fill(~finite, float("nan"))
+        finite = torch.from_numpy(np.stack([flags for _, flags in finite_chunks])).to(device)
+        yield (chunks[0][0], *score_rows(blocks, finite, means, weights, backend))
+
+
+def score_rows(blocks: torch.Tensor, finite: torch.Tensor, means: torch.Tensor, weights: torch.Tensor,
+               backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
+    """(per_task, score) of one block of pool rows: ``blocks`` (checkpoints, rows, dim) as stored,
+    ``finite`` (checkpoints, rows) the stores' flags. A row flagged in any store, or whose feature is
+    zero at a checkpoint (no direction: its cosines are undefined), is unscorable: NaN. The one
+    function every scoring path (the stream, Dask) applies to a block."""
+    per_task, score = score_block(blocks, means, weights, backend)
+    usable = finite.all(dim=0) & (blocks != 0).any(dim=2).all(dim=0)
+    return per_task.masked_fill(~usable[:, None], float("nan")), score.masked_fill(~usable, float("nan"))
 
 
 def pairwise_products(train: list[GradientStore], targets: list[torch.Tensor], weights, normalize: bool = False,
@@ -230,19 +237,27 @@ def less_scores_many(
     backend: str | None = None,
     proj_dim: int | None = None,
     target_tasks: list[str] | None = None,
+    dask: str | None = None,
 ) -> list[Scores]:
-    """LESS scores of the run's pool for several targets in one streamed pass over the pool's stores.
+    """LESS scores of the run's pool for several targets in one streamed pass over the pool's stores
+    (with ``dask``, a LocalCluster (``"local"``) or a scheduler's address: the same computation as
+    Dask tasks, one block each; see :mod:`.on_dask`).
 
     Memory: one block of stored rows per checkpoint plus the (n, subtasks) float32 breakdown.
     """
     inputs = load_less_inputs(run_dir, targets, device, backend, proj_dim, target_tasks)
     train = inputs.train
     n = train[0].n_examples
-    per_task = np.zeros((n, inputs.means.shape[1]), dtype=np.float32)
-    for start, block_per_task, _ in iter_scored_blocks(
-        train, inputs.means, inputs.weights, rows_per_block, inputs.device, inputs.backend
-    ):
-        per_task[start : start + len(block_per_task)] = block_per_task.cpu().numpy()
+    if dask is not None:
+        from .on_dask import less_per_task_on_dask
+
+        per_task = less_per_task_on_dask(inputs, dask, rows_per_block)
+    else:
+        per_task = np.zeros((n, inputs.means.shape[1]), dtype=np.float32)
+        for start, block_per_task, _ in iter_scored_blocks(
+            train, inputs.means, inputs.weights, rows_per_block, inputs.device, inputs.backend
+        ):
+            per_task[start : start + len(block_per_task)] = block_per_task.cpu().numpy()
     stored_finite = np.logical_and.reduce([s.array("finite") for s in train])
     zero = int((stored_finite & ~np.isfinite(per_task).all(axis=1)).sum())  # unscorable for a zero feature
     results = []
@@ -273,9 +288,10 @@ def less_scores_many(
 
 def less_scores(run_dir: str | Path, target: str, rows_per_block: int | None = None, device: str | None = None,
                 backend: str | None = None, proj_dim: int | None = None,
-                target_tasks: list[str] | None = None) -> Scores:
-    """LESS scores of the run's pool for ``target`` (registry name or file), streamed block by block."""
-    return less_scores_many(run_dir, [target], rows_per_block, device, backend, proj_dim, target_tasks)[0]
+                target_tasks: list[str] | None = None, dask: str | None = None) -> Scores:
+    """LESS scores of the run's pool for ``target`` (registry name or file), streamed block by block
+    (on Dask with ``dask``: see :func:`less_scores_many`)."""
+    return less_scores_many(run_dir, [target], rows_per_block, device, backend, proj_dim, target_tasks, dask)[0]
 
 
 def less_top_k(
@@ -286,15 +302,22 @@ def less_top_k(
     device: str | None = None,
     backend: str | None = None,
     proj_dim: int | None = None,
+    dask: str | None = None,
 ) -> pd.DataFrame:
     """The ``k`` most helpful pool examples for ``target`` (columns rank, index, id, score), found
-    with a running top-k over the stream: memory independent of the pool size."""
+    with a running top-k over the stream (with ``dask``: a tree reduction of the blocks' top k):
+    memory independent of the pool size."""
     inputs = load_less_inputs(run_dir, target, device, backend, proj_dim)
-    top = RunningTopK(k)
-    for start, _, block_score in iter_scored_blocks(
-        inputs.train, inputs.means, inputs.weights, rows_per_block, inputs.device, inputs.backend
-    ):
-        top.update(block_score, start)
+    if dask is not None:
+        from .on_dask import less_top_k_on_dask
+
+        top = less_top_k_on_dask(inputs, k, dask, rows_per_block)
+    else:
+        top = RunningTopK(k)
+        for start, _, block_score in iter_scored_blocks(
+            inputs.train, inputs.means, inputs.weights, rows_per_block, inputs.device, inputs.backend
+        ):
+            top.update(block_score, start)
     indices = top.indices.numpy()
     ids = inputs.train[0].group["ids"].get_orthogonal_selection(indices) if len(indices) else []
     return pd.DataFrame({

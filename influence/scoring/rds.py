@@ -20,7 +20,7 @@ import torch
 from .. import __version__
 from ..data import Example, examples_sha256, load_pool
 from ..kernels.scoring import score_block, subtask_means
-from ..models import choose_device, load_adapter, load_base_model, model_fingerprint
+from ..models import choose_device, load_adapter, place
 from ..run import Checkpoint, Run
 from ..store import TRAIN, ChunkedStore, check_metadata, exclusive, target_dataset
 from ..targets import load_target, target_name
@@ -76,9 +76,7 @@ def compute_representations(run_dir: str | Path, target: str | None = None, targ
     run.check_data_unchanged()
     checkpoint = run.checkpoints()[-1]
     device = choose_device()
-    base, tokenizer = load_base_model(run.model_name)
-    fingerprint = model_fingerprint(run.model_name, base)
-    run.check_model_unchanged(fingerprint)
+    base, tokenizer, fingerprint = run.load_base_model(device)
     model = None
     stores = []
     for dataset, examples in _datasets(run, target, target_tasks):
@@ -92,7 +90,7 @@ def compute_representations(run_dir: str | Path, target: str | None = None, targ
         if not store.pending_chunks():
             continue
         if model is None:
-            model = load_adapter(base, checkpoint.path).to(device).eval()
+            model, device = place(load_adapter(base, checkpoint.path).eval(), device)
         encoded = [encode_example(e, tokenizer, run.max_length) for e in examples]
         fill_pending(store, encoded, tokenizer.pad_token_id, batch_size, device,
                      lambda batch, _: {"reps": last_token_states(model, batch)}, f"representations {dataset}", progress)

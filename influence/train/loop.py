@@ -139,8 +139,8 @@ class LoraTrainer:
         for param, name in self.names.items():
             self.optimizer.state[param] = {
                 "step": torch.tensor(float(step)),
-                "exp_avg": exp_avg[name].to(self.device),
-                "exp_avg_sq": exp_avg_sq[name].to(self.device),
+                "exp_avg": exp_avg[name].to(param.device),
+                "exp_avg_sq": exp_avg_sq[name].to(param.device),
             }
         with warnings.catch_warnings():  # replaying the schedule without optimizer steps is intended here
             warnings.simplefilter("ignore", UserWarning)

@@ -33,7 +33,7 @@ from ..data import Example, examples_sha256, load_pool
 from ..errors import InfluenceError
 from ..losses import forward_response
 from ..measure import correct_choices, encode_choices, generate_responses, measure, single_token_choices
-from ..models import add_lora, load_base_model, model_fingerprint, parse_device
+from ..models import ModelLoading, add_lora, load_base_model, model_fingerprint, parse_device, place
 from ..run import Run
 from ..store import POOL, SubsetStore, target_dataset
 from ..targets import load_target, target_name
@@ -144,6 +144,7 @@ class Universe:
     model: str
     examples: list[Example]
     fingerprint: str | None = None  # refuse another model's weights (None: record whatever is loaded)
+    loading: ModelLoading | None = None  # how to load it (a run's: as at its warm-up); None: fp32
 
 
 def _train(run: Run, name: str, design: dict, masks: np.ndarray | None, units: list[int], targets: list[EvalSpec],
@@ -152,7 +153,7 @@ def _train(run: Run, name: str, design: dict, masks: np.ndarray | None, units: l
     run.check_data_unchanged()
     settings = train_settings(run, overrides)
     pool = load_pool(run.train_files)
-    universe = Universe(run.subsets_path, run.model_name, pool, run.manifest.get("model_fingerprint"))
+    universe = Universe(run.subsets_path, run.model_name, pool, run.manifest.get("model_fingerprint"), run.model_loading)
     return train_units(universe, name, design, masks, units, load_eval_sets(list(targets), target_tasks), settings,
                        worker=worker, max_hours=max_hours, dry_run=dry_run, device=device,
                        eval_batch_size=eval_batch_size, progress=progress, say=say)
@@ -184,7 +185,7 @@ def train_units(universe: Universe, name: str, design: dict, masks: np.ndarray |
     device = parse_device(device)
     # Everything above is checked before the model is loaded.
     if loaded is None:
-        base, tokenizer = load_base_model(universe.model)
+        base, tokenizer = load_base_model(universe.model, universe.loading, device)
         fingerprint = model_fingerprint(universe.model, base)
     else:
         base, tokenizer, fingerprint = loaded
@@ -232,24 +233,24 @@ def train_units(universe: Universe, name: str, design: dict, masks: np.ndarray |
         mask = store.mask(unit)
         members = np.flatnonzero(mask)
         unit_settings = replace(settings, seed=unit_seed(design["seed"], unit))
-        model = add_lora(copy.deepcopy(base), settings.lora, unit_settings.seed).to(device)
+        model, here = place(add_lora(copy.deepcopy(base), settings.lora, unit_settings.seed), device)
         trainer = LoraTrainer(model, [pool_encoded[i] for i in members], [pool[i].id for i in members], unit_settings,
-                              tokenizer.pad_token_id, device)
+                              tokenizer.pad_token_id, here)
         last_epoch: list[dict] = []
         try:
             for epoch in range(1, settings.epochs + 1):
                 last_epoch, _ = trainer.run_epoch(epoch, where=f"{store.path} unit {unit}")
         except TrainingDiverged as err:
             raise InfluenceError(f"{err}; no unit after it was trained") from None
-        outcomes = {POOL: measure(model, pool_encoded, tokenizer.pad_token_id, eval_batch_size, device)} \
+        outcomes = {POOL: measure(model, pool_encoded, tokenizer.pad_token_id, eval_batch_size, here)} \
             if measure_pool else {}
         for dataset, (encoded, choices, correct) in target_encoded.items():
-            outcomes[dataset] = measure(model, encoded, tokenizer.pad_token_id, eval_batch_size, device, choices, correct)
+            outcomes[dataset] = measure(model, encoded, tokenizer.pad_token_id, eval_batch_size, here, choices, correct)
         texts = None
         if generate:
             examples = next(t.examples for t in eval_sets if t.dataset == generate["dataset"])[: generate["n"]]
             texts = {generate["dataset"]: generate_responses(model, tokenizer, examples, settings.max_length,
-                                                             generate["max_new_tokens"], eval_batch_size, device)}
+                                                             generate["max_new_tokens"], eval_batch_size, here)}
         store.write_unit(unit, mask, outcomes, texts=texts, attrs={
             "unit": unit, "seed": unit_settings.seed, "seconds": round(time.time() - started, 2),
             "train_loss_last_epoch": float(np.mean([r["loss"] for r in last_epoch])) if last_epoch else None,
@@ -283,7 +284,7 @@ def measure_speed(base, settings: TrainSettings, pool_encoded: list[Encoded], pa
     middle = order[len(order) // 2 : len(order) // 2 + max(settings.batch_size, 1)]
     sample = [pool_encoded[i] for i in middle]
     started = time.perf_counter()
-    model = add_lora(copy.deepcopy(base), settings.lora, 0).to(device)
+    model, device = place(add_lora(copy.deepcopy(base), settings.lora, 0), device)
     setup = time.perf_counter() - started
     trainer = LoraTrainer(model, sample, ["calibration"] * len(sample), replace(settings, epochs=1, grad_accum=1),
                           pad_token_id, device)

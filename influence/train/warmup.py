@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ..data import Example, file_sha256, load_pool
 from ..errors import InfluenceError, RunError
 from ..losses import forward_response
-from ..models import add_lora, check_model_name, choose_device, load_base_model, model_fingerprint
+from ..models import ModelLoading, add_lora, check_model_name, choose_device, load_base_model, model_fingerprint, place
 from ..run import Run, atomic_write, package_versions, save_checkpoint, write_manifest
 from ..store import LOCK_FILE, writer_lock
 from ..templates import Encoded, collate, encode_example
@@ -41,6 +41,7 @@ class WarmupConfig(TrainSettings):
                                                     "min_open": True, "max": 1})
     track_all: bool = field(default=False, metadata={
         "help": "Evaluate the whole pool after every epoch (training dynamics and forgetting for every example)."})
+    loading: ModelLoading = field(default_factory=ModelLoading, metadata={"prefix": ""})
 
     def check(self) -> None:
         """Refuse out-of-range settings before any work, naming the option."""
@@ -92,8 +93,9 @@ def _check_resumable(out: Path, config: WarmupConfig) -> dict:
     """The manifest of an interrupted run with the same settings, or a RunError naming what differs."""
     manifest = Run(out).manifest
     saved = manifest["config"]
+    defaults = {"loading": asdict(ModelLoading())}  # settings added since: absent from older runs' manifests
     for key, value in _config_dict(config).items():
-        if key == "out" or json.loads(json.dumps(value)) == saved.get(key):
+        if key == "out" or json.loads(json.dumps(value)) == saved.get(key, defaults.get(key)):
             continue
         raise RunError(f"{out}: cannot resume: setting '{key}' is {value!r} here but {saved.get(key)!r} in the run")
     for entry in manifest["train_files"]:
@@ -136,13 +138,14 @@ def _warmup(config: WarmupConfig, pool: list[Example], out: Path, progress: bool
     examples = [pool[i] for i in chosen]
 
     device = choose_device()
-    model, tokenizer = load_base_model(config.model)
+    loading = config.loading.resolved(device)
+    model, tokenizer = load_base_model(config.model, loading, device)
     encoded, n_truncated = encode_all(examples, tokenizer, config.max_length)
     fingerprint = model_fingerprint(config.model, model)
     if previous is not None and previous.get("model_fingerprint") != fingerprint:
         raise RunError(f"{out}: cannot resume: the weights of --model {config.model} differ from those the run "
                        f"started with ({fingerprint} vs {previous.get('model_fingerprint')})")
-    model = add_lora(model, config.lora, config.seed).to(device)
+    model, device = place(add_lora(model, config.lora, config.seed), device)
     trainer = LoraTrainer(model, encoded, [e.id for e in examples], config, tokenizer.pad_token_id, device)
 
     done_epochs = 0
@@ -159,6 +162,7 @@ def _warmup(config: WarmupConfig, pool: list[Example], out: Path, progress: bool
         "kind": "influence-run",
         "model": config.model,
         "model_fingerprint": fingerprint,
+        "model_loading": asdict(loading),
         "config": _config_dict(config),
         "train_files": [{"path": str(Path(p).resolve()), "sha256": file_sha256(p)} for p in config.train_files],
         "pool_size": len(pool),
