@@ -13,16 +13,25 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from . import __version__
-from .data import Example, examples_sha256, load_pool
+from .data import Example, examples_sha256
 from .errors import InfluenceError
 from .gradients import FEATURES, OBJECTIVE_OF, OBJECTIVES, AdamPreconditioner, LoraGradients
 from .models import load_adapter, parse_device, place
+from .progress import progress_bar
 from .projection import Projector
 from .run import Checkpoint, Run
-from .store import GRADIENT_TYPES, TRAIN, GradientStore, gradient_dataset, grads_group, target_dataset, writer_lock
+from .store import (
+    GRADIENT_TYPES,
+    TRAIN,
+    GradientStore,
+    gradient_dataset,
+    grads_group,
+    stored_dims,
+    target_dataset,
+    writer_lock,
+)
 from .targets import load_target, target_name
 from .templates import Encoded, collate, encode_example
 from .units import UnitClaims, check_sizes
@@ -91,7 +100,7 @@ def collect_stores(
     pending = sorted(set().union(*(o.store.pending_chunks() for o in outputs)))
     skipped = first.n_chunks - len(pending)
     mine = [i for i in pending if shard is None or i % shard[1] == shard[0]]
-    bar = tqdm(total=sum(first.chunk_bounds(i)[1] - first.chunk_bounds(i)[0] for i in mine), desc=desc, unit="ex",
+    bar = progress_bar(total=sum(first.chunk_bounds(i)[1] - first.chunk_bounds(i)[0] for i in mine), desc=desc, unit="ex",
                disable=not progress)
 
     def compute(index: int, writes: list[Output]) -> int:
@@ -251,7 +260,7 @@ def _project_grads(run_dir, target, proj_dim, seed, batch_size, chunk_size, targ
     run.check_data_unchanged()
     datasets: list[tuple[str, list[Example], list[str], dict]] = []
     if include_train:
-        datasets.append((TRAIN, load_pool(run.train_files), sorted(set(train_types)), {}))
+        datasets.append((TRAIN, run.pool(), sorted(set(train_types)), {}))
     if target is not None:
         examples = load_target(target, target_tasks)
         extra = {"target": target, "target_tasks": sorted(set(target_tasks)) if target_tasks else None}
@@ -259,6 +268,13 @@ def _project_grads(run_dir, target, proj_dim, seed, batch_size, chunk_size, targ
         datasets.append((target_dataset(target_name(target), examples_sha256(examples)), examples, types, extra))
     if not datasets:
         raise InfluenceError("nothing to do: no --target, and the pool was skipped (--skip-train)")
+    if not include_train:  # a target alone is only useful beside the pool's stores of the same dimension
+        missing = [d for d in dims if d not in stored_dims(run.store_path)]
+        if missing:
+            have = ", ".join(map(str, stored_dims(run.store_path))) or "none"
+            raise InfluenceError(f"--skip-train: the pool has no gradients at --proj-dim {', '.join(map(str, missing))} "
+                                 f"(stored: {have}); the target's could not be compared with them. Use a stored "
+                                 "dimension, or drop --skip-train")
     if overwrite:
         _remove_legacy_stores(run.store_path)
     device = parse_device(device)

@@ -1,12 +1,15 @@
 """Loading instruction-tuning data in the formats people already have, without conversion.
 
 Every record becomes an :class:`Example`: a conversation (``messages``), the original record (so a
-selected subset can be written back in its own format) and a stable id ``<file name>#<index>`` that
-appears in every output of the toolkit.
+selected subset can be written back in its own format) and a stable id that appears in every output
+of the toolkit: the record's own ``id`` field when it has one (unique in the pool), else
+``<file name>#<index>``.
 
 Supported, detected per file (and, for JSON, per record):
 
-* JSONL / JSON with ``messages: [{role, content}, ...]`` (Tulu / LESS);
+* JSONL / JSON with ``messages: [{role, content}, ...]`` (Tulu / LESS; roles system, user, assistant,
+  tool);
+* ShareGPT ``conversations: [{from, value}, ...]`` (``human``/``gpt``/``system``/``tool``...);
 * Alpaca / LIMA ``instruction`` / ``input`` / ``output`` (LIMA's ``history`` pairs become earlier turns);
 * P3-style ``prompt`` / ``completion`` (a trailing literal ``<|endoftext|>`` is dropped: the template
   adds the model's own end-of-turn marker);
@@ -19,6 +22,7 @@ Any record may carry a ``task`` field (used for target subtasks).
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
 import io
 import json
@@ -29,7 +33,47 @@ from typing import Any
 
 from .errors import DataFormatError
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+# ShareGPT's speaker names (``from``) and the roles they are.
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
+                  "bard": "assistant", "bing": "assistant", "model": "assistant", "system": "system", "tool": "tool",
+                  "function": "tool", "observation": "tool", "function_call": "assistant"}
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Where a file's fields are, for records whose names differ from the known formats'. Recorded in
+    the run, so every stage reads the pool the same way."""
+
+    prompt: str | None = field(default=None, metadata={"flag": "prompt-column",
+                                                       "help": "Field holding the prompt (with --response-column)."})
+    response: str | None = field(default=None, metadata={"flag": "response-column",
+                                                         "help": "Field holding the response (with --prompt-column)."})
+    messages: str | None = field(default=None, metadata={
+        "flag": "messages-column", "help": "Field holding the conversation ([{role, content}] or ShareGPT [{from, value}])."})
+
+    def problems(self) -> list[str]:
+        if (self.prompt is None) != (self.response is None):
+            return ["--prompt-column and --response-column go together"]
+        if self.messages is not None and self.prompt is not None:
+            return ["give --messages-column or --prompt-column/--response-column, not both"]
+        return []
+
+    def apply(self, record: Any, path: str, line: int) -> Any:
+        """The record with its mapped fields under the names the formats know (the original is kept)."""
+        if not isinstance(record, dict) or (self.messages is None and self.prompt is None):
+            return record
+        wanted = [self.messages] if self.messages is not None else [self.prompt, self.response]
+        missing = [name for name in wanted if name not in record]
+        if missing:
+            raise DataFormatError(path, f"record has no field {missing[0]!r} (named by the column options); its "
+                                  f"fields: {', '.join(sorted(record))}", line)
+        if self.messages is not None:
+            turns = record[self.messages]
+            first = turns[0] if isinstance(turns, list) and turns else {}
+            key = "conversations" if isinstance(first, dict) and "from" in first else "messages"
+            return {**{k: v for k, v in record.items() if k not in ("messages", "conversations")}, key: turns}
+        return {**record, "prompt": record[self.prompt], "completion": record[self.response]}
 
 
 @dataclass
@@ -85,6 +129,25 @@ def _check_messages(messages: Any, path: str, line: int) -> list[dict[str, str]]
     return out
 
 
+def _sharegpt_messages(turns: Any, path: str, line: int) -> list[dict[str, Any]]:
+    """ShareGPT's ``conversations: [{from, value}, ...]`` as messages (also accepts role/content turns)."""
+    if not isinstance(turns, list) or not turns:
+        raise DataFormatError(path, "'conversations' must be a non-empty list of {from, value}", line)
+    messages = []
+    for i, turn in enumerate(turns):
+        if isinstance(turn, dict) and "role" in turn and "content" in turn:
+            messages.append(turn)
+            continue
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise DataFormatError(path, f"conversations[{i}] needs 'from' and 'value'", line)
+        role = SHAREGPT_ROLES.get(str(turn["from"]).lower())
+        if role is None:
+            raise DataFormatError(path, f"conversations[{i}] has unknown speaker {turn['from']!r} (known: "
+                                  f"{', '.join(sorted(SHAREGPT_ROLES))})", line)
+        messages.append({"role": role, "content": turn["value"]})
+    return messages
+
+
 def _require_text(record: dict, key: str, path: str, line: int) -> str:
     value = record.get(key)
     if not isinstance(value, str):
@@ -98,6 +161,8 @@ def record_to_messages(record: Any, path: str, line: int) -> list[dict[str, str]
         raise DataFormatError(path, f"expected a JSON object, got {type(record).__name__}", line)
     if "messages" in record:
         return _check_messages(record["messages"], path, line)
+    if "conversations" in record:
+        return _check_messages(_sharegpt_messages(record["conversations"], path, line), path, line)
     if "instruction" in record and "output" in record:
         instruction = _require_text(record, "instruction", path, line)
         extra = record.get("input") or ""
@@ -125,13 +190,13 @@ def record_to_messages(record: Any, path: str, line: int) -> list[dict[str, str]
     keys = ", ".join(sorted(record)) or "none"
     raise DataFormatError(
         path,
-        f"unknown record format (keys: {keys}); expected 'messages', 'instruction'+'output', "
-        "or 'prompt'+'completion'",
+        f"unknown record format (keys: {keys}); expected 'messages', 'conversations' (ShareGPT), "
+        "'instruction'+'output', or 'prompt'+'completion'",
         line,
     )
 
 
-def _json_records(path: Path, text: str) -> Iterable[tuple[int, Any]]:
+def _json_records(path: Path, text: str, json_array: bool) -> Iterable[tuple[int, Any]]:
     """(line number, record) for JSONL, or for a JSON array (line = position of the record)."""
     stripped = text.lstrip()
     if stripped.startswith("{") and "\n" in stripped.strip():
@@ -145,7 +210,7 @@ def _json_records(path: Path, text: str) -> Iterable[tuple[int, Any]]:
             keys = ", ".join(sorted(whole)[:8])
             raise DataFormatError(str(path), f"the file is one JSON object (keys: {keys}), not a list of records: "
                                   "expected a JSON array of records or JSON Lines (one record per line)", 1)
-    if path.suffix == ".json" and stripped.startswith("["):
+    if json_array and stripped.startswith("["):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
@@ -197,17 +262,26 @@ def _check_text(messages: list[dict[str, str]], path: str, line: int) -> list[di
     return messages
 
 
-def load_examples(path: str | Path, source: str | None = None) -> list[Example]:
+def load_examples(path: str | Path, source: str | None = None, columns: Columns | None = None) -> list[Example]:
     """Read one data file into examples. Raises :class:`DataFormatError` naming file and line.
 
-    ``source`` (default: the file name) prefixes the ids: ``<source>#<index>``, index from 0 in
-    file order.
+    ``source`` (default: the file name) prefixes the ids of records without their own: ``<source>#<index>``,
+    index from 0 in file order. ``columns`` names the fields of records in other layouts.
     """
     path = Path(path)
     if not path.is_file():
         raise DataFormatError(str(path), "file not found")
     source = source or path.name
+    kind = file_kind(path)
+    if kind in ("parquet", "csv"):
+        records = _parquet_records(path) if kind == "parquet" else _csv_records(path)
+        return _examples_from_records(path, records, source, columns)
     raw = path.read_bytes()
+    if path.suffix == ".gz":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as err:
+            raise DataFormatError(str(path), f"not a readable gzip file ({err})") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -216,27 +290,100 @@ def load_examples(path: str | Path, source: str | None = None) -> list[Example]:
     if not text.strip():
         raise DataFormatError(str(path), "file is empty")
     examples: list[Example] = []
-    if path.suffix == ".tsv":
+    if kind == "tsv":
         for lineno, record in _tsv_records(path, text):
             messages = _check_text(flan_cot_messages(record, str(path), lineno), str(path), lineno)
             examples.append(Example(f"{source}#{len(examples)}", source, messages, record, line=lineno))
-    elif path.suffix in (".jsonl", ".json"):
-        for lineno, record in _json_records(path, text):
-            messages = _check_text(record_to_messages(record, str(path), lineno), str(path), lineno)
-            task = record.get("task")
-            if task is not None and not isinstance(task, (str, int)):
-                raise DataFormatError(str(path), f"field 'task' must be a string, got {type(task).__name__}", lineno)
-            examples.append(Example(f"{source}#{len(examples)}", source, messages, record,
-                                    task=str(task) if task not in (None, "") else None, line=lineno))
     else:
-        raise DataFormatError(str(path), f"unknown file type '{path.suffix}': use .jsonl, .json or .tsv")
+        return _examples_from_records(path, _json_records(path, text, json_array=kind == "json"), source, columns)
     if not examples:
         raise DataFormatError(str(path), "file has no records")
     return examples
 
 
-def load_pool(paths: Sequence[str | Path]) -> list[Example]:
+KINDS = {".jsonl": "jsonl", ".json": "json", ".tsv": "tsv", ".parquet": "parquet", ".csv": "csv"}
+
+
+def file_kind(path: Path) -> str:
+    """The data format of a file by its suffix (``.gz`` looks at the one before it)."""
+    suffixes = path.suffixes[-2:] if path.suffix == ".gz" else path.suffixes[-1:]
+    kind = KINDS.get(suffixes[0].lower()) if suffixes else None
+    if kind is None:
+        raise DataFormatError(str(path), f"unknown file type '{''.join(suffixes) or path.name}': use .jsonl, .json, "
+                              ".tsv (each optionally .gz), .parquet or .csv")
+    if path.suffix == ".gz" and kind not in ("jsonl", "json", "tsv"):
+        raise DataFormatError(str(path), f"gzip is read for .jsonl, .json and .tsv files, not .{kind}")
+    return kind
+
+
+def _examples_from_records(path: Path, records: Iterable[tuple[int, Any]], source: str,
+                           columns: Columns | None = None) -> list[Example]:
+    """Examples from (line, record) pairs of any record format (JSON, Parquet, CSV rows)."""
+    examples = []
+    columns = columns or Columns()
+    for lineno, record in records:
+        mapped = columns.apply(record, str(path), lineno)
+        messages = _check_text(record_to_messages(mapped, str(path), lineno), str(path), lineno)
+        task = record.get("task")
+        if task is not None and not isinstance(task, (str, int)):
+            raise DataFormatError(str(path), f"field 'task' must be a string, got {type(task).__name__}", lineno)
+        examples.append(Example(_record_id(record, f"{source}#{len(examples)}", str(path), lineno), source,
+                                messages, record, task=str(task) if task not in (None, "") else None, line=lineno))
+    if not examples:
+        raise DataFormatError(str(path), "file has no records")
+    _check_unique_ids(examples, str(path))
+    return examples
+
+
+def _parquet_records(path: Path) -> list[tuple[int, dict]]:
+    """(row number, record) of a Parquet file, read with pyarrow (nested columns as lists and dicts)."""
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as err:  # pyarrow raises several types for a damaged or foreign file
+        raise DataFormatError(str(path), f"not a readable Parquet file ({str(err).splitlines()[0]})") from None
+    return [(i + 1, {k: v for k, v in row.items() if v is not None}) for i, row in enumerate(rows)]
+
+
+def _csv_records(path: Path) -> list[tuple[int, dict]]:
+    """(line, record) of a CSV file with a header row; empty cells count as absent."""
+    try:
+        with open(path, encoding="utf-8", newline="") as fh:
+            reader = csv.DictReader(fh)
+            return [(reader.line_num, {k: v for k, v in row.items() if k is not None and v not in (None, "")})
+                    for row in reader]
+    except UnicodeDecodeError as err:
+        raise DataFormatError(str(path), f"not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except csv.Error as err:
+        raise DataFormatError(str(path), f"not a readable CSV file ({err})") from None
+
+
+def _record_id(record: dict, default: str, path: str, line: int) -> str:
+    """A record's own ``id`` (string or integer) when it has one, else ``<file>#<index>``."""
+    value = record.get("id")
+    if value is None or value == "":
+        return default
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise DataFormatError(path, f"field 'id' must be a string or an integer, got {type(value).__name__}", line)
+    return str(value)
+
+
+def _check_unique_ids(examples: list[Example], where: str) -> None:
+    """Ids name examples in every output: two examples with one id would be confused."""
+    seen: dict[str, Example] = {}
+    for example in examples:
+        first = seen.setdefault(example.id, example)
+        if first is not example:
+            raise DataFormatError(where, f"id {example.id!r} is used twice ({first.source} line {first.line} and "
+                                  f"{example.source} line {example.line}); ids must be unique", example.line)
+
+
+def load_pool(paths: Sequence[str | Path], columns: Columns | None = None) -> list[Example]:
     """Load several files into one pool. Sources are file names, made unique with parent folders."""
+    problems = (columns or Columns()).problems()
+    if problems:
+        raise DataFormatError(str(paths[0]) if paths else "--train", "; ".join(problems))
     paths = [Path(p) for p in paths]
     names = [p.name for p in paths]
     if len(set(names)) != len(names):
@@ -245,7 +392,9 @@ def load_pool(paths: Sequence[str | Path]) -> list[Example]:
         raise DataFormatError(str(paths[0]), "the same file is given twice")
     pool: list[Example] = []
     for path, name in zip(paths, names):
-        pool.extend(load_examples(path, source=name))
+        pool.extend(load_examples(path, source=name, columns=columns))
+    if len(paths) > 1:
+        _check_unique_ids(pool, ", ".join(names))
     return pool
 
 

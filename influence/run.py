@@ -20,7 +20,10 @@ from __future__ import annotations
 import functools
 import json
 import platform
+import shlex
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -44,6 +47,26 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[name] = "not installed"
     return versions
+
+
+def provenance() -> dict[str, str | None]:
+    """How this process was started and from which code: the command line, and the git commit of the
+    influence source when it runs from a checkout (``+dirty`` with uncommitted changes)."""
+    return {"command_line": shlex.join(sys.argv), "influence_commit": _source_commit()}
+
+
+def _source_commit() -> str | None:
+    source = Path(__file__).resolve().parent.parent
+    if not (source / ".git").exists():
+        return None
+    try:
+        commit = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
 
 
 @dataclass
@@ -159,6 +182,12 @@ class Run:
         fingerprint = model_fingerprint(self.model_name, model)
         self.check_model_unchanged(fingerprint)
         return model, tokenizer, fingerprint
+
+    def pool(self):
+        """The run's pool, read as the warm-up read it (its files, with the column mapping it was given)."""
+        from .data import Columns, load_pool
+
+        return load_pool(self.train_files, Columns(**self.manifest["config"].get("columns", {})))
 
     @property
     def train_files(self) -> list[str]:

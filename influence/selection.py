@@ -5,8 +5,9 @@ Outputs in ``out``:
 * ``scores.csv``: ``id, source, score, rank, finite`` in rank order (rank 1 = highest score);
 * ``scores.parquet``: the same plus one ``task:<name>`` column per target subtask where the method has
   a per-subtask breakdown;
-* ``selected.jsonl``: the selected examples (by default the top ``fraction``; see :func:`select`),
-  each line the example's original record (so it can be trained on directly), in rank order;
+* ``selected.jsonl``: the selected examples (by default the top ``fraction``; see :func:`select`), in
+  rank order, one schema whatever the pool's formats: ``id``, ``score``, ``rank``, ``messages`` (so it
+  can be trained on directly, ids kept), ``source`` and the ``original`` record;
 * ``summary.json``: method, target, what the score means, how many examples, what was combined, and
   the length bias: the Spearman correlation of the score with the response length and the selected
   subset's length distribution against the pool's (LESS is known to favour short examples).
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .data import Example, load_pool
+from .data import Example
 from .diversity import (
     DIVERSIFY,
     cluster_balanced,
@@ -42,7 +43,7 @@ from .run import Run
 from .scoring import METHODS, TARGET_METHODS, Scores, less_scores_many
 from .spaces import Space, load_space
 from .store import writer_active
-from .targets import target_name
+from .targets import check_target, target_name
 
 TASK_PREFIX = "task:"
 
@@ -130,6 +131,29 @@ def degenerate_warnings(table: pd.DataFrame, scores: Scores) -> list[str]:
     return warnings
 
 
+def selection_notes(table: pd.DataFrame, selected: pd.DataFrame, mode: str, fraction: float,
+                    top_k: int | None) -> list[str]:
+    """What a user should know about a selection that is not what was asked, or not a clean cut:
+    an empty selection, fewer examples than asked (unscorable ones are never selected), ties at the cut."""
+    notes = []
+    scored = table[table["finite"]]
+    if selected.empty:
+        notes.append(f"the selection is empty (--select {mode}: no scorable example qualifies)")
+        return notes
+    if mode in ("top", "bottom"):
+        asked = top_k if top_k is not None else max(1, int(fraction * len(table)))
+        if len(selected) < asked:
+            notes.append(f"{asked} examples asked, {len(selected)} selected: only {len(scored)} of {len(table)} "
+                         "could be scored")
+        left = scored.iloc[len(selected):] if mode == "top" else scored.iloc[: len(scored) - len(selected)]
+        cut = selected["score"].iloc[-1]
+        tied = int((left["score"] == cut).sum())
+        if tied:
+            notes.append(f"{tied} example(s) left out have the same score as the last one selected ({cut:.6g}): "
+                         "the cut between them follows rank order, which is pool order among equal scores")
+    return notes
+
+
 def select(
     table: pd.DataFrame,
     mode: str = "top",
@@ -173,17 +197,18 @@ def select(
 
 def write_outputs(
     out: Path, table: pd.DataFrame, selected: pd.DataFrame, pool: list[Example], scores: Scores, selection: dict,
-    warnings: list[str] | None = None,
+    warnings: list[str] | None = None, notes: list[str] | None = None,
 ) -> None:
     out.mkdir(parents=True, exist_ok=True)
     table[["id", "source", "score", "rank", "finite"]].to_csv(out / "scores.csv", index=False)
     table.drop(columns=["pool_index"]).to_parquet(out / "scores.parquet", index=False)
     with open(out / "selected.jsonl", "w", encoding="utf-8") as fh:
-        for index in selected["pool_index"]:
-            fh.write(json.dumps(pool[int(index)].record, ensure_ascii=False) + "\n")
+        for index, score, rank in zip(selected["pool_index"], selected["score"], selected["rank"]):
+            fh.write(json.dumps(selected_record(pool[int(index)], score, rank), ensure_ascii=False) + "\n")
     summary = {
         "method": scores.method,
         "warnings": warnings or [],
+        "notes": notes or [],
         "score_meaning": scores.description,
         "n_pool": len(pool),
         "n_selected": len(selected),
@@ -194,6 +219,16 @@ def write_outputs(
         "selected_ids": selected["id"].tolist(),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+
+
+def selected_record(example: Example, score: float, rank: int) -> dict:
+    """One line of ``selected.jsonl``: the same schema whatever the pool's formats (``messages``, which
+    ``warmup --train`` reads; the pool id, which it keeps), the score and rank, and the original record."""
+    record = {"id": example.id, "score": float(score) if np.isfinite(score) else None, "rank": int(rank),
+              "messages": example.messages, "source": example.source, "original": example.record}
+    if example.task is not None:
+        record["task"] = example.task
+    return record
 
 
 def default_out(run_dir: str | Path, method: str, target: str | None) -> Path:
@@ -331,6 +366,9 @@ def rank_many(
         raise InfluenceError(f"unknown method '{method}'; available: {', '.join(sorted(METHODS))}")
     if method in TARGET_METHODS and not all(targets):
         raise InfluenceError(f"method '{method}' needs --target")
+    for target in targets:
+        if target:
+            check_target(target)
     named = [target_name(t) for t in targets if t]
     if len(set(named)) < len(named):
         raise InfluenceError("two of the targets have the same name; their output folders would collide")
@@ -338,7 +376,7 @@ def rank_many(
         raise InfluenceError(f"--fraction must be in (0, 1], got {fraction}")
     run = Run(run_dir)
     run.check_data_unchanged()
-    pool = load_pool(run.train_files)
+    pool = run.pool()
     folders = output_folders(run_dir, method, targets, out)
     writing = writer_active(run.path)  # stores read are complete and checked; say that a writer is at work
     measured_in = selection_space(run, space, options.get("proj_dim"))
@@ -356,7 +394,8 @@ def rank_many(
         if writing:
             warnings.append("another influence process was writing to this run while it was ranked (only complete, "
                             "checked stores were read)")
-        write_outputs(folder, table, selected, pool, scores, selection, warnings)
+        write_outputs(folder, table, selected, pool, scores, selection, warnings,
+                      selection_notes(table, selected, mode, fraction, top_k))
         results[target] = table
     return results
 
@@ -470,4 +509,4 @@ def example_text(example: Example, width: int = 160) -> str:
 
 
 def pool_by_id(run_dir: str | Path) -> dict[str, Example]:
-    return {e.id: e for e in load_pool(Run(run_dir).train_files)}
+    return {e.id: e for e in Run(run_dir).pool()}

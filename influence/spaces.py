@@ -25,8 +25,9 @@ import numpy as np
 import torch
 
 from . import __version__
-from .data import Example, examples_sha256, load_pool
+from .data import Example, examples_sha256
 from .errors import InfluenceError
+from .progress import progress_bar
 from .run import Run
 from .store import TRAIN, ChunkedStore, exclusive
 
@@ -110,7 +111,7 @@ def embedding_store(run_dir: str | Path, model: str, batch_size: int = 16, max_l
     if not (run.store_path / path / "zarr.json").is_file() or not ChunkedStore.open(run.store_path, path).complete:
         compute_embeddings(run.path, model, batch_size, max_length)
     store = ChunkedStore.open(run.store_path, path)
-    expected = examples_sha256(load_pool(run.train_files))
+    expected = examples_sha256(run.pool())
     if store.metadata.get("examples_sha256") != expected:
         raise InfluenceError(f"{store.where}: made for another pool (the pool changed since); delete it to recompute")
     return store
@@ -124,13 +125,12 @@ def _slug(model: str) -> str:
 def compute_embeddings(run_dir: str | Path, model: str, batch_size: int = 16, max_length: int = 512,
                        progress: bool = True) -> ChunkedStore:
     """Embed every pool example with ``model`` (mean of the final hidden states over its tokens)."""
-    from tqdm.auto import tqdm
     from transformers import AutoModel, AutoTokenizer
 
     from .models import SMOLLM2, TINY, check_model_name, load_base_model, parse_device
 
     run = Run(run_dir)
-    pool = load_pool(run.train_files)
+    pool = run.pool()
     check_model_name(model)
     device = parse_device(None)
     if model in (TINY, SMOLLM2):
@@ -152,7 +152,7 @@ def compute_embeddings(run_dir: str | Path, model: str, batch_size: int = 16, ma
         tokenizer.pad_token = tokenizer.eos_token
     texts = [example_text(e) for e in pool]
     pending = store.pending_chunks()
-    bar = tqdm(total=sum(store.chunk_bounds(i)[1] - store.chunk_bounds(i)[0] for i in pending), desc="embeddings",
+    bar = progress_bar(total=sum(store.chunk_bounds(i)[1] - store.chunk_bounds(i)[0] for i in pending), desc="embeddings",
                unit="ex", disable=not progress)
     for index in pending:
         start, stop = store.chunk_bounds(index)

@@ -50,22 +50,35 @@ def _one_turn(example_id: str, prompt: str, answer: str, record: dict, task: str
 def _mmlu(folder: Path, suffix: str, name: str, limit: int | None) -> list[Example]:
     """MMLU rows in LESS's prompt (subject header, question, lettered choices, ``Answer:``; the answer
     letter after ``The answer is:``), multiple choice over the four letters."""
+    return [e for path in sorted(folder.glob(f"*{suffix}")) for e in _mmlu_file(path, path.name[: -len(suffix)], name, limit)]
+
+
+def _mmlu_file(path: Path, subject: str, name: str, limit: int | None) -> list[Example]:
+    """One MMLU CSV file (no header; question, four choices, answer letter) of ``subject``."""
+    header = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.reader(fh))
     examples = []
-    for path in sorted(folder.glob(f"*{suffix}")):
-        subject = path.name[: -len(suffix)]
-        header = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
-        with open(path, newline="", encoding="utf-8") as fh:
-            rows = list(csv.reader(fh))
-        for row_index, row in enumerate(rows[:limit]):
-            question, *choices, answer = row
-            prompt = header + question
-            for letter, choice in zip(MMLU_CHOICES, choices):
-                prompt += f"\n{letter}. {choice}"
-            prompt += "\nAnswer:"
-            record = {"question": question, "choices": choices, "answer": answer, "subject": subject}
-            examples.append(_one_turn(f"{name}/{subject}#{row_index}", prompt, " " + answer, record, subject,
-                                      response_prefix="The answer is:", choices=[" " + c for c in MMLU_CHOICES]))
+    for row_index, row in enumerate(rows[:limit]):
+        if len(row) != 6 or row[5] not in MMLU_CHOICES:
+            raise DataFormatError(str(path), "an MMLU row has 6 columns (question, 4 choices, answer letter A-D)",
+                                  row_index + 1)
+        question, *choices, answer = row
+        prompt = header + question
+        for letter, choice in zip(MMLU_CHOICES, choices):
+            prompt += f"\n{letter}. {choice}"
+        prompt += "\nAnswer:"
+        record = {"question": question, "choices": choices, "answer": answer, "subject": subject}
+        examples.append(_one_turn(f"{name}/{subject}#{row_index}", prompt, " " + answer, record, subject,
+                                  response_prefix="The answer is:", choices=[" " + c for c in MMLU_CHOICES]))
     return examples
+
+
+def _is_mmlu_csv(path: Path) -> bool:
+    """MMLU's own CSV layout: no header, six columns, the last an answer letter."""
+    with open(path, newline="", encoding="utf-8", errors="replace") as fh:
+        first = next(csv.reader(fh), [])
+    return len(first) == 6 and first[5] in MMLU_CHOICES
 
 
 def load_mmlu_val() -> list[Example]:
@@ -244,10 +257,21 @@ def target_name(target: str) -> str:
     return target if target in TARGETS else Path(target).stem
 
 
+def check_target(target: str) -> None:
+    """Refuse a ``--target`` that is neither a registered target nor a file (before any work)."""
+    if target not in TARGETS and not Path(target).is_file():
+        raise InfluenceError(f"unknown target '{target}': not a file, and not one of the registered targets: "
+                             + ", ".join(sorted(TARGETS)))
+
+
 def load_target(target: str, tasks: list[str] | None = None) -> list[Example]:
     """Examples of a registered target or of a user file, optionally restricted to some subtasks."""
     if target in TARGETS:
         examples = TARGETS[target].loader()
+    elif Path(target).is_file() and Path(target).suffix == ".csv" and _is_mmlu_csv(Path(target)):
+        path = Path(target)  # e.g. MMLU's data/dev/abstract_algebra_dev.csv: the subject is the name's stem
+        subject = path.stem.removesuffix("_dev").removesuffix("_val").removesuffix("_test")
+        examples = _mmlu_file(path, subject, path.stem, None)
     elif Path(target).is_file():
         examples = load_examples(target)
         labelled = [e for e in examples if e.task is not None]
@@ -259,10 +283,7 @@ def load_target(target: str, tasks: list[str] | None = None) -> list[Example]:
             example.task = example.task or Path(target).stem
             example.choices = _choices(example, target)
     else:
-        raise InfluenceError(
-            f"unknown target '{target}': not a file, and not one of the registered targets: "
-            + ", ".join(sorted(TARGETS))
-        )
+        check_target(target)
     for example in examples:  # a target's loss covers its answer, not the end-of-turn marker (LESS)
         example.label_end_of_turn = False
     if tasks:

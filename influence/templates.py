@@ -66,7 +66,7 @@ def _segments_tulu(example: Example, eos: str) -> list[tuple[str, bool]]:
     pending = ""
     last_assistant = max(i for i, m in enumerate(example.messages) if m["role"] == "assistant")
     for i, message in enumerate(example.messages):
-        if message["role"] in ("system", "user"):
+        if message["role"] != "assistant":  # system, user, tool (open-instruct has no tool tag: <|tool|>)
             pending += f"<|{message['role']}|>\n{message['content'].strip()}\n"
         else:
             pending += "<|assistant|>\n"

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from filelock import FileLock, Timeout
-from tqdm.auto import tqdm
 
 from .errors import InfluenceError
+from .progress import progress_bar
 from .store import ChunkedStore
 from .templates import Encoded, collate
 
@@ -53,7 +53,7 @@ def fill_pending(
     and write it. Returns how many chunks were already done (resumed)."""
     pending = store.pending_chunks()
     todo = sum(stop - start for start, stop in map(store.chunk_bounds, pending))
-    bar = tqdm(total=todo, desc=desc, unit="ex", disable=not progress or not todo)
+    bar = progress_bar(total=todo, desc=desc, unit="ex", disable=not progress or not todo)
     try:
         for index in pending:
             start, stop = store.chunk_bounds(index)
@@ -133,7 +133,7 @@ def run_units(units: list[int], is_done: Callable[[int], bool], work: Callable[[
     todo = [u for u in mine if not is_done(u)]
     report = UnitReport(len(mine), len(mine) - len(todo), 0)
     started = time.time()
-    bar = tqdm(total=len(mine), initial=report.done_before, desc=desc, unit="unit", disable=not progress)
+    bar = progress_bar(total=len(mine), initial=report.done_before, desc=desc, unit="unit", disable=not progress)
     try:
         for position, unit in enumerate(todo):
             expected = float(np.mean(report.seconds)) if report.seconds else (estimate_seconds or 0.0)

@@ -34,12 +34,19 @@ def test_end_to_end_cli(tmp_path, pool_files):
     assert table["score"].is_monotonic_decreasing
     selected = [json.loads(line) for line in (out / "selected.jsonl").read_text().splitlines()]
     assert len(selected) == 8
-    # records come back in their own format: the top one is exactly the pool's record
+    # one schema for a mixed pool, the original record kept, and trainable as it is with the pool's ids
+    assert all(set(line) >= {"id", "score", "rank", "messages", "source", "original"} for line in selected)
+    assert [line["id"] for line in selected] == table["id"][:8].tolist()
     top_id = table["id"][0]
     source, index = top_id.split("#")
-    if source == "chat.jsonl":
-        original = json.loads(Path(pool_files[0]).read_text().splitlines()[int(index)])
-        assert selected[0] == original
+    originals = {"chat.jsonl": lambda i: json.loads(Path(pool_files[0]).read_text().splitlines()[i]),
+                 "alpaca.json": lambda i: json.loads(Path(pool_files[1]).read_text())[i]}
+    if source in originals:
+        assert selected[0]["original"] == originals[source](int(index))
+    from influence.data import load_examples
+
+    again = load_examples(out / "selected.jsonl")
+    assert [e.id for e in again] == table["id"][:8].tolist()
     assert set(pd.read_parquet(out / "scores.parquet").columns) >= {"task:anatomy", "task:astronomy"}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == "less" and summary["n_selected"] == 8 and "[-1, 1]" in summary["score_meaning"]
@@ -88,3 +95,129 @@ def test_version_and_short_help():
     runner = CliRunner()
     assert runner.invoke(main, ["--version"]).output.startswith("influence, version ")
     assert "Usage: " in runner.invoke(main, ["rank", "-h"]).output
+
+
+def test_option_errors_before_any_work(tiny_run, tmp_path):
+    """Issue 11's quoted failures: each now a clear error (exit 2) that names the option, before scoring."""
+    runner = CliRunner()
+    rank = ["rank", "--run", tiny_run["run"]]
+    result = runner.invoke(main, rank + ["--method", "nll", "--select", "middle", "--band", "0.3"])
+    assert result.exit_code == 2 and "--band" in result.output and "LOW,HIGH" in result.output
+    result = runner.invoke(main, rank + ["--method", "nll", "--band", "0.8,0.2", "--select", "middle"])
+    assert result.exit_code == 2 and "0 <= LOW < HIGH <= 1" in result.output
+    result = runner.invoke(main, rank + ["--method", "lesss"])
+    assert result.exit_code == 2 and "'lesss' is not a method" in result.output and "tracin" in result.output
+    result = runner.invoke(main, rank + ["--target", "nosuch"])
+    assert result.exit_code == 2 and "unknown target 'nosuch'" in result.output
+    result = runner.invoke(main, rank + ["--method", "nll", "--fraction", "0"])
+    assert result.exit_code == 2 and "--fraction" in result.output
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run["run"], run)
+    result = runner.invoke(main, ["project-grads", "--run", str(run), "--target", tiny_run["target"], "--skip-train",
+                                  "--proj-dim", "128"])
+    assert result.exit_code == 2 and "no gradients at --proj-dim 128 (stored: 64)" in result.output
+
+
+def test_rank_help_lists_every_method():
+    from influence.scoring import METHODS
+
+    text = " ".join(CliRunner().invoke(main, ["rank", "--help"]).output.split())
+    assert not [name for name in METHODS if re.search(rf"\b{name}\b", text) is None]
+
+
+def test_selection_notes(tiny_run, tmp_path):
+    runner = CliRunner()
+    base = ["rank", "--run", tiny_run["run"], "--method", "random", "--space", "none"]
+    result = runner.invoke(main, base + ["--select", "middle", "--fraction", "0.5", "--out", str(tmp_path / "m")])
+    assert result.exit_code == 0 and "--fraction is not used by --select middle" in result.output
+    result = runner.invoke(main, base + ["--select", "above", "--threshold", "2", "--out", str(tmp_path / "empty")])
+    assert result.exit_code == 0 and "the selection is empty" in result.output
+    summary = json.loads((tmp_path / "empty" / "summary.json").read_text())
+    assert summary["n_selected"] == 0 and "the selection is empty" in summary["notes"][0]
+
+
+def test_ties_at_the_cut_are_reported():
+    from influence.selection import select, selection_notes
+
+    table = pd.DataFrame({"id": list("abcde"), "score": [3.0, 2.0, 2.0, 2.0, 1.0], "finite": [True] * 4 + [False]})
+    chosen = select(table, "top", top_k=2)
+    notes = selection_notes(table, chosen, "top", 0.05, 2)
+    assert any("2 example(s) left out have the same score" in n for n in notes)
+    chosen = select(table, "top", top_k=5)
+    assert any("5 examples asked, 4 selected: only 4 of 5 could be scored" in n for n in selection_notes(
+        table, chosen, "top", 0.05, 5))
+
+
+def test_status_of_a_run(tiny_run, tmp_path):
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run["run"], run)
+    runner = CliRunner()
+    result = runner.invoke(main, ["status", "--run", str(run)])
+    assert result.exit_code == 0, result.output
+    assert "model tiny-llama (fp32)" in result.output and "grads.zarr/dim64/train/epoch-1" in result.output
+    found = json.loads(runner.invoke(main, ["status", "--run", str(run), "--json"]).output)
+    stores = {s["store"]: s for s in found["stores"]}
+    train = stores["grads.zarr/dim64/train/epoch-1"]
+    assert train["state"] == "complete" and train["chunks_done"] == train["chunks"] and train["bytes"] > 0
+    assert found["pool"]["examples"] == 23 and len(found["checkpoints"]) == 2 and found["warmup_complete"]
+    # a chunk not done shows as partial, with what to do
+    import zarr
+
+    zarr.open_group(str(run / "grads.zarr" / "dim64" / "train" / "epoch-1"), mode="a")["done"][0] = False
+    found = json.loads(runner.invoke(main, ["status", "--run", str(run), "--json"]).output)
+    partial = {s["store"]: s for s in found["stores"]}["grads.zarr/dim64/train/epoch-1"]
+    assert partial["state"].startswith("partial") and partial["chunks_done"] == partial["chunks"] - 1
+    result = runner.invoke(main, ["status", "--run", str(tmp_path)])
+    assert result.exit_code == 2 and "no manifest.json" in result.output
+
+
+def test_progress_bars_quiet_and_in_logs(monkeypatch, capsys):
+    import io
+
+    from influence import progress
+
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    assert progress.progress_bar(total=3).disable
+    monkeypatch.delenv("TQDM_DISABLE")
+    monkeypatch.setattr(progress, "QUIET", True)
+    assert progress.progress_bar(total=3).disable
+    monkeypatch.setattr(progress, "QUIET", False)
+    log = io.StringIO()
+    monkeypatch.setattr("sys.stderr", log)
+    with progress.progress_bar(total=3, desc="work", mininterval=0) as bar:
+        for _ in range(3):
+            bar.update(1)
+    assert "\r" not in log.getvalue() and "work: 100%" in log.getvalue().splitlines()[-1]
+
+
+def test_resume_takes_its_settings_from_the_run(tmp_path, pool_files):
+    runner = CliRunner()
+    out = str(tmp_path / "run")
+    first = ["warmup", "--model", "tiny-llama", "--train", pool_files[0], "--out", out, "--epochs", "1",
+             "--fraction", "1", "--lora-r", "4", "--lora-modules", "q_proj", "--max-length", "64", "--lr", "1e-3"]
+    assert runner.invoke(main, first).exit_code == 0
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["command_line"] and "influence_commit" in manifest
+    result = runner.invoke(main, ["warmup", "--out", out, "--resume"])  # no flag repeated
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(main, ["warmup", "--out", out, "--resume", "--lr", "0.5"])
+    assert result.exit_code == 2 and "setting 'learning_rate' is 0.5 here but 0.001 in the run" in result.output
+
+
+def test_settings_from_a_file(tmp_path, pool_files):
+    runner = CliRunner()
+    toml = tmp_path / "settings.toml"
+    toml.write_text(f'[warmup]\nmodel = "tiny-llama"\ntrain = ["{pool_files[0]}"]\nepochs = 1\nfraction = 1.0\n'
+                    'lr = 1e-3\nlora_r = 4\nlora_modules = "q_proj"\nmax_length = 64\n', encoding="utf-8")
+    out = tmp_path / "run"
+    result = runner.invoke(main, ["--config", str(toml), "warmup", "--out", str(out), "--lr", "2e-3"])
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "manifest.json").read_text())["config"]
+    assert config["learning_rate"] == 2e-3 and config["lora"]["r"] == 4 and config["epochs"] == 1  # flags win
+    yaml_file = tmp_path / "settings.yaml"
+    yaml_file.write_text("rank:\n  methd: less\n", encoding="utf-8")
+    result = runner.invoke(main, ["--config", str(yaml_file), "rank", "--run", str(out)])
+    assert result.exit_code == 2 and "[rank] has no option 'methd'" in result.output
+    yaml_file.write_text("evaluate:\n  select:\n    grid_lr: 1e-4\n  nosuch: {}\n", encoding="utf-8")
+    result = runner.invoke(main, ["--config", str(yaml_file), "targets"])
+    assert result.exit_code == 2 and "[evaluate.nosuch] is not a command" in result.output

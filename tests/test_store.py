@@ -129,3 +129,19 @@ def test_nonfinite_rows_are_flagged(tmp_path):
     assert store.array("finite")[:2].tolist() == [True, False]
     with pytest.raises(ValueError, match="chunk 1 of 'grads' expects"):
         store.write_chunk(1, grads[:1], np.ones(1), np.ones(1), np.ones(1))
+
+
+def test_read_ahead_keeps_order_and_raises_where_the_reader_fails():
+    from influence.store import read_ahead
+
+    assert list(read_ahead(iter(range(5)))) == [0, 1, 2, 3, 4]
+    assert list(read_ahead(iter([]))) == []
+
+    def failing():
+        yield 1
+        raise OSError("chunk 2 unreadable")
+
+    items = read_ahead(failing())
+    assert next(items) == 1
+    with pytest.raises(OSError, match="chunk 2 unreadable"):
+        next(items)

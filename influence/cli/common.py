@@ -36,6 +36,37 @@ def model_loading_options(command):
     return click_options(ModelLoading)(command)
 
 
+class QuantileBand(click.ParamType):
+    """``LOW,HIGH`` quantiles with 0 <= LOW < HIGH <= 1, as a pair of floats."""
+
+    name = "LOW,HIGH"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            low, high = (float(x) for x in str(value).split(","))
+        except ValueError:
+            self.fail(f"{value!r} is not two quantiles LOW,HIGH (e.g. 0.25,0.75)", param, ctx)
+        if not 0 <= low < high <= 1:
+            self.fail(f"{value!r}: needs 0 <= LOW < HIGH <= 1", param, ctx)
+        return low, high
+
+
+class MethodChoice(click.ParamType):
+    """A scoring method of ``rank``, checked when parsed (the registry is imported only then, so that
+    ``--help`` stays fast)."""
+
+    name = "METHOD"
+
+    def convert(self, value, param, ctx):
+        from ..scoring import METHODS
+
+        if value not in METHODS:
+            self.fail(f"{value!r} is not a method; choose from {', '.join(sorted(METHODS))}", param, ctx)
+        return value
+
+
 def split_list(value: str | None) -> list[str] | None:
     """A comma-separated option as a list (None when not given)."""
     return [part.strip() for part in value.split(",") if part.strip()] if value else None
@@ -77,3 +108,18 @@ def warmup_config(model: str, train_files: tuple[str, ...], out: str, track_all:
 
     return build(WarmupConfig, values, model=model, train_files=list(train_files) or demo_pool_files(), out=out,
                  track_all=track_all)
+
+
+def resumed_config(out: str, given: dict):
+    """The settings of the run in ``out`` (from its manifest) with the options given on the command line
+    over them: ``warmup --resume --out RUN`` needs no flag repeated, and a given flag that differs from
+    the run's is refused by the warm-up, naming the setting."""
+    from ..config import build
+    from ..run import Run
+    from ..train.warmup import WarmupConfig
+
+    saved = Run(out).manifest["config"]
+    model = given.pop("model", None) or saved["model"]
+    train_files = list(given.pop("train_files", None) or ()) or saved["train_files"]
+    track_all = given.pop("track_all", saved.get("track_all", False))
+    return build(WarmupConfig, given, base=saved, model=model, train_files=train_files, out=out, track_all=track_all)

@@ -5,11 +5,24 @@ from __future__ import annotations
 import inspect
 import json
 import sys
+from pathlib import Path
 
 import click
 
 from ..errors import InfluenceError
-from .common import device_option, fail, positive_int, run_option, split_list, target_tasks_option, warmup_config, warmup_options
+from .common import (
+    MethodChoice,
+    QuantileBand,
+    device_option,
+    fail,
+    positive_int,
+    resumed_config,
+    run_option,
+    split_list,
+    target_tasks_option,
+    warmup_config,
+    warmup_options,
+)
 
 
 @click.command()
@@ -21,14 +34,21 @@ def warmup(track_all, resume, **settings) -> None:
     """Short LoRA warm-up on a random fraction of the pool; keeps a checkpoint per epoch."""
     from ..train.warmup import warmup as run_warmup
 
+    context = click.get_current_context()
     try:
-        run = run_warmup(warmup_config(**settings, track_all=track_all), resume=resume)
+        if resume and (Path(settings["out"]) / "manifest.json").is_file():
+            given = {name: value for name, value in {**settings, "track_all": track_all}.items()
+                     if context.get_parameter_source(name).name != "DEFAULT"}
+            config = resumed_config(settings["out"], given)
+        else:
+            config = warmup_config(**settings, track_all=track_all)
+        run = run_warmup(config, resume=resume)
     except InfluenceError as err:
         fail(err)
     m = run.manifest
     click.echo(
         f"warm-up done in {m['wall_seconds']} s: {len(m['warmup_ids'])} of {m['pool_size']} examples, "
-        f"{len(m['checkpoints'])} checkpoints, {m['n_truncated']} truncated to {settings['max_length']} tokens -> {run.path}"
+        f"{len(m['checkpoints'])} checkpoints, {m['n_truncated']} truncated to {config.max_length} tokens -> {run.path}"
     )
 
 
@@ -79,17 +99,19 @@ def project_grads(run_dir, target, target_tasks, proj_dim, seed, batch_size, chu
 @click.option("--target", "targets", multiple=True,
               help="Target registry name or data file (needed by less, bm25, dsir, rds); repeat for several "
                    "(one output folder each, one pass over the pool's gradients).")
-@click.option("--method", default="less", show_default=True,
-              help="less | random | bm25 | dsir | rds | trak | tracin | memorization | fz_influence | datamodel | dsdm | "
-                   "grand | forgetting | nll | ppl | nll_full | el2n | entropy | least_confidence | mean_margin | "
-                   "min_margin | ifd")
+@click.option("--method", default="less", show_default=True, type=MethodChoice(),
+              help="Target-aware: less, random, bm25, dsir, rds, trak, tracin, memorization, fz_influence, datamodel, "
+                   "dsdm; difficulty and noise: grand, el2n, forgetting, nll, ppl, nll_full, entropy, least_confidence, "
+                   "mean_margin, min_margin, ifd; diversity: ttr, mtld, distinct1, distinct2, knn_distance, "
+                   "prototypicality, semdedup (README: each score's sign and scale).")
 @click.option("--fraction", default=0.05, show_default=True,
               help="Fraction of the pool to select (top / bottom), counted as LESS's --percentage: floor(fraction x pool).")
 @click.option("--top-k", default=None, type=click.IntRange(min=1), help="Select this many instead (LESS's --max_samples).")
 @click.option("--select", "mode", default="top", show_default=True,
               type=click.Choice(["top", "bottom", "middle", "below", "above"]),
               help="Which examples to keep: highest/lowest scores, a middle quantile band, or a threshold.")
-@click.option("--band", default="0.25,0.75", show_default=True, help="Quantile band for --select middle.")
+@click.option("--band", default="0.25,0.75", show_default=True, type=QuantileBand(),
+              help="Quantile band for --select middle.")
 @click.option("--threshold", default=None, type=float, help="Threshold for --select below/above (e.g. IFD 1).")
 @click.option("--learned-threshold", default=None, type=float,
               help="forgetting: token accuracy at which an example counts as learned (default 1.0 = exact match).")
@@ -136,8 +158,11 @@ def rank(run_dir, targets, method, fraction, top_k, mode, band, threshold, learn
     from ..selection import Diversify, example_text, output_folders, pool_by_id, rank_many, task_columns, top_for_task
 
     targets = list(targets) or [None]
+    if mode not in ("top", "bottom") and click.get_current_context().get_parameter_source("fraction").name == "COMMANDLINE":
+        click.secho(f"note: --fraction is not used by --select {mode} (it keeps "
+                    f"{'the --band quantiles' if mode == 'middle' else 'the scores ' + mode + ' --threshold'})",
+                    fg="yellow", err=True)
     try:
-        low, high = (float(x) for x in band.split(","))
         options = {"learned_threshold": learned_threshold, "proj_dim": proj_dim, "target_tasks": split_list(target_tasks),
                    "seed": seed, "subsets": subsets, "outcome": outcome, "regression": regression,
                    "estimator": estimator, "lambda_reg": lambda_reg, "neighbours": neighbours, "eps": eps,
@@ -145,7 +170,7 @@ def rank(run_dir, targets, method, fraction, top_k, mode, band, threshold, learn
         if method in METHODS and "clusters" in inspect.signature(METHODS[method]).parameters:
             options["clusters"] = clusters
         plan = Diversify(diversify, diversity_weight, min_distance, clusters, balance) if diversify else None
-        tables = rank_many(run_dir, targets, method, fraction, out, mode, (low, high), threshold, top_k, plan, space,
+        tables = rank_many(run_dir, targets, method, fraction, out, mode, band, threshold, top_k, plan, space,
                            **options)
     except (InfluenceError, ValueError) as err:
         fail(err)
@@ -163,6 +188,8 @@ def rank(run_dir, targets, method, fraction, top_k, mode, band, threshold, learn
             parts = ", ".join(f"{name} {diversity[name]['vendi']:.1f}" for name in ("selection", "random", "pool"))
             click.echo(f"  diversity in {diversity['space']}: Vendi score {parts}; clusters covered "
                        f"{diversity['selection']['cluster_coverage']:.0%} (random {diversity['random']['cluster_coverage']:.0%})")
+        for note in summary.get("notes", []):
+            click.secho(f"note: {note}", fg="yellow", err=True)
         for warning in summary.get("warnings", []):
             click.secho(f"warning: {warning}", fg="yellow", err=True)
             degenerate = degenerate or "another influence process" not in warning
@@ -247,3 +274,17 @@ def prepare_model() -> None:
         click.echo(str(prepare_smollm2()))
     except InfluenceError as err:
         fail(err)
+
+
+@click.command()
+@run_option
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def status(run_dir, as_json) -> None:
+    """What a run holds: settings, checkpoints, every store (complete or partial, size), rankings and reports."""
+    from ..status import run_status, status_text
+
+    try:
+        found = run_status(run_dir)
+    except InfluenceError as err:
+        fail(err)
+    click.echo(json.dumps(found, indent=2) if as_json else status_text(found))

@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import rankdata
 
-from ..data import Example, load_examples, load_pool
+from ..data import Example, load_examples
 from ..errors import InfluenceError
 from ..run import Run
 from ..scoring import ATTRIBUTIONS, METHODS, TARGET_METHODS
@@ -124,7 +124,7 @@ def _effects(run_dir, method: str, target: str, options: dict, target_tasks, poo
     elif method in METHODS:
         function, kind = METHODS[method], "one score per example"
     else:
-        return np.repeat(read_ranking(method, load_pool(Run(run_dir).train_files))[:, None], n_targets, axis=1), \
+        return np.repeat(read_ranking(method, Run(run_dir).pool())[:, None], n_targets, axis=1), \
             "ranking or selection file", None
     accepted = set(inspect.signature(function).parameters)
     given = {k: v for k, v in options.items() if k in accepted and v is not None}

@@ -110,7 +110,7 @@ def evaluate_noisy(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InfluenceError(f"{out}: exists and is not empty; evaluate noisy writes into a new or empty folder "
                              "(it never overwrites your files)")
-    pool = load_pool(config.train_files)
+    pool = load_pool(config.train_files, config.columns)
     records, labels = corrupt_pool(pool, noise, config.seed, truncate)
     out.mkdir(parents=True, exist_ok=True)
     noisy_file = out / "noisy_pool.jsonl"

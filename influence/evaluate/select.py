@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..data import Example, examples_sha256, load_examples, load_pool
+from ..data import Example, examples_sha256, load_examples
 from ..errors import InfluenceError
 from ..models import ModelLoading, check_model_name, load_base_model, model_fingerprint, parse_device
 from ..run import Run
@@ -141,7 +141,7 @@ def resolve_subsets(specs: list[str], run: Run | None, target: str | None, targe
         if spec in BUILTIN or spec in METHODS:
             if run is None:
                 raise InfluenceError(f"--subsets {spec} needs --run (it is drawn from the run's pool)")
-            pool = load_pool(run.train_files)
+            pool = run.pool()
             if spec == "full":
                 subsets.append(Subset("full", pool))
             elif spec == "random":
@@ -247,7 +247,7 @@ def evaluate_select(specs: list[str], *, run_dir: str | Path | None = None, mode
     if unknown:
         raise InfluenceError(f"--baselines {', '.join(unknown)} are not among --subsets")
     looked_at = {"the selection's target": load_target(target, target_tasks)} if target is not None else {}
-    pool = load_pool(run.train_files) if run is not None else []
+    pool = run.pool() if run is not None else []
     universe_examples = _universe(pool, subsets)
     looked_at["the training subsets"] = universe_examples
     check_held_out(eval_sets, looked_at)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data import Example, load_pool
+from ..data import Example
 from ..run import Run
 from ..targets import load_target
 from .base import Scores
@@ -40,7 +40,7 @@ def example_text(example: Example) -> str:
 
 
 def _pool(run_dir: str | Path) -> list[Example]:
-    return load_pool(Run(run_dir).train_files)
+    return Run(run_dir).pool()
 
 
 def _subtask_index(targets: list[Example]) -> tuple[list[str], np.ndarray]:

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data import examples_sha256, load_pool
+from ..data import examples_sha256
 from ..errors import InfluenceError, StoreMismatchError
 from ..run import Run
 from ..store import POOL, SubsetStore, target_dataset
@@ -56,7 +56,7 @@ def open_subsets(run: Run, name: str = "fit") -> SubsetStore:
     if store.metadata.get("model") != run.manifest.get("model_fingerprint"):
         raise StoreMismatchError("model", run.manifest.get("model_fingerprint"), store.metadata.get("model"),
                                  f"{store.path} (trained from another base model than the run's)")
-    expected = examples_sha256(load_pool(run.train_files))
+    expected = examples_sha256(run.pool())
     if store.metadata.get("pool_sha256") != expected:
         raise StoreMismatchError("pool_sha256", expected, store.metadata.get("pool_sha256"),
                                  f"{store.path} (the pool changed since these models were trained)")

@@ -33,7 +33,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data import load_pool
 from ..diversity import centroid_distance, default_clusters, kmeans, knn_distance, semdedup
 from ..run import Run
 from ..spaces import load_space
@@ -91,7 +90,7 @@ def lexical_score(name: str):
     meaning, function = LEXICAL[name]
 
     def score(run_dir: str | Path, target: str | None = None) -> Scores:
-        pool = load_pool(Run(run_dir).train_files)
+        pool = Run(run_dir).pool()
         responses = [" ".join(m["content"] for m in e.messages if m["role"] == "assistant") for e in pool]
         values = np.array([function(words(text)) for text in responses], dtype=np.float64)
         return Scores(name, [e.id for e in pool], values, meaning, finite=np.isfinite(values))

@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..data import load_pool
 from ..errors import InfluenceError
 from ..run import Run
 from ..store import TRAIN
@@ -61,7 +60,7 @@ def forgetting_scores(run_dir: str | Path, target: str | None = None, learned_th
     if not 0 < learned_threshold <= 1:
         raise InfluenceError(f"learned_threshold must be in (0, 1], got {learned_threshold}")
     table = forgetting_table(pd.read_parquet(path), learned_threshold).set_index("id")
-    ids = [e.id for e in load_pool(run.train_files)]
+    ids = [e.id for e in run.pool()]
     counts = table["forgetting_events"].reindex(ids).to_numpy(dtype=np.float64)
     finite = np.isfinite(counts)
     return Scores(

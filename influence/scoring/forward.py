@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..data import Example, examples_sha256, load_pool
+from ..data import Example, examples_sha256
 from ..losses import logits_at, mean_by_row
 from ..models import choose_device, load_adapter, place
 from ..run import Run
@@ -116,7 +116,7 @@ def compute_forward_scores(
     check_sizes(batch_size=batch_size, chunk_size=chunk_size)
     run = Run(run_dir)
     run.check_data_unchanged()
-    pool: list[Example] = load_pool(run.train_files)
+    pool: list[Example] = run.pool()
     device = choose_device()
     encoded: list[Encoded] | None = None
     written = []

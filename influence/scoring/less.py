@@ -25,11 +25,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..data import examples_sha256, load_pool
+from ..data import examples_sha256
 from ..errors import InfluenceError, StoreMismatchError
 from ..kernels.scoring import HAVE_TRITON, RunningTopK, score_block, subtask_means, unit_rows
 from ..run import Checkpoint, Run
-from ..store import TRAIN, ChunkedStore, GradientStore, check_metadata, grads_group, stored_dims
+from ..store import TRAIN, ChunkedStore, GradientStore, check_metadata, grads_group, read_ahead, stored_dims
 from ..targets import find_target_dataset
 from .base import Attribution, Scores
 
@@ -69,7 +69,7 @@ def open_checkpoint_stores(run: Run, dataset: str, dim: int) -> list[GradientSto
         check_current(run, checkpoint, store)
         stores.append(store)
     if dataset.split(".")[0] == TRAIN:
-        expected = {"examples_sha256": examples_sha256(load_pool(run.train_files))}
+        expected = {"examples_sha256": examples_sha256(run.pool())}
         check_metadata(stores[0].metadata, expected, stores[0].where + " (the pool changed since)", ("examples_sha256",))
     return stores
 
@@ -167,12 +167,18 @@ def iter_scored_blocks(
     every checkpoint's store and scoring them in one :func:`score_block` call (memory: one block per
     checkpoint). Rows flagged non-finite in any store get a NaN score."""
     weights = torch.as_tensor(np.asarray(weights, dtype=np.float32), device=device)
+    for start, blocks, finite in read_ahead(_stacked_blocks(train, rows_per_block)):
+        yield (start, *score_rows(torch.from_numpy(blocks).to(device), torch.from_numpy(finite).to(device), means,
+                                  weights, backend))
+
+
+def _stacked_blocks(train: list[GradientStore], rows_per_block: int | None) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(start, rows of every checkpoint's store stacked, their finite flags stacked), block by block."""
     readers = [store.iter_chunks(rows_per_block) for store in train]
     finite_readers = [store.iter_chunks(rows_per_block, column="finite") for store in train]
     for chunks, finite_chunks in zip(zip(*readers), zip(*finite_readers)):
-        blocks = torch.from_numpy(np.stack([block for _, block in chunks])).to(device)
-        finite = torch.from_numpy(np.stack([flags for _, flags in finite_chunks])).to(device)
-        yield (chunks[0][0], *score_rows(blocks, finite, means, weights, backend))
+        yield (chunks[0][0], np.stack([block for _, block in chunks]),
+               np.stack([flags for _, flags in finite_chunks]))
 
 
 def score_rows(blocks: torch.Tensor, finite: torch.Tensor, means: torch.Tensor, weights: torch.Tensor,

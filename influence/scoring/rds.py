@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..data import Example, examples_sha256, load_pool
+from ..data import Example, examples_sha256
 from ..kernels.scoring import score_block, subtask_means
 from ..models import choose_device, load_adapter, place
 from ..run import Checkpoint, Run
@@ -49,7 +49,7 @@ def last_token_states(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def _datasets(run: Run, target: str | None, target_tasks: list[str] | None) -> list[tuple[str, list[Example]]]:
-    datasets = [(TRAIN, load_pool(run.train_files))]
+    datasets = [(TRAIN, run.pool())]
     if target is not None:
         examples = load_target(target, target_tasks)
         datasets.append((target_dataset(target_name(target), examples_sha256(examples)), examples))

@@ -29,7 +29,7 @@ import torch
 
 from .. import __version__
 from ..config import from_dict
-from ..data import Example, examples_sha256, load_pool
+from ..data import Example, examples_sha256
 from ..errors import InfluenceError
 from ..losses import forward_response
 from ..measure import correct_choices, encode_choices, generate_responses, measure, single_token_choices
@@ -152,7 +152,7 @@ def _train(run: Run, name: str, design: dict, masks: np.ndarray | None, units: l
            say) -> SubsetReport:
     run.check_data_unchanged()
     settings = train_settings(run, overrides)
-    pool = load_pool(run.train_files)
+    pool = run.pool()
     universe = Universe(run.subsets_path, run.model_name, pool, run.manifest.get("model_fingerprint"), run.model_loading)
     return train_units(universe, name, design, masks, units, load_eval_sets(list(targets), target_tasks), settings,
                        worker=worker, max_hours=max_hours, dry_run=dry_run, device=device,

@@ -16,13 +16,13 @@ import numpy as np
 import pandas as pd
 import torch
 from safetensors.torch import load_file
-from tqdm.auto import tqdm
 
-from ..data import Example, file_sha256, load_pool
+from ..data import Columns, Example, file_sha256, load_pool
 from ..errors import InfluenceError, RunError
 from ..losses import forward_response
 from ..models import ModelLoading, add_lora, check_model_name, choose_device, load_base_model, model_fingerprint, place
-from ..run import Run, atomic_write, package_versions, save_checkpoint, write_manifest
+from ..progress import progress_bar
+from ..run import Run, atomic_write, package_versions, provenance, save_checkpoint, write_manifest
 from ..store import LOCK_FILE, writer_lock
 from ..templates import Encoded, collate, encode_example
 from .loop import LoraTrainer, TrainingDiverged, TrainSettings, token_accuracy
@@ -42,6 +42,7 @@ class WarmupConfig(TrainSettings):
     track_all: bool = field(default=False, metadata={
         "help": "Evaluate the whole pool after every epoch (training dynamics and forgetting for every example)."})
     loading: ModelLoading = field(default_factory=ModelLoading, metadata={"prefix": ""})
+    columns: Columns = field(default_factory=Columns, metadata={"prefix": ""})
 
     def check(self) -> None:
         """Refuse out-of-range settings before any work, naming the option."""
@@ -72,7 +73,7 @@ def evaluate_pool(model, encoded: list[Encoded], ids: list[str], pad_token_id: i
     was_training = model.training
     model.eval()
     rows = []
-    for start in tqdm(range(0, len(encoded), batch_size), desc=f"track-all epoch {epoch}", disable=not progress):
+    for start in progress_bar(range(0, len(encoded), batch_size), desc=f"track-all epoch {epoch}", disable=not progress):
         part = encoded[start : start + batch_size]
         batch = {k: v.to(device) for k, v in collate(part, pad_token_id).items()}
         forward = forward_response(model, batch)
@@ -93,7 +94,8 @@ def _check_resumable(out: Path, config: WarmupConfig) -> dict:
     """The manifest of an interrupted run with the same settings, or a RunError naming what differs."""
     manifest = Run(out).manifest
     saved = manifest["config"]
-    defaults = {"loading": asdict(ModelLoading())}  # settings added since: absent from older runs' manifests
+    # settings added since: absent from older runs' manifests
+    defaults = {"loading": asdict(ModelLoading()), "columns": asdict(Columns())}
     for key, value in _config_dict(config).items():
         if key == "out" or json.loads(json.dumps(value)) == saved.get(key, defaults.get(key)):
             continue
@@ -113,7 +115,7 @@ def warmup(config: WarmupConfig, progress: bool = True, resume: bool = False) ->
     """
     config.check()
     check_model_name(config.model)
-    pool = load_pool(config.train_files)  # validates every file before anything is written
+    pool = load_pool(config.train_files, config.columns)  # validates every file before anything is written
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise RunError(f"{out}: exists and is not a folder")
@@ -170,6 +172,7 @@ def _warmup(config: WarmupConfig, pool: list[Example], out: Path, progress: bool
         "n_truncated": n_truncated,
         "steps": {"per_epoch": trainer.steps_per_epoch, "total": trainer.total_steps, "warmup": trainer.warmup_steps},
         "versions": package_versions(),
+        **provenance(),
         "device": str(device),
         "checkpoints": [],
     }
@@ -181,7 +184,7 @@ def _warmup(config: WarmupConfig, pool: list[Example], out: Path, progress: bool
         dynamics = [d for d in dynamics if d["epoch"] <= done_epochs]
     pool_encoded: list[Encoded] | None = None
     started = time.time()
-    bar = tqdm(total=trainer.total_steps, initial=trainer.step, desc="warmup", unit="step", disable=not progress)
+    bar = progress_bar(total=trainer.total_steps, initial=trainer.step, desc="warmup", unit="step", disable=not progress)
     for epoch in range(done_epochs + 1, config.epochs + 1):
         try:
             rows, epoch_lrs = trainer.run_epoch(epoch, bar)
