@@ -35,6 +35,9 @@ _API = {
     "evaluate_select": "evaluate.select",
     "Diversify": "selection",
     "load_space": "spaces",
+    "run_status": "status",
+    "Columns": "data",
+    "Run": "run",
 }
 
 
@@ -48,3 +51,8 @@ def __getattr__(name: str):
 
 
 __all__ = list(_API)
+
+
+def __dir__() -> list[str]:
+    """``dir(influence)`` lists the public API (the lazily imported names included)."""
+    return sorted(set(globals()) | set(__all__))

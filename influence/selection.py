@@ -207,6 +207,7 @@ def write_outputs(
             fh.write(json.dumps(selected_record(pool[int(index)], score, rank), ensure_ascii=False) + "\n")
     summary = {
         "method": scores.method,
+        "target_name": selection.get("target_name"),
         "warnings": warnings or [],
         "notes": notes or [],
         "score_meaning": scores.description,
@@ -229,6 +230,22 @@ def selected_record(example: Example, score: float, rank: int) -> dict:
     if example.task is not None:
         record["task"] = example.task
     return record
+
+
+def check_output_folder(folder: Path, method: str, target: str | None) -> None:
+    """Refuse to write a ranking over another one (another method or target) in ``folder``."""
+    summary = folder / "summary.json"
+    if not summary.is_file():
+        return
+    try:
+        previous = json.loads(summary.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        previous = {}
+    same = previous.get("method") == method and previous.get("target_name") in (None, target_name(target) if target else None)
+    if not same:
+        raise InfluenceError(f"{folder} holds another ranking ({previous.get('method', 'unknown method')}"
+                             f"{' for ' + str(previous['target_name']) if previous.get('target_name') else ''}); "
+                             "choose another --out, or give --overwrite to replace it")
 
 
 def default_out(run_dir: str | Path, method: str, target: str | None) -> Path:
@@ -351,10 +368,12 @@ def rank_many(
     top_k: int | None = None,
     diversify: Diversify | str | None = None,
     space: str | None = None,
+    overwrite: bool = False,
     **options,
 ) -> dict[str | None, pd.DataFrame]:
     """:func:`rank` for several targets at once: one output folder per target (see
-    :func:`output_folders`); returns each target's full ranking."""
+    :func:`output_folders`); returns each target's full ranking. A folder holding another method's or
+    target's ranking is refused unless ``overwrite``."""
     diversify = Diversify(diversify) if isinstance(diversify, str) else diversify
     if diversify is not None:
         problems = diversify.problems() + ([] if mode == "top" else [f"--diversify picks from the top, not --select {mode}"])
@@ -378,6 +397,9 @@ def rank_many(
     run.check_data_unchanged()
     pool = run.pool()
     folders = output_folders(run_dir, method, targets, out)
+    if not overwrite:
+        for target, folder in zip(targets, folders):
+            check_output_folder(folder, method, target)
     writing = writer_active(run.path)  # stores read are complete and checked; say that a writer is at work
     measured_in = selection_space(run, space, options.get("proj_dim"))
     labels = _pool_clusters(measured_in)
@@ -385,7 +407,8 @@ def rank_many(
     for target, folder, scores in zip(targets, folders, score_targets(run_dir, method, targets, **options)):
         table = ranking_table(scores, pool)
         selected = select(table, mode, fraction, band, threshold, top_k)
-        selection = {"mode": mode, "fraction": fraction, "top_k": top_k, "band": list(band), "threshold": threshold}
+        selection = {"mode": mode, "fraction": fraction, "top_k": top_k, "band": list(band), "threshold": threshold,
+                     "target_name": target_name(target) if target else None}
         if diversify is not None:
             selected, selection["diversify"] = diversify_selection(table, scores, diversify, measured_in, len(selected))
         if measured_in is not None:

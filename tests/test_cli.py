@@ -85,6 +85,7 @@ def test_every_public_name_resolves():
 
     for name in influence.__all__:
         assert getattr(influence, name) is not None, name
+    assert {"rank", "warmup", "project_grads", "evaluate_select", "run_status"} <= set(dir(influence))
 
 
 def test_version_and_short_help():
@@ -221,3 +222,17 @@ def test_settings_from_a_file(tmp_path, pool_files):
     yaml_file.write_text("evaluate:\n  select:\n    grid_lr: 1e-4\n  nosuch: {}\n", encoding="utf-8")
     result = runner.invoke(main, ["--config", str(yaml_file), "targets"])
     assert result.exit_code == 2 and "[evaluate.nosuch] is not a command" in result.output
+
+
+def test_rank_never_overwrites_another_ranking_and_prints_json(tiny_run, tmp_path):
+    runner = CliRunner()
+    out = str(tmp_path / "ranking")
+    base = ["rank", "--run", tiny_run["run"], "--space", "none", "--out", out]
+    assert runner.invoke(main, base + ["--method", "random"]).exit_code == 0
+    assert runner.invoke(main, base + ["--method", "random"]).exit_code == 0  # the same ranking again: fine
+    result = runner.invoke(main, base + ["--method", "nll"])
+    assert result.exit_code == 2 and "holds another ranking (random)" in result.output
+    result = runner.invoke(main, base + ["--method", "nll", "--overwrite", "--json"])
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout)
+    assert printed[0]["method"] == "nll" and printed[0]["folder"] == out and printed[0]["n_selected"] >= 1

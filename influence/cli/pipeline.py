@@ -147,12 +147,15 @@ def project_grads(run_dir, target, target_tasks, proj_dim, seed, batch_size, chu
 @click.option("--dask", "dask_address", default=None, is_flag=False, flag_value="local",
               help="less: score on Dask, on a LocalCluster (--dask alone: one worker process per core) or on the "
                    "scheduler at ADDRESS (e.g. tcp://host:8786; workers must see the run's folder).")
-@click.option("--out", default=None, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="Output folder [default: RUN/rank-<method>-<target>].")
+@click.option("--overwrite", is_flag=True, help="Replace another method's or target's ranking in --out.")
+@click.option("--json", "as_json", is_flag=True, help="Print each target's summary as JSON instead of the text report.")
 @click.option("--show", default=0, show_default=True, help="Print this many top examples for a few subtasks.")
 @click.option("--show-tasks", default=None, help="Comma-separated subtasks to show (default: first 4).")
 def rank(run_dir, targets, method, fraction, top_k, mode, band, threshold, learned_threshold, proj_dim, target_tasks,
          seed, subsets, outcome, regression, estimator, lambda_reg, diversify, space, diversity_weight, min_distance,
-         clusters, balance, neighbours, eps, dask_address, out, show, show_tasks) -> None:
+         clusters, balance, neighbours, eps, dask_address, out, overwrite, as_json, show, show_tasks) -> None:
     """Score and rank the pool; write scores.csv, scores.parquet, selected.jsonl, summary.json."""
     from ..scoring import METHODS
     from ..selection import Diversify, example_text, output_folders, pool_by_id, rank_many, task_columns, top_for_task
@@ -171,14 +174,19 @@ def rank(run_dir, targets, method, fraction, top_k, mode, band, threshold, learn
             options["clusters"] = clusters
         plan = Diversify(diversify, diversity_weight, min_distance, clusters, balance) if diversify else None
         tables = rank_many(run_dir, targets, method, fraction, out, mode, band, threshold, top_k, plan, space,
-                           **options)
+                           overwrite, **options)
     except (InfluenceError, ValueError) as err:
         fail(err)
     pool = pool_by_id(run_dir) if show else {}
     degenerate = False
+    summaries = []
     for (target, table), folder in zip(tables.items(), output_folders(run_dir, method, targets, out)):
         n_selected = sum(1 for _ in open(folder / "selected.jsonl", encoding="utf-8"))
         summary = json.loads((folder / "summary.json").read_text())
+        if as_json:
+            summaries.append({"folder": str(folder), **summary})
+            degenerate = degenerate or any("another influence process" not in w for w in summary.get("warnings", []))
+            continue
         rho = summary["length_bias"]["spearman_score_vs_length"]
         click.echo(f"ranked {len(table)} examples with {method}{f' for {target}' if target else ''}; "
                    f"selected {n_selected} ({mode}) -> {folder}"
@@ -208,6 +216,8 @@ def rank(run_dir, targets, method, fraction, top_k, mode, band, threshold, learn
                 click.secho(f"\n== top {show} by {method}", bold=True)
                 for _, row in table.head(show).iterrows():
                     click.echo(f"  {row['score']:+.4f}  {row['id']:<28} {example_text(pool[row['id']], 110)}")
+    if as_json:
+        click.echo(json.dumps(summaries, indent=2, ensure_ascii=False))
     if degenerate:
         click.secho("the ranking is degenerate (see the warnings above and summary.json); exit status 3", fg="red",
                     err=True)
