@@ -1,7 +1,8 @@
 """Options defined once: settings are dataclasses whose fields carry their CLI flag and help, and the
 command line is generated from them (:func:`click_options`, :func:`build`).
 
-A field's ``metadata`` may hold ``flag`` (default ``--<name>``), ``help``, ``choices``, ``min`` / ``max``
+A field's ``metadata`` may hold ``flag`` (default ``--<name>``), ``aliases`` (more flags), ``help``,
+``choices``, ``min`` / ``max``
 (with ``min_open``: strict lower bound) and ``list`` (a comma-separated CLI value for a ``list[str]``
 field). A field whose default is a dataclass is flattened with a prefix (``lora.r`` -> ``--lora-r``).
 With ``optional=True`` every option defaults to "not given" (None), so a command can take the values
@@ -27,6 +28,7 @@ class Option:
     help: str
     type: Any  # a click type, or bool for a flag
     is_list: bool
+    aliases: tuple[str, ...] = ()  # other flags for the same option (e.g. the field's own name)
 
     @property
     def dest(self) -> str:
@@ -61,8 +63,9 @@ def options_of(cls: type, prefix: str = "", path: tuple[str, ...] = ()) -> list[
         is_list = bool(f.metadata.get("list"))
         if is_list and isinstance(default, list):
             default = ",".join(default)
+        aliases = tuple("--" + prefix + alias for alias in f.metadata.get("aliases", ()))
         options.append(Option(path + (f.name,), flag, default, f.metadata.get("help", ""),
-                              _click_type(hint, f.metadata), is_list))
+                              _click_type(hint, f.metadata), is_list, aliases))
     return options
 
 
@@ -80,13 +83,14 @@ def click_options(cls: type, optional: bool = False, exclude: tuple[str, ...] = 
                     decl = f"{option.flag}/--no-{option.flag[2:]}"
                     command = click.option(decl, option.dest, default=None, help=help_text)(command)
                 else:
-                    command = click.option(option.flag, option.dest, is_flag=True, default=bool(option.default),
-                                           help=help_text)(command)
+                    command = click.option(option.flag, *option.aliases, option.dest, is_flag=True,
+                                           default=bool(option.default), help=help_text)(command)
                 continue
             required = option.default is dataclasses.MISSING and not optional
             default = None if optional or option.default is dataclasses.MISSING else option.default
-            command = click.option(option.flag, option.dest, type=option.type, default=default, required=required,
-                                   show_default=not optional and default is not None, help=help_text)(command)
+            command = click.option(option.flag, *option.aliases, option.dest, type=option.type, default=default,
+                                   required=required, show_default=not optional and default is not None,
+                                   help=help_text)(command)
         return command
 
     return decorate

@@ -1,4 +1,5 @@
-"""Writes notebooks/explore_rankings.ipynb (kept as a script so the notebook's source is reviewable)."""
+"""Writes the notebook shipped with the package, influence/resources/notebooks/explore_rankings.ipynb
+(kept as a script so the notebook's source is reviewable; `influence notebook --run RUN` copies it next to a run)."""
 
 from pathlib import Path
 
@@ -36,15 +37,38 @@ cells = [
         "      f\"{summary['n_unscorable']} unscorable; subtasks shown: {tasks}\")\n"
         "table.head(10)"
     ),
-    new_markdown_cell("## Score distribution\nThe dashed line is the lowest score that made it into the selected subset."),
+    new_markdown_cell(
+        "## Score distribution\nThe dashed lines bound the selection: the lowest selected score for a top "
+        "selection, the highest for a bottom one, both ends of a middle band, the threshold otherwise. The "
+        "axis says what a higher score means for this method."
+    ),
     new_code_cell(
+        "import re\n\n"
         "selected = table[table['id'].isin(summary['selected_ids'])]\n"
+        "mode = summary['selection']['mode']\n"
+        "meaning = re.search(r'higher = [^.;)]*', summary['score_meaning'])\n"
         "fig, ax = plt.subplots(figsize=(7, 3.5))\n"
         "ax.hist(table.loc[table['finite'], 'score'], bins=40, color='tab:blue', alpha=0.8)\n"
-        "ax.axvline(selected['score'].min(), ls='--', color='k', label='selection threshold')\n"
-        "ax.set_xlabel('score (higher = more helpful)')\n"
+        "if selected.empty:\n"
+        "    edges = []\n"
+        "elif mode == 'top':\n"
+        "    edges = [(selected['score'].min(), 'lowest selected')]\n"
+        "elif mode == 'bottom':\n"
+        "    edges = [(selected['score'].max(), 'highest selected')]\n"
+        "elif mode == 'middle':\n"
+        "    edges = [(selected['score'].min(), 'selected band'), (selected['score'].max(), None)]\n"
+        "else:\n"
+        "    edges = [(summary['selection']['threshold'], f'threshold (keep {mode})')]\n"
+        "for value, label in edges:\n"
+        "    ax.axvline(value, ls='--', color='k', label=label)\n"
+        "xlabel = f\"{summary['method']} score\" + (f' ({meaning.group(0)})' if meaning else '')\n"
+        "print(f'x axis: {xlabel}; selection bounds: ' + (', '.join(f'{label or \"\"} {value:.4g}' for value, label in edges) or 'none'))\n"
+        "ax.set_xlabel(xlabel)\n"
         "ax.set_ylabel('examples')\n"
-        "ax.legend()\n"
+        "ax.set_title(f\"{summary['method']}\" + (f\" for {summary['target_name']}\" if summary.get('target_name') else '')\n"
+        "             + f' ({mode}, {len(selected)} selected)')\n"
+        "if edges:\n"
+        "    ax.legend()\n"
         "plt.show()"
     ),
     new_markdown_cell("## What the selected subset is made of\nShare of each source file in the pool and in the selection."),
@@ -204,6 +228,6 @@ cells += [
 ]
 
 notebook = new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
-path = Path(__file__).resolve().parents[1] / "notebooks" / "explore_rankings.ipynb"
+path = Path(__file__).resolve().parents[1] / "influence" / "resources" / "notebooks" / "explore_rankings.ipynb"
 nbformat.write(notebook, path)
 print(path)

@@ -48,7 +48,7 @@ def test_top_k_streams_the_head_of_the_ranking(tiny_run):
     order = np.argsort(-scores.score, kind="stable")
     for rows_per_block in (1, 3, None):
         head = less_top_k(tiny_run["run"], tiny_run["target"], k=5, rows_per_block=rows_per_block)
-        assert head["index"].tolist() == order[:5].tolist()
+        assert head["pool_index"].tolist() == order[:5].tolist()
         assert head["id"].tolist() == [scores.ids[i] for i in order[:5]]
         np.testing.assert_allclose(head["score"], scores.score[order[:5]], rtol=1e-6)
         assert head["rank"].tolist() == [1, 2, 3, 4, 5]

@@ -5,7 +5,7 @@ from nbclient import NotebookClient
 
 from influence.selection import rank
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "explore_rankings.ipynb"
+NOTEBOOK = Path(__file__).resolve().parents[1] / "influence" / "resources" / "notebooks" / "explore_rankings.ipynb"
 
 
 def test_notebook_runs_on_a_tiny_run(tiny_run, tmp_path, monkeypatch):
@@ -31,7 +31,7 @@ def test_notebook_runs_on_a_tiny_run(tiny_run, tmp_path, monkeypatch):
 
 def test_notebook_runs_on_a_target_free_ranking(tiny_run, tmp_path, monkeypatch):
     out = tmp_path / "el2n"
-    rank(tiny_run["run"], None, method="el2n", fraction=0.2, out=out)
+    rank(tiny_run["run"], None, method="el2n", fraction=0.2, out=out, mode="bottom")
     monkeypatch.setenv("INFLUENCE_RUN", tiny_run["run"])
     monkeypatch.setenv("INFLUENCE_RANKING", str(out))
     monkeypatch.delenv("INFLUENCE_TASKS", raising=False)
@@ -39,3 +39,21 @@ def test_notebook_runs_on_a_target_free_ranking(tiny_run, tmp_path, monkeypatch)
     NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     text = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
     assert "=== top 5" in text and "nothing to compare" in text
+    assert "x axis: el2n score (higher = harder)" in text and "more helpful" not in text
+    assert "selection bounds: highest selected" in text  # a bottom selection is bounded from above
+
+
+def test_notebook_command_points_a_copy_at_the_run(tiny_run, tmp_path):
+    from click.testing import CliRunner
+
+    from influence.cli import main
+
+    ranking = tmp_path / "ranking"
+    rank(tiny_run["run"], tiny_run["target"], fraction=0.2, out=ranking)
+    out = tmp_path / "explore.ipynb"
+    result = CliRunner().invoke(main, ["notebook", "--run", tiny_run["run"], "--ranking", str(ranking), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    first = next(c for c in nbformat.read(out, as_version=4).cells if c.cell_type == "code").source
+    assert repr(str(Path(tiny_run["run"]).resolve())) in first and repr(str(ranking.resolve())) in first
+    result = CliRunner().invoke(main, ["notebook", "--run", tiny_run["run"], "--ranking", str(ranking), "--out", str(out)])
+    assert result.exit_code == 2 and "exists" in result.output

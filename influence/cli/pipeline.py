@@ -107,7 +107,7 @@ def project_grads(run_dir, target, target_tasks, proj_dim, seed, batch_size, chu
 @click.option("--fraction", default=0.05, show_default=True,
               help="Fraction of the pool to select (top / bottom), counted as LESS's --percentage: floor(fraction x pool).")
 @click.option("--top-k", default=None, type=click.IntRange(min=1), help="Select this many instead (LESS's --max_samples).")
-@click.option("--select", "mode", default="top", show_default=True,
+@click.option("--select", "--mode", "mode", default="top", show_default=True,
               type=click.Choice(["top", "bottom", "middle", "below", "above"]),
               help="Which examples to keep: highest/lowest scores, a middle quantile band, or a threshold.")
 @click.option("--band", default="0.25,0.75", show_default=True, type=QuantileBand(),
@@ -298,3 +298,19 @@ def status(run_dir, as_json) -> None:
     except InfluenceError as err:
         fail(err)
     click.echo(json.dumps(found, indent=2) if as_json else status_text(found))
+
+
+@click.command()
+@run_option
+@click.option("--ranking", default=None, type=click.Path(file_okay=False, exists=True),
+              help="The ranking folder to explore [default: the run's first rank-* folder].")
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="Where to write it [default: RUN/explore_rankings.ipynb].")
+def notebook(run_dir, ranking, out) -> None:
+    """Copy the package's notebook next to a run, set to explore it (figures, examples, verdicts)."""
+    from ..notebook import copy_notebook
+
+    try:
+        path = copy_notebook(run_dir, ranking, out)
+    except InfluenceError as err:
+        fail(err)
+    click.echo(f"-> {path} (open it with jupyter; needs pip install 'influence[notebooks]')")

@@ -310,7 +310,7 @@ def less_top_k(
     proj_dim: int | None = None,
     dask: str | None = None,
 ) -> pd.DataFrame:
-    """The ``k`` most helpful pool examples for ``target`` (columns rank, index, id, score), found
+    """The ``k`` most helpful pool examples for ``target`` (columns rank, pool_index, id, score), found
     with a running top-k over the stream (with ``dask``: a tree reduction of the blocks' top k):
     memory independent of the pool size."""
     inputs = load_less_inputs(run_dir, target, device, backend, proj_dim)
@@ -328,7 +328,7 @@ def less_top_k(
     ids = inputs.train[0].group["ids"].get_orthogonal_selection(indices) if len(indices) else []
     return pd.DataFrame({
         "rank": np.arange(1, len(indices) + 1),
-        "index": indices,
+        "pool_index": indices,
         "id": [str(i) for i in ids],
         "score": top.values.double().numpy(),
     })

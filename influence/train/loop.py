@@ -44,7 +44,8 @@ class TrainSettings:
 
     lora: LoraSettings = field(default_factory=LoraSettings)
     epochs: int = field(default=4, metadata={"help": "Epochs of training.", "min": 1})
-    learning_rate: float = field(default=2e-5, metadata={"flag": "lr", "help": "Peak learning rate (linear decay).",
+    learning_rate: float = field(default=2e-5, metadata={"flag": "lr", "aliases": ("learning-rate",),
+                                                         "help": "Peak learning rate (linear decay).",
                                                          "min": 0, "min_open": True})
     warmup_ratio: float = field(default=0.03, metadata={"help": "Fraction of steps with linear LR warm-up.",
                                                         "min": 0, "max": 1, "max_open": True})
