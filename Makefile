@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 RUN    ?= runs/demo
 
-.PHONY: setup demo test test-slow test-gpu test-kernels bench clean
+.PHONY: setup demo test test-slow test-browser test-gpu test-kernels docs bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,17 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# The API reference from the docstrings (pdoc): docs/api/index.html. Also built by the test suite.
+docs: setup
+	$(PY) scripts/build_docs.py --out docs/api
+
+# The HTML report in a real headless browser (Debian's chromium, installed when missing): no console
+# errors, every figure decoded, a screenshot kept in report-screenshot.png.
+test-browser: setup
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) \
+		|| sudo apt-get install -y -q chromium
+	INFLUENCE_SCREENSHOT=$(CURDIR)/report-screenshot.png $(PY) -m pytest -q -m browser tests/test_report.py
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow

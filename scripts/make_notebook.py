@@ -38,38 +38,40 @@ cells = [
         "table.head(10)"
     ),
     new_markdown_cell(
-        "## Score distribution\nThe dashed lines bound the selection: the lowest selected score for a top "
-        "selection, the highest for a bottom one, both ends of a middle band, the threshold otherwise. The "
-        "axis says what a higher score means for this method."
+        "## Warm-up\nMean training loss and response-token accuracy per optimizer step (from `dynamics.parquet`)."
     ),
     new_code_cell(
-        "import re\n\n"
-        "selected = table[table['id'].isin(summary['selected_ids'])]\n"
-        "mode = summary['selection']['mode']\n"
-        "meaning = re.search(r'higher = [^.;)]*', summary['score_meaning'])\n"
-        "fig, ax = plt.subplots(figsize=(7, 3.5))\n"
-        "ax.hist(table.loc[table['finite'], 'score'], bins=40, color='tab:blue', alpha=0.8)\n"
-        "if selected.empty:\n"
-        "    edges = []\n"
-        "elif mode == 'top':\n"
-        "    edges = [(selected['score'].min(), 'lowest selected')]\n"
-        "elif mode == 'bottom':\n"
-        "    edges = [(selected['score'].max(), 'highest selected')]\n"
-        "elif mode == 'middle':\n"
-        "    edges = [(selected['score'].min(), 'selected band'), (selected['score'].max(), None)]\n"
-        "else:\n"
-        "    edges = [(summary['selection']['threshold'], f'threshold (keep {mode})')]\n"
-        "for value, label in edges:\n"
-        "    ax.axvline(value, ls='--', color='k', label=label)\n"
-        "xlabel = f\"{summary['method']} score\" + (f' ({meaning.group(0)})' if meaning else '')\n"
-        "print(f'x axis: {xlabel}; selection bounds: ' + (', '.join(f'{label or \"\"} {value:.4g}' for value, label in edges) or 'none'))\n"
-        "ax.set_xlabel(xlabel)\n"
-        "ax.set_ylabel('examples')\n"
-        "ax.set_title(f\"{summary['method']}\" + (f\" for {summary['target_name']}\" if summary.get('target_name') else '')\n"
-        "             + f' ({mode}, {len(selected)} selected)')\n"
-        "if edges:\n"
-        "    ax.legend()\n"
+        "from influence import report\n\n"
+        "curves = report.warmup_curves(RUN)\n"
+        "plt.show() if curves is not None else print('no warm-up dynamics in this run')"
+    ),
+    new_markdown_cell(
+        "## Score distribution\nThe dashed lines bound the selection: the lowest selected score for a top "
+        "selection, the highest for a bottom one, both ends of a middle band, the threshold otherwise. The "
+        "axis says what a higher score means for this method (the same figures as `influence report`)."
+    ),
+    new_code_cell(
+        "selected = report.selected_rows(table, summary)\n"
+        "edges = report.selection_edges(selected, summary)\n"
+        "print(f\"x axis: {summary['method']} score ({report.higher_means(summary)}); selection bounds: \"\n"
+        "      + (', '.join(f'{label or \"\"} {value:.4g}' for value, label in edges) or 'none'))\n"
+        "report.score_distribution(table, summary)\n"
         "plt.show()"
+    ),
+    new_markdown_cell(
+        "## Per-subtask coverage of the selection\nFor target-aware methods: how many selected examples have "
+        "each subtask as their best one. A subtask with none (red) is starved by LESS's max over subtasks; "
+        "`rank --diversify quota` gives every subtask its share."
+    ),
+    new_code_cell(
+        "coverage = report.subtask_coverage(table, summary)\n"
+        "if coverage is None:\n"
+        "    print('no per-subtask scores for this method')\n"
+        "else:\n"
+        "    starved = coverage.loc[coverage['selected'] == 0, 'subtask'].tolist()\n"
+        "    print(f'subtasks with no selected example: {starved or \"none\"}')\n"
+        "    report.subtask_coverage_figure(table, summary)\n"
+        "    plt.show()"
     ),
     new_markdown_cell("## What the selected subset is made of\nShare of each source file in the pool and in the selection."),
     new_code_cell(
@@ -107,14 +109,20 @@ cells = [
         "right.legend()\n"
         "plt.show()"
     ),
-    new_markdown_cell("## Most and least helpful examples per subtask"),
+    new_markdown_cell(
+        "## Most and least helpful examples per subtask\nEach example in full (prompt => response); set "
+        "`WIDTH` to shorten them."
+    ),
     new_code_cell(
+        "WIDTH = 100_000  # characters of each example shown\n"
+        "pd.set_option('display.max_colwidth', None)\n\n"
         "def preview(rows, column):\n"
-        "    return pd.DataFrame({\n"
+        "    frame = pd.DataFrame({\n"
         "        'id': rows['id'],\n"
         "        'score': rows[column].round(4),\n"
-        "        'example': [example_text(pool[i], 140) for i in rows['id']],\n"
-        "    })\n\n"
+        "        'example': [example_text(pool[i], WIDTH) for i in rows['id']],\n"
+        "    })\n"
+        "    return frame.style.set_properties(subset=['example'], **{'white-space': 'pre-wrap', 'text-align': 'left'})\n\n"
         "for task in tasks:\n"
         "    print(f'=== {task}: top {K}')\n"
         "    display(preview(top_for_task(table, task, K), 'task:' + task))\n"
@@ -145,20 +153,22 @@ cells = [
         "                 'spearman_with_length': spearman(other['score'], other['response_chars'])})\n"
         "pd.DataFrame(rows)"
     ),
-    new_markdown_cell("## Do subtasks agree?\nSpearman correlation between per-subtask scores."),
+    new_markdown_cell(
+        "## Do subtasks agree?\nCorrelation of the per-subtask scores over the pool, subtasks ordered by "
+        "hierarchical clustering (with 57 MMLU subjects the groups show)."
+    ),
     new_code_cell(
-        "columns = ['task:' + t for t in task_columns(table)]\n"
-        "if len(columns) >= 2:\n"
-        "    corr = table.loc[table['finite'], columns].rank().corr()\n"
-        "    fig, ax = plt.subplots(figsize=(4 + 0.3 * len(columns), 3 + 0.3 * len(columns)))\n"
-        "    im = ax.imshow(corr.to_numpy(), vmin=-1, vmax=1, cmap='coolwarm')\n"
-        "    names = [c[5:] for c in columns]\n"
-        "    ax.set_xticks(range(len(names)), names, rotation=90)\n"
-        "    ax.set_yticks(range(len(names)), names)\n"
-        "    fig.colorbar(im)\n"
+        "if report.subtask_similarity_figure(table, summary) is not None:\n"
         "    plt.show()\n"
         "else:\n"
         "    print('fewer than two subtasks: nothing to compare')"
+    ),
+    new_markdown_cell("## Agreement between the run's rankings\nShare of each ranking's top also in another's top."),
+    new_code_cell(
+        "if report.agreement_figure(RUN) is not None:\n"
+        "    plt.show()\n"
+        "else:\n"
+        "    print('one ranking only: nothing to compare')"
     ),
 ]
 

@@ -39,7 +39,8 @@ def main(context: click.Context, verbose: bool, quiet: bool, config_file: str | 
 
 
 for command in (pipeline.warmup, pipeline.project_grads, pipeline.rank, pipeline.compare, pipeline.forward_scores,
-                pipeline.targets, pipeline.prepare_model, pipeline.status, pipeline.notebook, subsets.subsets, evaluate.evaluate):
+                pipeline.targets, pipeline.prepare_model, pipeline.status, pipeline.notebook, pipeline.report,
+                subsets.subsets, evaluate.evaluate):
     main.add_command(command)
 
 if __name__ == "__main__":

@@ -314,3 +314,18 @@ def notebook(run_dir, ranking, out) -> None:
     except InfluenceError as err:
         fail(err)
     click.echo(f"-> {path} (open it with jupyter; needs pip install 'influence[notebooks]')")
+
+
+@click.command()
+@run_option
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="The HTML file [default: RUN/report.html].")
+def report(run_dir, out) -> None:
+    """A self-contained HTML report of a run (figures embedded, viewable offline): warm-up curves, every
+    ranking's figures, agreement between rankings, LDS and selection verdicts."""
+    from ..report import write_report
+
+    try:
+        path = write_report(run_dir, out)
+    except InfluenceError as err:
+        fail(err)
+    click.echo(f"-> {path}")

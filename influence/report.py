@@ -1,0 +1,274 @@
+"""Figures of a run and its rankings, shared by the notebook and ``influence report`` (a self-contained
+HTML page: figures embedded as PNG, no network needed to view it).
+
+Each figure function takes what the run wrote (a ranking table and its ``summary.json``, the warm-up's
+dynamics) and returns a matplotlib figure, titled with the method and target, whose axes say what a
+higher score means for that method.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import InfluenceError
+from .run import Run
+
+
+def _pyplot():
+    try:  # the backend stays the caller's (inline in a notebook; Agg without a display)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise InfluenceError("figures need matplotlib: pip install 'influence[notebooks]'") from None
+    return plt
+
+
+def title_of(summary: dict) -> str:
+    """``<method> for <target> (<mode>, n selected)``."""
+    target = summary.get("target_name") or summary.get("target")
+    return (f"{summary['method']}" + (f" for {target}" if target else "")
+            + f" ({summary['selection']['mode']}, {summary['n_selected']} selected)")
+
+
+def higher_means(summary: dict) -> str:
+    """What a higher score means, from the method's own description (e.g. 'higher = harder')."""
+    found = re.search(r"higher = [^.;)]*", summary.get("score_meaning", ""))
+    return found.group(0) if found else "higher = ranked first"
+
+
+def selection_edges(selected: pd.DataFrame, summary: dict) -> list[tuple[float, str | None]]:
+    """Where the selection's bounds lie on the score axis, for every ``--select`` mode."""
+    mode = summary["selection"]["mode"]
+    if selected.empty:
+        return []
+    if mode == "top":
+        return [(float(selected["score"].min()), "lowest selected")]
+    if mode == "bottom":
+        return [(float(selected["score"].max()), "highest selected")]
+    if mode == "middle":
+        return [(float(selected["score"].min()), "selected band"), (float(selected["score"].max()), None)]
+    return [(float(summary["selection"]["threshold"]), f"threshold (keep {mode})")]
+
+
+def selected_rows(table: pd.DataFrame, summary: dict) -> pd.DataFrame:
+    return table[table["id"].isin(summary["selected_ids"])]
+
+
+def score_distribution(table: pd.DataFrame, summary: dict):
+    """Histogram of the scores with the selection's bounds."""
+    plt = _pyplot()
+    selected = selected_rows(table, summary)
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.hist(table.loc[table["finite"], "score"], bins=40, color="tab:blue", alpha=0.8)
+    edges = selection_edges(selected, summary)
+    for value, label in edges:
+        ax.axvline(value, ls="--", color="k", label=label)
+    ax.set_xlabel(f"{summary['method']} score ({higher_means(summary)})")
+    ax.set_ylabel("examples")
+    ax.set_title(title_of(summary))
+    if edges:
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def score_vs_length(table: pd.DataFrame, summary: dict):
+    """Score against response length, with the Spearman correlation ``rank`` reported."""
+    plt = _pyplot()
+    scored = table[table["finite"]]
+    rho = summary["length_bias"]["spearman_score_vs_length"]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.scatter(scored["response_chars"].clip(lower=1), scored["score"], s=8, alpha=0.6)
+    ax.set_xscale("log")
+    ax.set_xlabel("response length (characters)")
+    ax.set_ylabel(f"score ({higher_means(summary)})")
+    ax.set_title(f"{title_of(summary)}: Spearman {rho:+.2f}" if rho is not None else title_of(summary))
+    fig.tight_layout()
+    return fig
+
+
+def subtask_coverage(table: pd.DataFrame, summary: dict) -> pd.DataFrame | None:
+    """Per target subtask: how many selected examples have it as their best subtask, against the pool.
+    A subtask with none is starved by the max over subtasks (``--diversify quota`` fixes that)."""
+    columns = [c for c in table.columns if c.startswith("task:")]
+    if not columns:
+        return None
+    scored = table[table["finite"]]
+    best = scored[columns].to_numpy().argmax(axis=1)
+    names = [c[5:] for c in columns]
+    chosen = scored["id"].isin(summary["selected_ids"]).to_numpy()
+    counts = pd.DataFrame({"subtask": names,
+                           "selected": np.bincount(best[chosen], minlength=len(names)),
+                           "pool": np.bincount(best, minlength=len(names))})
+    return counts
+
+
+def subtask_coverage_figure(table: pd.DataFrame, summary: dict):
+    plt = _pyplot()
+    counts = subtask_coverage(table, summary)
+    if counts is None:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 2.5 + 0.18 * len(counts)))
+    starved = counts["selected"] == 0
+    ax.barh(counts["subtask"], counts["selected"], color=np.where(starved, "tab:red", "tab:blue"))
+    ax.set_xlabel("selected examples whose best subtask this is")
+    ax.set_title(f"{title_of(summary)}: {int(starved.sum())} of {len(counts)} subtasks get none")
+    ax.tick_params(axis="y", labelsize=7 if len(counts) > 20 else 9)
+    fig.tight_layout()
+    return fig
+
+
+def subtask_similarity_figure(table: pd.DataFrame, summary: dict):
+    """Correlation of the per-subtask scores across the pool, subtasks ordered by hierarchical
+    clustering (so 57 MMLU subjects show their groups), with a labelled colour bar."""
+    columns = [c for c in table.columns if c.startswith("task:")]
+    if len(columns) < 2:
+        return None
+    from scipy.cluster.hierarchy import leaves_list, linkage
+
+    plt = _pyplot()
+    values = table.loc[table["finite"], columns].to_numpy(dtype=np.float64)
+    corr = np.nan_to_num(np.corrcoef(values.T), nan=0.0)
+    order = leaves_list(linkage(values.T, method="average", metric="correlation")) \
+        if np.isfinite(values).all() and values.std(axis=0).min() > 0 else np.arange(len(columns))
+    names = [columns[i][5:] for i in order]
+    size = min(12, 3 + 0.18 * len(columns))
+    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    image = ax.imshow(corr[np.ix_(order, order)], vmin=-1, vmax=1, cmap="RdBu_r")
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6 if len(names) > 20 else 8)
+    ax.set_yticks(range(len(names)), names, fontsize=6 if len(names) > 20 else 8)
+    fig.colorbar(image, ax=ax, label="correlation of the subtask scores over the pool")
+    ax.set_title(f"{summary['method']}: subtasks clustered by how alike they rank the pool")
+    fig.tight_layout()
+    return fig
+
+
+def warmup_curves(run_dir: str | Path):
+    """Mean training loss and response-token accuracy per optimizer step of the warm-up."""
+    plt = _pyplot()
+    path = Path(run_dir) / "dynamics.parquet"
+    if not path.is_file():
+        return None
+    dynamics = pd.read_parquet(path)
+    train = dynamics[dynamics["phase"] == "train"].groupby("step")[["loss", "token_accuracy"]].mean()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.2))
+    left.plot(train.index, train["loss"], marker=".")
+    left.set_xlabel("optimizer step")
+    left.set_ylabel("mean training loss (nats/token)")
+    right.plot(train.index, train["token_accuracy"], marker=".", color="tab:green")
+    right.set_xlabel("optimizer step")
+    right.set_ylabel("response-token accuracy")
+    fig.suptitle("warm-up")
+    fig.tight_layout()
+    return fig
+
+
+def method_agreement(run_dir: str | Path, fraction: float | None = None) -> pd.DataFrame | None:
+    """Top overlap between every pair of the run's rankings of the same target (rows: whose top is
+    looked for; columns: in whose top), at the selection's fraction."""
+    from .selection import load_rankings, overlap
+
+    rankings = {}
+    for folder in sorted(Path(run_dir).glob("rank-*")):
+        if (folder / "scores.parquet").is_file() and (folder / "summary.json").is_file():
+            rankings[folder.name] = (load_rankings(folder), json.loads((folder / "summary.json").read_text()))
+    if len(rankings) < 2:
+        return None
+    names = list(rankings)
+    share = fraction or next(iter(rankings.values()))[1]["n_selected"] / max(1, next(iter(rankings.values()))[1]["n_pool"])
+    return pd.DataFrame([[overlap(rankings[a][0], rankings[b][0], share) for b in names] for a in names],
+                        index=names, columns=names)
+
+
+def agreement_figure(run_dir: str | Path):
+    plt = _pyplot()
+    table = method_agreement(run_dir)
+    if table is None:
+        return None
+    fig, ax = plt.subplots(figsize=(2 + 0.7 * len(table), 1.5 + 0.6 * len(table)))
+    image = ax.imshow(table.to_numpy(), vmin=0, vmax=1, cmap="viridis")
+    ax.set_xticks(range(len(table)), table.columns, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(table)), table.index, fontsize=8)
+    for i in range(len(table)):
+        for j in range(len(table)):
+            ax.text(j, i, f"{table.iat[i, j]:.2f}", ha="center", va="center", color="w", fontsize=7)
+    fig.colorbar(image, ax=ax, label="share of the column's top also in the row's top")
+    ax.set_title("agreement between the run's rankings")
+    fig.tight_layout()
+    return fig
+
+
+def _png(fig) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    _pyplot().close(fig)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """A self-contained HTML page of the run: its status, the warm-up curves, every ranking's figures
+    and tables, the method agreement, the LDS and selection verdicts. Returns its path."""
+    from .selection import load_rankings
+    from .status import run_status, status_text
+
+    run = Run(run_dir)
+    target = Path(out) if out is not None else run.path / "report.html"
+    sections = [("Run", f"<pre>{html.escape(status_text(run_status(run.path)))}</pre>")]
+    curves = warmup_curves(run.path)
+    if curves is not None:
+        sections.append(("Warm-up", _img(curves, "warm-up loss and accuracy")))
+    for folder in sorted(run.path.glob("rank-*")):
+        if not (folder / "summary.json").is_file():
+            continue
+        table = load_rankings(folder)
+        summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+        parts = [f"<p>{html.escape(summary['score_meaning'])}</p>",
+                 _img(score_distribution(table, summary), "score distribution"),
+                 _img(score_vs_length(table, summary), "score against response length")]
+        coverage = subtask_coverage_figure(table, summary)
+        if coverage is not None:
+            parts.append(_img(coverage, "selected examples per subtask"))
+        similarity = subtask_similarity_figure(table, summary)
+        if similarity is not None:
+            parts.append(_img(similarity, "subtasks clustered"))
+        for label in ("warnings", "notes"):
+            if summary.get(label):
+                parts.append(f"<p><b>{label}:</b> " + "; ".join(html.escape(w) for w in summary[label]) + "</p>")
+        head = table[table["finite"]].head(10)[["rank", "id", "score"]]
+        parts.append(head.to_html(index=False, float_format=lambda v: f"{v:.4f}"))
+        sections.append((f"Ranking {folder.name}: {title_of(summary)}", "\n".join(parts)))
+    agreement = agreement_figure(run.path)
+    if agreement is not None:
+        sections.append(("Agreement between rankings", _img(agreement, "top overlap between rankings")))
+    for path in sorted(run.path.glob("select-*/report.json")):
+        verdicts = json.loads(path.read_text(encoding="utf-8")).get("verdicts", [])
+        body = "".join(f"<li>{html.escape(str(line))}</li>" for line in verdicts)
+        sections.append((f"Selection verdicts {path.parent.name}", f"<ul>{body}</ul>" if body else "<p>none yet</p>"))
+    for path in sorted(run.path.glob("**/lds.json")):
+        methods = pd.DataFrame(json.loads(path.read_text(encoding="utf-8")).get("methods", []))
+        sections.append((f"LDS {path.parent.relative_to(run.path)}",
+                         methods.to_html(index=False, float_format=lambda v: f"{v:+.3f}") if len(methods) else ""))
+    page = _page(f"influence report: {run.path.name}", sections)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(page, encoding="utf-8")
+    return target
+
+
+def _img(fig, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{_png(fig)}">'
+
+
+def _page(title: str, sections: list[tuple[str, str]]) -> str:
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+             "img{max-width:100%;display:block;margin:1em 0}table{border-collapse:collapse;font-size:90%}"
+             "td,th{border:1px solid #ccc;padding:2px 6px}pre{background:#f6f6f6;padding:1em;overflow-x:auto}")
+    body = "\n".join(f"<section><h2>{html.escape(name)}</h2>\n{content}</section>" for name, content in sections)
+    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head>\n<body><h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n")
