@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -176,8 +177,13 @@ def project_grads(
     shard: tuple[int, int] | None = None,
     workers: int = 1,
     cooperative: bool = False,
+    dry_run: bool = False,
 ) -> list[CollectReport]:
     """Compute and store projected gradient features for every checkpoint of a run.
+
+    Before any work it prints the cost: the backward passes left to do (examples x checkpoints x
+    objectives, minus what the stores already hold), timed on one batch of this run's examples on this
+    machine, and the bytes the stores will take; ``dry_run`` stops there.
 
     The pool gets the features named in ``train_gradients``: ``adam`` (LESS's Adam feature, the
     default), ``sgd`` (the plain gradient, for TracIn), ``margin`` (the gradient of TRAK's model output
@@ -196,7 +202,7 @@ def project_grads(
     """
     if workers < 1:
         raise InfluenceError(f"--workers must be at least 1, got {workers}")
-    if workers > 1:
+    if workers > 1 and not dry_run:
         return _with_workers(workers, dict(run_dir=run_dir, target=target, proj_dim=proj_dim, seed=seed,
                                            batch_size=batch_size, chunk_size=chunk_size, target_tasks=target_tasks,
                                            include_train=include_train, device=device, train_gradients=train_gradients,
@@ -208,7 +214,7 @@ def project_grads(
     with writer_lock(run_dir, "project-grads", shared=not overwrite):
         return _project_grads(run_dir, target, proj_dim, seed, batch_size, chunk_size, target_tasks, include_train,
                               overwrite, progress, device, train_gradients, shard,
-                              cooperative or shard is not None or _world_size() > 1)
+                              cooperative or shard is not None or _world_size() > 1, dry_run)
 
 
 def _world_size() -> int:
@@ -248,7 +254,7 @@ def _with_workers(workers: int, kwargs: dict, progress: bool) -> list[CollectRep
 
 
 def _project_grads(run_dir, target, proj_dim, seed, batch_size, chunk_size, target_tasks, include_train, overwrite,
-                   progress, device, train_gradients, shard, cooperative) -> list[CollectReport]:
+                   progress, device, train_gradients, shard, cooperative, dry_run=False) -> list[CollectReport]:
     dims = sorted({int(d) for d in ([proj_dim] if isinstance(proj_dim, int) else proj_dim)})
     check_sizes(batch_size=batch_size, chunk_size=chunk_size, proj_dim=min(dims, default=0))
     train_types = [train_gradients] if isinstance(train_gradients, str) else list(train_gradients)
@@ -281,6 +287,7 @@ def _project_grads(run_dir, target, proj_dim, seed, batch_size, chunk_size, targ
     projectors: dict[int, Projector] = {}
     encodings: dict[str, list[Encoded]] = {}
     reports = []
+    estimated = False
     for checkpoint in run.checkpoints():
         base, tokenizer, fingerprint = run.load_base_model(device)
         model, device = place(load_adapter(base, checkpoint.path), device)
@@ -288,9 +295,19 @@ def _project_grads(run_dir, target, proj_dim, seed, batch_size, chunk_size, targ
         if not projectors:
             projectors = {dim: Projector(hooks.dim, dim, seed) for dim in dims}
         adapter_hash = checkpoint.adapter_sha256()
-        for dataset, examples, types, extra in datasets:
+        for dataset, examples, _, _ in datasets:
             if dataset not in encodings:  # the tokenizer is the same at every checkpoint
                 encodings[dataset] = [encode_example(e, tokenizer, run.max_length) for e in examples]
+        if not estimated:
+            estimated = True
+            cost = estimate_cost(hooks, run, datasets, encodings, dims, batch_size, tokenizer.pad_token_id, device,
+                                 overwrite)
+            if progress or dry_run:
+                print(cost.text(), file=sys.stderr, flush=True)
+            if dry_run:
+                hooks.remove()
+                return []
+        for dataset, examples, types, extra in datasets:
             encoded = encodings[dataset]
             ids = [e.id for e in examples]
             for objective in OBJECTIVES:
@@ -341,6 +358,59 @@ def _project_grads(run_dir, target, proj_dim, seed, batch_size, chunk_size, targ
         hooks.remove()
         del model, base
     return reports
+
+
+@dataclass
+class Cost:
+    """What ``project-grads`` has left to do and what it will take (measured on this machine)."""
+
+    backward_examples: int  # example x checkpoint x objective backward passes not yet stored
+    seconds_per_example: float
+    store_bytes: int  # the stores' size when complete (gradients; the small columns aside)
+    done_fraction: float
+
+    def text(self) -> str:
+        hours = self.backward_examples * self.seconds_per_example / 3600
+        return (f"project-grads: {self.backward_examples} example backward passes left ({self.done_fraction:.0%} "
+                f"already stored), ~{self.seconds_per_example:.3f} s each measured here: ~{hours * 60:.1f} min "
+                f"for one process; stores ~{self.store_bytes / 2**30:.2f} GiB when complete")
+
+
+def estimate_cost(hooks: LoraGradients, run: Run, datasets, encodings: dict[str, list[Encoded]], dims: list[int],
+                  batch_size: int, pad_token_id: int, device, overwrite: bool) -> Cost:
+    """Time one batch of median-length examples (after a warm-up batch) and count the work left."""
+    checkpoints = run.checkpoints()
+    total = done = store_bytes = 0
+    for dataset, examples, types, _ in datasets:
+        objectives = {OBJECTIVE_OF[t] for t in types}
+        for checkpoint in checkpoints:
+            store_bytes += len(examples) * sum(dims) * 2 * len(types)
+            for objective in objectives:
+                total += len(examples)
+                keys = [gradient_dataset(dataset, t) for t in types if OBJECTIVE_OF[t] == objective]
+                done += 0 if overwrite else min(_stored_rows(run, key, checkpoint.name, dims) for key in keys)
+    pool = max((encodings[d] for d, *_ in datasets), key=len)
+    order = np.argsort([len(e.input_ids) for e in pool])
+    middle = [pool[i] for i in order[len(order) // 2 : len(order) // 2 + batch_size]]
+    batch = {k: v.to(device) for k, v in collate(middle, pad_token_id).items()}
+    hooks.compute(batch, "loss")  # allocations and kernels warmed up
+    started = time.perf_counter()
+    hooks.compute(batch, "loss")
+    seconds = (time.perf_counter() - started) / len(middle)
+    return Cost(total - done, seconds, store_bytes, done / max(total, 1))
+
+
+def _stored_rows(run: Run, key: str, checkpoint: str, dims: list[int]) -> int:
+    """Rows already stored for ``key`` at every dimension (0 where a store does not exist yet)."""
+    rows = []
+    for dim in dims:
+        try:
+            store = GradientStore.open(run.store_path, grads_group(dim, key, checkpoint))
+        except InfluenceError:
+            return 0
+        rows.append(sum(store.chunk_bounds(i)[1] - store.chunk_bounds(i)[0] for i in range(store.n_chunks)
+                        if store.is_done(i)))
+    return min(rows)
 
 
 def _remove_legacy_stores(root: Path) -> None:

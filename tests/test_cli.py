@@ -236,3 +236,19 @@ def test_rank_never_overwrites_another_ranking_and_prints_json(tiny_run, tmp_pat
     assert result.exit_code == 0, result.output
     printed = json.loads(result.stdout)
     assert printed[0]["method"] == "nll" and printed[0]["folder"] == out and printed[0]["n_selected"] >= 1
+
+
+def test_project_grads_prints_its_cost_first_and_dry_run_stops_there(tiny_run, tmp_path):
+    runner = CliRunner()
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run["run"], run, ignore=shutil.ignore_patterns("grads.zarr"))
+    base = ["project-grads", "--run", str(run), "--target", tiny_run["target"], "--proj-dim", "32", "--chunk-size", "5"]
+    result = runner.invoke(main, base + ["--dry-run"])
+    assert result.exit_code == 0, result.output
+    # 23 pool + 6 target examples at 2 checkpoints; 29 x 32 dims x 2 bytes x 2 checkpoints
+    assert "58 example backward passes left (0% already stored)" in result.output and "GiB" in result.output
+    assert not (run / "grads.zarr").exists() or not any((run / "grads.zarr").rglob("done"))
+    result = runner.invoke(main, base)
+    assert result.exit_code == 0 and "58 example backward passes left" in result.output
+    result = runner.invoke(main, base + ["--dry-run"])
+    assert "0 example backward passes left (100% already stored)" in result.output

@@ -114,3 +114,25 @@ def test_refuses_non_run_folder(tmp_path, pool_files):
     with pytest.raises(RunError, match="not an influence run"):
         warmup(WarmupConfig(model="tiny-llama", train_files=pool_files, out=str(tmp_path)), progress=False)
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_the_cost_estimate_changes_nothing_and_dry_run_writes_nothing(tmp_path, pool_files, capsys):
+    from safetensors.torch import load_file
+
+    from influence.models import LoraSettings
+    from influence.run import Run
+    from influence.train.warmup import WarmupConfig, warmup
+
+    def config(out):  # dropout on: the timed step must leave the random state as it was
+        return WarmupConfig(model="tiny-llama", train_files=pool_files, out=str(tmp_path / out), fraction=0.5,
+                            epochs=1, learning_rate=5e-3, batch_size=4, grad_accum=1, max_length=64,
+                            lora=LoraSettings(4, 16, 0.1, ["q_proj", "v_proj"]))
+
+    assert warmup(config("dry"), dry_run=True) is None and not (tmp_path / "dry").exists()
+    assert "warm-up: 16 examples x 1 epochs" in capsys.readouterr().err
+    warmup(config("quiet"), progress=False)
+    warmup(config("loud"), progress=True)
+    assert "ms per token measured here" in capsys.readouterr().err
+    quiet = load_file(str(Run(tmp_path / "quiet").checkpoints()[0].adapter_file))
+    loud = load_file(str(Run(tmp_path / "loud").checkpoints()[0].adapter_file))
+    assert all(torch.equal(quiet[k], loud[k]) for k in quiet)

@@ -30,7 +30,8 @@ from .common import (
 @click.option("--track-all", is_flag=True,
               help="Evaluate the whole pool after every epoch (training dynamics and forgetting for every example).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out after its last checkpoint.")
-def warmup(track_all, resume, **settings) -> None:
+@click.option("--dry-run", is_flag=True, help="Print the cost (a training step timed here) and stop; writes nothing.")
+def warmup(track_all, resume, dry_run, **settings) -> None:
     """Short LoRA warm-up on a random fraction of the pool; keeps a checkpoint per epoch."""
     from ..train.warmup import warmup as run_warmup
 
@@ -42,9 +43,11 @@ def warmup(track_all, resume, **settings) -> None:
             config = resumed_config(settings["out"], given)
         else:
             config = warmup_config(**settings, track_all=track_all)
-        run = run_warmup(config, resume=resume)
+        run = run_warmup(config, resume=resume, dry_run=dry_run)
     except InfluenceError as err:
         fail(err)
+    if run is None:  # dry run
+        return
     m = run.manifest
     click.echo(
         f"warm-up done in {m['wall_seconds']} s: {len(m['warmup_ids'])} of {m['pool_size']} examples, "
@@ -71,8 +74,9 @@ def warmup(track_all, resume, **settings) -> None:
               help="Processes that split the chunks (each with its share of the CPU threads). On GPUs: "
                    "torchrun --nproc-per-node N -m influence project-grads --run-dir RUN ...")
 @click.option("--shard", default=None, help="Only chunks c with c % n == i (i/n): a static split for job arrays.")
+@click.option("--dry-run", is_flag=True, help="Print the cost (measured on one batch here) and stop.")
 def project_grads(run_dir, target, target_tasks, proj_dim, seed, batch_size, chunk_size, skip_train, overwrite,
-                  device, train_gradient, workers, shard) -> None:
+                  device, train_gradient, workers, shard, dry_run) -> None:
     """Per-example LoRA gradients of the pool (Adam) and the target (SGD), projected, into Zarr."""
     from ..collect import project_grads as run_project
     from ..units import parse_worker
@@ -83,7 +87,7 @@ def project_grads(run_dir, target, target_tasks, proj_dim, seed, batch_size, chu
         reports = run_project(run_dir, target, dims, seed, batch_size, chunk_size, tasks,
                               include_train=not skip_train, overwrite=overwrite, device=device,
                               train_gradients=split_list(train_gradient) or [], shard=parse_worker(shard, "--shard"),
-                              workers=workers)
+                              workers=workers, dry_run=dry_run)
     except InfluenceError as err:
         fail(err)
     for r in reports:

@@ -8,6 +8,7 @@ match), which forgetting-event statistics are computed from.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -106,22 +107,64 @@ def _check_resumable(out: Path, config: WarmupConfig) -> dict:
     return manifest
 
 
-def warmup(config: WarmupConfig, progress: bool = True, resume: bool = False) -> Run:
+def warmup(config: WarmupConfig, progress: bool = True, resume: bool = False, dry_run: bool = False) -> Run | None:
     """Run the warm-up and return the run directory.
 
     Refuses to overwrite an existing run; with ``resume`` an interrupted run with the same settings
     continues after its last complete checkpoint (adapter, Adam state, scheduler, RNG and dynamics are
-    restored, so the result equals an uninterrupted run).
+    restored, so the result equals an uninterrupted run). With ``progress`` it prints the cost first (a
+    training step timed here); ``dry_run`` prints it and stops, writing nothing.
     """
     config.check()
     check_model_name(config.model)
     pool = load_pool(config.train_files, config.columns)  # validates every file before anything is written
+    if dry_run:
+        print(_estimate(config, pool), file=sys.stderr, flush=True)
+        return None
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise RunError(f"{out}: exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     with writer_lock(out, "warmup"):
         return _warmup(config, pool, out, progress, resume)
+
+
+def seconds_per_token(trainer: LoraTrainer, encoded: list[Encoded]) -> float:
+    """One training step's forward and backward on a batch of median-length examples, timed (after a
+    warm-up call) per padded token. The RNG is restored and the gradients dropped: training is unchanged."""
+    order = np.argsort([len(e.input_ids) for e in encoded])
+    middle = [encoded[i] for i in order[len(order) // 2 : len(order) // 2 + trainer.settings.batch_size]]
+    batch = {k: v.to(trainer.device) for k, v in collate(middle, trainer.pad_token_id).items()}
+    was_training = trainer.model.training
+    trainer.model.train()
+    with torch.random.fork_rng(devices=[trainer.device] if trainer.device.type == "cuda" else []):
+        for _ in range(2):  # the second call is timed
+            started = time.perf_counter()
+            forward_response(trainer.model, batch).losses.sum().backward()
+            trainer.model.zero_grad(set_to_none=True)
+    trainer.model.train(was_training)
+    return (time.perf_counter() - started) / (max(len(e.input_ids) for e in middle) * len(middle))
+
+
+def _cost_text(trainer: LoraTrainer, encoded: list[Encoded], config: WarmupConfig) -> str:
+    from .subsets import padded_tokens
+
+    per_token = seconds_per_token(trainer, encoded)
+    lengths = np.array([len(e.input_ids) for e in encoded])
+    seconds = per_token * padded_tokens(lengths, config.batch_size, shuffle=True) * config.epochs
+    return (f"warm-up: {len(encoded)} examples x {config.epochs} epochs ({trainer.total_steps} optimizer steps), "
+            f"~{per_token * 1e3:.2f} ms per token measured here: ~{seconds / 60:.1f} min")
+
+
+def _estimate(config: WarmupConfig, pool: list[Example]) -> str:
+    """The cost of the warm-up ``config`` describes, measured on a throwaway adapter."""
+    device = choose_device()
+    model, tokenizer = load_base_model(config.model, config.loading.resolved(device), device)
+    chosen = sample_fraction(len(pool), config.fraction, config.seed)
+    encoded, _ = encode_all([pool[i] for i in chosen], tokenizer, config.max_length)
+    model, device = place(add_lora(model, config.lora, config.seed), device)
+    trainer = LoraTrainer(model, encoded, [pool[i].id for i in chosen], config, tokenizer.pad_token_id, device)
+    return _cost_text(trainer, encoded, config)
 
 
 # What an interrupted first start leaves in a run folder: a retry may go ahead over them.
@@ -149,6 +192,8 @@ def _warmup(config: WarmupConfig, pool: list[Example], out: Path, progress: bool
                        f"started with ({fingerprint} vs {previous.get('model_fingerprint')})")
     model, device = place(add_lora(model, config.lora, config.seed), device)
     trainer = LoraTrainer(model, encoded, [e.id for e in examples], config, tokenizer.pad_token_id, device)
+    if progress and previous is None:
+        print(_cost_text(trainer, encoded, config), file=sys.stderr, flush=True)
 
     done_epochs = 0
     if previous is not None:
