@@ -98,6 +98,7 @@ class LoraSettings:
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ATTENTION = ("eager", "sdpa", "flash_attention_2", "flex_attention")
+CHAT_FORMATS = ("auto", "template", "tulu")
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,9 @@ class ModelLoading:
         "help": "Spread the model over devices (e.g. auto; needs accelerate) instead of moving it to --device."})
     gradient_checkpointing: bool = field(default=False, metadata={
         "help": "Recompute activations in the backward pass when training (less memory, ~30% more time)."})
+    chat_format: str = field(default="auto", metadata={"choices": CHAT_FORMATS, "help":
+                             "How examples become text: the tokenizer's chat template, LESS's Tulu format "
+                             "(<|user|>/<|assistant|>), or auto (the template when the tokenizer has one)."})
 
     def resolved(self, device: torch.device) -> ModelLoading:
         """The same settings with ``auto`` replaced by the dtype chosen for ``device``."""
@@ -270,6 +274,11 @@ def _load_base_model(name: str, loading: ModelLoading):
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if loading.chat_format == "tulu":  # every stage encodes through this tokenizer: no template, Tulu's format
+        tokenizer.chat_template = None
+    elif loading.chat_format == "template" and not getattr(tokenizer, "chat_template", None):
+        raise InfluenceError(f"--chat-format template: the tokenizer of {name} has no chat template; use "
+                             "--chat-format tulu (or auto)")
     if loading.gradient_checkpointing:
         # Active only in train mode (transformers checks self.training): gradient extraction runs the
         # model in eval mode, where the hooks must see each forward once.
@@ -279,6 +288,17 @@ def _load_base_model(name: str, loading: ModelLoading):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.eval()
     return model, tokenizer
+
+
+def tokenizer_fingerprint(tokenizer) -> dict[str, str]:
+    """The chat format in use and a hash of the tokenizer (vocabulary, merges, normalisation, special
+    tokens, chat template): a run's token ids are only comparable under the same ones."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocabulary = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    template = getattr(tokenizer, "chat_template", None) or ""
+    special = json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)
+    digest = hashlib.sha256("\x00".join([vocabulary, template, special]).encode()).hexdigest()
+    return {"chat_format": "template" if template else "tulu", "tokenizer_sha256": digest}
 
 
 def model_fingerprint(name: str, model) -> str:

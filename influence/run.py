@@ -176,11 +176,15 @@ class Run:
     def load_base_model(self, device=None):
         """(model, tokenizer, fingerprint): the run's base model, loaded as at warm-up and refused when its
         weights are not those the warm-up trained on."""
-        from .models import load_base_model, model_fingerprint
+        from .models import load_base_model, model_fingerprint, tokenizer_fingerprint
 
         model, tokenizer = load_base_model(self.model_name, self.model_loading, device)
         fingerprint = model_fingerprint(self.model_name, model)
         self.check_model_unchanged(fingerprint)
+        recorded = self.manifest.get("tokenizer")
+        if recorded is not None and tokenizer_fingerprint(tokenizer) != recorded:
+            raise RunError(f"{self.path}: the tokenizer or chat format of '{self.model_name}' is not the one the warm-up "
+                           f"used ({tokenizer_fingerprint(tokenizer)} now, {recorded} then); its token ids would differ")
         return model, tokenizer, fingerprint
 
     def pool(self):

@@ -102,3 +102,35 @@ def test_loading_options_on_the_command_line(tmp_path, pool):
     assert result.exit_code == 0, result.output
     recorded = Run(tmp_path / "r").manifest["model_loading"]
     assert recorded["dtype"] == "fp32" and recorded["attn_implementation"] == "eager"
+
+
+def test_chat_format_is_chosen_recorded_and_checked(tmp_path, pool):
+    from influence.errors import InfluenceError
+    from influence.models import tokenizer_fingerprint
+
+    with pytest.raises(InfluenceError, match="has no chat template"):
+        load_base_model("tiny-llama", ModelLoading(chat_format="template"))
+    warmup(_config(tmp_path / "run", pool, chat_format="tulu"), progress=False)
+    manifest_file = tmp_path / "run" / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    assert manifest["tokenizer"]["chat_format"] == "tulu" and len(manifest["tokenizer"]["tokenizer_sha256"]) == 64
+    _, tokenizer = load_base_model("tiny-llama")
+    assert tokenizer_fingerprint(tokenizer) == manifest["tokenizer"]
+    manifest["tokenizer"]["tokenizer_sha256"] = "0" * 64  # as if the tokenizer files had been replaced
+    manifest_file.write_text(json.dumps(manifest))
+    with pytest.raises(Exception, match="tokenizer or chat format"):
+        Run(tmp_path / "run").load_base_model(torch.device("cpu"))
+
+
+def test_tulu_format_replaces_a_chat_template():
+    from influence.data import Example
+    from influence.templates import encode_example
+
+    model, tokenizer = load_base_model("tiny-llama")
+    from .conftest import CHATML
+
+    tokenizer.chat_template = CHATML
+    example = Example("x", "x", [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], {})
+    assert "<|im_start|>" in tokenizer.decode(encode_example(example, tokenizer, 64).input_ids)
+    tokenizer.chat_template = None  # what --chat-format tulu does at load
+    assert "<|user|>" in tokenizer.decode(encode_example(example, tokenizer, 64).input_ids)

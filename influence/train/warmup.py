@@ -21,7 +21,16 @@ from safetensors.torch import load_file
 from ..data import Columns, Example, file_sha256, load_pool
 from ..errors import InfluenceError, RunError
 from ..losses import forward_response
-from ..models import ModelLoading, add_lora, check_model_name, choose_device, load_base_model, model_fingerprint, place
+from ..models import (
+    ModelLoading,
+    add_lora,
+    check_model_name,
+    choose_device,
+    load_base_model,
+    model_fingerprint,
+    place,
+    tokenizer_fingerprint,
+)
 from ..progress import progress_bar
 from ..run import Run, atomic_write, package_versions, provenance, save_checkpoint, write_manifest
 from ..store import LOCK_FILE, writer_lock
@@ -187,6 +196,9 @@ def _warmup(config: WarmupConfig, pool: list[Example], out: Path, progress: bool
     model, tokenizer = load_base_model(config.model, loading, device)
     encoded, n_truncated = encode_all(examples, tokenizer, config.max_length)
     fingerprint = model_fingerprint(config.model, model)
+    if previous is not None and previous.get("tokenizer") not in (None, tokenizer_fingerprint(tokenizer)):
+        raise RunError(f"{out}: cannot resume: the tokenizer or chat format differs from the run's "
+                       f"({tokenizer_fingerprint(tokenizer)} vs {previous['tokenizer']})")
     if previous is not None and previous.get("model_fingerprint") != fingerprint:
         raise RunError(f"{out}: cannot resume: the weights of --model {config.model} differ from those the run "
                        f"started with ({fingerprint} vs {previous.get('model_fingerprint')})")
@@ -210,6 +222,7 @@ def _warmup(config: WarmupConfig, pool: list[Example], out: Path, progress: bool
         "model": config.model,
         "model_fingerprint": fingerprint,
         "model_loading": asdict(loading),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
         "config": _config_dict(config),
         "train_files": [{"path": str(Path(p).resolve()), "sha256": file_sha256(p)} for p in config.train_files],
         "pool_size": len(pool),
