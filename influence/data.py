@@ -268,7 +268,11 @@ def load_examples(path: str | Path, source: str | None = None, columns: Columns 
     ``source`` (default: the file name) prefixes the ids of records without their own: ``<source>#<index>``,
     index from 0 in file order. ``columns`` names the fields of records in other layouts.
     """
+    if is_dataset_spec(path):
+        return _examples_from_records(Path(str(path)), _dataset_records(str(path)), source or source_name(path), columns)
     path = Path(path)
+    if path.is_dir():
+        raise DataFormatError(str(path), "a folder, but not one written by the datasets library's save_to_disk")
     if not path.is_file():
         raise DataFormatError(str(path), "file not found")
     source = source or path.name
@@ -380,7 +384,8 @@ def _check_unique_ids(examples: list[Example], where: str) -> None:
 
 
 def load_pool(paths: Sequence[str | Path], columns: Columns | None = None) -> list[Example]:
-    """Load several files into one pool. Sources are file names, made unique with parent folders."""
+    """Load several sources (files, ``save_to_disk`` folders, ``hf:<id>[:<split>]``) into one pool. Sources
+    are file names, made unique with parent folders."""
     problems = (columns or Columns()).problems()
     if problems:
         raise DataFormatError(str(paths[0]) if paths else "--train", "; ".join(problems))
@@ -396,6 +401,94 @@ def load_pool(paths: Sequence[str | Path], columns: Columns | None = None) -> li
     if len(paths) > 1:
         _check_unique_ids(pool, ", ".join(names))
     return pool
+
+
+HUB_PREFIX = "hf:"
+
+
+def is_hub_spec(spec: str) -> bool:
+    """``hf:<org>/<name>[:<split>]``: a dataset on the Hugging Face hub (split ``train`` by default)."""
+    return spec.startswith(HUB_PREFIX)
+
+
+def _is_dataset_folder(path: Path) -> bool:
+    """A folder written by ``datasets``' ``save_to_disk`` (a Dataset, or a DatasetDict of splits)."""
+    return path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file())
+
+
+def is_dataset_spec(spec: str | Path) -> bool:
+    """A Hugging Face dataset: a hub spec, or a ``save_to_disk`` folder (``folder:split`` for one split)."""
+    text = str(spec)
+    return is_hub_spec(text) or _is_dataset_folder(Path(text)) or (
+        not Path(text).exists() and ":" in text and _is_dataset_folder(Path(text.rpartition(":")[0])))
+
+
+def source_name(spec: str | Path) -> str:
+    """The name an example's id and ``source`` carry: the file or folder name, or the hub id (and split)."""
+    text = str(spec)
+    return text[len(HUB_PREFIX):] if is_hub_spec(text) else Path(text).name
+
+
+def _load_dataset(spec: str):
+    """A ``datasets.Dataset`` from a hub spec or a ``save_to_disk`` folder (``folder:split`` for a
+    DatasetDict), through the ``datasets`` library."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataFormatError(spec, "reading Hugging Face datasets needs the datasets library: pip install datasets") from None
+    if is_hub_spec(spec):
+        name, _, split = spec[len(HUB_PREFIX):].partition(":")
+        try:
+            return datasets.load_dataset(name, split=split or "train")
+        except Exception as err:  # the hub client raises many kinds (offline, no such dataset, no such split)
+            raise DataFormatError(spec, f"cannot load it from the Hugging Face hub ({str(err).splitlines()[0]}); "
+                                  "offline, save it with save_to_disk and give the folder") from None
+    folder, _, split = spec.rpartition(":") if not Path(spec).exists() else (spec, "", "")
+    try:
+        loaded = datasets.load_from_disk(folder)
+    except Exception as err:  # a damaged folder: datasets raises several kinds
+        raise DataFormatError(spec, f"not a readable save_to_disk folder ({str(err).splitlines()[0]})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if len(loaded) == 1 and not split:
+            return next(iter(loaded.values()))
+        if split not in loaded:
+            raise DataFormatError(spec, f"holds the splits {', '.join(loaded)}: name one as {folder}:<split>")
+        return loaded[split]
+    return loaded
+
+
+def _dataset_records(spec: str) -> list[tuple[int, dict]]:
+    """(row number, record) of a Hugging Face dataset."""
+    return [(i + 1, {k: v for k, v in row.items() if v is not None}) for i, row in enumerate(_load_dataset(spec))]
+
+
+def source_sha256(spec: str | Path) -> str:
+    """What identifies a data source's content: a file's sha256, a folder's over its files, or for a
+    hub dataset the ``datasets`` fingerprint of the split (loaded from the local cache)."""
+    text = str(spec)
+    if is_hub_spec(text):
+        return "datasets:" + _load_dataset(text)._fingerprint
+    path = Path(text.rpartition(":")[0] if not Path(text).exists() and ":" in text else text)
+    if path.is_dir():
+        digest = hashlib.sha256(text[len(str(path)):].encode())  # the split, if one is named
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(f"{file.relative_to(path)}|{file_sha256(file)}|".encode())
+        return digest.hexdigest()
+    return file_sha256(path)
+
+
+def source_exists(spec: str | Path) -> bool:
+    text = str(spec)
+    return is_hub_spec(text) or Path(text).exists() or is_dataset_spec(text)
+
+
+def resolved_source(spec: str | Path) -> str:
+    """A source as the run records it: files and folders by absolute path, hub specs as given."""
+    text = str(spec)
+    if is_hub_spec(text):
+        return text
+    folder, _, split = text.rpartition(":") if is_dataset_spec(text) and not Path(text).exists() else (text, "", "")
+    return str(Path(folder).resolve()) + (f":{split}" if split else "")
 
 
 def file_sha256(path: str | Path) -> str:

@@ -32,7 +32,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .data import file_sha256
+from .data import file_sha256, source_exists, source_sha256
 from .errors import RunError
 
 MANIFEST = "manifest.json"
@@ -232,9 +232,9 @@ class Run:
     def check_data_unchanged(self) -> None:
         """The pool files must be byte-identical to those the warm-up saw (ids are file positions)."""
         for entry in self.manifest["train_files"]:
-            if not Path(entry["path"]).is_file():
+            if not source_exists(entry["path"]):
                 raise RunError(f"{entry['path']}: training file of this run is missing")
-            if file_sha256(entry["path"]) != entry["sha256"]:
+            if source_sha256(entry["path"]) != entry["sha256"]:
                 raise RunError(f"{entry['path']}: training file changed since the warm-up (sha256 differs)")
 
 

@@ -197,14 +197,18 @@ def select(
 
 def write_outputs(
     out: Path, table: pd.DataFrame, selected: pd.DataFrame, pool: list[Example], scores: Scores, selection: dict,
-    warnings: list[str] | None = None, notes: list[str] | None = None,
+    warnings: list[str] | None = None, notes: list[str] | None = None, hf_dataset: bool = False,
 ) -> None:
     out.mkdir(parents=True, exist_ok=True)
     table[["id", "source", "score", "rank", "finite"]].to_csv(out / "scores.csv", index=False)
     table.drop(columns=["pool_index"]).to_parquet(out / "scores.parquet", index=False)
+    records = [selected_record(pool[int(index)], score, rank)
+               for index, score, rank in zip(selected["pool_index"], selected["score"], selected["rank"])]
     with open(out / "selected.jsonl", "w", encoding="utf-8") as fh:
-        for index, score, rank in zip(selected["pool_index"], selected["score"], selected["rank"]):
-            fh.write(json.dumps(selected_record(pool[int(index)], score, rank), ensure_ascii=False) + "\n")
+        for record in records:
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+    if hf_dataset:
+        save_selection_dataset(records, out / "selected_dataset")
     summary = {
         "method": scores.method,
         "target_name": selection.get("target_name"),
@@ -230,6 +234,22 @@ def selected_record(example: Example, score: float, rank: int) -> dict:
     if example.task is not None:
         record["task"] = example.task
     return record
+
+
+def save_selection_dataset(records: list[dict], folder: Path) -> None:
+    """The selection as a Hugging Face dataset folder (``datasets.load_from_disk``; ``--train`` reads it
+    too). Original records of a mixed pool differ in fields, so ``original`` is kept as JSON text."""
+    import datasets
+
+    rows = [{**{k: v for k, v in r.items() if k != "original"}, "original": json.dumps(r["original"], ensure_ascii=False)}
+            for r in records]
+    features = datasets.Features({
+        "id": datasets.Value("string"), "score": datasets.Value("float64"), "rank": datasets.Value("int64"),
+        "messages": [{"role": datasets.Value("string"), "content": datasets.Value("string")}],
+        "source": datasets.Value("string"), "original": datasets.Value("string"), "task": datasets.Value("string"),
+    })
+    rows = [{"task": None, **row} for row in rows]
+    datasets.Dataset.from_list(rows, features=features).save_to_disk(str(folder))
 
 
 def check_output_folder(folder: Path, method: str, target: str | None) -> None:
@@ -369,6 +389,7 @@ def rank_many(
     diversify: Diversify | str | None = None,
     space: str | None = None,
     overwrite: bool = False,
+    hf_dataset: bool = False,
     **options,
 ) -> dict[str | None, pd.DataFrame]:
     """:func:`rank` for several targets at once: one output folder per target (see
@@ -418,7 +439,7 @@ def rank_many(
             warnings.append("another influence process was writing to this run while it was ranked (only complete, "
                             "checked stores were read)")
         write_outputs(folder, table, selected, pool, scores, selection, warnings,
-                      selection_notes(table, selected, mode, fraction, top_k))
+                      selection_notes(table, selected, mode, fraction, top_k), hf_dataset)
         results[target] = table
     return results
 

@@ -252,3 +252,16 @@ def test_project_grads_prints_its_cost_first_and_dry_run_stops_there(tiny_run, t
     assert result.exit_code == 0 and "58 example backward passes left" in result.output
     result = runner.invoke(main, base + ["--dry-run"])
     assert "0 example backward passes left (100% already stored)" in result.output
+
+
+def test_selection_as_a_hugging_face_dataset(tiny_run, tmp_path):
+    from influence.data import load_examples
+
+    out = tmp_path / "r"
+    result = CliRunner().invoke(main, ["rank", "--run", tiny_run["run"], "--target", tiny_run["target"], "--space", "none",
+                                       "--fraction", "0.3", "--out", str(out), "--hf-dataset"])
+    assert result.exit_code == 0, result.output
+    from_jsonl = load_examples(out / "selected.jsonl")
+    from_dataset = load_examples(out / "selected_dataset")
+    assert [e.id for e in from_dataset] == [e.id for e in from_jsonl] and len(from_jsonl) == 6
+    assert [e.messages for e in from_dataset] == [e.messages for e in from_jsonl]

@@ -205,3 +205,35 @@ def test_mmlu_csv_files_are_targets(tmp_path):
     examples = load_target(str(path))
     assert [e.task for e in examples] == ["anatomy", "anatomy"] and examples[1].response == " D"
     assert examples[0].choices == [" A", " B", " C", " D"] and "about anatomy" in examples[0].messages[0]["content"]
+
+
+def test_hugging_face_datasets(tmp_path, monkeypatch):
+    import datasets
+
+    from influence.models import LoraSettings
+    from influence.run import Run
+    from influence.train.warmup import WarmupConfig, warmup
+
+    datasets.Dataset.from_list(RECORDS).save_to_disk(str(tmp_path / "one"))
+    examples = load_examples(tmp_path / "one")
+    assert _messages(examples) == _messages(load_examples(write_jsonl(tmp_path / "p.jsonl", RECORDS)))
+    assert examples[0].id == "one#0" and examples[0].task == "add"
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_list(RECORDS[:3]),
+                                   "test": datasets.Dataset.from_list(RECORDS[3:])})
+    splits.save_to_disk(str(tmp_path / "both"))
+    with pytest.raises(DataFormatError, match="holds the splits train, test: name one as"):
+        load_examples(tmp_path / "both")
+    assert len(load_examples(f"{tmp_path / 'both'}:test")) == 2
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(DataFormatError, match="not one written by the datasets library"):
+        load_examples(tmp_path / "plain")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(DataFormatError, match="hf:nobody/nothing: cannot load it from the Hugging Face hub"):
+        load_examples("hf:nobody/nothing")
+    warmup(WarmupConfig(model="tiny-llama", train_files=[f"{tmp_path / 'both'}:train"], out=str(tmp_path / "run"),
+                        fraction=1.0, epochs=1, batch_size=4, grad_accum=1, max_length=64,
+                        lora=LoraSettings(4, 8, 0.0, ["q_proj"])), progress=False)
+    run = Run(tmp_path / "run")
+    run.check_data_unchanged()
+    assert len(run.pool()) == 3

@@ -95,8 +95,10 @@ def warmup_options(command):
 
     command = click_options(WarmupConfig, exclude=("track_all",))(command)
     command = click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory to create.")(command)
-    command = click.option("--train", "train_files", multiple=True, type=click.Path(dir_okay=False),
-                           help="Pool file (.jsonl/.json/.tsv); repeat for several. Default: the embedded demo pool.")(command)
+    command = click.option("--train", "train_files", multiple=True,
+                           help="Pool data: a file (.jsonl, .json, .tsv, each also .gz; .parquet; .csv), a Hugging Face "
+                                "save_to_disk folder (folder:split for one split) or hf:<org>/<name>[:<split>]; repeat for "
+                                "several. Default: the embedded demo pool.")(command)
     return click.option("--model", default="smollm2-135m", show_default=True,
                         help="Hugging Face id, local folder, 'smollm2-135m' (embedded) or 'tiny-llama' (tests).")(command)
 

@@ -155,11 +155,13 @@ def project_grads(run_dir, target, target_tasks, proj_dim, seed, batch_size, chu
               help="Output folder [default: RUN/rank-<method>-<target>].")
 @click.option("--overwrite", is_flag=True, help="Replace another method's or target's ranking in --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print each target's summary as JSON instead of the text report.")
+@click.option("--hf-dataset", is_flag=True, help="Also write the selection as a Hugging Face dataset folder "
+              "(OUT/selected_dataset, for datasets.load_from_disk).")
 @click.option("--show", default=0, show_default=True, help="Print this many top examples for a few subtasks.")
 @click.option("--show-tasks", default=None, help="Comma-separated subtasks to show (default: first 4).")
 def rank(run_dir, targets, method, fraction, top_k, mode, band, threshold, learned_threshold, proj_dim, target_tasks,
          seed, subsets, outcome, regression, estimator, lambda_reg, diversify, space, diversity_weight, min_distance,
-         clusters, balance, neighbours, eps, dask_address, out, overwrite, as_json, show, show_tasks) -> None:
+         clusters, balance, neighbours, eps, dask_address, out, overwrite, as_json, hf_dataset, show, show_tasks) -> None:
     """Score and rank the pool; write scores.csv, scores.parquet, selected.jsonl, summary.json."""
     from ..scoring import METHODS
     from ..selection import Diversify, example_text, output_folders, pool_by_id, rank_many, task_columns, top_for_task
@@ -178,7 +180,7 @@ def rank(run_dir, targets, method, fraction, top_k, mode, band, threshold, learn
             options["clusters"] = clusters
         plan = Diversify(diversify, diversity_weight, min_distance, clusters, balance) if diversify else None
         tables = rank_many(run_dir, targets, method, fraction, out, mode, band, threshold, top_k, plan, space,
-                           overwrite, **options)
+                           overwrite, hf_dataset, **options)
     except (InfluenceError, ValueError) as err:
         fail(err)
     pool = pool_by_id(run_dir) if show else {}

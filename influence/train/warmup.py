@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file
 
-from ..data import Columns, Example, file_sha256, load_pool
+from ..data import Columns, Example, load_pool, resolved_source, source_sha256
 from ..errors import InfluenceError, RunError
 from ..losses import forward_response
 from ..models import (
@@ -111,7 +111,7 @@ def _check_resumable(out: Path, config: WarmupConfig) -> dict:
             continue
         raise RunError(f"{out}: cannot resume: setting '{key}' is {value!r} here but {saved.get(key)!r} in the run")
     for entry in manifest["train_files"]:
-        if file_sha256(entry["path"]) != entry["sha256"]:
+        if source_sha256(entry["path"]) != entry["sha256"]:
             raise RunError(f"{entry['path']}: training file changed since the run started; cannot resume")
     return manifest
 
@@ -224,7 +224,7 @@ def _warmup(config: WarmupConfig, pool: list[Example], out: Path, progress: bool
         "model_loading": asdict(loading),
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "config": _config_dict(config),
-        "train_files": [{"path": str(Path(p).resolve()), "sha256": file_sha256(p)} for p in config.train_files],
+        "train_files": [{"path": resolved_source(p), "sha256": source_sha256(p)} for p in config.train_files],
         "pool_size": len(pool),
         "warmup_ids": [e.id for e in examples],
         "n_truncated": n_truncated,
