@@ -403,6 +403,19 @@ def load_pool(paths: Sequence[str | Path], columns: Columns | None = None) -> li
     return pool
 
 
+def examples_from_records(records: Sequence[dict], source: str = "records", columns: Columns | None = None) -> list[Example]:
+    """Examples from in-memory records (any supported record format), as if read from a file named
+    ``source``: ids are the records' own or ``<source>#<index>``."""
+    return _examples_from_records(Path(source), [(i + 1, r) for i, r in enumerate(records)], source, columns)
+
+
+def write_records(records: Sequence[dict], path: Path) -> Path:
+    """In-memory records as a JSONL file (so a run that trained on them can read them again)."""
+    examples_from_records(records, path.name)  # refuse bad records before writing anything
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
 HUB_PREFIX = "hf:"
 
 

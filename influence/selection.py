@@ -390,11 +390,13 @@ def rank_many(
     space: str | None = None,
     overwrite: bool = False,
     hf_dataset: bool = False,
+    write: bool = True,
     **options,
 ) -> dict[str | None, pd.DataFrame]:
     """:func:`rank` for several targets at once: one output folder per target (see
-    :func:`output_folders`); returns each target's full ranking. A folder holding another method's or
-    target's ranking is refused unless ``overwrite``."""
+    :func:`output_folders`); returns each target's full ranking (with a ``selected`` column). A folder
+    holding another method's or target's ranking is refused unless ``overwrite``; ``write=False``
+    writes nothing and only returns the tables."""
     diversify = Diversify(diversify) if isinstance(diversify, str) else diversify
     if diversify is not None:
         problems = diversify.problems() + ([] if mode == "top" else [f"--diversify picks from the top, not --select {mode}"])
@@ -418,7 +420,7 @@ def rank_many(
     run.check_data_unchanged()
     pool = run.pool()
     folders = output_folders(run_dir, method, targets, out)
-    if not overwrite:
+    if write and not overwrite:
         for target, folder in zip(targets, folders):
             check_output_folder(folder, method, target)
     writing = writer_active(run.path)  # stores read are complete and checked; say that a writer is at work
@@ -438,9 +440,10 @@ def rank_many(
         if writing:
             warnings.append("another influence process was writing to this run while it was ranked (only complete, "
                             "checked stores were read)")
-        write_outputs(folder, table, selected, pool, scores, selection, warnings,
-                      selection_notes(table, selected, mode, fraction, top_k), hf_dataset)
-        results[target] = table
+        if write:
+            write_outputs(folder, table, selected, pool, scores, selection, warnings,
+                          selection_notes(table, selected, mode, fraction, top_k), hf_dataset)
+        results[target] = table.assign(selected=table["id"].isin(selected["id"]))
     return results
 
 
@@ -480,7 +483,8 @@ def rank(
     outputs (see the module docstring) and return the full ranking. ``options`` go to the scoring
     function (e.g. ``learned_threshold`` for ``forgetting``, ``seed`` for ``random``, ``proj_dim``),
     except ``diversify`` (a :class:`Diversify` or an algorithm's name: diversity-aware selection of the
-    top) and ``space`` (where diversity is measured; default the run's gradients, ``"none"`` to skip)."""
+    top), ``space`` (where diversity is measured; default the run's gradients, ``"none"`` to skip) and
+    ``write=False`` (return the ranking, its ``selected`` column marking the selection, and write nothing)."""
     return rank_many(run_dir, [target], method, fraction, out, mode, band, threshold, top_k, **options)[target]
 
 

@@ -4,6 +4,7 @@ import shutil
 from pathlib import Path
 
 import pandas as pd
+import pytest
 from click.testing import CliRunner
 
 from influence.cli import main
@@ -265,3 +266,24 @@ def test_selection_as_a_hugging_face_dataset(tiny_run, tmp_path):
     from_dataset = load_examples(out / "selected_dataset")
     assert [e.id for e in from_dataset] == [e.id for e in from_jsonl] and len(from_jsonl) == 6
     assert [e.messages for e in from_dataset] == [e.messages for e in from_jsonl]
+
+
+def test_api_in_memory_records_and_a_ranking_without_files(tmp_path):
+    from influence import LoraSettings, WarmupConfig, rank, warmup
+    from influence.collect import project_grads
+
+    records = [{"prompt": f"Add {i} and 2.", "completion": f"{i + 2}", "id": f"r{i}"} for i in range(10)]
+    config = WarmupConfig(model="tiny-llama", train_files=[], out=str(tmp_path / "run"), fraction=1.0, epochs=1,
+                          learning_rate=5e-3, batch_size=4, grad_accum=1, max_length=64,
+                          lora=LoraSettings(4, 8, 0.0, ["q_proj"]))
+    run = warmup(config, progress=False, records=records)
+    assert [e.id for e in run.pool()] == [f"r{i}" for i in range(10)]
+    target = tmp_path / "t.jsonl"
+    target.write_text(json.dumps({"prompt": "Add 1 and 2.", "completion": "3"}) + "\n")
+    project_grads(run.path, str(target), proj_dim=16, chunk_size=5, progress=False)
+    before = sorted(p.name for p in run.path.iterdir())
+    table = rank(run.path, str(target), fraction=0.2, space="none", write=False)
+    assert sorted(p.name for p in run.path.iterdir()) == before  # nothing written
+    assert table["selected"].sum() == 2 and table["selected"].iloc[:2].all()
+    with pytest.raises(Exception, match="a run already exists here"):
+        warmup(config, progress=False, records=records)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file
 
-from ..data import Columns, Example, load_pool, resolved_source, source_sha256
+from ..data import Columns, Example, examples_from_records, load_pool, resolved_source, source_sha256, write_records
 from ..errors import InfluenceError, RunError
 from ..losses import forward_response
 from ..models import (
@@ -116,8 +116,12 @@ def _check_resumable(out: Path, config: WarmupConfig) -> dict:
     return manifest
 
 
-def warmup(config: WarmupConfig, progress: bool = True, resume: bool = False, dry_run: bool = False) -> Run | None:
+def warmup(config: WarmupConfig, progress: bool = True, resume: bool = False, dry_run: bool = False,
+           records: list[dict] | None = None) -> Run | None:
     """Run the warm-up and return the run directory.
+
+    ``records``: an in-memory pool (dicts in any supported format) instead of ``config.train_files``;
+    they are written to ``<out>/pool.jsonl``, which the run then reads like any pool file.
 
     Refuses to overwrite an existing run; with ``resume`` an interrupted run with the same settings
     continues after its last complete checkpoint (adapter, Adam state, scheduler, RNG and dynamics are
@@ -126,7 +130,14 @@ def warmup(config: WarmupConfig, progress: bool = True, resume: bool = False, dr
     """
     config.check()
     check_model_name(config.model)
-    pool = load_pool(config.train_files, config.columns)  # validates every file before anything is written
+    if records is not None:
+        if config.train_files:
+            raise InfluenceError("give the pool as records or as train_files, not both")
+        examples_from_records(records, "pool.jsonl", config.columns)  # validated before anything is written
+        if not dry_run:
+            config = replace(config, train_files=[str(_records_file(Path(config.out), records, resume))])
+    pool = load_pool(config.train_files, config.columns) if records is None or not dry_run else \
+        examples_from_records(records, "pool.jsonl", config.columns)  # validates every file before anything is written
     if dry_run:
         print(_estimate(config, pool), file=sys.stderr, flush=True)
         return None
@@ -176,8 +187,22 @@ def _estimate(config: WarmupConfig, pool: list[Example]) -> str:
     return _cost_text(trainer, encoded, config)
 
 
+def _records_file(out: Path, records: list[dict], resume: bool) -> Path:
+    """``out/pool.jsonl`` holding ``records``: written once; never over another run or other content."""
+    target = out / "pool.jsonl"
+    if (out / "manifest.json").is_file() and not resume:
+        raise RunError(f"{out}: a run already exists here; use --resume, another --out, or delete it")
+    if out.exists() and not out.is_dir():
+        raise RunError(f"{out}: exists and is not a folder")
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    if target.is_file() and target.read_text(encoding="utf-8") != text:
+        raise RunError(f"{target}: exists with other records; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    return target if target.is_file() else write_records(records, target)
+
+
 # What an interrupted first start leaves in a run folder: a retry may go ahead over them.
-RETRYABLE_LEFTOVERS = {LOCK_FILE, "manifest.json.tmp"}
+RETRYABLE_LEFTOVERS = {LOCK_FILE, "manifest.json.tmp", "pool.jsonl"}
 
 
 def _warmup(config: WarmupConfig, pool: list[Example], out: Path, progress: bool, resume: bool) -> Run:
