@@ -287,3 +287,14 @@ def test_api_in_memory_records_and_a_ranking_without_files(tmp_path):
     assert table["selected"].sum() == 2 and table["selected"].iloc[:2].all()
     with pytest.raises(Exception, match="a run already exists here"):
         warmup(config, progress=False, records=records)
+
+
+def test_json_output(tiny_run, tmp_path):
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run["run"], run, ignore=shutil.ignore_patterns("rank-*"))
+    result = CliRunner().invoke(main, ["compare", "--run", str(run), "--target", tiny_run["target"],
+                                       "--methods", "less,random", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert {row["method"] for row in rows} == {"less", "random"}
+    assert json.loads(CliRunner().invoke(main, ["targets", "--json"]).stdout)[0]["name"] == "mmlu_val"

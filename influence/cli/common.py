@@ -67,6 +67,23 @@ class MethodChoice(click.ParamType):
         return value
 
 
+json_option = click.option("--json", "as_json", is_flag=True,
+                           help="Print the result as JSON on stdout (messages go to stderr).")
+
+
+def echo_table(table, as_json: bool, number_format: str = "{:.3f}") -> None:
+    """A results table as text, or as JSON records with ``--json``."""
+    if as_json:
+        click.echo(table.to_json(orient="records", indent=2))
+    else:
+        click.echo(table.to_string(index=False, float_format=number_format.format))
+
+
+def messages_to(as_json: bool):
+    """Where progress messages go: stdout, or stderr when stdout carries JSON."""
+    return (lambda message: click.echo(message, err=True)) if as_json else click.echo
+
+
 def split_list(value: str | None) -> list[str] | None:
     """A comma-separated option as a list (None when not given)."""
     return [part.strip() for part in value.split(",") if part.strip()] if value else None

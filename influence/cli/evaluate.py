@@ -7,7 +7,18 @@ from pathlib import Path
 import click
 
 from ..errors import InfluenceError
-from .common import fail, model_loading_options, run_option, split_list, target_tasks_option, warmup_config, warmup_options
+from .common import (
+    echo_table,
+    fail,
+    json_option,
+    messages_to,
+    model_loading_options,
+    run_option,
+    split_list,
+    target_tasks_option,
+    warmup_config,
+    warmup_options,
+)
 from .subsets import training_options, unit_options
 
 
@@ -24,7 +35,8 @@ def evaluate() -> None:
 @click.option("--grad-batch-size", default=8, show_default=True, help="Batch size of the scoring passes.")
 @click.option("--subsets-k", default=0, show_default=True, type=click.IntRange(min=0),
               help="Also train this many models on random halves of the noisy pool and score memorization (0 = no).")
-def evaluate_noisy(noise, truncate, proj_dim, grad_batch_size, subsets_k, **settings) -> None:
+@json_option
+def evaluate_noisy(noise, truncate, proj_dim, grad_batch_size, subsets_k, as_json, **settings) -> None:
     """Corrupt part of a pool, warm up on it, and report how well each score finds the corrupted examples."""
     from ..evaluate.noisy import evaluate_noisy as run_noisy
 
@@ -32,8 +44,8 @@ def evaluate_noisy(noise, truncate, proj_dim, grad_batch_size, subsets_k, **sett
         table = run_noisy(warmup_config(**settings), noise, truncate, proj_dim, grad_batch_size, subsets_k=subsets_k)
     except InfluenceError as err:
         fail(err)
-    click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    click.echo(f"-> {Path(settings['out']) / 'detection.csv'}")
+    echo_table(table, as_json)
+    messages_to(as_json)(f"-> {Path(settings['out']) / 'detection.csv'}")
 
 
 @evaluate.command("lds")
@@ -62,9 +74,10 @@ def evaluate_noisy(noise, truncate, proj_dim, grad_batch_size, subsets_k, **sett
 @click.option("--proj-dim", default=None, type=click.IntRange(min=1), help="Projected dimension for gradient methods.")
 @click.option("--regression", default=None, type=click.Choice(["lasso", "ridge"]), help="datamodel: the regression.")
 @click.option("--lambda-reg", default=None, type=click.FloatRange(min=0), help="trak: ridge term of the kernel.")
+@json_option
 @unit_options
 def evaluate_lds(run_dir, target, target_tasks, methods, k, heldout, subsets, alpha, seed, outcome, bootstrap, leave_out,
-                 leave_out_repeats, proj_dim, regression, lambda_reg, worker, max_hours, dry_run, device) -> None:
+                 leave_out_repeats, proj_dim, regression, lambda_reg, as_json, worker, max_hours, dry_run, device) -> None:
     """Linear datamodeling score: on held-out subset models (trained here where missing), how well
     each method's summed scores predict the measured target outcome (Spearman per target example,
     mean, bootstrap interval); optionally the leave-some-out check."""
@@ -78,15 +91,15 @@ def evaluate_lds(run_dir, target, target_tasks, methods, k, heldout, subsets, al
                          leave_out_repeats=leave_out_repeats,
                          options={"proj_dim": proj_dim, "regression": regression, "lambda_reg": lambda_reg},
                          worker=parse_worker(worker), max_hours=max_hours, dry_run=dry_run, device=device,
-                         say=click.echo)
+                         say=messages_to(as_json))
     except InfluenceError as err:
         fail(err)
     if report is None:  # dry run
         return
-    click.echo(report.table.to_string(index=False, float_format=lambda v: f"{v:+.3f}"))
+    echo_table(report.table, as_json, "{:+.3f}")
     for note in report.notes:
-        click.secho(note, fg="yellow")
-    click.echo(f"-> {report.folder}")
+        click.secho(note, fg="yellow", err=as_json)
+    messages_to(as_json)(f"-> {report.folder}")
 
 
 @evaluate.command("select")
@@ -124,12 +137,13 @@ def evaluate_lds(run_dir, target, target_tasks, methods, k, heldout, subsets, al
 @click.option("--judge-n", default=32, show_default=True, type=click.IntRange(min=1),
               help="Instructions each model answers for the judge.")
 @click.option("--judge-max-new-tokens", default=128, show_default=True, type=click.IntRange(min=1))
+@json_option
 @unit_options
 @training_options(exclude=("learning_rate", "epochs", "grad_accum", "scheduler"))
 @model_loading_options
 def evaluate_select(specs, run_dir, model, target, target_tasks, eval_files, instruction, fraction, grid_lr, grid_epochs,
                     grid_batch, grid_scheduler, seeds, baselines, metric, out, judge, judge_model, judge_n,
-                    judge_max_new_tokens, worker, max_hours, dry_run, device, **overrides) -> None:
+                    judge_max_new_tokens, as_json, worker, max_hours, dry_run, device, **overrides) -> None:
     """Retrain on each subset across a hyperparameter grid (several seeds each), evaluate on held-out
     data, and report wins / ties / losses against the baselines and a verdict that survives the grid."""
     from ..config import build, given_fields
@@ -148,12 +162,15 @@ def evaluate_select(specs, run_dir, model, target, target_tasks, eval_files, ins
                             baselines=split_list(baselines), metric=metric, out=out, worker=parse_worker(worker),
                             max_hours=max_hours, dry_run=dry_run, device=device, judge=judge,
                             judge_model=judge_model, judge_n=judge_n, judge_max_new_tokens=judge_max_new_tokens,
-                            say=click.echo)
+                            say=messages_to(as_json))
     except InfluenceError as err:
         fail(err)
     if report is None:  # dry run
         return
-    click.echo(report.text())
+    if as_json:
+        click.echo((Path(report.folder) / "report.json").read_text(encoding="utf-8"))
+    else:
+        click.echo(report.text())
     for note in report.notes:
-        click.secho(note, fg="yellow")
-    click.echo(f"-> {report.folder} (report.json, results.csv, summary.csv, wins.csv, report.png)")
+        click.secho(note, fg="yellow", err=as_json)
+    messages_to(as_json)(f"-> {report.folder} (report.json, results.csv, summary.csv, wins.csv, report.png)")

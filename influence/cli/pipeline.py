@@ -14,7 +14,9 @@ from .common import (
     MethodChoice,
     QuantileBand,
     device_option,
+    echo_table,
     fail,
+    json_option,
     positive_int,
     resumed_config,
     run_option,
@@ -239,7 +241,8 @@ def rank(run_dir, targets, method, fraction, top_k, mode, band, threshold, learn
 @click.option("--fraction", default=0.1, show_default=True, help="Top fraction whose overlap is reported.")
 @click.option("--proj-dim", default=None, type=click.IntRange(min=1), help="Projected dimension for less/grand.")
 @target_tasks_option
-def compare(run_dir, target, methods, reference, fraction, proj_dim, target_tasks) -> None:
+@json_option
+def compare(run_dir, target, methods, reference, fraction, proj_dim, target_tasks, as_json) -> None:
     """Rank the pool with several methods and compare them: top overlap, score correlation, length bias."""
     from ..selection import compare_methods
 
@@ -251,7 +254,7 @@ def compare(run_dir, target, methods, reference, fraction, proj_dim, target_task
                                 target_tasks=split_list(target_tasks))
     except (InfluenceError, ValueError) as err:
         fail(err)
-    click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    echo_table(table, as_json)
 
 
 @click.command("forward-scores")
@@ -271,14 +274,21 @@ def forward_scores(run_dir, batch_size, chunk_size, overwrite) -> None:
 
 
 @click.command()
-def targets() -> None:
+@json_option
+def targets(as_json) -> None:
     """List the registered targets (any data file also works as a target)."""
     from ..targets import TARGETS
 
+    rows = []
     for spec in TARGETS.values():
         examples = spec.loader()
-        n_tasks = len({e.task for e in examples})
-        click.echo(f"{spec.name:<10} {len(examples):>4} examples, {n_tasks:>2} subtasks  {spec.description}")
+        rows.append({"name": spec.name, "examples": len(examples), "subtasks": len({e.task for e in examples}),
+                     "description": spec.description})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        click.echo(f"{row['name']:<10} {row['examples']:>4} examples, {row['subtasks']:>2} subtasks  {row['description']}")
 
 
 @click.command("prepare-model")
