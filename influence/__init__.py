@@ -19,6 +19,7 @@ _API = {
     "warmup": "train.warmup",
     "LoraSettings": "models",
     "ModelLoading": "models",
+    "register_model": "models",
     "project_grads": "collect",
     "compute_forward_scores": "scoring.forward",
     "rank": "selection",

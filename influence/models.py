@@ -231,9 +231,24 @@ def build_tiny_llama(seed: int = 0):
     return model, tokenizer
 
 
+# Models handed over in memory (``register_model``): name -> (model, tokenizer).
+_REGISTERED: dict[str, tuple] = {}
+
+
+def register_model(name: str, model, tokenizer) -> str:
+    """Make an already loaded causal LM usable by name in every stage of the API (``WarmupConfig(model=
+    name)``, then ``project_grads``, ``rank``, ...), without saving it first. Each stage works on its own
+    copy, so the object you pass is never changed; the run records the weights' hash as for any model,
+    and a later process must register the same weights under the same name to continue the run."""
+    if name in (TINY, SMOLLM2):
+        raise InfluenceError(f"'{name}' is a built-in model name; register yours under another")
+    _REGISTERED[name] = (model, tokenizer)
+    return name
+
+
 def check_model_name(name: str) -> None:
     """Refuse, before any work, a ``--model`` that is a path to nothing or to a folder with no model."""
-    if name in (TINY, SMOLLM2):
+    if name in (TINY, SMOLLM2) or name in _REGISTERED:
         return
     path = Path(name).expanduser()
     if path.exists():
@@ -259,7 +274,12 @@ def load_base_model(name: str, loading: ModelLoading | None = None, device: torc
 def _load_base_model(name: str, loading: ModelLoading):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if name == TINY:
+    if name in _REGISTERED:
+        import copy
+
+        model, tokenizer = (copy.deepcopy(part) for part in _REGISTERED[name])
+        model = model.to(loading.torch_dtype)
+    elif name == TINY:
         model, tokenizer = build_tiny_llama()
         model = model.to(loading.torch_dtype)
     else:

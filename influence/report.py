@@ -205,6 +205,23 @@ def agreement_figure(run_dir: str | Path):
     return fig
 
 
+def checkpoint_agreement(run_dir: str | Path, target: str, proj_dim: int | None = None) -> pd.DataFrame | None:
+    """Spearman correlation between the LESS scores each warm-up checkpoint alone gives the pool (LESS
+    sums them weighted by learning rate: checkpoints that disagree make the sum depend on the weights)."""
+    from .scoring.less import iter_scored_blocks, load_less_inputs
+
+    inputs = load_less_inputs(run_dir, target, "cpu", "torch", proj_dim)
+    if len(inputs.train) < 2:
+        return None
+    columns = {}
+    for c, store in enumerate(inputs.train):
+        score = np.full(store.n_examples, np.nan)
+        for start, _, block in iter_scored_blocks([store], inputs.means[c : c + 1], [1.0]):
+            score[start : start + len(block)] = block.numpy()
+        columns[store.metadata["checkpoint"]] = score
+    return pd.DataFrame(columns).corr(method="spearman")
+
+
 def _png(fig) -> str:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
@@ -241,6 +258,14 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         for label in ("warnings", "notes"):
             if summary.get(label):
                 parts.append(f"<p><b>{label}:</b> " + "; ".join(html.escape(w) for w in summary[label]) + "</p>")
+        if summary["method"] == "less" and summary.get("target"):
+            try:
+                agreement = checkpoint_agreement(run.path, summary["target"])
+            except InfluenceError:  # the stores changed since the ranking: nothing to show, not an error
+                agreement = None
+            if agreement is not None:
+                parts.append("<p>Spearman correlation of the scores each checkpoint alone gives:</p>"
+                             + agreement.to_html(float_format=lambda v: f"{v:+.3f}"))
         head = table[table["finite"]].head(10)[["rank", "id", "score"]]
         parts.append(head.to_html(index=False, float_format=lambda v: f"{v:.4f}"))
         sections.append((f"Ranking {folder.name}: {title_of(summary)}", "\n".join(parts)))

@@ -163,6 +163,17 @@ cells = [
         "else:\n"
         "    print('fewer than two subtasks: nothing to compare')"
     ),
+    new_markdown_cell(
+        "## Agreement between checkpoints\nFor LESS: the Spearman correlation between the scores each warm-up "
+        "checkpoint alone gives the pool (LESS sums them, weighted by learning rate)."
+    ),
+    new_code_cell(
+        "if summary['method'] == 'less' and summary.get('target'):\n"
+        "    agreement = report.checkpoint_agreement(RUN, summary['target'])\n"
+        "    display(agreement) if agreement is not None else print('one checkpoint: nothing to compare')\n"
+        "else:\n"
+        "    print('per-checkpoint scores are shown for LESS rankings')"
+    ),
     new_markdown_cell("## Agreement between the run's rankings\nShare of each ranking's top also in another's top."),
     new_code_cell(
         "if report.agreement_figure(RUN) is not None:\n"

@@ -134,3 +134,22 @@ def test_tulu_format_replaces_a_chat_template():
     assert "<|im_start|>" in tokenizer.decode(encode_example(example, tokenizer, 64).input_ids)
     tokenizer.chat_template = None  # what --chat-format tulu does at load
     assert "<|user|>" in tokenizer.decode(encode_example(example, tokenizer, 64).input_ids)
+
+
+def test_a_model_loaded_in_memory_runs_every_stage(tmp_path, pool):
+    from influence.models import build_tiny_llama, register_model
+
+    model, tokenizer = build_tiny_llama(seed=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    register_model("my-model", model, tokenizer)
+    config = WarmupConfig(model="my-model", train_files=[pool], out=str(tmp_path / "run"), fraction=1.0, epochs=1,
+                          learning_rate=5e-3, batch_size=4, grad_accum=1, max_length=64,
+                          lora=LoraSettings(4, 16, 0.0, ["q_proj"]))
+    run = warmup(config, progress=False)
+    project_grads(str(run.path), make_target_file(tmp_path), proj_dim=16, chunk_size=4, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the caller's model is untouched
+    assert run.manifest["model"] == "my-model"
+    other, _ = build_tiny_llama(seed=4)
+    register_model("my-model", other, tokenizer)  # other weights under the same name: refused
+    with pytest.raises(Exception, match="not the one this run was warmed up on"):
+        run.load_base_model(torch.device("cpu"))

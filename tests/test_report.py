@@ -33,6 +33,15 @@ def test_report_is_self_contained(reported_run):
     assert images.count("score distribution") == 3 and "selected examples per subtask" in images
     assert not re.findall(r'(?:src|href)="(?:https?:)?//', page)  # nothing fetched from the network
     assert "el2n (bottom, 6 selected)" in page and "higher = harder" in page
+    assert "Spearman correlation of the scores each checkpoint alone gives" in page
+
+
+def test_checkpoint_agreement(reported_run, tiny_run):
+    from influence.report import checkpoint_agreement
+
+    agreement = checkpoint_agreement(reported_run, tiny_run["target"])
+    assert list(agreement.columns) == ["epoch-1", "epoch-2"] and agreement.iloc[0, 0] == 1
+    assert -1 <= agreement.iloc[0, 1] <= 1
 
 
 def test_subtask_coverage_shows_a_starved_subtask(reported_run):
