@@ -25,6 +25,8 @@ or a threshold (``--select below --threshold 1`` keeps IFD < 1).
 
 from __future__ import annotations
 
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -155,6 +157,18 @@ def compute_forward_scores(
             metrics["ifd"] = metrics["nll"] / token_metrics(model, alone)["nll"].clamp(min=1e-8)
             return metrics
 
+        if progress and not written[:-1]:  # the cost, once, timed on this run's first batch of median length
+            order = np.argsort([len(e.input_ids) for e in encoded])
+            sample = [encoded[i] for i in order[len(order) // 2 : len(order) // 2 + batch_size]]
+            part = [pool[i] for i in order[len(order) // 2 : len(order) // 2 + batch_size]]
+            batch = {k: v.to(device) for k, v in collate(sample, tokenizer.pad_token_id).items()}
+            started = time.perf_counter()
+            with torch.no_grad():
+                compute(batch, part)
+            per_example = (time.perf_counter() - started) / len(sample)
+            left = len(pool) * len(run.checkpoints())
+            print(f"forward scores: {len(pool)} examples x {len(run.checkpoints())} checkpoint(s), ~{per_example:.3f} s "
+                  f"each measured here: at most ~{left * per_example / 60:.1f} min", file=sys.stderr, flush=True)
         fill_pending(store, encoded, tokenizer.pad_token_id, batch_size, device, compute,
                      f"forward scores {checkpoint.name}", progress)
         del model, base
