@@ -298,3 +298,12 @@ def test_json_output(tiny_run, tmp_path):
     rows = json.loads(result.stdout)
     assert {row["method"] for row in rows} == {"less", "random"}
     assert json.loads(CliRunner().invoke(main, ["targets", "--json"]).stdout)[0]["name"] == "mmlu_val"
+
+
+def test_forward_scores_print_their_cost(tiny_run, tmp_path):
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run["run"], run, ignore=shutil.ignore_patterns("rank-*", "forward-train"))
+    shutil.rmtree(run / "grads.zarr" / "forward-train", ignore_errors=True)
+    result = CliRunner().invoke(main, ["rank", "--run", str(run), "--method", "nll", "--space", "none"])
+    assert result.exit_code == 0, result.output
+    assert "forward scores: 23 examples x 2 checkpoint(s)" in result.output

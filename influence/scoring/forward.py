@@ -160,11 +160,10 @@ def compute_forward_scores(
         if progress and not written[:-1]:  # the cost, once, timed on this run's first batch of median length
             order = np.argsort([len(e.input_ids) for e in encoded])
             sample = [encoded[i] for i in order[len(order) // 2 : len(order) // 2 + batch_size]]
-            part = [pool[i] for i in order[len(order) // 2 : len(order) // 2 + batch_size]]
             batch = {k: v.to(device) for k, v in collate(sample, tokenizer.pad_token_id).items()}
             started = time.perf_counter()
             with torch.no_grad():
-                compute(batch, part)
+                compute(batch, sample)
             per_example = (time.perf_counter() - started) / len(sample)
             left = len(pool) * len(run.checkpoints())
             print(f"forward scores: {len(pool)} examples x {len(run.checkpoints())} checkpoint(s), ~{per_example:.3f} s "
