@@ -21,4 +21,5 @@ $BIN/influence project-grads --run "$RUN" --target mmlu_val --target-tasks "$SUB
 $BIN/influence rank --run "$RUN" --target mmlu_val --target-tasks "$SUBJECTS" --fraction 0.1 --show 3
 echo "== LESS's baselines on the same run: top-10% overlap with LESS, score correlation, length bias"
 $BIN/influence compare --run "$RUN" --target mmlu_val --target-tasks "$SUBJECTS" --fraction 0.1
-echo "== demo finished in $(( $(date +%s) - start )) s; outputs in $RUN/rank-<method>-mmlu_val"
+$BIN/influence report --run "$RUN"
+echo "== demo finished in $(( $(date +%s) - start )) s; outputs in $RUN/rank-<method>-mmlu_val, figures in $RUN/report.html"
