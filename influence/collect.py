@@ -29,6 +29,7 @@ from .store import (
     GradientStore,
     gradient_dataset,
     grads_group,
+    stored_datasets,
     stored_dims,
     target_dataset,
     writer_lock,
@@ -215,6 +216,26 @@ def project_grads(
         return _project_grads(run_dir, target, proj_dim, seed, batch_size, chunk_size, target_tasks, include_train,
                               overwrite, progress, device, train_gradients, shard,
                               cooperative or shard is not None or _world_size() > 1, dry_run)
+
+
+DEFAULTS = {"proj_dim": [8192], "seed": 0, "chunk_size": 128}
+
+
+def stored_settings(run_dir: str | Path) -> dict:
+    """The projection settings of the pool's stores already in the run (dimensions, seed, chunk size),
+    so that resuming or adding a target needs no flag repeated; LESS's defaults where there are none."""
+    run = Run(run_dir)
+    dims = stored_dims(run.store_path)
+    found = dict(DEFAULTS)
+    for dim in dims:
+        try:
+            store = GradientStore.open(run.store_path, grads_group(dim, TRAIN, run.checkpoints()[0].name))
+        except InfluenceError:
+            continue
+        found = {"proj_dim": [d for d in dims if stored_datasets(run.store_path, d, TRAIN)] or [dim],
+                 "seed": store.metadata["projector"]["seed"], "chunk_size": store.metadata["chunk_size"]}
+        break
+    return found
 
 
 def _world_size() -> int:

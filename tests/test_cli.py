@@ -307,3 +307,14 @@ def test_forward_scores_print_their_cost(tiny_run, tmp_path):
     result = CliRunner().invoke(main, ["rank", "--run", str(run), "--method", "nll", "--space", "none"])
     assert result.exit_code == 0, result.output
     assert "forward scores: 23 examples x 2 checkpoint(s)" in result.output
+
+
+def test_project_grads_takes_its_settings_from_the_stores(tiny_run, tmp_path):
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run["run"], run)
+    target = tmp_path / "other.jsonl"
+    target.write_text(json.dumps({"prompt": "Add 2 and 2.", "completion": "4"}) + "\n")
+    result = CliRunner().invoke(main, ["project-grads", "--run", str(run), "--target", str(target)])  # no flag repeated
+    assert result.exit_code == 0, result.output
+    assert "resumed 5 chunks" in result.output  # the pool's stores at 64 dims, chunks of 5: nothing recomputed
+    assert sorted(p.name for p in (run / "grads.zarr").iterdir() if p.name.startswith("dim")) == ["dim64"]

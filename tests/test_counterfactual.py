@@ -400,6 +400,8 @@ def test_cli_lists_the_engine(engine_run):
     assert result.exit_code == 2 and "1 is not in the range x>=2" in result.output
     result = runner.invoke(main, ["subsets", "status", "--run", engine_run["run"]])
     assert result.exit_code == 0 and "fit: 12 finished" in result.output
+    listed = json.loads(runner.invoke(main, ["subsets", "status", "--run", engine_run["run"], "--json"]).stdout)
+    assert listed[0]["name"] == "fit" and listed[0]["finished"] == 12
     result = runner.invoke(main, ["subsets", "train", "--run", engine_run["run"], "--k", "14", "--dry-run",
                                   "--target", engine_run["target"]])
     assert result.exit_code == 0 and "2 to train here" in result.output

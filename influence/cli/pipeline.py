@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import click
@@ -61,11 +62,13 @@ def warmup(track_all, resume, dry_run, **settings) -> None:
 @run_option
 @click.option("--target", default=None, help="Target registry name (see `influence targets`) or data file.")
 @target_tasks_option
-@click.option("--proj-dim", default="8192", show_default=True,
-              help="Projected dimension, or several comma-separated (e.g. 4096,8192): gradients are computed once.")
-@click.option("--seed", default=0, show_default=True, help="Projection seed.")
+@click.option("--proj-dim", default=None,
+              help="Projected dimension, or several comma-separated (e.g. 4096,8192): gradients are computed once "
+                   "[default: the run's stored dimensions, else 8192].")
+@click.option("--seed", default=None, type=int, help="Projection seed [default: the stores', else 0].")
 @click.option("--batch-size", default=8, show_default=True, help="Examples per backward pass.")
-@click.option("--chunk-size", default=128, show_default=True, help="Examples per stored chunk (resume unit).")
+@click.option("--chunk-size", default=None, type=click.IntRange(min=1),
+              help="Examples per stored chunk, the resume unit [default: the stores', else 128].")
 @click.option("--skip-train", is_flag=True, help="Only the target (the pool's stores already exist).")
 @click.option("--overwrite", is_flag=True, help="Replace stores made with other settings instead of refusing.")
 @device_option
@@ -77,21 +80,29 @@ def warmup(track_all, resume, dry_run, **settings) -> None:
                    "torchrun --nproc-per-node N -m influence project-grads --run-dir RUN ...")
 @click.option("--shard", default=None, help="Only chunks c with c % n == i (i/n): a static split for job arrays.")
 @click.option("--dry-run", is_flag=True, help="Print the cost (measured on one batch here) and stop.")
+@json_option
 def project_grads(run_dir, target, target_tasks, proj_dim, seed, batch_size, chunk_size, skip_train, overwrite,
-                  device, train_gradient, workers, shard, dry_run) -> None:
+                  device, train_gradient, workers, shard, dry_run, as_json) -> None:
     """Per-example LoRA gradients of the pool (Adam) and the target (SGD), projected, into Zarr."""
     from ..collect import project_grads as run_project
+    from ..collect import stored_settings
     from ..units import parse_worker
 
     tasks = split_list(target_tasks)
     try:
-        dims = [positive_int(d, "--proj-dim") for d in split_list(proj_dim) or [""]]
+        stored = stored_settings(run_dir)  # what the run's stores were made with: nothing to repeat on resume
+        seed = stored["seed"] if seed is None else seed
+        chunk_size = stored["chunk_size"] if chunk_size is None else chunk_size
+        dims = [positive_int(d, "--proj-dim") for d in split_list(proj_dim)] if proj_dim else stored["proj_dim"]
         reports = run_project(run_dir, target, dims, seed, batch_size, chunk_size, tasks,
                               include_train=not skip_train, overwrite=overwrite, device=device,
                               train_gradients=split_list(train_gradient) or [], shard=parse_worker(shard, "--shard"),
                               workers=workers, dry_run=dry_run)
     except InfluenceError as err:
         fail(err)
+    if as_json:
+        click.echo(json.dumps([asdict(r) for r in reports], indent=2))
+        return
     for r in reports:
         note = f", resumed {r.resumed_chunks} chunks" if r.resumed_chunks else ""
         note += f", {r.busy_chunks} chunks by other processes" if r.busy_chunks else ""

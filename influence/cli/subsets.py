@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import click
 
 from ..errors import InfluenceError
-from .common import device_option, fail, run_option, split_list, target_tasks_option
+from .common import device_option, fail, json_option, run_option, split_list, target_tasks_option
 
 TRAINING_NOTE = "[default: the warm-up's]"
 
@@ -84,25 +86,33 @@ def train(run_dir, k, alpha, targets, target_tasks, name, seed, worker, max_hour
 
 @subsets.command("status")
 @run_option
-def status(run_dir) -> None:
+@json_option
+def status(run_dir, as_json) -> None:
     """The run's sets of subset models: design, finished units, targets evaluated, training time."""
     from ..run import Run
     from ..store import SubsetStore, stored_subsets
 
+    rows = []
     try:
         run = Run(run_dir)
-        names = stored_subsets(run.subsets_path)
-        if not names:
-            click.echo(f"{run.subsets_path}: no subset models yet (`influence subsets train`)")
-        for name in names:
+        for name in stored_subsets(run.subsets_path):
             store = SubsetStore.open(run.subsets_path, name)
             done = store.done_units()
             seconds = [store.unit_attrs(u).get("seconds", 0) for u in done]
-            design = store.design
-            what = (f"random, alpha {design['alpha']} ({design['size']} of {store.n_pool}), seed {design['seed']}"
-                    if design["kind"] == "random" else f"explicit, {store.n_units} units")
-            targets = ", ".join(t["target"] for t in store.targets.values()) or "none"
-            click.echo(f"{name}: {len(done)} finished; {what}; targets: {targets}; "
-                       f"{sum(seconds) / 3600:.2f} h of training ({sum(seconds) / max(len(done), 1):.1f} s per model)")
+            rows.append({"name": name, "finished": len(done), "design": store.design, "n_pool": store.n_pool,
+                         "n_units": store.n_units, "targets": [t["target"] for t in store.targets.values()],
+                         "training_seconds": round(sum(seconds), 1)})
     except InfluenceError as err:
         fail(err)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, default=str))
+        return
+    if not rows:
+        click.echo(f"{run.subsets_path}: no subset models yet (`influence subsets train`)")
+    for row in rows:
+        design = row["design"]
+        what = (f"random, alpha {design['alpha']} ({design['size']} of {row['n_pool']}), seed {design['seed']}"
+                if design["kind"] == "random" else f"explicit, {row['n_units']} units")
+        seconds = row["training_seconds"]
+        click.echo(f"{row['name']}: {row['finished']} finished; {what}; targets: {', '.join(row['targets']) or 'none'}; "
+                   f"{seconds / 3600:.2f} h of training ({seconds / max(row['finished'], 1):.1f} s per model)")
