@@ -402,6 +402,8 @@ def test_cli_lists_the_engine(engine_run):
     assert result.exit_code == 0 and "fit: 12 finished" in result.output
     listed = json.loads(runner.invoke(main, ["subsets", "status", "--run", engine_run["run"], "--json"]).stdout)
     assert listed[0]["name"] == "fit" and listed[0]["finished"] == 12
+    result = runner.invoke(main, ["subsets", "train", "--run", engine_run["run"], "--k", "13", "--dry-run"])
+    assert result.exit_code == 0 and "1 to train here" in result.output  # the set's own targets, alpha, settings
     result = runner.invoke(main, ["subsets", "train", "--run", engine_run["run"], "--k", "14", "--dry-run",
                                   "--target", engine_run["target"]])
     assert result.exit_code == 0 and "2 to train here" in result.output

@@ -48,13 +48,14 @@ def subsets() -> None:
 @run_option
 @click.option("--k", required=True, type=click.IntRange(min=2),
               help="Number of subset models (units 0..k-1; a larger k adds units).")
-@click.option("--alpha", default=0.5, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),
-              help="Fraction of the pool in each subset.")
+@click.option("--alpha", default=None, type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Fraction of the pool in each subset [default: the set's own when it exists, else 0.5].")
 @click.option("--target", "targets", multiple=True,
               help="Target to evaluate every model on (registry name or file); repeat for several.")
 @target_tasks_option
 @click.option("--name", default="fit", show_default=True, help="Name of this set of subset models in the run.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the subsets (and of each unit's training seed).")
+@click.option("--seed", default=None, type=int,
+              help="Seed of the subsets and of each unit's training [default: the set's own when it exists, else 0].")
 @unit_options
 @training_options
 def train(run_dir, k, alpha, targets, target_tasks, name, seed, worker, max_hours, dry_run, device, **overrides) -> None:
@@ -64,13 +65,22 @@ def train(run_dir, k, alpha, targets, target_tasks, name, seed, worker, max_hour
     Resumable (a finished model is never retrained) and shareable: start several processes, or
     machines with a shared folder, on one run and they split the units between them."""
     from ..config import given_fields
+    from ..run import Run
     from ..train.loop import TrainSettings
-    from ..train.subsets import train_subsets
+    from ..train.subsets import stored_subset_settings, train_subsets
     from ..units import parse_worker
 
     try:
         settings = given_fields(TrainSettings, overrides)
-        report = train_subsets(run_dir, k, alpha, list(targets), name=name, seed=seed,
+        existing = stored_subset_settings(Run(run_dir), name)  # resuming: the set's own design and targets
+        if existing is not None and existing["design"]["kind"] == "random":
+            alpha = existing["design"]["alpha"] if alpha is None else alpha
+            seed = existing["design"]["seed"] if seed is None else seed
+            if not targets:
+                targets = [t for t, _ in existing["targets"]]
+                target_tasks = target_tasks or ",".join(sorted({x for _, tasks in existing["targets"] for x in tasks or []})) or None
+        report = train_subsets(run_dir, k, 0.5 if alpha is None else alpha, list(targets), name=name,
+                               seed=0 if seed is None else seed,
                                target_tasks=split_list(target_tasks), settings=settings, worker=parse_worker(worker),
                                max_hours=max_hours, dry_run=dry_run, device=device, say=click.echo)
     except InfluenceError as err:

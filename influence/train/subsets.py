@@ -66,6 +66,18 @@ def train_settings(run: Run, overrides: dict | TrainSettings | None = None) -> T
     return from_dict(TrainSettings, overrides or {}, base=run.manifest["config"], where="training settings")
 
 
+def stored_subset_settings(run: Run, name: str) -> dict | None:
+    """What the set of subset models ``name`` was made with (design, training settings, targets), or
+    None when it does not exist yet: resuming it or adding units needs no flag repeated."""
+    from ..store import SubsetStore, stored_subsets
+
+    if name not in stored_subsets(run.subsets_path):
+        return None
+    metadata = SubsetStore.open(run.subsets_path, name).metadata
+    return {"design": metadata["design"], "settings": metadata["settings"],
+            "targets": [(t["target"], t.get("target_tasks")) for t in metadata["targets"].values()]}
+
+
 def unit_seed(design_seed: int, unit: int) -> int:
     """Seed of unit ``unit``'s LoRA initialisation and data order: distinct per unit and design."""
     return int(np.random.default_rng([design_seed, unit, 1]).integers(2**31 - 1))
@@ -151,7 +163,10 @@ def _train(run: Run, name: str, design: dict, masks: np.ndarray | None, units: l
            target_tasks: list[str] | None, overrides, worker, max_hours, dry_run, device, eval_batch_size, progress,
            say) -> SubsetReport:
     run.check_data_unchanged()
-    settings = train_settings(run, overrides)
+    existing = stored_subset_settings(run, name)
+    # Adding units to an existing set trains them as it was trained: its settings, not the warm-up's.
+    settings = train_settings(run, overrides) if existing is None or isinstance(overrides, TrainSettings) else \
+        from_dict(TrainSettings, overrides or {}, base=existing["settings"], where="training settings")
     pool = run.pool()
     universe = Universe(run.subsets_path, run.model_name, pool, run.manifest.get("model_fingerprint"), run.model_loading)
     return train_units(universe, name, design, masks, units, load_eval_sets(list(targets), target_tasks), settings,
