@@ -139,13 +139,13 @@ def subtask_similarity_figure(table: pd.DataFrame, summary: dict):
     order = leaves_list(linkage(values.T, method="average", metric="correlation")) \
         if np.isfinite(values).all() and values.std(axis=0).min() > 0 else np.arange(len(columns))
     names = [columns[i][5:] for i in order]
-    size = min(12, 3 + 0.18 * len(columns))
+    size = min(12, 4.5 + 0.18 * len(columns))
     fig, ax = plt.subplots(figsize=(size + 1.5, size))
     image = ax.imshow(corr[np.ix_(order, order)], vmin=-1, vmax=1, cmap="RdBu_r")
     ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6 if len(names) > 20 else 8)
     ax.set_yticks(range(len(names)), names, fontsize=6 if len(names) > 20 else 8)
-    fig.colorbar(image, ax=ax, label="correlation of the subtask scores over the pool")
-    ax.set_title(f"{summary['method']}: subtasks clustered by how alike they rank the pool")
+    fig.colorbar(image, ax=ax, label="correlation over the pool")
+    ax.set_title(f"{summary['method']}: subtasks, clustered")
     fig.tight_layout()
     return fig
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole pipeline on the embedded default: SmolLM2-135M-Instruct (from PyPI), a pool of ~190
 # real FLAN-CoT and P3 examples vendored in the package, target mmlu_val (4 subjects).
-# Sized for ~10 minutes on a 2-core CPU: LoRA r=8 on q/v, max 256 tokens, 2 epochs on 25% of the pool,
+# About 5 minutes on a 2-core CPU (301 s measured): LoRA r=8 on q/v, max 256 tokens, 2 epochs on 25% of the pool,
 # 2048-dimensional projection; then LESS's baselines (random, bm25, dsir, rds) compared with LESS.
 # Usage: scripts/demo.sh [run dir]
 set -euo pipefail
