@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from influence.models import LoraSettings, add_lora, build_tiny_llama
+from influence.models import LoraSettings, ModelLoading, add_lora, build_tiny_llama
 from influence.store import grads_group
 from influence.targets import target_store_name
 
@@ -86,8 +86,10 @@ def tiny_run(tmp_path_factory):
     p3 = write_jsonl(folder / "p3.jsonl", [{"prompt": f"Colour {i}?", "completion": "red blue"[i % 2::2]} for i in range(9)])
     config = WarmupConfig(
         model="tiny-llama", train_files=[str(chat), str(p3)], out=str(folder / "run"),
-        lora=__import__("influence.models", fromlist=["LoraSettings"]).LoraSettings(4, 16, 0.0, ["q_proj", "v_proj"]),
+        lora=LoraSettings(4, 16, 0.0, ["q_proj", "v_proj"]),
         fraction=0.5, epochs=2, learning_rate=5e-3, batch_size=4, grad_accum=1, max_length=96, seed=0,
+        # fp32 weights on every device: the GPU suite compares stores written on the GPU with CPU ones
+        loading=ModelLoading(dtype="fp32"),
     )
     warmup(config, progress=False)
     target = make_target_file(folder)

@@ -32,12 +32,14 @@ def pool(tmp_path):
                                                      for i in range(8)]))
 
 
-def test_auto_is_fp32_on_cpu_and_recorded(tmp_path, pool):
+def test_auto_is_bf16_on_gpus_that_support_it_else_fp32_and_recorded(tmp_path, pool):
+    expected = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    assert ModelLoading().resolved(torch.device("cpu")).dtype == "fp32"
     warmup(_config(tmp_path / "run", pool), progress=False)
     run = Run(tmp_path / "run")
-    assert run.manifest["model_loading"]["dtype"] == "fp32"
+    assert run.manifest["model_loading"]["dtype"] == expected
     assert run.manifest["config"]["loading"]["dtype"] == "auto"
-    assert run.model_loading == ModelLoading(dtype="fp32")
+    assert run.model_loading == ModelLoading(dtype=expected)
 
 
 def test_bf16_weights_are_followed_by_later_stages_with_fp32_adapters(tmp_path, pool):
