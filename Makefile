@@ -37,7 +37,7 @@ docs: setup
 test-browser: setup
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) \
 		|| sudo apt-get install -y -q chromium
-	INFLUENCE_SCREENSHOT=$(CURDIR)/report-screenshot.png $(PY) -m pytest -q -m browser tests/test_report.py
+	INFLUENCE_REQUIRE_BROWSER=1 INFLUENCE_SCREENSHOT=$(CURDIR)/report-screenshot.png $(PY) -m pytest -q -m browser tests/test_report.py
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow

@@ -102,8 +102,7 @@ def collect_stores(
     pending = sorted(set().union(*(o.store.pending_chunks() for o in outputs)))
     skipped = first.n_chunks - len(pending)
     mine = [i for i in pending if shard is None or i % shard[1] == shard[0]]
-    bar = progress_bar(total=sum(first.chunk_bounds(i)[1] - first.chunk_bounds(i)[0] for i in mine), desc=desc, unit="ex",
-               disable=not progress)
+    bar = progress_bar(total=first.rows_in(mine), desc=desc, unit="ex", disable=not progress)
 
     def compute(index: int, writes: list[Output]) -> int:
         """Compute chunk ``index`` for the stores in ``writes``; returns its non-finite rows."""
@@ -429,8 +428,7 @@ def _stored_rows(run: Run, key: str, checkpoint: str, dims: list[int]) -> int:
             store = GradientStore.open(run.store_path, grads_group(dim, key, checkpoint))
         except InfluenceError:
             return 0
-        rows.append(sum(store.chunk_bounds(i)[1] - store.chunk_bounds(i)[0] for i in range(store.n_chunks)
-                        if store.is_done(i)))
+        rows.append(store.n_examples - store.rows_in(store.pending_chunks()))
     return min(rows)
 
 

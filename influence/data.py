@@ -429,11 +429,19 @@ def _is_dataset_folder(path: Path) -> bool:
     return path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file())
 
 
+def _folder_and_split(text: str) -> tuple[Path, str]:
+    """A local source as (path, split): ``folder:split`` names one split of a DatasetDict folder; a path
+    that exists as given has no split."""
+    if Path(text).exists() or ":" not in text:
+        return Path(text), ""
+    folder, _, split = text.rpartition(":")
+    return Path(folder), split
+
+
 def is_dataset_spec(spec: str | Path) -> bool:
     """A Hugging Face dataset: a hub spec, or a ``save_to_disk`` folder (``folder:split`` for one split)."""
     text = str(spec)
-    return is_hub_spec(text) or _is_dataset_folder(Path(text)) or (
-        not Path(text).exists() and ":" in text and _is_dataset_folder(Path(text.rpartition(":")[0])))
+    return is_hub_spec(text) or _is_dataset_folder(_folder_and_split(text)[0])
 
 
 def source_name(spec: str | Path) -> str:
@@ -456,9 +464,9 @@ def _load_dataset(spec: str):
         except Exception as err:  # the hub client raises many kinds (offline, no such dataset, no such split)
             raise DataFormatError(spec, f"cannot load it from the Hugging Face hub ({str(err).splitlines()[0]}); "
                                   "offline, save it with save_to_disk and give the folder") from None
-    folder, _, split = spec.rpartition(":") if not Path(spec).exists() else (spec, "", "")
+    folder, split = _folder_and_split(spec)
     try:
-        loaded = datasets.load_from_disk(folder)
+        loaded = datasets.load_from_disk(str(folder))
     except Exception as err:  # a damaged folder: datasets raises several kinds
         raise DataFormatError(spec, f"not a readable save_to_disk folder ({str(err).splitlines()[0]})") from None
     if isinstance(loaded, datasets.DatasetDict):
@@ -481,9 +489,9 @@ def source_sha256(spec: str | Path) -> str:
     text = str(spec)
     if is_hub_spec(text):
         return "datasets:" + _load_dataset(text)._fingerprint
-    path = Path(text.rpartition(":")[0] if not Path(text).exists() and ":" in text else text)
+    path, split = _folder_and_split(text)
     if path.is_dir():
-        digest = hashlib.sha256(text[len(str(path)):].encode())  # the split, if one is named
+        digest = hashlib.sha256(split.encode())
         for file in sorted(p for p in path.rglob("*") if p.is_file()):
             digest.update(f"{file.relative_to(path)}|{file_sha256(file)}|".encode())
         return digest.hexdigest()
@@ -500,8 +508,8 @@ def resolved_source(spec: str | Path) -> str:
     text = str(spec)
     if is_hub_spec(text):
         return text
-    folder, _, split = text.rpartition(":") if is_dataset_spec(text) and not Path(text).exists() else (text, "", "")
-    return str(Path(folder).resolve()) + (f":{split}" if split else "")
+    folder, split = _folder_and_split(text) if is_dataset_spec(text) else (Path(text), "")
+    return str(folder.resolve()) + (f":{split}" if split else "")
 
 
 def file_sha256(path: str | Path) -> str:

@@ -170,26 +170,33 @@ def warmup_curves(run_dir: str | Path):
     return fig
 
 
-def method_agreement(run_dir: str | Path, fraction: float | None = None) -> pd.DataFrame | None:
-    """Top overlap between every pair of the run's rankings of the same target (rows: whose top is
-    looked for; columns: in whose top), at the selection's fraction."""
-    from .selection import load_rankings, overlap
+def run_rankings(run_dir: str | Path) -> dict[str, tuple[pd.DataFrame, dict]]:
+    """Every ranking written in the run (``rank-*`` folders): folder name -> (table, summary)."""
+    from .selection import load_rankings
 
-    rankings = {}
-    for folder in sorted(Path(run_dir).glob("rank-*")):
-        if (folder / "scores.parquet").is_file() and (folder / "summary.json").is_file():
-            rankings[folder.name] = (load_rankings(folder), json.loads((folder / "summary.json").read_text()))
+    return {folder.name: (load_rankings(folder), json.loads((folder / "summary.json").read_text(encoding="utf-8")))
+            for folder in sorted(Path(run_dir).glob("rank-*"))
+            if (folder / "scores.parquet").is_file() and (folder / "summary.json").is_file()}
+
+
+def method_agreement(rankings: dict[str, tuple[pd.DataFrame, dict]], fraction: float | None = None) -> pd.DataFrame | None:
+    """Top overlap between every pair of ``rankings`` (rows: whose top is looked for; columns: in whose
+    top), at ``fraction`` (default: the first ranking's selected share)."""
+    from .selection import overlap
+
     if len(rankings) < 2:
         return None
     names = list(rankings)
-    share = fraction or next(iter(rankings.values()))[1]["n_selected"] / max(1, next(iter(rankings.values()))[1]["n_pool"])
+    first = rankings[names[0]][1]
+    share = fraction or first["n_selected"] / max(1, first["n_pool"])
     return pd.DataFrame([[overlap(rankings[a][0], rankings[b][0], share) for b in names] for a in names],
                         index=names, columns=names)
 
 
-def agreement_figure(run_dir: str | Path):
+def agreement_figure(run_dir: str | Path, rankings: dict[str, tuple[pd.DataFrame, dict]] | None = None):
+    """Heat map of :func:`method_agreement` over the run's rankings."""
     plt = _pyplot()
-    table = method_agreement(run_dir)
+    table = method_agreement(rankings if rankings is not None else run_rankings(run_dir))
     if table is None:
         return None
     fig, ax = plt.subplots(figsize=(2 + 0.7 * len(table), 1.5 + 0.6 * len(table)))
@@ -232,7 +239,6 @@ def _png(fig) -> str:
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """A self-contained HTML page of the run: its status, the warm-up curves, every ranking's figures
     and tables, the method agreement, the LDS and selection verdicts. Returns its path."""
-    from .selection import load_rankings
     from .status import run_status, status_text
 
     run = Run(run_dir)
@@ -241,11 +247,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     curves = warmup_curves(run.path)
     if curves is not None:
         sections.append(("Warm-up", _img(curves, "warm-up loss and accuracy")))
-    for folder in sorted(run.path.glob("rank-*")):
-        if not (folder / "summary.json").is_file():
-            continue
-        table = load_rankings(folder)
-        summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+    rankings = run_rankings(run.path)
+    for name, (table, summary) in rankings.items():
         parts = [f"<p>{html.escape(summary['score_meaning'])}</p>",
                  _img(score_distribution(table, summary), "score distribution"),
                  _img(score_vs_length(table, summary), "score against response length")]
@@ -268,8 +271,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
                              + agreement.to_html(float_format=lambda v: f"{v:+.3f}"))
         head = table[table["finite"]].head(10)[["rank", "id", "score"]]
         parts.append(head.to_html(index=False, float_format=lambda v: f"{v:.4f}"))
-        sections.append((f"Ranking {folder.name}: {title_of(summary)}", "\n".join(parts)))
-    agreement = agreement_figure(run.path)
+        sections.append((f"Ranking {name}: {title_of(summary)}", "\n".join(parts)))
+    agreement = agreement_figure(run.path, rankings)
     if agreement is not None:
         sections.append(("Agreement between rankings", _img(agreement, "top overlap between rankings")))
     for path in sorted(run.path.glob("select-*/report.json")):

@@ -145,8 +145,8 @@ def selection_notes(table: pd.DataFrame, selected: pd.DataFrame, mode: str, frac
         if len(selected) < asked:
             notes.append(f"{asked} examples asked, {len(selected)} selected: only {len(scored)} of {len(table)} "
                          "could be scored")
-        left = scored.iloc[len(selected):] if mode == "top" else scored.iloc[: len(scored) - len(selected)]
-        cut = selected["score"].iloc[-1]
+        left = scored[~scored["id"].isin(selected["id"])]
+        cut = selected["score"].min() if mode == "top" else selected["score"].max()
         tied = int((left["score"] == cut).sum())
         if tied:
             notes.append(f"{tied} example(s) left out have the same score as the last one selected ({cut:.6g}): "
@@ -198,6 +198,7 @@ def select(
 def write_outputs(
     out: Path, table: pd.DataFrame, selected: pd.DataFrame, pool: list[Example], scores: Scores, selection: dict,
     warnings: list[str] | None = None, notes: list[str] | None = None, hf_dataset: bool = False,
+    target: str | None = None,
 ) -> None:
     out.mkdir(parents=True, exist_ok=True)
     table[["id", "source", "score", "rank", "finite"]].to_csv(out / "scores.csv", index=False)
@@ -211,7 +212,7 @@ def write_outputs(
         save_selection_dataset(records, out / "selected_dataset")
     summary = {
         "method": scores.method,
-        "target_name": selection.get("target_name"),
+        "target_name": target_name(target) if target else None,
         "warnings": warnings or [],
         "notes": notes or [],
         "score_meaning": scores.description,
@@ -430,8 +431,7 @@ def rank_many(
     for target, folder, scores in zip(targets, folders, score_targets(run_dir, method, targets, **options)):
         table = ranking_table(scores, pool)
         selected = select(table, mode, fraction, band, threshold, top_k)
-        selection = {"mode": mode, "fraction": fraction, "top_k": top_k, "band": list(band), "threshold": threshold,
-                     "target_name": target_name(target) if target else None}
+        selection = {"mode": mode, "fraction": fraction, "top_k": top_k, "band": list(band), "threshold": threshold}
         if diversify is not None:
             selected, selection["diversify"] = diversify_selection(table, scores, diversify, measured_in, len(selected))
         if measured_in is not None:
@@ -442,7 +442,7 @@ def rank_many(
                             "checked stores were read)")
         if write:
             write_outputs(folder, table, selected, pool, scores, selection, warnings,
-                          selection_notes(table, selected, mode, fraction, top_k), hf_dataset)
+                          selection_notes(table, selected, mode, fraction, top_k), hf_dataset, target)
         results[target] = table.assign(selected=table["id"].isin(selected["id"]))
     return results
 

@@ -152,8 +152,7 @@ def compute_embeddings(run_dir: str | Path, model: str, batch_size: int = 16, ma
         tokenizer.pad_token = tokenizer.eos_token
     texts = [example_text(e) for e in pool]
     pending = store.pending_chunks()
-    bar = progress_bar(total=sum(store.chunk_bounds(i)[1] - store.chunk_bounds(i)[0] for i in pending), desc="embeddings",
-               unit="ex", disable=not progress)
+    bar = progress_bar(total=store.rows_in(pending), desc="embeddings", unit="ex", disable=not progress)
     for index in pending:
         start, stop = store.chunk_bounds(index)
         rows = []

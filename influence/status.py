@@ -80,16 +80,12 @@ def run_status(run_dir: str | Path) -> dict:
 
 
 def _subset_models(run: Run) -> list[dict]:
-    from .store import stored_subsets
+    from .store import SubsetStore, stored_subsets
 
     if not run.subsets_path.is_dir():
         return []
-    rows = []
-    for name in stored_subsets(run.subsets_path):
-        units = run.subsets_path / name / "units"
-        done = [p for p in units.iterdir() if p.is_dir() and p.name.startswith("unit-")] if units.is_dir() else []
-        rows.append({"name": name, "units_done": len(done), "bytes": folder_bytes(run.subsets_path / name)})
-    return rows
+    return [{"name": name, "units_done": len(SubsetStore.open(run.subsets_path, name).done_units()),
+             "bytes": folder_bytes(run.subsets_path / name)} for name in stored_subsets(run.subsets_path)]
 
 
 def _outputs(run: Run, pattern: str, file: str, keys: tuple[str, ...]) -> list[dict]:

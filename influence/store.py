@@ -168,6 +168,10 @@ class ChunkedStore:
         start = index * self.chunk_size
         return start, min(start + self.chunk_size, self.n_examples)
 
+    def rows_in(self, chunks) -> int:
+        """Examples in the chunks ``chunks`` (the last chunk may be short)."""
+        return sum(stop - start for start, stop in map(self.chunk_bounds, chunks))
+
     # -- writing ---------------------------------------------------------------------------------------
     def write_columns(self, index: int, **values: np.ndarray) -> np.ndarray:
         """Write one chunk of every column; a row with any NaN/inf is flagged ``finite = False``.

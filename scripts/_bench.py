@@ -60,3 +60,19 @@ def report(title: str, results: dict[str, dict], ours: str) -> None:
         ratio = r["seconds"] / base if base else float("nan")
         gpu = f"{r['peak_gpu_mb']:.0f}" if r.get("peak_gpu_mb") is not None else "-"
         print(f"{name:<28}{r['seconds']:>12.4f}{ratio:>25.2f}x{r['peak_rss_mb']:>14.0f}{r['peak_rss_over_setup_mb']:>15.0f}{gpu:>13}")
+
+
+def add_grid_arguments(parser) -> None:
+    """The hyperparameter-grid options of the evaluate-select examples (batch 8 only: CPU-sized)."""
+    parser.add_argument("--grid-lr", default="1e-4,5e-4")
+    parser.add_argument("--grid-epochs", default="1,3")
+    parser.add_argument("--grid-batch", default="8")
+    parser.add_argument("--grid-scheduler", default="linear,cosine")
+    parser.add_argument("--seeds", type=int, default=2)
+
+
+def grid_from(args):
+    """The :class:`~influence.evaluate.select.Grid` of :func:`add_grid_arguments`' options."""
+    from influence.evaluate.select import Grid
+
+    return Grid.parse(args.grid_lr, args.grid_epochs, args.grid_batch, args.grid_scheduler, args.seeds)

@@ -15,9 +15,11 @@ import argparse
 import time
 from pathlib import Path
 
+from _bench import add_grid_arguments, grid_from
+
 from influence.cli import demo_pool_files
 from influence.collect import project_grads
-from influence.evaluate.select import Grid, evaluate_select
+from influence.evaluate.select import evaluate_select
 from influence.models import LoraSettings
 from influence.train.warmup import WarmupConfig, warmup
 
@@ -28,11 +30,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/less-vs-random")
     parser.add_argument("--fraction", type=float, default=0.05)
-    parser.add_argument("--grid-lr", default="1e-4,5e-4")
-    parser.add_argument("--grid-epochs", default="1,3")
-    parser.add_argument("--grid-batch", default="8")
-    parser.add_argument("--grid-scheduler", default="linear,cosine")
-    parser.add_argument("--seeds", type=int, default=2)
+    add_grid_arguments(parser)
     args = parser.parse_args()
     started = time.time()
     run = Path(args.out) / "run"
@@ -41,7 +39,7 @@ def main() -> None:
                           learning_rate=2e-4, warmup_ratio=0.0, batch_size=8, grad_accum=1, max_length=256)
     warmup(config, resume=(run / "manifest.json").exists())
     project_grads(run, "mmlu_val", proj_dim=2048, batch_size=8, chunk_size=32, target_tasks=SUBJECTS)
-    grid = Grid.parse(args.grid_lr, args.grid_epochs, args.grid_batch, args.grid_scheduler, args.seeds)
+    grid = grid_from(args)
     report = evaluate_select(["less", "random", "full"], run_dir=run, target="mmlu_val", target_tasks=SUBJECTS,
                              fraction=args.fraction, grid=grid, say=print)
     print("\n" + report.text())

@@ -17,8 +17,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _bench import add_grid_arguments, grid_from
 
-from influence.evaluate.select import Grid, evaluate_select
+from influence.evaluate.select import evaluate_select
 
 
 def sample(source: Path, n: int, seed: int, target: Path) -> Path:
@@ -34,11 +35,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/lima-vs-alpaca")
     parser.add_argument("--n", type=int, default=32, help="examples drawn from each dataset")
     parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--grid-lr", default="1e-4,5e-4")
-    parser.add_argument("--grid-epochs", default="1,3")
-    parser.add_argument("--grid-batch", default="8")
-    parser.add_argument("--grid-scheduler", default="linear,cosine")
-    parser.add_argument("--seeds", type=int, default=2)
+    add_grid_arguments(parser)
     args = parser.parse_args()
     started = time.time()
     out = Path(args.out)
@@ -46,7 +43,7 @@ def main() -> None:
     pools = Path(args.data) / "pools"
     lima = sample(pools / "lima.json", args.n, 0, out / "lima.jsonl")
     alpaca = sample(pools / "alpaca_1k.json", args.n, 0, out / "alpaca.jsonl")
-    grid = Grid.parse(args.grid_lr, args.grid_epochs, args.grid_batch, args.grid_scheduler, args.seeds)
+    grid = grid_from(args)
     settings = {"lora": {"r": 8, "alpha": 32, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]},
                 "batch_size": 8, "max_length": args.max_length, "warmup_ratio": 0.03}
     report = evaluate_select([str(lima), str(alpaca)], model="smollm2-135m", instruction=True, grid=grid,

@@ -122,6 +122,7 @@ def compute_forward_scores(
     device = choose_device()
     encoded: list[Encoded] | None = None
     written = []
+    estimated = False
     for checkpoint in run.checkpoints():
         base, tokenizer, fingerprint = run.load_base_model(device)
         metadata = {
@@ -157,7 +158,7 @@ def compute_forward_scores(
             metrics["ifd"] = metrics["nll"] / token_metrics(model, alone)["nll"].clamp(min=1e-8)
             return metrics
 
-        if progress and not written[:-1]:  # the cost, once, timed on this run's first batch of median length
+        if progress and not estimated:  # the cost, once, timed on a batch of median length
             order = np.argsort([len(e.input_ids) for e in encoded])
             sample = [encoded[i] for i in order[len(order) // 2 : len(order) // 2 + batch_size]]
             batch = {k: v.to(device) for k, v in collate(sample, tokenizer.pad_token_id).items()}
@@ -168,6 +169,7 @@ def compute_forward_scores(
             left = len(pool) * len(run.checkpoints())
             print(f"forward scores: {len(pool)} examples x {len(run.checkpoints())} checkpoint(s), ~{per_example:.3f} s "
                   f"each measured here: at most ~{left * per_example / 60:.1f} min", file=sys.stderr, flush=True)
+            estimated = True
         fill_pending(store, encoded, tokenizer.pad_token_id, batch_size, device, compute,
                      f"forward scores {checkpoint.name}", progress)
         del model, base
