@@ -208,3 +208,97 @@ def test_rank_on_dask_from_the_command_line(tiny_run, dask_client, tmp_path):
     assert result.exit_code == 2 and "--dask does not apply to --method random" in result.output
     result = runner.invoke(main, base + ["--dask", "tcp://127.0.0.1:9", "--out", str(tmp_path / "nowhere")])
     assert result.exit_code == 2 and "cannot reach a Dask scheduler" in result.output
+
+
+# Warm-up on several processes: DDP through accelerate, the same optimisation as one process.
+
+def _warmup_config(pool_files, out, **overrides):
+    from influence.models import LoraSettings, ModelLoading
+    from influence.train.warmup import WarmupConfig
+
+    # 3 micro-batches per step shared by 2 processes (2 + 1), a short last step that leaves one process
+    # without a micro-batch, dropout on, clipping on, and the whole pool tracked after every epoch.
+    settings = dict(model="tiny-llama", train_files=pool_files, out=str(out),
+                    lora=LoraSettings(4, 8, 0.1, ["q_proj", "v_proj"]), fraction=0.8, epochs=2, learning_rate=1e-2,
+                    batch_size=2, grad_accum=3, max_length=64, seed=5, max_grad_norm=0.5, track_all=True,
+                    loading=ModelLoading(dtype="fp32"))
+    return WarmupConfig(**{**settings, **overrides})
+
+
+def _warmup_command(config) -> list[str]:
+    lora = config.lora
+    return ["-m", "influence", "--quiet", "warmup", "--model", config.model, *[a for f in config.train_files for a in ("--train", f)],
+            "--out", config.out, "--lora-r", str(lora.r), "--lora-alpha", str(lora.alpha), "--lora-dropout",
+            str(lora.dropout), "--lora-modules", ",".join(lora.target_modules), "--fraction", str(config.fraction),
+            "--epochs", str(config.epochs), "--lr", str(config.learning_rate), "--batch-size", str(config.batch_size),
+            "--grad-accum", str(config.grad_accum), "--max-length", str(config.max_length), "--seed", str(config.seed),
+            "--max-grad-norm", str(config.max_grad_norm), "--loss-weighting", config.loss_weighting, "--track-all",
+            "--dtype", "fp32"]
+
+
+def _same_training(one, two) -> None:
+    """Two runs trained the same model: checkpoints, Adam moments and dynamics, up to float rounding."""
+    import pandas as pd
+    from safetensors.torch import load_file
+
+    assert [c.name for c in one.checkpoints()] == [c.name for c in two.checkpoints()]
+    for a, b in zip(one.checkpoints(), two.checkpoints()):
+        assert (a.step, a.mean_lr) == (b.step, b.mean_lr)
+        adapter_a, adapter_b = load_file(str(a.adapter_file)), load_file(str(b.adapter_file))
+        assert adapter_a.keys() == adapter_b.keys()
+        for key in adapter_a:
+            torch.testing.assert_close(adapter_a[key], adapter_b[key], rtol=1e-4, atol=1e-6, msg=key)
+        for moments_a, moments_b in zip(a.adam_moments()[:2], b.adam_moments()[:2]):
+            assert moments_a.keys() == moments_b.keys()
+            for key in moments_a:
+                torch.testing.assert_close(moments_a[key], moments_b[key], rtol=1e-3, atol=1e-9, msg=key)
+    dynamics_a = pd.read_parquet(one.path / "dynamics.parquet")
+    dynamics_b = pd.read_parquet(two.path / "dynamics.parquet")
+    pd.testing.assert_frame_equal(dynamics_a.drop(columns=["loss", "token_accuracy"]),
+                                  dynamics_b.drop(columns=["loss", "token_accuracy"]))
+    np.testing.assert_allclose(dynamics_a["loss"], dynamics_b["loss"], rtol=1e-4)
+    np.testing.assert_allclose(dynamics_a["token_accuracy"], dynamics_b["token_accuracy"])
+
+
+def _torchrun(arguments: list[str]) -> None:
+    torchrun = Path(sys.executable).with_name("torchrun")
+    result = subprocess.run([str(torchrun), "--nproc-per-node", "2", *arguments], cwd=PACKAGE, capture_output=True,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("weighting", ["micro_batch", "token"])
+def test_ddp_warmup_on_two_processes_matches_one_process(pool_files, tmp_path, weighting):
+    from influence.run import Run
+    from influence.train.warmup import warmup
+
+    with threads(1):
+        one = warmup(_warmup_config(pool_files, tmp_path / "one", loss_weighting=weighting), progress=False)
+    config = _warmup_config(pool_files, tmp_path / "two", loss_weighting=weighting)
+    _torchrun(_warmup_command(config))
+    two = Run(config.out)
+    assert two.manifest["processes"] == 2 and one.manifest["processes"] == 1
+    assert one.manifest["steps"] == two.manifest["steps"]
+    _same_training(one, two)
+
+
+def test_a_warmup_interrupted_on_one_process_resumes_on_two(pool_files, tmp_path, monkeypatch):
+    import influence.train.warmup as training
+    from influence.run import Run
+
+    with threads(1):
+        one = training.warmup(_warmup_config(pool_files, tmp_path / "one"), progress=False)
+        original = training.save_checkpoint
+
+        def crash_in_epoch_2(run_dir, model, optimizer, names, epoch, step, mean_lr):
+            if epoch == 2:
+                raise KeyboardInterrupt("simulated crash")
+            return original(run_dir, model, optimizer, names, epoch, step, mean_lr)
+
+        monkeypatch.setattr(training, "save_checkpoint", crash_in_epoch_2)
+        config = _warmup_config(pool_files, tmp_path / "crashed")
+        with pytest.raises(KeyboardInterrupt):
+            training.warmup(config, progress=False)
+    assert [c.name for c in Run(config.out).checkpoints()] == ["epoch-1"]
+    _torchrun(_warmup_command(config) + ["--resume"])
+    _same_training(one, Run(config.out))

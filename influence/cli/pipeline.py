@@ -36,6 +36,7 @@ from .common import (
 @click.option("--dry-run", is_flag=True, help="Print the cost (a training step timed here) and stop; writes nothing.")
 def warmup(track_all, resume, dry_run, **settings) -> None:
     """Short LoRA warm-up on a random fraction of the pool; keeps a checkpoint per epoch."""
+    from ..train.warmup import launch_rank
     from ..train.warmup import warmup as run_warmup
 
     context = click.get_current_context()
@@ -49,7 +50,7 @@ def warmup(track_all, resume, dry_run, **settings) -> None:
         run = run_warmup(config, resume=resume, dry_run=dry_run)
     except InfluenceError as err:
         fail(err)
-    if run is None:  # dry run
+    if run is None or launch_rank() != 0:  # a dry run, or a process of a launch that the first one reports for
         return
     m = run.manifest
     click.echo(
@@ -79,10 +80,13 @@ def warmup(track_all, resume, dry_run, **settings) -> None:
               help="Processes that split the chunks (each with its share of the CPU threads). On GPUs: "
                    "torchrun --nproc-per-node N -m influence project-grads --run-dir RUN ...")
 @click.option("--shard", default=None, help="Only chunks c with c % n == i (i/n): a static split for job arrays.")
+@click.option("--store", default=None,
+              help="Keep the run's gradient stores at this fsspec URL (s3://bucket/x/grads.zarr, gs://...) instead of "
+                   "RUN/grads.zarr; recorded in the run for every later command.")
 @click.option("--dry-run", is_flag=True, help="Print the cost (measured on one batch here) and stop.")
 @json_option
 def project_grads(run_dir, target, target_tasks, proj_dim, seed, batch_size, chunk_size, skip_train, overwrite,
-                  device, train_gradient, workers, shard, dry_run, as_json) -> None:
+                  device, train_gradient, workers, shard, store, dry_run, as_json) -> None:
     """Per-example LoRA gradients of the pool (Adam) and the target (SGD), projected, into Zarr."""
     from ..collect import project_grads as run_project
     from ..collect import stored_settings
@@ -97,7 +101,7 @@ def project_grads(run_dir, target, target_tasks, proj_dim, seed, batch_size, chu
         reports = run_project(run_dir, target, dims, seed, batch_size, chunk_size, tasks,
                               include_train=not skip_train, overwrite=overwrite, device=device,
                               train_gradients=split_list(train_gradient) or [], shard=parse_worker(shard, "--shard"),
-                              workers=workers, dry_run=dry_run)
+                              workers=workers, dry_run=dry_run, store=store)
     except InfluenceError as err:
         fail(err)
     if as_json:

@@ -9,6 +9,7 @@ base_training_args.sh`` on top of the Hugging Face Trainer defaults of the versi
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -50,7 +51,8 @@ class TrainSettings:
     warmup_ratio: float = field(default=0.03, metadata={"help": "Fraction of steps with linear LR warm-up.",
                                                         "min": 0, "max": 1, "max_open": True})
     batch_size: int = field(default=1, metadata={"help": "Examples per forward pass.", "min": 1})
-    grad_accum: int = field(default=32, metadata={"help": "Forward passes per optimizer step.", "min": 1})
+    grad_accum: int = field(default=32, metadata={
+        "help": "Forward passes per optimizer step (shared between the processes of a torchrun launch).", "min": 1})
     max_length: int = field(default=2048, metadata={"help": "Truncate examples to this many tokens.", "min": 1})
     seed: int = field(default=0, metadata={
         "help": "Seed of the random subset (where one is drawn), the LoRA initialisation and the data order."})
@@ -107,17 +109,43 @@ class TrainingDiverged(InfluenceError):
 
 
 class LoraTrainer:
-    """AdamW with a linear warm-up/decay schedule over the LoRA parameters of a peft model.
+    """AdamW with a linear warm-up/decay schedule over the LoRA parameters of a peft model, on
+    Hugging Face ``accelerate``.
 
     ``run_epoch(epoch)`` makes one pass over ``encoded`` in an order seeded by (seed, epoch) and
     returns one dynamics row per presentation (loss, response-token accuracy, exact match). The
     optimizer state is keyed by parameter name (:attr:`names`) so checkpoints can be restored.
+
+    ``data_parallel``: under ``torchrun`` / ``accelerate launch`` the processes train one model
+    together (DDP through ``Accelerator.prepare_model``). The settings describe the optimisation, not
+    the launch: an optimizer step still takes ``batch_size x grad_accum`` examples, its micro-batches
+    shared round-robin between the processes, and dropout is seeded per micro-batch, so N processes
+    follow the one-process run up to float rounding (and a run may resume on another number of them).
+    Without it (the subset models: one whole model per worker) every process trains alone.
     """
 
     def __init__(self, model, encoded: list[Encoded], ids: list[str], settings: TrainSettings, pad_token_id: int,
-                 device: torch.device):
+                 device: torch.device, data_parallel: bool = False):
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedType
+
         self.model, self.encoded, self.ids, self.settings = model, encoded, ids, settings
         self.pad_token_id, self.device = pad_token_id, device
+        # One per process; under torchrun / accelerate launch it joins the launch's process group
+        # (gloo between CPU processes, NCCL between GPUs).
+        self.accelerator = Accelerator(cpu=device.type == "cpu")
+        if self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            raise InfluenceError(
+                f"{self.accelerator.distributed_type.value} launches are not supported: LoRA adapters are small, so "
+                "processes train them with DDP (`torchrun` or a plain `accelerate launch`), each holding the base "
+                "weights; for a base model larger than one GPU, use --device-map on one process")
+        self.processes = self.accelerator.num_processes if data_parallel else 1
+        self.rank = self.accelerator.process_index if data_parallel else 0
+        if self.processes > 1 and getattr(model, "hf_device_map", None):
+            raise InfluenceError("--device-map splits one model over the GPUs of one process; it cannot be combined "
+                                 "with several training processes (torchrun): use one or the other")
+        # The DDP wrapper when several processes train together; the model itself otherwise.
+        self.trained = self.accelerator.prepare_model(model, device_placement=False) if self.processes > 1 else model
         self.names = {p: n for n, p in lora_parameters(model).items()}
         self.optimizer = torch.optim.AdamW(list(self.names), lr=settings.learning_rate, betas=(0.9, 0.999), eps=1e-8,
                                            weight_decay=settings.weight_decay)
@@ -130,6 +158,11 @@ class LoraTrainer:
         schedule = get_cosine_schedule_with_warmup if settings.scheduler == "cosine" else get_linear_schedule_with_warmup
         self.scheduler = schedule(self.optimizer, self.warmup_steps, self.total_steps)
         self.step = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes the results (the only one outside a data-parallel launch)."""
+        return self.rank == 0
 
     def restore(self, adapter: dict[str, torch.Tensor], exp_avg: dict[str, torch.Tensor],
                 exp_avg_sq: dict[str, torch.Tensor], step: int, rng_state: torch.Tensor) -> None:
@@ -150,38 +183,63 @@ class LoraTrainer:
         self.step = step
         torch.set_rng_state(rng_state)
 
+    def _micro_batches(self, step_indices: list[int]) -> list[tuple[int, list[int]]]:
+        """This process's micro-batches of one optimizer step, as (position in the step, indices): all
+        of them on one process, every N-th one on each of N processes. A process left without one
+        (a short last step) runs the first at weight 0, so that every process joins the gradient sum."""
+        size = self.settings.batch_size
+        micro = [(j, step_indices[j : j + size]) for j in range(0, len(step_indices), size)]
+        mine = micro[self.rank :: self.processes]
+        return mine or [(-1, micro[0][1])]
+
+    def _dropout_seed(self, epoch: int, step: int, position: int) -> int:
+        """Dropout's seed for one micro-batch: a function of where it is in training, not of which
+        process runs it or of what ran before (resume and N processes see the same masks)."""
+        return int(np.random.SeedSequence([self.settings.seed, epoch, step, position]).generate_state(1)[0])
+
     def run_epoch(self, epoch: int, bar=None, where: str = "") -> tuple[list[dict], list[float]]:
-        """Train one epoch; returns (dynamics rows, learning rate of each optimizer step)."""
+        """Train one epoch; returns (dynamics rows of every process, learning rate of each optimizer step)."""
         settings, encoded = self.settings, self.encoded
         self.model.train()
         order = torch.randperm(len(encoded), generator=torch.Generator().manual_seed(settings.seed * 1000 + epoch))
         rows, lrs = [], []
+        cuda = [self.device] if self.device.type == "cuda" else []
         for start in range(0, len(order), self.per_step):
             step_indices = order[start : start + self.per_step].tolist()
             n_tokens = sum(encoded[i].n_response_tokens for i in step_indices)
-            for micro in range(0, len(step_indices), settings.batch_size):
-                indices = step_indices[micro : micro + settings.batch_size]
+            micro_batches = self._micro_batches(step_indices)
+            finite = True
+            for k, (position, indices) in enumerate(micro_batches):
                 batch = {k: v.to(self.device) for k, v in collate([encoded[i] for i in indices], self.pad_token_id).items()}
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=settings.bf16):
-                    forward = forward_response(self.model, batch)
-                losses = forward.losses
-                if not torch.isfinite(losses).all():
-                    raise TrainingDiverged(
-                        f"{where + ': ' if where else ''}the training loss became non-finite at epoch {epoch}, step "
-                        f"{self.step + 1} (learning rate {self.optimizer.param_groups[0]['lr']:.3g}); the adapters would be "
-                        "NaN. Lower --lr, or check the data; nothing after the last checkpoint was kept"
-                    )
-                step_loss(forward, n_tokens, settings).backward()
+                # DDP sums the processes' gradients once per step: on the last micro-batch of each.
+                synced = contextlib.nullcontext() if k == len(micro_batches) - 1 else self.accelerator.no_sync(self.trained)
+                with synced, torch.random.fork_rng(devices=cuda):
+                    torch.manual_seed(self._dropout_seed(epoch, self.step, max(position, 0)))
+                    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=settings.bf16):
+                        forward = forward_response(self.trained, batch)
+                    losses = forward.losses
+                    finite = finite and bool(torch.isfinite(losses).all())
+                    # DDP averages over processes: each contributes N times its share of the step's loss
+                    weight = 0.0 if position < 0 else float(self.processes)
+                    self.accelerator.backward(step_loss(forward, n_tokens, settings) * weight)
+                if position < 0:
+                    continue
                 with torch.no_grad():
                     accuracy, exact = token_accuracy(forward)
                 del forward
                 for j, i in enumerate(indices):
                     rows.append({"phase": "train", "epoch": epoch, "step": self.step + 1, "id": self.ids[i],
                                  "loss": float(losses[j].detach()), "token_accuracy": float(accuracy[j]),
-                                 "exact_match": bool(exact[j])})
+                                 "exact_match": bool(exact[j]), "_order": start + position + j})
+            if not self._all_finite(finite):
+                raise TrainingDiverged(
+                    f"{where + ': ' if where else ''}the training loss became non-finite at epoch {epoch}, step "
+                    f"{self.step + 1} (learning rate {self.optimizer.param_groups[0]['lr']:.3g}); the adapters would be "
+                    "NaN. Lower --lr, or check the data; nothing after the last checkpoint was kept"
+                )
             lrs.append(self.optimizer.param_groups[0]["lr"])
             if settings.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(list(self.names), settings.max_grad_norm)
+                self.accelerator.clip_grad_norm_(list(self.names), settings.max_grad_norm)
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -190,4 +248,22 @@ class LoraTrainer:
                 recent = [d["loss"] for d in rows[-self.per_step:]]
                 bar.set_postfix(epoch=epoch, loss=f"{np.mean(recent):.3f}", lr=f"{lrs[-1]:.2e}")
                 bar.update(1)
-        return rows, lrs
+        return self.gathered(rows), lrs
+
+    def _all_finite(self, finite: bool) -> bool:
+        """Whether every process's losses of this step were finite (all of them stop together)."""
+        if self.processes == 1:
+            return finite
+        flag = torch.tensor([0.0 if finite else 1.0], device=self.accelerator.device)
+        return float(self.accelerator.reduce(flag, reduction="sum")) == 0
+
+    def gathered(self, rows: list[dict]) -> list[dict]:
+        """Every process's rows (each tagged with its ``_order``), in the one-process order, untagged."""
+        if self.processes > 1:
+            from accelerate.utils import gather_object
+
+            rows = gather_object(rows)
+        rows = sorted(rows, key=lambda row: row["_order"])
+        for row in rows:
+            del row["_order"]
+        return rows

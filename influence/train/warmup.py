@@ -7,7 +7,9 @@ match), which forgetting-event statistics are computed from.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -78,12 +80,14 @@ def encode_all(examples: list[Example], tokenizer, max_length: int) -> tuple[lis
 
 @torch.no_grad()
 def evaluate_pool(model, encoded: list[Encoded], ids: list[str], pad_token_id: int, batch_size: int,
-                  device, epoch: int, step: int, progress: bool) -> list[dict]:
-    """Forward-only dynamics of every example (dropout off): the ``eval`` presentations."""
+                  device, epoch: int, step: int, progress: bool, trainer: LoraTrainer) -> list[dict]:
+    """Forward-only dynamics of every example (dropout off): the ``eval`` presentations. Processes
+    training together share the batches and gather the rows."""
     was_training = model.training
     model.eval()
     rows = []
-    for start in progress_bar(range(0, len(encoded), batch_size), desc=f"track-all epoch {epoch}", disable=not progress):
+    starts = range(0, len(encoded), batch_size)[trainer.rank :: trainer.processes]
+    for start in progress_bar(starts, desc=f"track-all epoch {epoch}", disable=not progress):
         part = encoded[start : start + batch_size]
         batch = {k: v.to(device) for k, v in collate(part, pad_token_id).items()}
         forward = forward_response(model, batch)
@@ -91,9 +95,9 @@ def evaluate_pool(model, encoded: list[Encoded], ids: list[str], pad_token_id: i
         for j in range(len(part)):
             rows.append({"phase": "eval", "epoch": epoch, "step": step, "id": ids[start + j],
                          "loss": float(forward.losses[j]), "token_accuracy": float(accuracy[j]),
-                         "exact_match": bool(exact[j])})
+                         "exact_match": bool(exact[j]), "_order": start + j})
     model.train(was_training)
-    return rows
+    return trainer.gathered(rows)
 
 
 def _config_dict(config: WarmupConfig) -> dict:
@@ -145,8 +149,14 @@ def warmup(config: WarmupConfig, progress: bool = True, resume: bool = False, dr
     if out.exists() and not out.is_dir():
         raise RunError(f"{out}: exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    with writer_lock(out, "warmup"):
+    # Under torchrun / accelerate launch the processes train together and the first one writes the run.
+    with writer_lock(out, "warmup") if launch_rank() == 0 else contextlib.nullcontext():
         return _warmup(config, pool, out, progress, resume)
+
+
+def launch_rank() -> int:
+    """This process's rank in a torchrun / accelerate launch (0 outside one)."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def seconds_per_token(trainer: LoraTrainer, encoded: list[Encoded]) -> float:
@@ -228,7 +238,9 @@ def _warmup(config: WarmupConfig, pool: list[Example], out: Path, progress: bool
         raise RunError(f"{out}: cannot resume: the weights of --model {config.model} differ from those the run "
                        f"started with ({fingerprint} vs {previous.get('model_fingerprint')})")
     model, device = place(add_lora(model, config.lora, config.seed), device)
-    trainer = LoraTrainer(model, encoded, [e.id for e in examples], config, tokenizer.pad_token_id, device)
+    trainer = LoraTrainer(model, encoded, [e.id for e in examples], config, tokenizer.pad_token_id, device,
+                          data_parallel=True)
+    progress = progress and trainer.is_main
     if progress and previous is None:
         print(_cost_text(trainer, encoded, config), file=sys.stderr, flush=True)
 
@@ -259,7 +271,9 @@ def _warmup(config: WarmupConfig, pool: list[Example], out: Path, progress: bool
         "device": str(device),
         "checkpoints": [],
     }
-    write_manifest(out, manifest)
+    manifest["processes"] = trainer.processes  # of this start (a resumed run may use another number)
+    if trainer.is_main:
+        write_manifest(out, manifest)
 
     dynamics: list[dict] = []
     if done_epochs:
@@ -279,15 +293,19 @@ def _warmup(config: WarmupConfig, pool: list[Example], out: Path, progress: bool
             if pool_encoded is None:
                 pool_encoded, _ = encode_all(pool, tokenizer, config.max_length)
             dynamics += evaluate_pool(model, pool_encoded, [e.id for e in pool], tokenizer.pad_token_id,
-                                      max(config.batch_size, 8), device, epoch, step, progress)
-        checkpoint = save_checkpoint(out, model, trainer.optimizer, trainer.names, epoch, step, float(np.mean(epoch_lrs)))
-        atomic_write(out / "dynamics.parquet", lambda path: pd.DataFrame(dynamics).to_parquet(path, index=False))
-        manifest["checkpoints"].append(
-            {"name": checkpoint.name, "epoch": epoch, "step": step, "mean_lr": checkpoint.mean_lr}
-        )
-        write_manifest(out, manifest)
+                                      max(config.batch_size, 8), device, epoch, step, progress, trainer)
+        if trainer.is_main:
+            checkpoint = save_checkpoint(out, model, trainer.optimizer, trainer.names, epoch, step,
+                                         float(np.mean(epoch_lrs)))
+            atomic_write(out / "dynamics.parquet", lambda path: pd.DataFrame(dynamics).to_parquet(path, index=False))
+            manifest["checkpoints"].append(
+                {"name": checkpoint.name, "epoch": epoch, "step": step, "mean_lr": checkpoint.mean_lr}
+            )
+            write_manifest(out, manifest)
     bar.close()
     manifest["wall_seconds"] = round(time.time() - started, 1)
-    write_manifest(out, manifest)
+    if trainer.is_main:
+        write_manifest(out, manifest)
+    trainer.accelerator.wait_for_everyone()  # the run is complete on disk when any process returns
     return Run(out)
 
