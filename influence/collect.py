@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -23,6 +22,7 @@ from .models import load_adapter, parse_device, place
 from .progress import progress_bar
 from .projection import Projector
 from .run import Checkpoint, Run
+from .storage import StoreRoot
 from .store import (
     GRADIENT_TYPES,
     TRAIN,
@@ -178,8 +178,13 @@ def project_grads(
     workers: int = 1,
     cooperative: bool = False,
     dry_run: bool = False,
+    store: str | None = None,
 ) -> list[CollectReport]:
     """Compute and store projected gradient features for every checkpoint of a run.
+
+    ``store``: keep the run's gradient stores at this fsspec URL (``s3://bucket/x/grads.zarr``; any
+    protocol fsspec knows) instead of ``grads.zarr`` in the run folder; recorded in the run, so later
+    commands find them without it.
 
     Before any work it prints the cost: the backward passes left to do (examples x checkpoints x
     objectives, minus what the stores already hold), timed on one batch of this run's examples on this
@@ -202,6 +207,8 @@ def project_grads(
     """
     if workers < 1:
         raise InfluenceError(f"--workers must be at least 1, got {workers}")
+    if store is not None and not dry_run:
+        Run(run_dir).place_stores(store)
     if workers > 1 and not dry_run:
         return _with_workers(workers, dict(run_dir=run_dir, target=target, proj_dim=proj_dim, seed=seed,
                                            batch_size=batch_size, chunk_size=chunk_size, target_tasks=target_tasks,
@@ -432,12 +439,11 @@ def _stored_rows(run: Run, key: str, checkpoint: str, dims: list[int]) -> int:
     return min(rows)
 
 
-def _remove_legacy_stores(root: Path) -> None:
+def _remove_legacy_stores(root: StoreRoot) -> None:
     """Delete stores of the version-1 layout (``train``/``target-*`` at the top of ``grads.zarr``)."""
-    if root.is_dir():
-        for path in root.iterdir():
-            if path.is_dir() and (path.name == TRAIN or path.name.startswith("target-")):
-                shutil.rmtree(path)
+    for name in root.children():
+        if name == TRAIN or name.startswith("target-"):
+            root.remove(name)
 
 
 def _preconditioner(hooks: LoraGradients, checkpoint: Checkpoint, device) -> AdamPreconditioner:

@@ -8,7 +8,8 @@ Layout::
                                     optimizer.safetensors (Adam moments keyed by parameter name),
                                     state.json (epoch, optimizer step, mean learning rate, betas, eps)
       dynamics.parquet              per-presentation training dynamics (loss, token accuracy, ...)
-      grads.zarr/                   projected gradient stores (see influence.store)
+      grads.zarr/                   projected gradient stores (see influence.store), or at the fsspec
+                                    URL that stores.json names (``project-grads --store s3://...``)
       subsets.zarr/<name>/          models trained on subsets of the pool and their outcomes
 
 Checkpoints are written to a temporary folder and renamed when complete, so a crash never leaves a
@@ -34,8 +35,10 @@ from safetensors.torch import load_file, save_file
 
 from .data import file_sha256, source_exists, source_sha256
 from .errors import RunError
+from .storage import StoreRoot
 
 MANIFEST = "manifest.json"
+STORES = "stores.json"  # where the gradient stores live, when not in the run folder
 PACKAGES = ("influence", "torch", "transformers", "peft", "zarr", "numpy", "triton")
 
 
@@ -201,9 +204,43 @@ class Run:
     def max_length(self) -> int:
         return int(self.manifest["config"]["max_length"])
 
-    @property
-    def store_path(self) -> Path:
-        return self.path / "grads.zarr"
+    @functools.cached_property
+    def store_path(self) -> StoreRoot:
+        """Where the run's gradient stores live: ``grads.zarr`` in the run folder, or the location
+        :meth:`place_stores` recorded (``project-grads --store URL``), which every later command follows."""
+        location = self._store_location()
+        if location is None:
+            return StoreRoot(self.path / "grads.zarr")
+        return StoreRoot(location, locks=self.path / ".locks")
+
+    def _store_location(self) -> str | None:
+        file = self.path / STORES
+        if not file.is_file():
+            return None
+        try:
+            return str(json.loads(file.read_text(encoding="utf-8"))["grads"])
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+            raise RunError(f"{file}: not readable ({err!r}); it should say where the run's gradient stores live, "
+                           'as {"grads": "s3://bucket/path/grads.zarr"}') from None
+
+    def place_stores(self, location: str | Path) -> None:
+        """Keep this run's gradient stores at ``location`` (an fsspec URL such as ``s3://bucket/x/grads.zarr``,
+        or a folder), recorded in ``stores.json``. Refused where the run's stores already live elsewhere."""
+        from filelock import FileLock
+
+        wanted = StoreRoot(location, locks=self.path / ".locks")  # an unknown protocol is refused here
+        (self.path / ".locks").mkdir(exist_ok=True)
+        with FileLock(str(self.path / ".locks" / "stores.lock")):  # the processes of one launch all call it
+            current = self._store_location()
+            current_root = StoreRoot(self.path / "grads.zarr") if current is None else \
+                StoreRoot(current, locks=self.path / ".locks")
+            if current_root == wanted:
+                return
+            if current is not None or current_root.children():
+                raise RunError(f"{self.path}: its gradient stores live at {current_root}; they cannot move to {wanted} "
+                               "(copy them there and edit stores.json, or leave out --store)")
+            atomic_write(self.path / STORES, lambda tmp: tmp.write_text(json.dumps({"grads": str(location)})))
+        self.__dict__.pop("store_path", None)
 
     @property
     def subsets_path(self) -> Path:

@@ -29,7 +29,7 @@ from .data import Example, examples_sha256
 from .errors import InfluenceError
 from .progress import progress_bar
 from .run import Run
-from .store import TRAIN, ChunkedStore, exclusive
+from .store import TRAIN, ChunkedStore, exclusive, has_store
 
 
 @dataclass
@@ -108,7 +108,7 @@ def embedding_store(run_dir: str | Path, model: str, batch_size: int = 16, max_l
     """The pool's embeddings by ``model`` (computed first where missing or incomplete)."""
     run = Run(run_dir)
     path = f"embeddings/{_slug(model)}"
-    if not (run.store_path / path / "zarr.json").is_file() or not ChunkedStore.open(run.store_path, path).complete:
+    if not has_store(run.store_path, path) or not ChunkedStore.open(run.store_path, path).complete:
         compute_embeddings(run.path, model, batch_size, max_length)
     store = ChunkedStore.open(run.store_path, path)
     expected = examples_sha256(run.pool())

@@ -24,14 +24,12 @@ def chunked_stores(run: Run) -> list[dict]:
     """Every chunked store of the run (gradients, representations, forward scores): where, what, how
     complete, how large. A store being built (not yet published) is listed as such."""
     found = []
-    for done in sorted(run.path.rglob("done/zarr.json")):
-        folder = done.parent.parent
-        relative = folder.relative_to(run.path).as_posix()
+    for relative, open_group, size in _store_folders(run):
         if PARTIAL in relative:
             found.append({"store": relative, "state": "being created (or left by an interrupted creation)"})
             continue
         try:
-            group = zarr.open_group(str(folder), mode="r")
+            group = open_group()
             flags = group["done"][:]
         except Exception as err:  # an unreadable store is reported, not fatal: status must always answer
             found.append({"store": relative, "state": f"unreadable ({str(err).splitlines()[0]})"})
@@ -46,9 +44,29 @@ def chunked_stores(run: Run) -> list[dict]:
             "chunks_done": int(flags.sum()),
             "chunks": int(flags.size),
             "state": "complete" if flags.all() else "partial (rerun the command to resume)",
-            "bytes": folder_bytes(folder),
+            "bytes": size(),
         })
     return found
+
+
+def _store_folders(run: Run):
+    """(name, opener, size) of every chunked store: under the run folder, and where the run keeps its
+    gradient stores when elsewhere (``project-grads --store``), named by their path or URL."""
+    for done in sorted(run.path.rglob("done/zarr.json")):
+        folder = done.parent.parent
+        yield (folder.relative_to(run.path).as_posix(), lambda f=folder: zarr.open_group(str(f), mode="r"),
+               lambda f=folder: folder_bytes(f))
+    root = run.store_path
+    outside = Path(root.base)
+    if not root.remote and outside.is_dir() and not outside.is_relative_to(run.path.absolute()):
+        for done in sorted(outside.rglob("done/zarr.json")):
+            folder = done.parent.parent
+            yield (str(folder), lambda f=folder: zarr.open_group(str(f), mode="r"), lambda f=folder: folder_bytes(f))
+    if root.remote:
+        for done in sorted(root.fs.glob(f"{root.base}/**/done/zarr.json")):
+            path = done[len(root.base) + 1 : -len("/done/zarr.json")]
+            yield (f"{root}/{path}", lambda p=path: root.open_group(p, mode="r"),
+                   lambda p=path: int(root.fs.du(f"{root.base}/{p}")))
 
 
 def run_status(run_dir: str | Path) -> dict:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import fcntl
 import functools
 import os
-import shutil
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +40,7 @@ import zarr
 from filelock import FileLock
 
 from .errors import InfluenceError, StoreMismatchError
+from .storage import StoreRoot, as_root
 
 FORMAT = "influence-grads"
 # 2: LESS's Adam feature m'/sqrt(v'+eps) (version 1 stored m'/(sqrt(v')+eps)); stores keyed by dimension
@@ -84,7 +84,7 @@ class ChunkedStore:
     @classmethod
     def open_or_create(
         cls,
-        root: str | Path,
+        root: StoreRoot | str | Path,
         path: str,
         metadata: dict,
         ids: list[str],
@@ -96,6 +96,7 @@ class ChunkedStore:
         missing = [f for f in cls.required_fields if f not in metadata]
         if missing:
             raise ValueError(f"store metadata lacks {missing}")
+        root = as_root(root)
         where = f"{root}/{path}"
         # Several processes of one command may open a store at once: creation is serialised.
         with creation_lock(root, path):
@@ -116,8 +117,8 @@ class ChunkedStore:
         return store
 
     @classmethod
-    def open(cls, root: str | Path, path: str):
-        group = _open_group(root, path, mode="r")
+    def open(cls, root: StoreRoot | str | Path, path: str):
+        group = _open_group(as_root(root), path, mode="r")
         if group is None:
             raise InfluenceError(f"no store at {root}/{path}; run `influence project-grads` first")
         return cls(group, f"{root}/{path}")
@@ -262,9 +263,9 @@ def read_ahead(items: Iterator[T]) -> Iterator[T]:
             yield item
 
 
-def _build(root, path: str, metadata: dict, ids: list[str], tasks: list[str], columns: Columns) -> None:
+def _build(root: StoreRoot, path: str, metadata: dict, ids: list[str], tasks: list[str], columns: Columns) -> None:
     """Create an empty store at ``root/path``: every array, the ids and the subtask labels."""
-    group = zarr.create_group(store=str(root), path=path, attributes=metadata, overwrite=True)
+    group = root.create_group(path, metadata)
     n, chunk = metadata["n_examples"], metadata["chunk_size"]
     n_chunks = -(-n // chunk)
     arrays = {name: ((n, *tail), (chunk, *tail), dtype) for name, (tail, dtype) in columns.items()}
@@ -288,32 +289,34 @@ def _write_strings(group: zarr.Group, name: str, values: list[str]) -> None:
 PARTIAL = ".partial-"
 
 
-def creation_lock(root: str | Path, path: str) -> FileLock:
-    """The lock that serialises the creation of store ``root/path`` by several processes; kept beside
-    the Zarr hierarchy (in ``<root's folder>/.locks``), where it is not mistaken for a member."""
-    folder = Path(root).parent / ".locks"
-    folder.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(folder / f"{Path(root).name}--{path.replace('/', '--')}.lock"))
+def creation_lock(root: StoreRoot | str | Path, path: str) -> FileLock:
+    """The lock that serialises the creation of store ``root/path`` by several processes; kept in a
+    local folder (beside a local hierarchy, ``<root's folder>/.locks``, where it is not mistaken for a
+    member; the run's folder for a remote one)."""
+    root = as_root(root)
+    root.locks.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(root.locks / f"{root.name}--{path.replace('/', '--')}.lock"))
 
 
-def _publish(root, path: str, build) -> zarr.Group:
-    """Build a store under a temporary name beside ``path``, then rename it into place, so that a store
+def _publish(root: StoreRoot | str | Path, path: str, build) -> zarr.Group:
+    """Build a store under a temporary name beside ``path``, then move it into place, so that a store
     either exists whole (ids, tasks and every array) or not at all, whenever a process is killed."""
+    root = as_root(root)
     tmp = f"{path}{PARTIAL}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     build(tmp)
-    final = Path(root, path)
-    if final.exists():
-        shutil.rmtree(final)
-    Path(root, tmp).rename(final)
-    return zarr.open_group(store=str(root), path=path, mode="a")
+    root.publish(tmp, path)
+    return root.open_group(path)
 
 
-def _remove_partials(root, path: str) -> None:
-    """Delete what interrupted creations of ``path`` left behind (callers hold the run's writer lock)."""
-    final = Path(root, path)
-    if final.parent.is_dir():
-        for leftover in final.parent.glob(final.name + PARTIAL + "*"):
-            shutil.rmtree(leftover, ignore_errors=True)
+def _remove_partials(root: StoreRoot | str | Path, path: str) -> None:
+    """Delete what interrupted creations of ``path`` left behind (callers hold the run's writer lock),
+    and a store whose publication on an object store was cut short (members without the group's
+    ``zarr.json``)."""
+    root = as_root(root)
+    for leftover in root.leftovers(path, PARTIAL):
+        root.remove(leftover)
+    if root.remote and root.exists(path) and not root.has_group(path):
+        root.remove(path)
 
 
 LOCK_FILE = ".influence.lock"
@@ -376,10 +379,15 @@ def writer_active(folder: str | Path) -> bool:
         os.close(handle)
 
 
-def _open_group(root: str | Path, path: str, mode: str = "a") -> zarr.Group | None:
-    if not Path(root, path, "zarr.json").is_file():
+def _open_group(root: StoreRoot, path: str, mode: str = "a") -> zarr.Group | None:
+    if not root.has_group(path):
         return None
-    return zarr.open_group(store=str(root), path=path, mode=mode)
+    return root.open_group(path, mode=mode)
+
+
+def has_store(root: StoreRoot | str | Path, path: str) -> bool:
+    """Whether a store (published whole) is at ``root/path``."""
+    return as_root(root).has_group(path)
 
 
 def check_metadata(found: dict, expected: dict, where: str, fields: tuple[str, ...] = METADATA_FIELDS) -> None:
@@ -410,29 +418,25 @@ def target_dataset(name: str, examples_sha256: str) -> str:
     return f"target-{name}-{examples_sha256[:12]}"
 
 
-def stored_dims(root: str | Path) -> list[int]:
+def stored_dims(root: StoreRoot | str | Path) -> list[int]:
     """Projected dimensions that have gradient stores under ``root``. A store of the version-1
     layout (``<dataset>/<checkpoint>`` at the top) is refused: its feature is not LESS's."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    legacy = [p.name for p in root.iterdir() if p.is_dir() and (p.name == TRAIN or p.name.startswith("target-"))]
+    root = as_root(root)
+    folders = root.children()
+    legacy = [name for name in folders if name == TRAIN or name.startswith("target-")]
     if legacy:
         raise StoreMismatchError(
             "format_version", FORMAT_VERSION, 1,
             f"{root}/{legacy[0]} (written by an older influence with another Adam feature; "
             f"delete {root} or recompute with `influence project-grads --overwrite`)",
         )
-    return sorted(int(p.name[3:]) for p in root.iterdir() if p.is_dir() and p.name.startswith("dim") and p.name[3:].isdigit())
+    return sorted(int(name[3:]) for name in folders if name.startswith("dim") and name[3:].isdigit())
 
 
-def stored_datasets(root: str | Path, dim: int, prefix: str = "", gradient_type: str | None = None) -> list[str]:
+def stored_datasets(root: StoreRoot | str | Path, dim: int, prefix: str = "", gradient_type: str | None = None) -> list[str]:
     """Datasets with at least one gradient store of dimension ``dim`` whose name starts with ``prefix``
     (with ``gradient_type``: only the stores of that type, see :func:`gradient_dataset`)."""
-    folder = Path(root, f"dim{dim}")
-    if not folder.is_dir():
-        return []
-    names = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name.startswith(prefix) and PARTIAL not in p.name)
+    names = [name for name in as_root(root).children(f"dim{dim}") if name.startswith(prefix) and PARTIAL not in name]
     if gradient_type is None:
         return names
     default = gradient_type in ("adam", "sgd")

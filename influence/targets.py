@@ -23,6 +23,7 @@ from pathlib import Path
 
 from .data import Example, examples_sha256, load_examples
 from .errors import DataFormatError, InfluenceError
+from .storage import as_root
 from .store import GradientStore, gradient_dataset, grads_group, stored_datasets, target_dataset
 
 MMLU_CHOICES = ("A", "B", "C", "D")
@@ -351,7 +352,7 @@ def find_target_dataset(root: str | Path, dim: int, target: str, tasks: list[str
 
 
 def _stored_target_tasks(root, dim: int, dataset: str) -> list[str] | None:
-    folder = Path(root, f"dim{dim}", dataset)
-    for checkpoint in sorted(p.name for p in folder.iterdir() if (p / "zarr.json").is_file()):
+    root = as_root(root)
+    for checkpoint in [c for c in root.children(f"dim{dim}/{dataset}") if root.has_group(grads_group(dim, dataset, c))]:
         return GradientStore.open(root, grads_group(dim, dataset, checkpoint)).metadata.get("target_tasks")
     return None

@@ -120,8 +120,8 @@ def test_rds_is_last_token_cosine_and_resumes(tiny_run, tmp_path, monkeypatch):
     tasks = np.array([e.task for e in targets])
     expected = np.stack([cos[:, tasks == name].mean(1) for name in scores.task_names], 1).max(1)
     np.testing.assert_allclose(scores.score, expected, rtol=1e-4, atol=1e-5)
-    stores = list((run.store_path / "reps").glob("*/epoch-2"))
-    assert len(stores) == 2 and all(ChunkedStore.open(run.store_path, str(p.relative_to(run.store_path))).complete
+    stores = list((run.path / "grads.zarr" / "reps").glob("*/epoch-2"))
+    assert len(stores) == 2 and all(ChunkedStore.open(run.store_path, str(p.relative_to(run.path / "grads.zarr"))).complete
                                     for p in stores)
 
 

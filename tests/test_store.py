@@ -33,7 +33,7 @@ def test_store_contents_and_metadata(tiny_run):
     assert store.ids[0] == "chat.jsonl#0" and store.ids[-1] == "p3.jsonl#8"
     target = GradientStore.open(run.store_path, group(tiny_run["target_dataset"], "epoch-1"))
     assert target.metadata["gradient_type"] == "sgd" and set(target.tasks) == {"math", "words"}
-    assert zarr.open_array(str(run.store_path / "dim64" / "train" / "epoch-1" / "grads")).chunks == (5, 64)
+    assert zarr.open_array(str(run.path / "grads.zarr" / "dim64" / "train" / "epoch-1" / "grads")).chunks == (5, 64)
 
 
 def test_resume_after_crash_is_identical(tiny_run, tmp_path, monkeypatch):

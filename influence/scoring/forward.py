@@ -37,7 +37,8 @@ from ..data import Example, examples_sha256
 from ..losses import logits_at, mean_by_row
 from ..models import choose_device, load_adapter, place
 from ..run import Run
-from ..store import ChunkedStore, exclusive
+from ..storage import StoreRoot
+from ..store import ChunkedStore, exclusive, has_store
 from ..templates import IGNORE_INDEX, Encoded, collate, encode_example
 from ..units import check_sizes, fill_pending
 from .base import Scores
@@ -176,8 +177,8 @@ def compute_forward_scores(
     return written
 
 
-def _complete(root: Path, path: str) -> bool:
-    return (root / path / "zarr.json").is_file() and ChunkedStore.open(root, path).complete
+def _complete(root: StoreRoot, path: str) -> bool:
+    return has_store(root, path) and ChunkedStore.open(root, path).complete
 
 
 def forward_score(metric: str):

@@ -22,7 +22,7 @@ from ..data import Example, examples_sha256
 from ..kernels.scoring import score_block, subtask_means
 from ..models import choose_device, load_adapter, place
 from ..run import Checkpoint, Run
-from ..store import TRAIN, ChunkedStore, check_metadata, exclusive, target_dataset
+from ..store import TRAIN, ChunkedStore, check_metadata, exclusive, has_store, target_dataset
 from ..targets import load_target, target_name
 from ..templates import encode_example
 from ..units import check_sizes, fill_pending
@@ -108,7 +108,7 @@ def representation_stores(run_dir: str | Path, target: str | None = None,
     for dataset, examples in _datasets(run, target, target_tasks):
         path = reps_group(dataset, checkpoint.name)
         expected = _metadata(run, checkpoint, fingerprint, dataset, examples, 0)
-        if not (run.store_path / path / "zarr.json").is_file():
+        if not has_store(run.store_path, path):
             compute_representations(run_dir, target, target_tasks)
         elif not ChunkedStore.open(run.store_path, path).complete:  # resume with the store's own chunking
             chunk_size = ChunkedStore.open(run.store_path, path).chunk_size
