@@ -64,6 +64,20 @@ def pool_files(tmp_path):
     return [str(a), str(b), str(c)]
 
 
+def crash_at_epoch(monkeypatch, epoch: int) -> None:
+    """Make the warm-up die (KeyboardInterrupt) when it is about to save the checkpoint of ``epoch``."""
+    import influence.train.warmup as training
+
+    original = training.save_checkpoint
+
+    def crashing(run_dir, model, optimizer, names, at_epoch, step, mean_lr):
+        if at_epoch == epoch:
+            raise KeyboardInterrupt("simulated crash")
+        return original(run_dir, model, optimizer, names, at_epoch, step, mean_lr)
+
+    monkeypatch.setattr(training, "save_checkpoint", crashing)
+
+
 def make_target_file(folder: Path) -> str:
     return str(write_jsonl(folder / "tgt.jsonl", [
         {"prompt": f"Add {i} and 1.", "completion": f"{i + 1}", "task": "math" if i % 2 else "words"}

@@ -283,22 +283,17 @@ def test_ddp_warmup_on_two_processes_matches_one_process(pool_files, tmp_path, w
 
 
 def test_a_warmup_interrupted_on_one_process_resumes_on_two(pool_files, tmp_path, monkeypatch):
-    import influence.train.warmup as training
     from influence.run import Run
+    from influence.train.warmup import warmup
+
+    from .conftest import crash_at_epoch
 
     with threads(1):
-        one = training.warmup(_warmup_config(pool_files, tmp_path / "one"), progress=False)
-        original = training.save_checkpoint
-
-        def crash_in_epoch_2(run_dir, model, optimizer, names, epoch, step, mean_lr):
-            if epoch == 2:
-                raise KeyboardInterrupt("simulated crash")
-            return original(run_dir, model, optimizer, names, epoch, step, mean_lr)
-
-        monkeypatch.setattr(training, "save_checkpoint", crash_in_epoch_2)
+        one = warmup(_warmup_config(pool_files, tmp_path / "one"), progress=False)
+        crash_at_epoch(monkeypatch, 2)
         config = _warmup_config(pool_files, tmp_path / "crashed")
         with pytest.raises(KeyboardInterrupt):
-            training.warmup(config, progress=False)
+            warmup(config, progress=False)
     assert [c.name for c in Run(config.out).checkpoints()] == ["epoch-1"]
     _torchrun(_warmup_command(config) + ["--resume"])
     _same_training(one, Run(config.out))

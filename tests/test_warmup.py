@@ -10,6 +10,8 @@ from influence.errors import DataFormatError, RunError
 from influence.run import Run
 from influence.train.warmup import WarmupConfig, sample_fraction, warmup
 
+from .conftest import crash_at_epoch
+
 
 def test_run_layout_and_manifest(tiny_run):
     run = Run(tiny_run["run"])
@@ -80,13 +82,7 @@ def test_interrupted_warmup_resumes_identically(tmp_path, pool_files, monkeypatc
 
     reference = warmup(config(tmp_path / "ref"), progress=False)
     original = training.save_checkpoint
-
-    def crash_in_epoch_3(run_dir, model, optimizer, names, epoch, step, mean_lr):
-        if epoch == 3:
-            raise KeyboardInterrupt("simulated crash")
-        return original(run_dir, model, optimizer, names, epoch, step, mean_lr)
-
-    monkeypatch.setattr(training, "save_checkpoint", crash_in_epoch_3)
+    crash_at_epoch(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         warmup(config(tmp_path / "crashed"), progress=False)
     monkeypatch.setattr(training, "save_checkpoint", original)
