@@ -1,6 +1,6 @@
 # `make demo`: set up and run the whole pipeline on the embedded default (SmolLM2-135M, real data).
 # `make test`: set up and run the test suite. `make test-slow`: the slower suites (real model).
-# `make test-gpu`: the kernels on a CUDA device; `make test-kernels`: the same checks in the Triton interpreter.
+# `make test-gpu`: the kernels and the multi-process tests on CUDA devices (2 GPUs for DDP); `make test-kernels`: the same checks in the Triton interpreter.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -44,7 +44,7 @@ test-slow: setup
 
 # On a CUDA machine: the Triton kernels natively against the torch path, plus the kernel and store suites.
 test-gpu: setup
-	$(PY) -m pytest -q tests/test_gpu.py tests/test_projection.py tests/test_less.py tests/test_gradients.py
+	$(PY) -m pytest -q tests/test_gpu.py tests/test_projection.py tests/test_less.py tests/test_gradients.py tests/test_distributed.py
 
 # Without a GPU: the same device checks through the Triton interpreter (small shapes, CPU).
 test-kernels: setup

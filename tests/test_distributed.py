@@ -297,3 +297,15 @@ def test_a_warmup_interrupted_on_one_process_resumes_on_two(pool_files, tmp_path
     assert [c.name for c in Run(config.out).checkpoints()] == ["epoch-1"]
     _torchrun(_warmup_command(config) + ["--resume"])
     _same_training(one, Run(config.out))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (NCCL)")
+def test_ddp_warmup_on_two_gpus_matches_one_gpu(pool_files, tmp_path):
+    from influence.run import Run
+    from influence.train.warmup import warmup
+
+    one = warmup(_warmup_config(pool_files, tmp_path / "one"), progress=False)  # on cuda:0
+    config = _warmup_config(pool_files, tmp_path / "two")
+    _torchrun(_warmup_command(config))  # rank r on cuda:r
+    assert Run(config.out).manifest["device"] == "cuda:0"
+    _same_training(one, Run(config.out))
