@@ -239,7 +239,8 @@ class Run:
             if current is not None or current_root.children():
                 raise RunError(f"{self.path}: its gradient stores live at {current_root}; they cannot move to {wanted} "
                                "(copy them there and edit stores.json, or leave out --store)")
-            atomic_write(self.path / STORES, lambda tmp: tmp.write_text(json.dumps({"grads": str(location)})))
+            recorded = wanted.url if wanted.remote else wanted.base  # a folder as an absolute path
+            atomic_write(self.path / STORES, lambda tmp: tmp.write_text(json.dumps({"grads": recorded})))
         self.__dict__.pop("store_path", None)
 
     @property
