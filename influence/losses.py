@@ -1,9 +1,11 @@
 """The forward pass on response tokens only, and per-example losses.
 
 Only positions that predict a response token need the (large) vocabulary projection: for an MMLU
-target that is 2 of ~120 positions. ``forward_response`` asks the model for those logits alone
-(``logits_to_keep`` with a boolean mask, supported by recent transformers causal LMs) and falls back to
-full logits for models that do not support it. Both give the same losses.
+target that is 2 of ~120 positions. ``forward_response`` asks the model for those logits alone through
+``logits_to_keep``: a boolean (batch, seq) mask where the model's transformers slices with one
+(``slice_logits_to_keep``, recent releases), else the 1-D positions kept in any row (every release with
+``logits_to_keep``; earlier ones index ``hidden_states[:, positions]`` and fail on a 2-D mask), and full
+logits for models without the argument. All three give the same losses.
 """
 
 from __future__ import annotations
@@ -34,13 +36,29 @@ def mean_by_row(values: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tenso
     return sums / torch.bincount(rows, minlength=n).clamp(min=1).to(values.dtype)
 
 
+def slices_with_mask(model) -> bool:
+    """Whether ``model`` takes a boolean (batch, seq) ``logits_to_keep``: a transformers model of a
+    release that has ``slice_logits_to_keep`` (remote-code models may slice their own way)."""
+    from transformers import modeling_utils
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a peft wrapper
+    return hasattr(modeling_utils, "slice_logits_to_keep") and type(base).__module__.startswith("transformers.")
+
+
 def logits_at(model, batch: dict[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
-    """(n_kept, vocab) logits of the positions where ``keep`` (batch x seq, bool) is true."""
+    """(n_kept, vocab) logits of the positions where ``keep`` (batch x seq, bool) is true, in the order
+    of ``keep.nonzero()``."""
+    positions = keep.any(dim=0).nonzero()[:, 0]
     try:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       logits_to_keep=keep if slices_with_mask(model) else positions).logits
     except TypeError:  # models without logits_to_keep
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return logits[keep] if logits.ndim == 3 else logits  # 3-D: the model ignored the mask
+    if logits.ndim == 2:  # sliced with the mask
+        return logits
+    if logits.shape[1] == keep.shape[1]:  # the model ignored the argument: full logits
+        return logits[keep]
+    return logits[keep[:, positions]]  # sliced at the positions kept in any row
 
 
 def forward_response(model, batch: dict[str, torch.Tensor]) -> ResponseForward:

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from influence.data import Example
@@ -63,7 +64,13 @@ def test_collate_and_per_example_loss(tiny):
     assert abs(float(alone[0].detach()) - float(losses[0].detach())) < 1e-5
 
 
-def test_response_only_forward_equals_full_logits(tiny):
+@pytest.mark.parametrize("mask", [True, False], ids=["boolean-mask", "positions"])
+def test_response_only_forward_equals_full_logits(tiny, mask, monkeypatch):
+    """Both ways of slicing: the boolean mask of recent transformers, and the 1-D positions that
+    earlier releases (e.g. 5.17, whose Llama indexes ``hidden_states[:, positions]``) take."""
+    from influence import losses
+
+    monkeypatch.setattr(losses, "slices_with_mask", lambda model: mask)
     model, tok = tiny
     encs = [encode_example(_example(prompt="p" * n, response="r" * (n % 4 + 1)), tok, 64) for n in (3, 9, 14)]
     batch = collate(encs, tok.pad_token_id)
