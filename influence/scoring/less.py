@@ -251,6 +251,10 @@ def less_scores_many(
 
     Memory: one block of stored rows per checkpoint plus the (n, subtasks) float32 breakdown.
     """
+    if dask is not None:
+        from .on_dask import dask_device
+
+        device = dask_device(device)
     inputs = load_less_inputs(run_dir, targets, device, backend, proj_dim, target_tasks)
     train = inputs.train
     n = train[0].n_examples
@@ -313,6 +317,10 @@ def less_top_k(
     """The ``k`` most helpful pool examples for ``target`` (columns rank, pool_index, id, score), found
     with a running top-k over the stream (with ``dask``: a tree reduction of the blocks' top k):
     memory independent of the pool size."""
+    if dask is not None:
+        from .on_dask import dask_device
+
+        device = dask_device(device)
     inputs = load_less_inputs(run_dir, target, device, backend, proj_dim)
     if dask is not None:
         from .on_dask import less_top_k_on_dask
