@@ -4,6 +4,10 @@ Prints seconds per example, ratios and peak memory.
 
     python scripts/bench_gradients.py --model smollm2-135m --batch 8 --length 256
     python scripts/bench_gradients.py --model tiny-llama --batch 8 --length 256
+    python scripts/bench_gradients.py --model CONFIG_FOLDER --random-weights --dtype bf16   # on a GPU
+
+``--random-weights`` builds the architecture of a folder holding only its ``config.json`` (e.g. a 1B or 8B
+Llama) with random weights, directly on the device: the cost of a gradient does not depend on the values.
 """
 
 from __future__ import annotations
@@ -20,10 +24,18 @@ CONTENDERS = ("training-step", "ours-batched-hooks", "ours-hooks+projection", "l
 
 
 def setup(args):
-    from influence.models import LoraSettings, add_lora, load_base_model
+    from influence.models import DTYPES, LoraSettings, ModelLoading, add_lora, load_base_model
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, _ = load_base_model(args.model)
+    loading = ModelLoading(dtype=args.dtype).resolved(device)
+    if args.random_weights:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        with device:
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model),
+                                                     dtype=DTYPES[loading.dtype])
+    else:
+        model, _ = load_base_model(args.model, loading, device)
     model = add_lora(model, LoraSettings(r=args.rank, alpha=2 * args.rank, dropout=0.0,
                                          target_modules=["q_proj", "v_proj"]), seed=0).to(device)
     with torch.no_grad():
@@ -68,6 +80,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--dtype", default="fp32", choices=("auto", "fp32", "bf16", "fp16"),
+                        help="precision of the base weights (the adapter and gradients stay fp32)")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="--model is a folder with a config.json: its architecture with random weights")
     parser.add_argument("--proj-dim", type=int, default=8192, help="LESS's projection dimension")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--only", choices=CONTENDERS)
@@ -104,11 +120,12 @@ def main() -> None:
         print(json.dumps(result))
         return
     common = [f"--model={args.model}", f"--batch={args.batch}", f"--length={args.length}",
-              f"--rank={args.rank}", f"--proj-dim={args.proj_dim}", f"--repeat={args.repeat}"]
+              f"--rank={args.rank}", f"--proj-dim={args.proj_dim}", f"--repeat={args.repeat}", f"--dtype={args.dtype}",
+              *(["--random-weights"] if args.random_weights else [])]
     results = {name: run_child(__file__, name, common) for name in CONTENDERS}
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    report(f"per-example LoRA gradients, {args.model}, r={args.rank} q/v, {args.batch} x {args.length} tokens, "
-           f"{device}: seconds per example", results, "training-step")
+    report(f"per-example LoRA gradients, {args.model} ({args.dtype} weights), r={args.rank} q/v, "
+           f"{args.batch} x {args.length} tokens, {device}: seconds per example", results, "training-step")
     if "error" not in results["ours-batched-hooks"]:
         ours = results["ours-batched-hooks"]["seconds"]
         print(f"ours / training step = {ours / results['training-step']['seconds']:.2f}x (goal <= 1.3x); "
