@@ -2,13 +2,13 @@
 over the Zarr stores, on a ``LocalCluster`` or on any ``distributed`` scheduler.
 
 Each task reads one block of rows from every checkpoint's store (``dask.array.from_zarr``, blocks of
-``rows_per_block`` rows, by default the stores' chunk) and scores it with :func:`.less.score_rows`,
-the function the one-process stream applies to the same block on the CPU, so both paths compute the
-same numbers (the stream on a GPU agrees within float rounding: workers score on their CPUs); a worker holds one block per checkpoint at a time. The top k is a tree reduction: a top k
-per block, then neighbouring top-ks merged pairwise (:meth:`RunningTopK.merge`), so no process ever
-holds more than two of them. Workers must see the stores at the same path (a shared file system, or
-a store URL every worker can open).
-"""
+``rows_per_block`` rows, by default the stores' chunk) and scores it with :func:`.less.score_rows`, the
+function the one-process stream applies to the same block on the CPU, so both paths compute the same
+numbers (the stream on a GPU agrees within float rounding: workers score on their CPUs); a worker holds
+one block per checkpoint at a time. The top k is a tree reduction: a top k per block, then neighbouring
+top-ks merged pairwise (:meth:`RunningTopK.merge`), so no process ever holds more than two of them.
+Workers must see the stores at the same path (a shared file system, or a store URL every worker can
+open)."""
 
 from __future__ import annotations
 
