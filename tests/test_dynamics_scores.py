@@ -133,8 +133,11 @@ class FixedDistribution(torch.nn.Module):
         self.log_probs = torch.log(torch.tensor(probs))
 
     def forward(self, input_ids, attention_mask=None, logits_to_keep=None):
+        """Slices as transformers does: a boolean (batch, seq) mask, or 1-D positions of every row."""
         logits = self.log_probs.expand(*input_ids.shape, -1)
-        return type("Out", (), {"logits": logits[logits_to_keep] if logits_to_keep is not None else logits})
+        if logits_to_keep is not None:
+            logits = logits[logits_to_keep] if logits_to_keep.dtype == torch.bool else logits[:, logits_to_keep]
+        return type("Out", (), {"logits": logits})
 
 
 def test_token_metrics_by_hand():
