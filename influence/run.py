@@ -28,6 +28,7 @@ import sys
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -108,11 +109,20 @@ def _file_sha256_cached(path: str, size: int, mtime_ns: int) -> str:
     return file_sha256(path)
 
 
+class TrainedState(NamedTuple):
+    """What a checkpoint keeps of training, by parameter name, as whole tensors on the CPU (gathered
+    first where the processes hold shards: :meth:`LoraTrainer.whole_state`)."""
+
+    weights: dict[str, torch.Tensor]  # the adapter's parameters, named as in ``model.named_parameters()``
+    exp_avg: dict[str, torch.Tensor]  # Adam's first moments (absent before the first step)
+    exp_avg_sq: dict[str, torch.Tensor]  # and second moments
+
+
 def save_checkpoint(
     run_dir: Path,
     model,
     optimizer: torch.optim.Optimizer,
-    names: dict[torch.nn.Parameter, str],
+    state: TrainedState,
     epoch: int,
     step: int,
     mean_lr: float,
@@ -123,25 +133,19 @@ def save_checkpoint(
     partial = final.with_name(name + ".partial")
     if partial.exists():
         shutil.rmtree(partial)
-    model.save_pretrained(str(partial), safe_serialization=True)
-    tensors = {}
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            state = optimizer.state.get(param, {})
-            if "exp_avg" not in state:
-                continue
-            tensors[f"exp_avg.{names[param]}"] = state["exp_avg"].detach().cpu().contiguous()
-            tensors[f"exp_avg_sq.{names[param]}"] = state["exp_avg_sq"].detach().cpu().contiguous()
+    model.save_pretrained(str(partial), safe_serialization=True, state_dict=state.weights)  # peft names the keys
+    tensors = {f"exp_avg.{k}": v.contiguous() for k, v in state.exp_avg.items()}
+    tensors |= {f"exp_avg_sq.{k}": v.contiguous() for k, v in state.exp_avg_sq.items()}
     tensors["torch_rng_state"] = torch.get_rng_state()  # dropout draws continue identically on resume
     save_file(tensors, str(partial / "optimizer.safetensors"))
     group = optimizer.param_groups[0]
-    state = {
+    progress = {
         "epoch": epoch,
         "step": step,
         "mean_lr": mean_lr,
         "optimizer": {"betas": list(group["betas"]), "eps": group["eps"], "weight_decay": group["weight_decay"]},
     }
-    (partial / "state.json").write_text(json.dumps(state, indent=2))
+    (partial / "state.json").write_text(json.dumps(progress, indent=2))
     if final.exists():
         shutil.rmtree(final)
     partial.rename(final)

@@ -70,10 +70,10 @@ def crash_at_epoch(monkeypatch, epoch: int) -> None:
 
     original = training.save_checkpoint
 
-    def crashing(run_dir, model, optimizer, names, at_epoch, step, mean_lr):
+    def crashing(run_dir, model, optimizer, state, at_epoch, step, mean_lr):
         if at_epoch == epoch:
             raise KeyboardInterrupt("simulated crash")
-        return original(run_dir, model, optimizer, names, at_epoch, step, mean_lr)
+        return original(run_dir, model, optimizer, state, at_epoch, step, mean_lr)
 
     monkeypatch.setattr(training, "save_checkpoint", crashing)
 

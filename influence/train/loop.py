@@ -20,6 +20,7 @@ import torch
 from ..errors import InfluenceError
 from ..losses import ResponseForward, forward_response
 from ..models import LoraSettings, lora_parameters
+from ..run import TrainedState
 from ..templates import Encoded, collate
 
 LOSS_WEIGHTINGS = ("micro_batch", "token")
@@ -122,10 +123,15 @@ class LoraTrainer:
     shared round-robin between the processes, and dropout is seeded per micro-batch, so N processes
     follow the one-process run up to float rounding (and a run may resume on another number of them).
     Without it (the subset models: one whole model per worker) every process trains alone.
+
+    ``shard`` (with ``data_parallel``, on several processes): PyTorch FSDP2 instead of DDP (see
+    :func:`shard_model`): each process holds 1/N of the base weights, adapters and Adam moments, so a
+    base model too large for one device trains; the optimisation is the same. Checkpoints hold whole
+    tensors (:meth:`whole_state` gathers them), so runs resume sharded or not, on any number of processes.
     """
 
     def __init__(self, model, encoded: list[Encoded], ids: list[str], settings: TrainSettings, pad_token_id: int,
-                 device: torch.device, data_parallel: bool = False):
+                 device: torch.device, data_parallel: bool = False, shard: bool = False):
         from accelerate import Accelerator
         from accelerate.utils import DistributedType
 
@@ -136,17 +142,24 @@ class LoraTrainer:
         self.accelerator = Accelerator(cpu=device.type == "cpu")
         if self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
             raise InfluenceError(
-                f"{self.accelerator.distributed_type.value} launches are not supported: LoRA adapters are small, so "
-                "processes train them with DDP (`torchrun` or a plain `accelerate launch`), each holding the base "
-                "weights; for a base model larger than one GPU, use --device-map on one process")
+                f"accelerate's {self.accelerator.distributed_type.value} launch configuration is not used: launch "
+                "with `torchrun` or a plain `accelerate launch` and add --fsdp to shard the base weights, adapters and "
+                "Adam moments over the processes (PyTorch FSDP2), or leave it out for DDP")
         self.processes = self.accelerator.num_processes if data_parallel else 1
         self.rank = self.accelerator.process_index if data_parallel else 0
         if self.processes > 1 and getattr(model, "hf_device_map", None):
             raise InfluenceError("--device-map splits one model over the GPUs of one process; it cannot be combined "
-                                 "with several training processes (torchrun): use one or the other")
-        # The DDP wrapper when several processes train together; the model itself otherwise.
-        self.trained = self.accelerator.prepare_model(model, device_placement=False) if self.processes > 1 else model
-        self.names = {p: n for n, p in lora_parameters(model).items()}
+                                 "with several training processes (torchrun): use one or the other (or --fsdp)")
+        self.sharded = shard and self.processes > 1
+        # Several processes: the model sharded in place (FSDP2) or its DDP wrapper; one: the model itself.
+        if self.sharded:
+            self.trained = shard_model(model, device, self.processes)
+        elif self.processes > 1:
+            self.trained = self.accelerator.prepare_model(model, device_placement=False)
+        else:
+            self.trained = model
+        self.names = {p: n for n, p in lora_parameters(model).items()}  # the checkpoints' keys of the moments
+        self.model_names = {p: n for n, p in model.named_parameters() if p.requires_grad}  # peft's, for the adapter
         self.optimizer = torch.optim.AdamW(list(self.names), lr=settings.learning_rate, betas=(0.9, 0.999), eps=1e-8,
                                            weight_decay=settings.weight_decay)
         self.per_step = settings.batch_size * settings.grad_accum
@@ -167,14 +180,18 @@ class LoraTrainer:
     def restore(self, adapter: dict[str, torch.Tensor], exp_avg: dict[str, torch.Tensor],
                 exp_avg_sq: dict[str, torch.Tensor], step: int, rng_state: torch.Tensor) -> None:
         """Continue from a checkpoint: adapter weights, Adam moments, schedule position, RNG state."""
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(self.model, adapter)
+        adapter_name = getattr(self.model, "active_adapter", "default")
         for param, name in self.names.items():
+            key = self.model_names[param].replace(f".{adapter_name}", "")  # peft's key in the adapter's file
+            if key not in adapter or name not in exp_avg or name not in exp_avg_sq:
+                raise InfluenceError(f"the checkpoint has no {key} or no Adam moments for it: it was written for "
+                                     "another adapter (LoRA settings)")
+            with torch.no_grad():
+                param.copy_(like(param, adapter[key]))
             self.optimizer.state[param] = {
                 "step": torch.tensor(float(step)),
-                "exp_avg": exp_avg[name].to(param.device),
-                "exp_avg_sq": exp_avg_sq[name].to(param.device),
+                "exp_avg": like(param, exp_avg[name]),
+                "exp_avg_sq": like(param, exp_avg_sq[name]),
             }
         with warnings.catch_warnings():  # replaying the schedule without optimizer steps is intended here
             warnings.simplefilter("ignore", UserWarning)
@@ -183,14 +200,27 @@ class LoraTrainer:
         self.step = step
         torch.set_rng_state(rng_state)
 
+    def whole_state(self) -> TrainedState:
+        """The adapter and its Adam moments by parameter name, whole and on the CPU, for a checkpoint.
+        Sharded, every process must call it (each tensor is gathered from all of them, in one order)."""
+        weights, exp_avg, exp_avg_sq = {}, {}, {}
+        for param, name in self.names.items():
+            weights[self.model_names[param]] = whole(param.detach())
+            state = self.optimizer.state.get(param, {})
+            if "exp_avg" in state:
+                exp_avg[name], exp_avg_sq[name] = whole(state["exp_avg"]), whole(state["exp_avg_sq"])
+        return TrainedState(weights, exp_avg, exp_avg_sq)
+
     def _micro_batches(self, step_indices: list[int]) -> list[tuple[int, list[int]]]:
         """This process's micro-batches of one optimizer step, as (position in the step, indices): all
         of them on one process, every N-th one on each of N processes. A process left without one
-        (a short last step) runs the first at weight 0, so that every process joins the gradient sum."""
+        (a short last step) runs the first at weight 0, so that every process joins the gradient sum;
+        sharded, every process runs as many as the busiest (each forward pass is collective)."""
         size = self.settings.batch_size
         micro = [(j, step_indices[j : j + size]) for j in range(0, len(step_indices), size)]
         mine = micro[self.rank :: self.processes]
-        return mine or [(-1, micro[0][1])]
+        rounds = -(-len(micro) // self.processes) if self.sharded else 1
+        return mine + [(-1, micro[0][1])] * (rounds - len(mine))
 
     def _dropout_seed(self, epoch: int, step: int, position: int) -> int:
         """Dropout's seed for one micro-batch: a function of where it is in training, not of which
@@ -211,8 +241,8 @@ class LoraTrainer:
             finite = True
             for k, (position, indices) in enumerate(micro_batches):
                 batch = {k: v.to(self.device) for k, v in collate([encoded[i] for i in indices], self.pad_token_id).items()}
-                # DDP sums the processes' gradients once per step: on the last micro-batch of each.
-                synced = contextlib.nullcontext() if k == len(micro_batches) - 1 else self.accelerator.no_sync(self.trained)
+                # The processes' gradients are summed once per step: on the last micro-batch of each.
+                synced = contextlib.nullcontext() if k == len(micro_batches) - 1 else self._no_sync()
                 with synced, torch.random.fork_rng(devices=cuda):
                     torch.manual_seed(self._dropout_seed(epoch, self.step, max(position, 0)))
                     with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=settings.bf16):
@@ -250,6 +280,20 @@ class LoraTrainer:
                 bar.update(1)
         return self.gathered(rows), lrs
 
+    @contextlib.contextmanager
+    def _no_sync(self):
+        """Keep this micro-batch's gradients local: DDP's ``no_sync`` through accelerate; FSDP2's
+        switch, which accelerate's ``no_sync`` reaches only for models it sharded itself."""
+        if not self.sharded:
+            with self.accelerator.no_sync(self.trained):
+                yield
+            return
+        self.trained.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.trained.set_requires_gradient_sync(True)
+
     def _all_finite(self, finite: bool) -> bool:
         """Whether every process's losses of this step were finite (all of them stop together)."""
         if self.processes == 1:
@@ -267,3 +311,39 @@ class LoraTrainer:
         for row in rows:
             del row["_order"]
         return rows
+
+
+def shard_model(model, device: torch.device, processes: int):
+    """``model`` sharded in place over the processes of the launch with PyTorch FSDP2 (``fully_shard``).
+
+    Units, innermost first: each module whose own parameters are all trained (a LoRA factor), each
+    transformer block (the model's ``_no_split_modules``), then the rest. A unit is gathered in one
+    dtype, so the fp32 adapters never share one with bf16/fp16 base weights, and a block's frozen
+    weights are gathered only while it runs.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (processes,))
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    blocks = set(getattr(base, "_no_split_modules", None) or ())
+    trained = [m for m in model.modules() if (own := list(m.parameters(recurse=False))) and all(p.requires_grad for p in own)]
+    for module in trained + [m for m in model.modules() if type(m).__name__ in blocks]:
+        fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole of a (possibly sharded) tensor, on the CPU (sharded: a collective call)."""
+    from torch.distributed.tensor import DTensor
+
+    return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().cpu()
+
+
+def like(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """A whole ``value`` laid out as ``param``: on its device, sharded as it is (a collective call)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    value = value.to(param.device, param.dtype)
+    return distribute_tensor(value, param.device_mesh, param.placements) if isinstance(param, DTensor) else value

@@ -8,6 +8,7 @@ match), which forgetting-event statistics are computed from.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import sys
@@ -53,6 +54,9 @@ class WarmupConfig(TrainSettings):
                                                     "min_open": True, "max": 1})
     track_all: bool = field(default=False, metadata={
         "help": "Evaluate the whole pool after every epoch (training dynamics and forgetting for every example)."})
+    fsdp: bool = field(default=False, metadata={
+        "help": "Under torchrun: shard the base weights, adapters and Adam moments over the processes (PyTorch FSDP2) "
+                "instead of DDP, for a base model too large for one device. Same optimisation; whole checkpoints."})
     loading: ModelLoading = field(default_factory=ModelLoading, metadata={"prefix": ""})
     columns: Columns = field(default_factory=Columns, metadata={"prefix": ""})
 
@@ -82,15 +86,20 @@ def encode_all(examples: list[Example], tokenizer, max_length: int) -> tuple[lis
 def evaluate_pool(model, encoded: list[Encoded], ids: list[str], pad_token_id: int, batch_size: int,
                   device, epoch: int, step: int, progress: bool, trainer: LoraTrainer) -> list[dict]:
     """Forward-only dynamics of every example (dropout off): the ``eval`` presentations. Processes
-    training together share the batches and gather the rows."""
+    training together share the batches and gather the rows; sharded, each runs as many forward passes
+    as the busiest (they are collective), the extra ones discarded."""
     was_training = model.training
     model.eval()
     rows = []
-    starts = range(0, len(encoded), batch_size)[trainer.rank :: trainer.processes]
-    for start in progress_bar(starts, desc=f"track-all epoch {epoch}", disable=not progress):
-        part = encoded[start : start + batch_size]
+    starts = list(range(0, len(encoded), batch_size))
+    mine = starts[trainer.rank :: trainer.processes]
+    rounds = -(-len(starts) // trainer.processes) if trainer.sharded else len(mine)
+    for start in progress_bar(mine + [-1] * (rounds - len(mine)), desc=f"track-all epoch {epoch}", disable=not progress):
+        part = encoded[max(start, 0) : max(start, 0) + batch_size]
         batch = {k: v.to(device) for k, v in collate(part, pad_token_id).items()}
         forward = forward_response(model, batch)
+        if start < 0:
+            continue
         accuracy, exact = token_accuracy(forward)
         for j in range(len(part)):
             rows.append({"phase": "eval", "epoch": epoch, "step": step, "id": ids[start + j],
@@ -104,6 +113,10 @@ def _config_dict(config: WarmupConfig) -> dict:
     return asdict(config)
 
 
+# Settings of the launch, not of the optimisation: a run may resume with others.
+RESUMABLE_CHANGES = {"out", "fsdp"}
+
+
 def _check_resumable(out: Path, config: WarmupConfig) -> dict:
     """The manifest of an interrupted run with the same settings, or a RunError naming what differs."""
     manifest = Run(out).manifest
@@ -111,7 +124,7 @@ def _check_resumable(out: Path, config: WarmupConfig) -> dict:
     # settings added since: absent from older runs' manifests
     defaults = {"loading": asdict(ModelLoading()), "columns": asdict(Columns())}
     for key, value in _config_dict(config).items():
-        if key == "out" or json.loads(json.dumps(value)) == saved.get(key, defaults.get(key)):
+        if key in RESUMABLE_CHANGES or json.loads(json.dumps(value)) == saved.get(key, defaults.get(key)):
             continue
         raise RunError(f"{out}: cannot resume: setting '{key}' is {value!r} here but {saved.get(key)!r} in the run")
     for entry in manifest["train_files"]:
@@ -151,7 +164,12 @@ def warmup(config: WarmupConfig, progress: bool = True, resume: bool = False, dr
     out.mkdir(parents=True, exist_ok=True)
     # Under torchrun / accelerate launch the processes train together and the first one writes the run.
     with writer_lock(out, "warmup") if launch_rank() == 0 else contextlib.nullcontext():
-        return _warmup(config, pool, out, progress, resume)
+        run = _warmup(config, pool, out, progress, resume)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # FSDP2's sharded modules sit in reference cycles: left to the interpreter's exit, they are freed
+        # after gloo's threads and the process aborts ("terminate called without an active exception").
+        gc.collect()
+    return run
 
 
 def launch_rank() -> int:
@@ -239,10 +257,15 @@ def _warmup(config: WarmupConfig, pool: list[Example], out: Path, progress: bool
                        f"started with ({fingerprint} vs {previous.get('model_fingerprint')})")
     model, device = place(add_lora(model, config.lora, config.seed), device)
     trainer = LoraTrainer(model, encoded, [e.id for e in examples], config, tokenizer.pad_token_id, device,
-                          data_parallel=True)
+                          data_parallel=True, shard=config.fsdp)
+    if progress and previous is None and (trainer.is_main or trainer.sharded):  # sharded: every process times it
+        cost = _cost_text(trainer, encoded, config)
+        if trainer.is_main:
+            print(cost, file=sys.stderr, flush=True)
     progress = progress and trainer.is_main
-    if progress and previous is None:
-        print(_cost_text(trainer, encoded, config), file=sys.stderr, flush=True)
+    if config.fsdp and not trainer.sharded and progress:
+        print("note: --fsdp shards over the processes of a torchrun launch; one process holds the whole model",
+              file=sys.stderr, flush=True)
 
     done_epochs = 0
     if previous is not None:
@@ -272,6 +295,7 @@ def _warmup(config: WarmupConfig, pool: list[Example], out: Path, progress: bool
         "checkpoints": [],
     }
     manifest["processes"] = trainer.processes  # of this start (a resumed run may use another number)
+    manifest["sharded"] = trainer.sharded
     if trainer.is_main:
         write_manifest(out, manifest)
 
@@ -294,9 +318,9 @@ def _warmup(config: WarmupConfig, pool: list[Example], out: Path, progress: bool
                 pool_encoded, _ = encode_all(pool, tokenizer, config.max_length)
             dynamics += evaluate_pool(model, pool_encoded, [e.id for e in pool], tokenizer.pad_token_id,
                                       max(config.batch_size, 8), device, epoch, step, progress, trainer)
+        state = trainer.whole_state()  # sharded: gathered by every process
         if trainer.is_main:
-            checkpoint = save_checkpoint(out, model, trainer.optimizer, trainer.names, epoch, step,
-                                         float(np.mean(epoch_lrs)))
+            checkpoint = save_checkpoint(out, model, trainer.optimizer, state, epoch, step, float(np.mean(epoch_lrs)))
             atomic_write(out / "dynamics.parquet", lambda path: pd.DataFrame(dynamics).to_parquet(path, index=False))
             manifest["checkpoints"].append(
                 {"name": checkpoint.name, "epoch": epoch, "step": step, "mean_lr": checkpoint.mean_lr}
