@@ -4,7 +4,7 @@ Prints seconds per example, ratios and peak memory.
 
     python scripts/bench_gradients.py --model smollm2-135m --batch 8 --length 256
     python scripts/bench_gradients.py --model tiny-llama --batch 8 --length 256
-    python scripts/bench_gradients.py --model CONFIG_FOLDER --random-weights --dtype bf16   # on a GPU
+    python scripts/bench_gradients.py --model scripts/model_configs/llama-3.1-8b --random-weights --dtype bf16  # GPU
 
 ``--random-weights`` builds the architecture of a folder holding only its ``config.json`` (e.g. a 1B or 8B
 Llama) with random weights, directly on the device: the cost of a gradient does not depend on the values.
