@@ -1,6 +1,6 @@
 # `make demo`: set up and run the whole pipeline on the embedded default (SmolLM2-135M, real data).
 # `make test`: set up and run the test suite. `make test-slow`: the slower suites (real model).
-# `make test-gpu`: the kernels and the multi-process tests on CUDA devices (2 GPUs for DDP); `make test-kernels`: the same checks in the Triton interpreter.
+# `make test-gpu`: the kernels and the multi-process tests on CUDA devices (2 GPUs for DDP and FSDP); `make test-kernels`: the same checks in the Triton interpreter.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
