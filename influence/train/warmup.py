@@ -165,7 +165,7 @@ def warmup(config: WarmupConfig, progress: bool = True, resume: bool = False, dr
     # Under torchrun / accelerate launch the processes train together and the first one writes the run.
     with writer_lock(out, "warmup") if launch_rank() == 0 else contextlib.nullcontext():
         run = _warmup(config, pool, out, progress, resume)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if launch_world_size() > 1:
         # FSDP2's sharded modules sit in reference cycles: left to the interpreter's exit, they are freed
         # after gloo's threads and the process aborts ("terminate called without an active exception").
         gc.collect()
@@ -175,6 +175,11 @@ def warmup(config: WarmupConfig, progress: bool = True, resume: bool = False, dr
 def launch_rank() -> int:
     """This process's rank in a torchrun / accelerate launch (0 outside one)."""
     return int(os.environ.get("RANK", "0"))
+
+
+def launch_world_size() -> int:
+    """How many processes the torchrun / accelerate launch started (1 outside one)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def seconds_per_token(trainer: LoraTrainer, encoded: list[Encoded]) -> float:
@@ -255,7 +260,9 @@ def _warmup(config: WarmupConfig, pool: list[Example], out: Path, progress: bool
     if previous is not None and previous.get("model_fingerprint") != fingerprint:
         raise RunError(f"{out}: cannot resume: the weights of --model {config.model} differ from those the run "
                        f"started with ({fingerprint} vs {previous.get('model_fingerprint')})")
-    model, device = place(add_lora(model, config.lora, config.seed), device)
+    model = add_lora(model, config.lora, config.seed)
+    if not (config.fsdp and launch_world_size() > 1):  # sharded: each unit moves to the device as it is
+        model, device = place(model, device)            # sharded, so the whole model never sits on one GPU
     trainer = LoraTrainer(model, encoded, [e.id for e in examples], config, tokenizer.pad_token_id, device,
                           data_parallel=True, shard=config.fsdp)
     if progress and previous is None and (trainer.is_main or trainer.sharded):  # sharded: every process times it
