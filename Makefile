@@ -1,12 +1,13 @@
 # `make demo`: set up and run the whole pipeline on the embedded default (SmolLM2-135M, real data).
 # `make test`: set up and run the test suite. `make test-slow`: the slower suites (real model).
-# `make test-gpu`: the kernels and the multi-process tests on CUDA devices (2 GPUs for DDP and FSDP); `make test-kernels`: the same checks in the Triton interpreter.
+# `make test-gpu`: the kernels and the multi-process tests on CUDA devices (2 GPUs for DDP and FSDP); `make bench-gpu`: the GPU
+# benchmark figures; `make test-kernels`: the same checks in the Triton interpreter.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 RUN    ?= runs/demo
 
-.PHONY: setup demo test test-slow test-browser test-gpu test-kernels docs bench clean
+.PHONY: setup demo test test-slow test-browser test-gpu test-kernels bench-gpu docs clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +46,14 @@ test-slow: setup
 # On a CUDA machine: the Triton kernels natively against the torch path, plus the kernel and store suites.
 test-gpu: setup
 	$(PY) -m pytest -q tests/test_gpu.py tests/test_projection.py tests/test_less.py tests/test_gradients.py tests/test_distributed.py
+
+# On a CUDA machine: the GPU figures of docs/scaling.md (per-example gradients of the 135M, 1B and 8B
+# shapes in bf16 with random weights, and the projection), each printed as ratios measured in one run.
+bench-gpu: setup
+	cd scripts && for spec in smollm2-135m:32 llama-3.2-1b:16 llama-3.1-8b:8; do \
+		$(CURDIR)/$(PY) bench_gradients.py --model model_configs/$${spec%%:*} --random-weights --dtype bf16 \
+			--batch $${spec##*:} --length 512 || exit 1; done
+	cd scripts && $(CURDIR)/$(PY) bench_projection.py --grad-dim 460800 --proj-dim 8192 --batch 64
 
 # Without a GPU: the same device checks through the Triton interpreter (small shapes, CPU).
 test-kernels: setup
