@@ -40,6 +40,18 @@ def measure(fn, *args, repeat: int = 1, **kwargs) -> dict:
     }
 
 
+def demo_pool_head(folder, examples: int):
+    """``folder/pool.jsonl``: the first ``examples`` records of the embedded demo pool (FLAN-CoT + P3)."""
+    from pathlib import Path
+
+    from influence.cli import demo_pool_files
+
+    pool = Path(folder) / "pool.jsonl"
+    records = [line for line in Path(demo_pool_files()[1]).read_text(encoding="utf-8").splitlines() if line.strip()]
+    pool.write_text("\n".join(records[:examples]) + "\n", encoding="utf-8")
+    return pool
+
+
 def run_child(script: str, contender: str, args: list[str]) -> dict:
     """Run ``script --only contender`` and parse the JSON line it prints last."""
     out = subprocess.run([sys.executable, script, "--only", contender, *args], capture_output=True, text=True,

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from _bench import demo_pool_head
 from safetensors.torch import load_file
 
 PACKAGE = Path(__file__).resolve().parents[1]
@@ -52,13 +53,9 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--folder", default="/tmp/influence-bench-warmup")
     args = parser.parse_args()
-    from influence.cli import demo_pool_files
-
     folder = Path(args.folder)
     folder.mkdir(parents=True, exist_ok=True)
-    pool = folder / "pool.jsonl"
-    records = [line for line in Path(demo_pool_files()[1]).read_text(encoding="utf-8").splitlines() if line.strip()]
-    pool.write_text("\n".join(records[: args.examples]) + "\n", encoding="utf-8")
+    pool = demo_pool_head(folder, args.examples)
     cores = max(args.processes, torch.get_num_threads())
     one = contender(args, pool, folder / "one", cores, 1)
     many = contender(args, pool, folder / "many", max(1, cores // args.processes), args.processes)

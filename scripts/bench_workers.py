@@ -16,20 +16,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
+from _bench import demo_pool_head
 
 
 def warm(folder: Path, model: str, examples: int, max_length: int) -> Path:
     """A warmed-up run on the first ``examples`` of the demo pool (made once, reused)."""
-    from influence.cli import demo_pool_files
     from influence.models import LoraSettings
     from influence.train.warmup import WarmupConfig, warmup
 
     run = folder / "run"
     if (run / "manifest.json").is_file():
         return run
-    pool = folder / "pool.jsonl"
-    records = [line for line in Path(demo_pool_files()[1]).read_text(encoding="utf-8").splitlines() if line.strip()]
-    pool.write_text("\n".join(records[:examples]) + "\n", encoding="utf-8")
+    pool = demo_pool_head(folder, examples)
     warmup(WarmupConfig(model=model, train_files=[str(pool)], out=str(run), fraction=0.25, epochs=1,
                         learning_rate=1e-4, batch_size=4, grad_accum=1, max_length=max_length,
                         lora=LoraSettings(8, 16, 0.0, ["q_proj", "v_proj"])), progress=False)
