@@ -211,16 +211,21 @@ class LoraTrainer:
                 exp_avg[name], exp_avg_sq[name] = whole(state["exp_avg"]), whole(state["exp_avg_sq"])
         return TrainedState(weights, exp_avg, exp_avg_sq)
 
+    def share(self, items: list, at_least: int = 0) -> list:
+        """This process's share of ``items``: every N-th from its rank (all of them on one process),
+        then ``None`` for each pass it must run without an item of its own: up to ``at_least``, and,
+        sharded, up to the busiest process's count (each forward pass is collective)."""
+        mine = items[self.rank :: self.processes]
+        rounds = max(-(-len(items) // self.processes) if self.sharded else len(mine), at_least)
+        return mine + [None] * (rounds - len(mine))
+
     def _micro_batches(self, step_indices: list[int]) -> list[tuple[int, list[int]]]:
-        """This process's micro-batches of one optimizer step, as (position in the step, indices): all
-        of them on one process, every N-th one on each of N processes. A process left without one
-        (a short last step) runs the first at weight 0, so that every process joins the gradient sum;
-        sharded, every process runs as many as the busiest (each forward pass is collective)."""
+        """This process's micro-batches of one optimizer step, as (position in the step, indices). A pass
+        without one of its own (a short last step, or sharded) runs the first at weight 0 (position -1),
+        so that every process joins the gradient sum."""
         size = self.settings.batch_size
         micro = [(j, step_indices[j : j + size]) for j in range(0, len(step_indices), size)]
-        mine = micro[self.rank :: self.processes]
-        rounds = -(-len(micro) // self.processes) if self.sharded else 1
-        return mine + [(-1, micro[0][1])] * (rounds - len(mine))
+        return [m if m is not None else (-1, micro[0][1]) for m in self.share(micro, at_least=1)]
 
     def _dropout_seed(self, epoch: int, step: int, position: int) -> int:
         """Dropout's seed for one micro-batch: a function of where it is in training, not of which

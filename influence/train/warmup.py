@@ -91,14 +91,12 @@ def evaluate_pool(model, encoded: list[Encoded], ids: list[str], pad_token_id: i
     was_training = model.training
     model.eval()
     rows = []
-    starts = list(range(0, len(encoded), batch_size))
-    mine = starts[trainer.rank :: trainer.processes]
-    rounds = -(-len(starts) // trainer.processes) if trainer.sharded else len(mine)
-    for start in progress_bar(mine + [-1] * (rounds - len(mine)), desc=f"track-all epoch {epoch}", disable=not progress):
-        part = encoded[max(start, 0) : max(start, 0) + batch_size]
+    starts = trainer.share(list(range(0, len(encoded), batch_size)))
+    for start in progress_bar(starts, desc=f"track-all epoch {epoch}", disable=not progress):
+        part = encoded[start or 0 : (start or 0) + batch_size]
         batch = {k: v.to(device) for k, v in collate(part, pad_token_id).items()}
         forward = forward_response(model, batch)
-        if start < 0:
+        if start is None:  # a pass only to join the collective forward
             continue
         accuracy, exact = token_accuracy(forward)
         for j in range(len(part)):
