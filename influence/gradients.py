@@ -28,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from einops import einsum, rearrange
 from torch import nn
 
 from .losses import forward_response, mean_by_row
@@ -125,7 +126,10 @@ class LoraGradients:
             dy = self._output_grads[name].float()
             if x.ndim == 2:  # a layer after the response-position selection (lm_head): rows are tokens
                 x, dy = _unflatten(x, rows, counts), _unflatten(dy, rows, counts)
-            pieces.append(torch.einsum("bto,bti->boi", dy, x).flatten(1))
+            # Sum over tokens of dy^T x: one (out, in) matrix per example, laid out as the weight is (out-major),
+            # so that it lines up with the flattened optimizer moments of :meth:`flatten`.
+            per_example = einsum(dy, x, "batch token out, batch token inp -> batch out inp")
+            pieces.append(rearrange(per_example, "batch out inp -> batch (out inp)"))
         for name in self.names:
             self._modules[name].weight.grad = None
         self._inputs.clear()

@@ -19,6 +19,11 @@ import os
 
 import torch
 
+# This folder is the package influence.kernels; Python started in a checkout's root could also see it as
+# `kernels`, the name of Hugging Face's package, which transformers imports. It is never that.
+if not __name__.startswith("influence.kernels."):
+    raise ImportError(f"{__file__} is part of influence: import influence.kernels.projection, not {__name__}")
+
 MASK32 = 0xFFFFFFFF
 MULTIPLIER = 0x45D9F3B
 ROW_SALT = 0x9E3779B9

@@ -24,6 +24,11 @@ from __future__ import annotations
 
 import torch
 
+# This folder is the package influence.kernels; Python started in a checkout's root could also see it as
+# `kernels`, the name of Hugging Face's package, which transformers imports. It is never that.
+if not __name__.startswith("influence.kernels."):
+    raise ImportError(f"{__file__} is part of influence: import influence.kernels.scoring, not {__name__}")
+
 
 def unit_rows(matrix: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """Rows scaled to unit L2 norm (fp32); all-zero rows stay zero."""

@@ -1,10 +1,21 @@
-"""Writes the notebook shipped with the package, influence/resources/notebooks/explore_rankings.ipynb
-(kept as a script so the notebook's source is reviewable; `influence notebook --run RUN` copies it next to a run)."""
+"""The exploration notebook's one source: writes it to notebooks/explore_rankings.ipynb (for a checkout, next to
+runs/) and to influence/resources/notebooks/explore_rankings.ipynb (shipped in the package; `influence notebook
+--run RUN` copies it next to a run). Kept as a script so that the notebook's source is reviewable.
 
+    python scripts/make_notebook.py           # write both copies
+    python scripts/make_notebook.py --check   # exit 1 when a copy differs from this source (run by the tests)
+"""
+
+import argparse
+import sys
 from pathlib import Path
 
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+ROOT = Path(__file__).resolve().parents[1]
+COPIES = (ROOT / "notebooks" / "explore_rankings.ipynb",
+          ROOT / "influence" / "resources" / "notebooks" / "explore_rankings.ipynb")
 
 cells = [
     new_markdown_cell(
@@ -248,7 +259,32 @@ cells += [
     ),
 ]
 
-notebook = new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
-path = Path(__file__).resolve().parents[1] / "influence" / "resources" / "notebooks" / "explore_rankings.ipynb"
-nbformat.write(notebook, path)
-print(path)
+
+
+def notebook_text() -> str:
+    """The notebook as written to disk; cell ids are numbered, not random, so the text is reproducible."""
+    notebook = new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                                   "language": "python"}})
+    for number, cell in enumerate(notebook.cells):
+        cell["id"] = f"cell-{number:02d}"
+    return nbformat.writes(notebook) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="compare the copies with this source; write nothing")
+    args = parser.parse_args()
+    text = notebook_text()
+    stale = [path for path in COPIES if not path.is_file() or path.read_text(encoding="utf-8") != text]
+    if args.check:
+        for path in stale:
+            print(f"{path.relative_to(ROOT)} differs from scripts/make_notebook.py: run `python scripts/make_notebook.py`")
+        sys.exit(1 if stale else 0)
+    for path in COPIES:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        print(path.relative_to(ROOT))
+
+
+if __name__ == "__main__":
+    main()

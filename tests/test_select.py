@@ -141,7 +141,7 @@ def test_notebook_shows_lds_and_select_reports(select_run, monkeypatch):
     from influence.evaluate.lds import evaluate_lds
     from influence.selection import rank
 
-    from .test_notebook import NOTEBOOK
+    from .test_notebook import PACKAGED_NOTEBOOK
 
     run = select_run["run"]
     evaluate_lds(run, select_run["target"], ["random", "grand"], k=3, bootstrap=10, progress=False)
@@ -151,7 +151,7 @@ def test_notebook_shows_lds_and_select_reports(select_run, monkeypatch):
     rank(run, select_run["target"], fraction=0.2, out=ranking)
     monkeypatch.setenv("INFLUENCE_RUN", run)
     monkeypatch.setenv("INFLUENCE_RANKING", str(ranking))
-    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    notebook = nbformat.read(PACKAGED_NOTEBOOK, as_version=4)
     NotebookClient(notebook, timeout=300, kernel_name="python3",
                    resources={"metadata": {"path": str(select_run["folder"])}}).execute()
     text = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
