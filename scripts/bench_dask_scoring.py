@@ -25,8 +25,7 @@ CONTENDERS = ("stream", "dask")
 
 def inputs_for(store, dim: int, tasks: int, per_task: int):
     from influence.kernels.scoring import subtask_means
-
-    from influence.scoring.less import LessInputs
+    from influence.scoring.less.core import LessInputs
 
     target, task_index = targets(dim, tasks, per_task)
     means = subtask_means(target, task_index, tasks)[None]
@@ -34,7 +33,7 @@ def inputs_for(store, dim: int, tasks: int, per_task: int):
 
 
 def stream(inputs) -> np.ndarray:
-    from influence.scoring.less import iter_scored_blocks
+    from influence.scoring.less.core import iter_scored_blocks
 
     per_task = np.empty((inputs.train[0].n_examples, inputs.means.shape[1]), dtype=np.float32)
     for start, block, _ in iter_scored_blocks(inputs.train, inputs.means, inputs.weights):
@@ -43,7 +42,7 @@ def stream(inputs) -> np.ndarray:
 
 
 def on_dask(inputs, workers: int, worker_peaks: list) -> np.ndarray:
-    from influence.scoring.on_dask import dask_client, per_task_array
+    from influence.scoring.less.dask import dask_client, per_task_array
 
     with dask_client("local", workers) as client:
         result = client.compute(per_task_array(inputs)).result()
@@ -64,7 +63,7 @@ def main() -> None:
     args = parser.parse_args()
     path = Path(args.folder) / f"full-{args.rows}-{args.dim}.zarr"
     if args.only:
-        from influence.store import GradientStore
+        from influence.gradients.store import GradientStore
 
         inputs = inputs_for(GradientStore.open(path, "train/c"), args.dim, args.tasks, args.per_task)
         worker_peaks: list = []

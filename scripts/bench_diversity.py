@@ -52,7 +52,7 @@ def naive_facility_location(x: np.ndarray, quality: np.ndarray, budget: int, wei
 
 
 def run(contender: str, n: int, dim: int, budget: int) -> dict:
-    from influence.diversity import facility_location, k_center_greedy
+    from influence.selection.diversify import facility_location, k_center_greedy
 
     x = vectors(n, dim)
     quality = np.random.default_rng(1).random(n)

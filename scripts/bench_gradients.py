@@ -24,7 +24,7 @@ CONTENDERS = ("training-step", "ours-batched-hooks", "ours-hooks+projection", "l
 
 
 def setup(args):
-    from influence.models import DTYPES, LoraSettings, ModelLoading, add_lora, load_base_model
+    from influence.models.loading import DTYPES, LoraSettings, ModelLoading, add_lora, load_base_model
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loading = ModelLoading(dtype=args.dtype).resolved(device)
@@ -53,7 +53,7 @@ def setup(args):
 
 
 def training_step(model, batch):
-    from influence.losses import forward_response
+    from influence.models.losses import forward_response
 
     model.zero_grad(set_to_none=True)
     forward_response(model, batch).losses.sum().backward()
@@ -64,7 +64,7 @@ def batched_hooks(hooks, batch):
 
 
 def batch1_loop(model, params, batch):
-    from influence.losses import forward_response
+    from influence.models.losses import forward_response
 
     rows = []
     for i in range(batch["input_ids"].shape[0]):
@@ -93,13 +93,13 @@ def main() -> None:
         if args.only == "training-step":
             result = measure(training_step, model, batch, repeat=args.repeat)
         elif args.only == "ours-batched-hooks":
-            from influence.gradients import LoraGradients
+            from influence.gradients.per_example import LoraGradients
 
             result = measure(batched_hooks, LoraGradients(model), batch, repeat=args.repeat)
         elif args.only == "ours-hooks+projection":
-            from influence.collect import projection_rows
-            from influence.gradients import LoraGradients
-            from influence.projection import Projector
+            from influence.gradients.collect import projection_rows
+            from influence.gradients.per_example import LoraGradients
+            from influence.gradients.projection import Projector
 
             # project-grads buffers `projection_rows` examples per projection call; the projection's cost
             # does not depend on the values, so this batch's gradients are repeated to that many rows.
@@ -113,7 +113,7 @@ def main() -> None:
             result["seconds"] += result["projection_seconds"] * args.batch
             result["peak_rss_mb"] = max(result["peak_rss_mb"], projection["peak_rss_mb"])
         else:
-            from influence.models import lora_parameters
+            from influence.models.loading import lora_parameters
 
             result = measure(batch1_loop, model, lora_parameters(model), batch, repeat=args.repeat)
         result["seconds"] /= args.batch  # per example

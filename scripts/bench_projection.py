@@ -20,7 +20,7 @@ CONTENDERS = ("ours-default", "ours-cache-256MB", "ours-streamed", "traker-Basic
 
 def make_projector(name: str, args, device):
     if name.startswith("ours"):
-        from influence.projection import DEFAULT_CACHE_BYTES, Projector
+        from influence.gradients.projection import DEFAULT_CACHE_BYTES, Projector
 
         cache = {"ours-default": DEFAULT_CACHE_BYTES, "ours-cache-256MB": 256 << 20, "ours-streamed": 0}[name]
         projector = Projector(args.grad_dim, args.proj_dim, seed=0, cache_bytes=cache)

@@ -25,7 +25,7 @@ FLOOR = ("floor-read-small", "floor-products-small")  # the fastest scoring coul
 
 def build_store(path: Path, rows: int, dim: int, chunk: int = 4096):
     """A gradient store of ``rows`` pseudo-random fp16 rows (written once, reused afterwards)."""
-    from influence.store import GradientStore
+    from influence.gradients.store import GradientStore
 
     meta = {"model": "bench", "checkpoint": "c", "adapter_sha256": "-", "gradient_type": "adam", "feature": "bench",
             "projector": {"output_dim": dim}, "dtype": "float16", "dataset": "train", "n_examples": rows,
@@ -52,8 +52,7 @@ def ours(store, target, task_index, tasks, device, top_k):
     """The library's streaming path: every block scored by the fused kernel (torch on CPU), full score
     vector kept (4 bytes a row) and the running top-k."""
     from influence.kernels.scoring import RunningTopK, subtask_means
-
-    from influence.scoring.less import default_backend, iter_scored_blocks
+    from influence.scoring.less.core import default_backend, iter_scored_blocks
 
     means = subtask_means(target.to(device), task_index.to(device), tasks)[None]
     scores = np.empty(store.n_examples, dtype=np.float32)
@@ -89,8 +88,7 @@ def floor_products(store, target, task_index, tasks, device) -> None:
     """The block scoring alone, on one block kept in memory and scored as many times as the store has
     blocks: the fp16 -> fp32 conversion, the norms, the products, the masks."""
     from influence.kernels.scoring import subtask_means
-
-    from influence.scoring.less import default_backend, score_rows
+    from influence.scoring.less.core import default_backend, score_rows
 
     means = subtask_means(target.to(device), task_index.to(device), tasks)[None]
     block = torch.from_numpy(store.group["grads"][: store.chunk_size]).to(device)[None]
@@ -117,7 +115,7 @@ def main() -> None:
     small = folder / f"small-{args.naive_rows}-{args.dim}.zarr"
     full = folder / f"full-{args.rows}-{args.dim}.zarr"
     if args.only:
-        from influence.store import GradientStore
+        from influence.gradients.store import GradientStore
 
         store = GradientStore.open(full if args.only == "ours-full" else small, "train/c")
         target, task_index = targets(args.dim, args.tasks, args.per_task)

@@ -21,7 +21,7 @@ from _bench import demo_pool_head
 
 def warm(folder: Path, model: str, examples: int, max_length: int) -> Path:
     """A warmed-up run on the first ``examples`` of the demo pool (made once, reused)."""
-    from influence.models import LoraSettings
+    from influence.models.loading import LoraSettings
     from influence.train.warmup import WarmupConfig, warmup
 
     run = folder / "run"
@@ -35,7 +35,7 @@ def warm(folder: Path, model: str, examples: int, max_length: int) -> Path:
 
 
 def contender(run: Path, copy: Path, threads: int, workers: int) -> float:
-    from influence.collect import project_grads
+    from influence.gradients.collect import project_grads
 
     if copy.exists():
         shutil.rmtree(copy)

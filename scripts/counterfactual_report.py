@@ -25,12 +25,13 @@ import numpy as np
 import pandas as pd
 
 from influence.cli import demo_pool_files
-from influence.collect import project_grads
-from influence.data import load_pool
+from influence.data.formats import load_pool
 from influence.evaluate.lds import evaluate_lds
-from influence.models import LoraSettings
+from influence.gradients.collect import project_grads
+from influence.models.loading import LoraSettings
 from influence.scoring.forward import compute_forward_scores
-from influence.selection import overlap, rank
+from influence.selection.compare import overlap
+from influence.selection.rank import rank
 from influence.train.subsets import train_subsets
 from influence.train.warmup import WarmupConfig, warmup
 

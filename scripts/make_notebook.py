@@ -39,7 +39,7 @@ cells = [
         "import matplotlib.pyplot as plt\n"
         "import numpy as np\n"
         "import pandas as pd\n\n"
-        "from influence.selection import example_text, load_rankings, pool_by_id, task_columns, top_for_task\n\n"
+        "from influence.selection.outputs import example_text, load_rankings, pool_by_id, task_columns, top_for_task\n\n"
         "table = load_rankings(RANKING)\n"
         "summary = json.loads((RANKING / 'summary.json').read_text())\n"
         "pool = pool_by_id(RUN)\n"
@@ -52,7 +52,7 @@ cells = [
         "## Warm-up\nMean training loss and response-token accuracy per optimizer step (from `dynamics.parquet`)."
     ),
     new_code_cell(
-        "from influence import report\n\n"
+        "from influence.report import figures as report\n\n"
         "curves = report.warmup_curves(RUN)\n"
         "plt.show() if curves is not None else print('no warm-up dynamics in this run')"
     ),
@@ -152,7 +152,7 @@ cells = [
         "how much of each one's top agrees with this ranking's, and its own length bias."
     ),
     new_code_cell(
-        "from influence.selection import overlap, spearman\n\n"
+        "from influence.selection.compare import overlap\nfrom influence.selection.outputs import spearman\n\n"
         "rows = []\n"
         "suffix = RANKING.name.split('-', 2)[-1] if RANKING.name.startswith('rank-') else ''\n"
         "for folder in sorted(RUN.glob('rank-*')):\n"

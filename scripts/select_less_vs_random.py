@@ -18,9 +18,9 @@ from pathlib import Path
 from _bench import add_grid_arguments, grid_from
 
 from influence.cli import demo_pool_files
-from influence.collect import project_grads
 from influence.evaluate.select import evaluate_select
-from influence.models import LoraSettings
+from influence.gradients.collect import project_grads
+from influence.models.loading import LoraSettings
 from influence.train.warmup import WarmupConfig, warmup
 
 SUBJECTS = ["elementary_mathematics", "high_school_biology", "world_religions", "marketing"]

@@ -4,9 +4,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from influence.models import LoraSettings, ModelLoading, add_lora, build_tiny_llama
-from influence.store import grads_group
-from influence.targets import target_store_name
+from influence.core.naming import grads_group
+from influence.gradients.store import target_store_name
+from influence.models.loading import LoraSettings, ModelLoading, add_lora, build_tiny_llama
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -88,7 +88,7 @@ def make_target_file(folder: Path) -> str:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """A warmed-up tiny run with train and target gradient stores (2 checkpoints)."""
-    from influence.collect import project_grads
+    from influence.gradients.collect import project_grads
     from influence.train.warmup import WarmupConfig, warmup
 
     folder = tmp_path_factory.mktemp("tiny_run")

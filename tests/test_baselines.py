@@ -9,16 +9,18 @@ import pytest
 from click.testing import CliRunner
 
 from influence.cli import main
-from influence.collect import project_grads
-from influence.data import load_pool
+from influence.core.chunks import ChunkedStore
+from influence.data.formats import load_pool
+from influence.data.targets import load_target
 from influence.errors import InfluenceError
-from influence.run import Run
+from influence.gradients.collect import project_grads
+from influence.gradients.representations import compute_representations
 from influence.scoring import bm25_scores, dsir_scores, less_scores, less_scores_many, random_scores, rds_scores
 from influence.scoring.baselines import dsir_log_weights, example_text
-from influence.scoring.rds import compute_representations
-from influence.selection import rank, rank_many, select, spearman
-from influence.store import ChunkedStore
-from influence.targets import load_target
+from influence.selection.modes import select
+from influence.selection.outputs import spearman
+from influence.selection.rank import rank, rank_many
+from influence.train.run import Run
 
 from .conftest import write_jsonl
 from .test_store import _copy_run
@@ -82,11 +84,11 @@ def test_dsir_log_weight_is_the_log_likelihood_ratio(tiny_run):
 def test_rds_is_last_token_cosine_and_resumes(tiny_run, tmp_path, monkeypatch):
     import torch
 
-    from influence.models import load_adapter, load_base_model
-    from influence.templates import collate, encode_example
+    from influence.data.templates import collate, encode_example
+    from influence.models.loading import load_adapter, load_base_model
 
     run_dir = _copy_run(tiny_run, tmp_path, "rds")
-    import influence.scoring.rds as rds
+    import influence.gradients.representations as rds
 
     calls = {"n": 0}
     original = rds.last_token_states

@@ -44,7 +44,7 @@ def test_end_to_end_cli(tmp_path, pool_files):
                  "alpaca.json": lambda i: json.loads(Path(pool_files[1]).read_text())[i]}
     if source in originals:
         assert selected[0]["original"] == originals[source](int(index))
-    from influence.data import load_examples
+    from influence.data.formats import load_examples
 
     again = load_examples(out / "selected.jsonl")
     assert [e.id for e in again] == table["id"][:8].tolist()
@@ -139,7 +139,7 @@ def test_selection_notes(tiny_run, tmp_path):
 
 
 def test_ties_at_the_cut_are_reported():
-    from influence.selection import select, selection_notes
+    from influence.selection.modes import select, selection_notes
 
     table = pd.DataFrame({"id": list("abcde"), "score": [3.0, 2.0, 2.0, 2.0, 1.0], "finite": [True] * 4 + [False]})
     chosen = select(table, "top", top_k=2)
@@ -256,7 +256,7 @@ def test_project_grads_prints_its_cost_first_and_dry_run_stops_there(tiny_run, t
 
 
 def test_selection_as_a_hugging_face_dataset(tiny_run, tmp_path):
-    from influence.data import load_examples
+    from influence.data.formats import load_examples
 
     out = tmp_path / "r"
     result = CliRunner().invoke(main, ["rank", "--run", tiny_run["run"], "--target", tiny_run["target"], "--space", "none",
@@ -270,7 +270,7 @@ def test_selection_as_a_hugging_face_dataset(tiny_run, tmp_path):
 
 def test_api_in_memory_records_and_a_ranking_without_files(tmp_path):
     from influence import LoraSettings, WarmupConfig, rank, warmup
-    from influence.collect import project_grads
+    from influence.gradients.collect import project_grads
 
     records = [{"prompt": f"Add {i} and 2.", "completion": f"{i + 2}", "id": f"r{i}"} for i in range(10)]
     config = WarmupConfig(model="tiny-llama", train_files=[], out=str(tmp_path / "run"), fraction=1.0, epochs=1,

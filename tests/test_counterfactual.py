@@ -16,22 +16,24 @@ from click.testing import CliRunner
 from scipy.stats import spearmanr
 
 from influence.cli import main
-from influence.collect import project_grads
+from influence.core.naming import POOL, gradient_dataset, grads_group
+from influence.data.targets import load_target
+from influence.data.templates import collate, encode_example
 from influence.errors import InfluenceError, StoreMismatchError
 from influence.evaluate.lds import column_spearman, evaluate_lds, lds
-from influence.gradients import LoraGradients, token_margins
-from influence.losses import per_example_loss
-from influence.measure import correct_choices, encode_choices, measure, single_token_choices
-from influence.models import lora_parameters
-from influence.run import Run
+from influence.gradients.collect import project_grads
+from influence.gradients.per_example import LoraGradients, token_margins
+from influence.gradients.store import GradientStore
+from influence.models.loading import lora_parameters
+from influence.models.losses import per_example_loss
+from influence.models.measure import correct_choices, encode_choices, measure, single_token_choices
 from influence.scoring import METHODS
 from influence.scoring.counterfactual import datamodel_fit, fit_datamodels, in_out_difference, memorization_scores, self_difference
 from influence.scoring.tracin import tracin_attribution
 from influence.scoring.trak import trak_attribution
-from influence.selection import rank
-from influence.store import POOL, GradientStore, SubsetStore, gradient_dataset, grads_group
-from influence.targets import load_target
-from influence.templates import collate, encode_example
+from influence.selection.rank import rank
+from influence.train.run import Run
+from influence.train.subset_store import SubsetStore
 from influence.train.subsets import train_subsets
 
 from .conftest import write_jsonl

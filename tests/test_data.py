@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from influence.data import load_examples, load_pool
+from influence.data.formats import load_examples, load_pool
 from influence.errors import DataFormatError
 
 from .conftest import write_jsonl
@@ -139,8 +139,8 @@ def test_sharegpt_conversations_and_tool_turns(tmp_path):
 def test_tool_turns_in_the_tulu_format_are_prompt():
     from transformers import ByT5Tokenizer
 
-    from influence.data import Example
-    from influence.templates import IGNORE_INDEX, encode_example
+    from influence.data.formats import Example
+    from influence.data.templates import IGNORE_INDEX, encode_example
 
     example = Example("x", "x", [{"role": "user", "content": "2+2?"}, {"role": "tool", "content": "4"},
                                  {"role": "assistant", "content": "four"}], {})
@@ -164,7 +164,7 @@ def test_a_records_own_id_is_kept_and_must_be_unique(tmp_path):
 
 
 def test_column_mapping(tmp_path):
-    from influence.data import Columns
+    from influence.data.formats import Columns
 
     (tmp_path / "qa.csv").write_text("question,answer\nWhat is 2+2?,4\nWhat is 3+3?,6\n", encoding="utf-8")
     with pytest.raises(DataFormatError, match="unknown record format"):
@@ -182,9 +182,9 @@ def test_column_mapping(tmp_path):
 
 
 def test_column_mapping_is_recorded_by_the_warmup_and_followed(tmp_path):
-    from influence.data import Columns
-    from influence.models import LoraSettings
-    from influence.run import Run
+    from influence.data.formats import Columns
+    from influence.models.loading import LoraSettings
+    from influence.train.run import Run
     from influence.train.warmup import WarmupConfig, warmup
 
     (tmp_path / "qa.csv").write_text("question,answer\n" + "".join(f"What is {i}+1?,{i + 1}\n" for i in range(6)),
@@ -198,7 +198,7 @@ def test_column_mapping_is_recorded_by_the_warmup_and_followed(tmp_path):
 
 
 def test_mmlu_csv_files_are_targets(tmp_path):
-    from influence.targets import load_target
+    from influence.data.targets import load_target
 
     path = tmp_path / "anatomy_dev.csv"
     path.write_text('"Which bone?",femur,ulna,skull,rib,A\n"Which organ?",heart,lung,liver,skin,D\n', encoding="utf-8")
@@ -210,8 +210,8 @@ def test_mmlu_csv_files_are_targets(tmp_path):
 def test_hugging_face_datasets(tmp_path, monkeypatch):
     import datasets
 
-    from influence.models import LoraSettings
-    from influence.run import Run
+    from influence.models.loading import LoraSettings
+    from influence.train.run import Run
     from influence.train.warmup import WarmupConfig, warmup
 
     datasets.Dataset.from_list(RECORDS).save_to_disk(str(tmp_path / "one"))

@@ -14,9 +14,9 @@ import pytest
 import torch
 import zarr
 
-from influence.collect import project_grads
+from influence.core.locks import writer_lock
 from influence.errors import InfluenceError
-from influence.store import writer_lock
+from influence.gradients.collect import project_grads
 
 PACKAGE = Path(__file__).resolve().parents[1]
 SETTINGS = dict(proj_dim=16, chunk_size=3, batch_size=2, train_gradients=["adam", "sgd"])
@@ -91,14 +91,14 @@ def test_static_shards_merge_to_one_process(tiny_run, reference, tmp_path):
 
 CRASH = textwrap.dedent("""
     import os, sys
-    import influence.store as store
+    import influence.gradients.store as store
     original = store.GradientStore.write_chunk
     def dies_on_third(self, index, *args, **kwargs):
         if index == 2:
             os._exit(9)  # killed mid-run: chunks 0 and 1 are written, the rest are not
         return original(self, index, *args, **kwargs)
     store.GradientStore.write_chunk = dies_on_third
-    from influence.collect import project_grads
+    from influence.gradients.collect import project_grads
     project_grads(sys.argv[1], sys.argv[2], progress=False, shard=(0, 1), proj_dim=16, chunk_size=3, batch_size=2,
                   train_gradients=["adam", "sgd"])
 """)
@@ -156,14 +156,14 @@ def test_cooperation_is_refused_where_it_would_be_unsafe(tiny_run, tmp_path):
 @pytest.fixture(scope="module")
 def dask_client():
     pytest.importorskip("distributed")
-    from influence.scoring.on_dask import dask_client as client_of
+    from influence.scoring.less.dask import dask_client as client_of
 
     with client_of("local", workers=2) as client:
         yield client
 
 
 def test_dask_scoring_equals_the_stream(tiny_run, dask_client):
-    from influence.scoring.less import less_scores_many, less_top_k
+    from influence.scoring.less.stream import less_scores_many, less_top_k
 
     address = dask_client.scheduler.address
     with threads(1):  # as each single-threaded worker computes, on the CPU (also where a GPU is)
@@ -181,8 +181,7 @@ def test_dask_scoring_equals_the_stream(tiny_run, dask_client):
 
 def test_dask_top_k_is_a_tree_over_blocks_with_ties_by_row():
     from influence.kernels.scoring import RunningTopK
-
-    from influence.scoring.on_dask import _block_top
+    from influence.scoring.less.dask import _block_top
 
     scores = np.array([[0.5], [0.9], [np.nan], [0.5], [0.9], [0.1], [0.5]], dtype=np.float32)
     blocks = [_block_top(scores[i : i + 2], i, 4) for i in range(0, 7, 2)]
@@ -215,7 +214,7 @@ def test_rank_on_dask_from_the_command_line(tiny_run, dask_client, tmp_path):
 # Warm-up on several processes: DDP through accelerate, the same optimisation as one process.
 
 def _warmup_config(pool_files, out, **overrides):
-    from influence.models import LoraSettings, ModelLoading
+    from influence.models.loading import LoraSettings, ModelLoading
     from influence.train.warmup import WarmupConfig
 
     # 3 micro-batches per step shared by 2 processes (2 + 1), a short last step that leaves one process
@@ -273,7 +272,7 @@ def _torchrun(arguments: list[str]) -> None:
 
 @pytest.mark.parametrize("weighting", ["micro_batch", "token"])
 def test_ddp_warmup_on_two_processes_matches_one_process(pool_files, tmp_path, weighting):
-    from influence.run import Run
+    from influence.train.run import Run
     from influence.train.warmup import warmup
 
     with threads(1):
@@ -288,7 +287,7 @@ def test_ddp_warmup_on_two_processes_matches_one_process(pool_files, tmp_path, w
 
 @pytest.mark.parametrize("launch", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
 def test_a_warmup_interrupted_on_one_process_resumes_on_two(pool_files, tmp_path, monkeypatch, launch):
-    from influence.run import Run
+    from influence.train.run import Run
     from influence.train.warmup import warmup
 
     from .conftest import crash_at_epoch
@@ -307,7 +306,7 @@ def test_a_warmup_interrupted_on_one_process_resumes_on_two(pool_files, tmp_path
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (NCCL)")
 @pytest.mark.parametrize("launch", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
 def test_warmup_on_two_gpus_matches_one_gpu(pool_files, tmp_path, launch):
-    from influence.run import Run
+    from influence.train.run import Run
     from influence.train.warmup import warmup
 
     one = warmup(_warmup_config(pool_files, tmp_path / "one"), progress=False)  # on cuda:0
@@ -319,7 +318,7 @@ def test_warmup_on_two_gpus_matches_one_gpu(pool_files, tmp_path, launch):
 
 def test_fsdp_warmup_on_two_processes_matches_one_process(pool_files, tmp_path):
     """FSDP2 through torchrun (gloo on CPU): sharded weights, adapters and moments, the same training."""
-    from influence.run import Run
+    from influence.train.run import Run
     from influence.train.warmup import warmup
 
     with threads(1):
@@ -335,7 +334,7 @@ SHARDS_CHECK = """
 import gc
 import torch
 from torch.distributed.tensor import DTensor
-from influence.models import LoraSettings, add_lora, build_tiny_llama
+from influence.models.loading import LoraSettings, add_lora, build_tiny_llama
 from influence.train.loop import LoraTrainer, TrainSettings
 
 model, tokenizer = build_tiny_llama()
@@ -363,8 +362,8 @@ def test_fsdp_processes_hold_a_share_of_the_weights(tmp_path):
 @pytest.mark.parametrize("launch", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
 def test_bf16_weights_beside_fp32_adapters_on_two_processes(pool_files, tmp_path, launch):
     """Base weights in bf16, adapters in fp32 (each FSDP unit holds one dtype): the same training."""
-    from influence.models import ModelLoading
-    from influence.run import Run
+    from influence.models.loading import ModelLoading
+    from influence.train.run import Run
     from influence.train.warmup import warmup
 
     bf16 = ModelLoading(dtype="bf16")

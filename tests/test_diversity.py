@@ -7,23 +7,21 @@ import json
 import numpy as np
 import pytest
 
-from influence.diversity import (
+from influence.errors import InfluenceError
+from influence.gradients.geometry import knn_distance, mean_nn_distance, semdedup, vendi_score
+from influence.gradients.spaces import load_space
+from influence.scoring.diversity import distinct_n, mtld, ttr, words
+from influence.selection.diversify import (
+    Diversify,
     cluster_balanced,
     facility_location,
     k_center_greedy,
-    knn_distance,
-    mean_nn_distance,
     redundancy_filter,
     scaled_quality,
-    semdedup,
     subset_diversity,
     subtask_quota,
-    vendi_score,
 )
-from influence.errors import InfluenceError
-from influence.scoring.diversity import distinct_n, mtld, ttr, words
-from influence.selection import Diversify, rank
-from influence.spaces import load_space
+from influence.selection.rank import rank
 
 from .conftest import write_jsonl
 
@@ -179,9 +177,9 @@ def test_rank_diversify_on_the_tiny_run(tiny_run, tmp_path):
     assert kcenter["selected_ids"][0] == plain["id"][0]  # seeded with the best-scored example
     with pytest.raises(InfluenceError, match="picks from the top"):
         rank(tiny_run["run"], tiny_run["target"], mode="bottom", diversify="kcenter", out=tmp_path / "never")
-    from influence.data import load_pool
-    from influence.run import Run
+    from influence.data.formats import load_pool
     from influence.scoring.diversity import words as split
+    from influence.train.run import Run
 
     responses = [" ".join(m["content"] for m in e.messages if m["role"] == "assistant")
                  for e in load_pool(Run(tiny_run["run"]).train_files)]
@@ -201,7 +199,7 @@ def test_planted_skills_are_covered_by_diverse_selection_not_by_top_b(tmp_path):
     order = np.argsort(-score, kind="stable")
     budget = 8
     assert set(skill[order[:budget]]) == {0}
-    from influence.diversity import kmeans
+    from influence.gradients.geometry import kmeans
 
     labels, _ = kmeans(x[order], 4, seed=0)
     assert set(skill[order][cluster_balanced(labels, np.arange(len(x)), budget, "equal")]) == {0, 1, 2, 3}
@@ -213,8 +211,8 @@ def test_planted_skills_are_covered_by_diverse_selection_not_by_top_b(tmp_path):
 def test_a_planted_run_covers_both_subtasks_with_quota(tmp_path):
     """On a real (tiny) run: a two-subtask target where LESS's top can miss a subtask; --diversify quota
     always takes the best of each."""
-    from influence.collect import project_grads
-    from influence.models import LoraSettings
+    from influence.gradients.collect import project_grads
+    from influence.models.loading import LoraSettings
     from influence.train.warmup import WarmupConfig, warmup
 
     pool = write_jsonl(tmp_path / "pool.jsonl", [

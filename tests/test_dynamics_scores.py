@@ -3,14 +3,15 @@ import pandas as pd
 import pytest
 import torch
 
-from influence.collect import project_grads
-from influence.models import LoraSettings
-from influence.run import Run
+from influence.core.chunks import ChunkedStore
+from influence.gradients.collect import project_grads
+from influence.gradients.store import GradientStore
+from influence.models.loading import LoraSettings
 from influence.scoring import METHODS
 from influence.scoring.dynamics import count_forgetting, forgetting_table
 from influence.scoring.forward import METRICS, compute_forward_scores
-from influence.selection import select
-from influence.store import ChunkedStore, GradientStore
+from influence.selection.modes import select
+from influence.train.run import Run
 from influence.train.warmup import WarmupConfig, warmup
 
 from .conftest import group, write_jsonl

@@ -44,7 +44,7 @@ def test_python_started_in_the_repository_root_loads_a_model(tmp_path):
         "import sys\n"
         "import transformers.modeling_utils, influence.kernels.projection, influence.kernels.scoring\n"
         "from transformers import AutoModelForCausalLM\n"
-        "from influence.models import build_tiny_llama\n"
+        "from influence.models.loading import build_tiny_llama\n"
         "model, _ = build_tiny_llama()\n"
         "model.save_pretrained(sys.argv[1])\n"
         "print(type(AutoModelForCausalLM.from_pretrained(sys.argv[1])).__name__)\n"
@@ -66,12 +66,12 @@ def test_no_top_level_name_of_ours_shadows_an_installed_distribution():
     distribution: the root holds no regular package or module of that name (a folder without ``__init__.py``
     is at most a namespace portion, which never shadows a regular package)."""
     shadowing = []
-    for name, distributions in sorted(packages_distributions().items()):
-        if set(distributions) <= {OUR_DISTRIBUTION}:
+    for name, providers in sorted(packages_distributions().items()):
+        if set(providers) <= {OUR_DISTRIBUTION}:
             continue
         spec = importlib.machinery.PathFinder.find_spec(name, [str(ROOT)])
         if spec is not None and spec.loader is not None:
-            shadowing.append(f"{spec.origin} shadows {name!r} of {sorted(set(distributions))}")
+            shadowing.append(f"{spec.origin} shadows {name!r} of {sorted(set(providers))}")
     assert not shadowing, shadowing
 
 

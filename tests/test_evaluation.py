@@ -3,7 +3,7 @@ import pandas as pd
 from click.testing import CliRunner
 
 from influence.cli import main
-from influence.data import load_pool
+from influence.data.formats import load_pool
 from influence.evaluate.noisy import corrupt_pool, roc_auc
 
 

@@ -10,14 +10,14 @@ import os
 import numpy as np
 import pytest
 import torch
+
+from influence.gradients.collect import project_grads
+from influence.gradients.projection import Projector
+from influence.gradients.store import GradientStore
 from influence.kernels import projection as kernel
 from influence.kernels.scoring import score_block, subtask_means
-
-from influence.collect import project_grads
-from influence.projection import Projector
-from influence.run import Run
 from influence.scoring import less_scores
-from influence.store import GradientStore
+from influence.train.run import Run
 
 from .conftest import group
 from .test_store import _copy_run

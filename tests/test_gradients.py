@@ -2,11 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from influence.data import Example
-from influence.gradients import AdamPreconditioner, LoraGradients
-from influence.losses import per_example_loss
-from influence.models import lora_parameters
-from influence.templates import collate, encode_example
+from influence.data.formats import Example
+from influence.data.templates import collate, encode_example
+from influence.gradients.per_example import AdamPreconditioner, LoraGradients
+from influence.models.loading import lora_parameters
+from influence.models.losses import per_example_loss
 
 from .conftest import lora_with_nonzero_b
 

@@ -8,6 +8,7 @@ import textwrap
 from contextlib import contextmanager
 from pathlib import Path
 
+import influence.core.chunks as store_module
 import numpy as np
 import pandas as pd
 import pytest
@@ -15,16 +16,16 @@ import torch
 import zarr
 from click.testing import CliRunner
 
-import influence.store as store_module
 from influence.cli import main
-from influence.collect import project_grads
+from influence.core.locks import writer_lock
+from influence.data.targets import load_target
 from influence.errors import DataFormatError, InfluenceError, RunError, StoreMismatchError
-from influence.models import LoraSettings, build_tiny_llama, model_fingerprint
-from influence.run import Run
+from influence.gradients.collect import project_grads
+from influence.gradients.store import GradientStore
+from influence.models.loading import LoraSettings, build_tiny_llama, model_fingerprint
 from influence.scoring import METHODS, less_scores
-from influence.selection import rank
-from influence.store import GradientStore, writer_lock
-from influence.targets import load_target
+from influence.selection.rank import rank
+from influence.train.run import Run
 from influence.train.warmup import WarmupConfig, warmup
 
 from .conftest import group, write_jsonl
@@ -94,7 +95,7 @@ def _lock_held_by_another_process(run_dir):
     """Another process holds the run's writer lock until the block ends (then it is killed)."""
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import time
-        from influence.store import writer_lock
+        from influence.core.locks import writer_lock
         with writer_lock({str(run_dir)!r}, "test"):
             print("locked", flush=True)
             time.sleep(60)
@@ -196,7 +197,7 @@ def test_equal_scores_are_flagged(tiny_run, tmp_path, monkeypatch):
     from influence.scoring import base
 
     def flat(run_dir, target=None):
-        ids = [e.id for e in __import__("influence.data", fromlist=["load_pool"]).load_pool(Run(run_dir).train_files)]
+        ids = [e.id for e in __import__("influence.data.formats", fromlist=["load_pool"]).load_pool(Run(run_dir).train_files)]
         return base.Scores("flat", ids, np.zeros(len(ids)), "all zero")
 
     monkeypatch.setitem(METHODS, "flat", flat)
@@ -230,7 +231,7 @@ def test_dynamics_killed_mid_write_leaves_the_previous_file(tmp_path, pool_files
 
 
 def test_warmup_killed_during_its_first_manifest_write_can_be_retried(tmp_path, pool_files, monkeypatch):
-    import influence.run as run_module
+    import influence.train.run as run_module
 
     config = _config(tmp_path, pool_files, epochs=1)
     original = run_module.atomic_write
@@ -312,7 +313,7 @@ def test_target_records_must_all_have_a_task_or_none(tmp_path):
 
 
 def test_text_errors_name_the_line(tmp_path):
-    from influence.data import load_examples
+    from influence.data.formats import load_examples
 
     surrogate = tmp_path / "s.jsonl"
     surrogate.write_text('{"prompt": "ok", "completion": "fine"}\n{"prompt": "bad \\ud800", "completion": "x"}\n')

@@ -2,13 +2,13 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from influence.kernels.scoring import RunningTopK
 
-from influence.collect import project_grads
 from influence.errors import StoreMismatchError
-from influence.run import Run
+from influence.gradients.collect import project_grads
+from influence.gradients.store import GradientStore
+from influence.kernels.scoring import RunningTopK
 from influence.scoring import less_scores, less_top_k
-from influence.store import GradientStore
+from influence.train.run import Run
 
 from .conftest import group
 from .test_store import _copy_run

@@ -21,11 +21,11 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from influence import project_grads, rank
-from influence.data import load_pool
-from influence.models import LoraSettings, build_tiny_llama
-from influence.projection import Projector
-from influence.targets import load_target
-from influence.templates import collate, encode_example
+from influence.data.formats import load_pool
+from influence.data.targets import load_target
+from influence.data.templates import collate, encode_example
+from influence.gradients.projection import Projector
+from influence.models.loading import LoraSettings, build_tiny_llama
 from influence.train.warmup import WarmupConfig, warmup
 
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-08  # LESS obtain_gradients_with_adam

@@ -11,10 +11,10 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from influence.cli import main
-from influence.collect import project_grads
-from influence.models import LoraSettings, ModelLoading, load_base_model, place
-from influence.run import Run
-from influence.store import GradientStore
+from influence.gradients.collect import project_grads
+from influence.gradients.store import GradientStore
+from influence.models.loading import LoraSettings, ModelLoading, load_base_model, place
+from influence.train.run import Run
 from influence.train.warmup import WarmupConfig, warmup
 
 from .conftest import group, make_target_file, write_jsonl
@@ -108,7 +108,7 @@ def test_loading_options_on_the_command_line(tmp_path, pool):
 
 def test_chat_format_is_chosen_recorded_and_checked(tmp_path, pool):
     from influence.errors import InfluenceError
-    from influence.models import tokenizer_fingerprint
+    from influence.models.loading import tokenizer_fingerprint
 
     with pytest.raises(InfluenceError, match="has no chat template"):
         load_base_model("tiny-llama", ModelLoading(chat_format="template"))
@@ -125,8 +125,8 @@ def test_chat_format_is_chosen_recorded_and_checked(tmp_path, pool):
 
 
 def test_tulu_format_replaces_a_chat_template():
-    from influence.data import Example
-    from influence.templates import encode_example
+    from influence.data.formats import Example
+    from influence.data.templates import encode_example
 
     model, tokenizer = load_base_model("tiny-llama")
     from .conftest import CHATML
@@ -139,7 +139,7 @@ def test_tulu_format_replaces_a_chat_template():
 
 
 def test_a_model_loaded_in_memory_runs_every_stage(tmp_path, pool):
-    from influence.models import build_tiny_llama, register_model
+    from influence.models.loading import build_tiny_llama, register_model
 
     model, tokenizer = build_tiny_llama(seed=3)
     before = {k: v.clone() for k, v in model.state_dict().items()}

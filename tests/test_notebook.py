@@ -3,7 +3,7 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 
-from influence.selection import rank
+from influence.selection.rank import rank
 
 ROOT = Path(__file__).resolve().parents[1]
 # Two copies from one source (scripts/make_notebook.py; test_environment checks they match it): the checkout's

@@ -4,9 +4,9 @@ import sys
 
 import pytest
 import torch
-from influence.kernels import projection as kernel
 
-from influence.projection import Projector
+from influence.gradients.projection import Projector
+from influence.kernels import projection as kernel
 
 
 def test_signs_are_a_pure_function_of_seed_and_index():
@@ -74,7 +74,7 @@ def test_bad_shapes():
 TRITON_CHECK = r"""
 import torch
 from influence.kernels import projection as k
-from influence.projection import Projector
+from influence.gradients.projection import Projector
 assert torch.equal(k.signs_triton(5, 37, 70), k.sign_tile(5, 0, 37, 70)), "signs differ"
 x = torch.randn(19, 130)
 for dtype in (torch.float32, torch.float16, torch.bfloat16):

@@ -10,8 +10,9 @@ import pytest
 from click.testing import CliRunner
 
 from influence.cli import main
-from influence.report import selection_edges, subtask_coverage
-from influence.selection import load_rankings, rank
+from influence.report.figures import selection_edges, subtask_coverage
+from influence.selection.outputs import load_rankings
+from influence.selection.rank import rank
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,7 @@ def test_report_is_self_contained(reported_run):
 
 
 def test_checkpoint_agreement(reported_run, tiny_run):
-    from influence.report import checkpoint_agreement
+    from influence.report.figures import checkpoint_agreement
 
     agreement = checkpoint_agreement(reported_run, tiny_run["target"])
     assert list(agreement.columns) == ["epoch-1", "epoch-2"] and agreement.iloc[0, 0] == 1

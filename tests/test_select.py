@@ -8,9 +8,9 @@ import pytest
 from click.testing import CliRunner
 
 from influence.cli import main
+from influence.data.targets import load_heldout, load_mmlu_val, load_target
 from influence.errors import InfluenceError
 from influence.evaluate.select import Grid, evaluate_select, verdict, win_tie_loss
-from influence.targets import load_heldout, load_mmlu_val, load_target
 
 from .conftest import write_jsonl
 
@@ -139,7 +139,7 @@ def test_notebook_shows_lds_and_select_reports(select_run, monkeypatch):
     from nbclient import NotebookClient
 
     from influence.evaluate.lds import evaluate_lds
-    from influence.selection import rank
+    from influence.selection.rank import rank
 
     from .test_notebook import PACKAGED_NOTEBOOK
 
@@ -212,7 +212,7 @@ def test_judges_average_both_orders_and_feed_the_report(select_run, tmp_path):
 
 
 def test_tydiqa_held_out_format_and_offline_error(monkeypatch):
-    from influence.targets import load_tydiqa_dev, tydiqa_examples
+    from influence.data.targets import load_tydiqa_dev, tydiqa_examples
 
     records = [{"id": f"english-{i}", "title": "t", "context": f"Passage {i}.", "question": f"Q{i}?",
                 "answers": {"text": [f"A{i}"], "answer_start": [0]}} for i in range(3)]

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from influence.data import Example
-from influence.models import SMOLLM2, load_base_model
-from influence.targets import load_target
-from influence.templates import IGNORE_INDEX, encode_example
+from influence.data.formats import Example
+from influence.data.targets import load_target
+from influence.data.templates import IGNORE_INDEX, encode_example
+from influence.models.loading import SMOLLM2, load_base_model
 
 from .conftest import lora_with_nonzero_b
 
@@ -39,10 +39,10 @@ def test_chat_template_and_label_mask(smollm2):
 
 @pytest.mark.slow
 def test_real_model_per_example_gradients_are_exact(smollm2):
-    from influence.gradients import LoraGradients
-    from influence.losses import forward_response
-    from influence.models import lora_parameters
-    from influence.templates import collate
+    from influence.data.templates import collate
+    from influence.gradients.per_example import LoraGradients
+    from influence.models.loading import lora_parameters
+    from influence.models.losses import forward_response
 
     model, tok = smollm2
     model = lora_with_nonzero_b(model, ["q_proj", "v_proj"], std=0.02)

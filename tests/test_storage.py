@@ -8,12 +8,14 @@ import numpy as np
 import pytest
 import zarr
 
-from influence.collect import project_grads
+from influence.core.chunks import PARTIAL
+from influence.core.naming import grads_group
+from influence.core.storage import StoreRoot
 from influence.errors import InfluenceError, RunError
-from influence.run import Run
-from influence.scoring.less import less_scores_many
-from influence.storage import StoreRoot
-from influence.store import PARTIAL, GradientStore, grads_group, stored_dims
+from influence.gradients.collect import project_grads
+from influence.gradients.store import GradientStore, stored_dims
+from influence.scoring.less.stream import less_scores_many
+from influence.train.run import Run
 
 SETTINGS = dict(proj_dim=16, chunk_size=3, batch_size=2)
 
@@ -62,7 +64,7 @@ def test_stores_at_a_url_equal_the_local_ones(tiny_run, local_run, local_arrays,
     there = less_scores_many(local_run, [tiny_run["target"]])[0]
     np.testing.assert_array_equal(here.score, there.score)
     assert project_grads(run_dir, tiny_run["target"], progress=False, **SETTINGS)[0].resumed_chunks > 0
-    from influence.status import run_status
+    from influence.report.status import run_status
 
     stores = run_status(run_dir)["stores"]
     assert len(stores) == 4 and all(s["state"] == "complete" and s["bytes"] > 0 for s in stores)

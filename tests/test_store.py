@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import zarr
 
-from influence.collect import project_grads
 from influence.errors import InfluenceError, StoreMismatchError
-from influence.projection import Projector
-from influence.run import Run
-from influence.store import GradientStore
+from influence.gradients.collect import project_grads
+from influence.gradients.projection import Projector
+from influence.gradients.store import GradientStore
+from influence.train.run import Run
 
 from .conftest import group
 
@@ -67,7 +67,7 @@ def test_resume_after_crash_is_identical(tiny_run, tmp_path, monkeypatch):
 
 def test_projection_buffer_size_does_not_change_the_store(tiny_run, tmp_path, monkeypatch):
     """The default buffers a whole chunk per projection call here; a 1-byte budget projects each batch."""
-    import influence.collect
+    import influence.gradients.collect
 
     calls = {"n": 0}
     original = Projector.project
@@ -77,7 +77,7 @@ def test_projection_buffer_size_does_not_change_the_store(tiny_run, tmp_path, mo
         return original(self, grads)
 
     monkeypatch.setattr(Projector, "project", counting)
-    monkeypatch.setattr(influence.collect, "PROJECTION_BUFFER_BYTES", 1)
+    monkeypatch.setattr(influence.gradients.collect, "PROJECTION_BUFFER_BYTES", 1)
     per_batch = _copy_run(tiny_run, tmp_path, "per-batch")
     project_grads(per_batch, tiny_run["target"], proj_dim=64, batch_size=4, chunk_size=5, progress=False)
     train = GradientStore.open(per_batch / "grads.zarr", group("train", "epoch-1"))
@@ -132,7 +132,7 @@ def test_nonfinite_rows_are_flagged(tmp_path):
 
 
 def test_read_ahead_keeps_order_and_raises_where_the_reader_fails():
-    from influence.store import read_ahead
+    from influence.core.chunks import read_ahead
 
     assert list(read_ahead(iter(range(5)))) == [0, 1, 2, 3, 4]
     assert list(read_ahead(iter([]))) == []

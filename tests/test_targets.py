@@ -2,8 +2,8 @@ import json
 
 import pytest
 
+from influence.data.targets import TARGETS, load_target
 from influence.errors import InfluenceError
-from influence.targets import TARGETS, load_target
 
 
 def test_mmlu_val_is_lesss_285_dev_rows():

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from influence.data import Example
-from influence.losses import forward_response, per_example_loss
-from influence.templates import IGNORE_INDEX, collate, encode_example
+from influence.data.formats import Example
+from influence.data.templates import IGNORE_INDEX, collate, encode_example
+from influence.models.losses import forward_response, per_example_loss
 
 from .conftest import CHATML
 
@@ -70,7 +70,7 @@ def test_response_only_forward_equals_full_logits(tiny, mask, monkeypatch):
     earlier releases (e.g. 5.17, whose Llama indexes ``hidden_states[:, positions]``) take."""
     from transformers import modeling_utils
 
-    from influence import losses
+    from influence.models import losses
 
     if mask and not hasattr(modeling_utils, "slice_logits_to_keep"):
         pytest.skip("this transformers release slices logits at positions only")

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from influence.errors import DataFormatError, RunError
-from influence.run import Run
+from influence.train.run import Run
 from influence.train.warmup import WarmupConfig, sample_fraction, warmup
 
 from .conftest import crash_at_epoch
@@ -73,7 +73,7 @@ def test_changed_pool_file_is_detected(tiny_run, tmp_path):
 
 def test_interrupted_warmup_resumes_identically(tmp_path, pool_files, monkeypatch):
     import influence.train.warmup as training
-    from influence.models import LoraSettings
+    from influence.models.loading import LoraSettings
 
     def config(out):
         return WarmupConfig(model="tiny-llama", train_files=pool_files, out=str(out),
@@ -115,8 +115,8 @@ def test_refuses_non_run_folder(tmp_path, pool_files):
 def test_the_cost_estimate_changes_nothing_and_dry_run_writes_nothing(tmp_path, pool_files, capsys):
     from safetensors.torch import load_file
 
-    from influence.models import LoraSettings
-    from influence.run import Run
+    from influence.models.loading import LoraSettings
+    from influence.train.run import Run
     from influence.train.warmup import WarmupConfig, warmup
 
     def config(out):  # dropout on: the timed step must leave the random state as it was

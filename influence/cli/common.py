@@ -29,9 +29,9 @@ device_option = click.option("--device", default=None, help="torch device (defau
 
 
 def model_loading_options(command):
-    """How a base model is loaded when no run says so (generated from :class:`~influence.models.ModelLoading`)."""
+    """How a base model is loaded when no run says so (generated from :class:`~influence.models.loading.ModelLoading`)."""
     from ..config import click_options
-    from ..models import ModelLoading
+    from ..models.loading import ModelLoading
 
     return click_options(ModelLoading)(command)
 
@@ -134,7 +134,7 @@ def resumed_config(out: str, given: dict):
     over them: ``warmup --resume --out RUN`` needs no flag repeated, and a given flag that differs from
     the run's is refused by the warm-up, naming the setting."""
     from ..config import build
-    from ..run import Run
+    from ..train.run import Run
     from ..train.warmup import WarmupConfig
 
     saved = Run(out).manifest["config"]

@@ -81,8 +81,8 @@ def evaluate_lds(run_dir, target, target_tasks, methods, k, heldout, subsets, al
     """Linear datamodeling score: on held-out subset models (trained here where missing), how well
     each method's summed scores predict the measured target outcome (Spearman per target example,
     mean, bootstrap interval); optionally the leave-some-out check."""
+    from ..core.units import parse_worker
     from ..evaluate.lds import evaluate_lds as run_lds
-    from ..units import parse_worker
 
     names = split_list(methods) or []
     try:
@@ -147,11 +147,11 @@ def evaluate_select(specs, run_dir, model, target, target_tasks, eval_files, ins
     """Retrain on each subset across a hyperparameter grid (several seeds each), evaluate on held-out
     data, and report wins / ties / losses against the baselines and a verdict that survives the grid."""
     from ..config import build, given_fields
+    from ..core.units import parse_worker
     from ..evaluate.select import Grid
     from ..evaluate.select import evaluate_select as run_select
-    from ..models import ModelLoading
+    from ..models.loading import ModelLoading
     from ..train.loop import TrainSettings
-    from ..units import parse_worker
 
     try:
         grid = Grid.parse(grid_lr, grid_epochs, grid_batch, grid_scheduler, seeds)

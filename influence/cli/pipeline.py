@@ -88,9 +88,9 @@ def warmup(track_all, resume, dry_run, **settings) -> None:
 def project_grads(run_dir, target, target_tasks, proj_dim, seed, batch_size, chunk_size, skip_train, overwrite,
                   device, train_gradient, workers, shard, store, dry_run, as_json) -> None:
     """Per-example LoRA gradients of the pool (Adam) and the target (SGD), projected, into Zarr."""
-    from ..collect import project_grads as run_project
-    from ..collect import stored_settings
-    from ..units import parse_worker
+    from ..core.units import parse_worker
+    from ..gradients.collect import project_grads as run_project
+    from ..gradients.collect import stored_settings
 
     tasks = split_list(target_tasks)
     try:
@@ -181,7 +181,9 @@ def rank(run_dir, targets, method, fraction, top_k, mode, band, threshold, learn
          clusters, balance, neighbours, eps, dask_address, out, overwrite, as_json, hf_dataset, show, show_tasks) -> None:
     """Score and rank the pool; write scores.csv, scores.parquet, selected.jsonl, summary.json."""
     from ..scoring import METHODS
-    from ..selection import Diversify, example_text, output_folders, pool_by_id, rank_many, task_columns, top_for_task
+    from ..selection.diversify import Diversify
+    from ..selection.outputs import example_text, pool_by_id, task_columns, top_for_task
+    from ..selection.rank import output_folders, rank_many
 
     targets = list(targets) or [None]
     if mode not in ("top", "bottom") and click.get_current_context().get_parameter_source("fraction").name == "COMMANDLINE":
@@ -259,7 +261,7 @@ def rank(run_dir, targets, method, fraction, top_k, mode, band, threshold, learn
 @json_option
 def compare(run_dir, target, methods, reference, fraction, proj_dim, target_tasks, as_json) -> None:
     """Rank the pool with several methods and compare them: top overlap, score correlation, length bias."""
-    from ..selection import compare_methods
+    from ..selection.compare import compare_methods
 
     names = split_list(methods) or []
     try:
@@ -292,7 +294,7 @@ def forward_scores(run_dir, batch_size, chunk_size, overwrite) -> None:
 @json_option
 def targets(as_json) -> None:
     """List the registered targets (any data file also works as a target)."""
-    from ..targets import TARGETS
+    from ..data.targets import TARGETS
 
     rows = []
     for spec in TARGETS.values():
@@ -309,7 +311,7 @@ def targets(as_json) -> None:
 @click.command("prepare-model")
 def prepare_model() -> None:
     """Convert the embedded SmolLM2-135M GGUF to a cached safetensors folder (done once)."""
-    from ..models import prepare_smollm2
+    from ..models.loading import prepare_smollm2
 
     try:
         click.echo(str(prepare_smollm2()))
@@ -322,7 +324,7 @@ def prepare_model() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 def status(run_dir, as_json) -> None:
     """What a run holds: settings, checkpoints, every store (complete or partial, size), rankings and reports."""
-    from ..status import run_status, status_text
+    from ..report.status import run_status, status_text
 
     try:
         found = run_status(run_dir)
@@ -338,7 +340,7 @@ def status(run_dir, as_json) -> None:
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Where to write it [default: RUN/explore_rankings.ipynb].")
 def notebook(run_dir, ranking, out) -> None:
     """Copy the package's notebook next to a run, set to explore it (figures, examples, verdicts)."""
-    from ..notebook import copy_notebook
+    from ..report.notebook import copy_notebook
 
     try:
         path = copy_notebook(run_dir, ranking, out)
@@ -353,7 +355,7 @@ def notebook(run_dir, ranking, out) -> None:
 def report(run_dir, out) -> None:
     """A self-contained HTML report of a run (figures embedded, viewable offline): warm-up curves, every
     ranking's figures, agreement between rankings, LDS and selection verdicts."""
-    from ..report import write_report
+    from ..report.html import write_report
 
     try:
         path = write_report(run_dir, out)

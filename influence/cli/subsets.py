@@ -65,10 +65,10 @@ def train(run_dir, k, alpha, targets, target_tasks, name, seed, worker, max_hour
     Resumable (a finished model is never retrained) and shareable: start several processes, or
     machines with a shared folder, on one run and they split the units between them."""
     from ..config import given_fields
-    from ..run import Run
+    from ..core.units import parse_worker
     from ..train.loop import TrainSettings
+    from ..train.run import Run
     from ..train.subsets import stored_subset_settings, train_subsets
-    from ..units import parse_worker
 
     try:
         settings = given_fields(TrainSettings, overrides)
@@ -99,8 +99,8 @@ def train(run_dir, k, alpha, targets, target_tasks, name, seed, worker, max_hour
 @json_option
 def status(run_dir, as_json) -> None:
     """The run's sets of subset models: design, finished units, targets evaluated, training time."""
-    from ..run import Run
-    from ..store import SubsetStore, stored_subsets
+    from ..train.run import Run
+    from ..train.subset_store import SubsetStore, stored_subsets
 
     rows = []
     try:

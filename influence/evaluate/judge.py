@@ -43,7 +43,7 @@ class LocalJudge:
     """A local causal LM as judge: softmax over its next-token logits for " A" and " B"."""
 
     def __init__(self, model: str, device: str | None = None):
-        from ..models import load_base_model, parse_device
+        from ..models.loading import load_base_model, parse_device
 
         self.model, self.tokenizer = load_base_model(model)
         self.device = parse_device(device)

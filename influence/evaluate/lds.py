@@ -34,13 +34,13 @@ import numpy as np
 import pandas as pd
 from scipy.stats import rankdata
 
-from ..data import Example, load_examples
+from ..data.formats import Example, load_examples
+from ..data.targets import target_name
 from ..errors import InfluenceError
-from ..run import Run
 from ..scoring import ATTRIBUTIONS, METHODS, TARGET_METHODS
 from ..scoring.counterfactual import HIGHER_IS_BETTER, open_subsets, target_columns
-from ..store import SubsetStore
-from ..targets import target_name
+from ..train.run import Run
+from ..train.subset_store import SubsetStore
 from ..train.subsets import train_masks, train_subsets
 
 OPTION_NAMES = ("proj_dim", "subsets", "regression", "lambda_reg", "learned_threshold", "seed")

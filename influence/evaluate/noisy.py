@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..collect import project_grads
-from ..data import Example, load_pool
+from ..data.formats import Example, load_pool
 from ..errors import InfluenceError
+from ..gradients.collect import project_grads
 from ..scoring import METHODS, SUBSET_METHODS, TARGET_METHODS
 from ..scoring.forward import compute_forward_scores
 from ..train.subsets import train_subsets

@@ -30,13 +30,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..data import Example, examples_sha256, load_examples
+from ..data.formats import Example, examples_sha256, load_examples
+from ..data.targets import TARGETS, load_heldout, load_target, target_name
 from ..errors import InfluenceError
-from ..models import ModelLoading, check_model_name, load_base_model, model_fingerprint, parse_device
-from ..run import Run
-from ..store import SubsetStore
-from ..targets import TARGETS, load_heldout, load_target, target_name
+from ..models.loading import ModelLoading, check_model_name, load_base_model, model_fingerprint, parse_device
 from ..train.loop import TrainSettings
+from ..train.run import Run
+from ..train.subset_store import SubsetStore
 from ..train.subsets import EvalSet, Universe, train_settings, train_units
 from .judge import make_judge, preference
 
@@ -134,7 +134,9 @@ def resolve_subsets(specs: list[str], run: Run | None, target: str | None, targe
     """Each ``--subsets`` entry: ``full``, ``random``, a ``rank`` method (its top ``fraction`` for the
     target) or a data file (e.g. a ``selected.jsonl``)."""
     from ..scoring import METHODS, TARGET_METHODS
-    from ..selection import ranking_table, score_targets, select
+    from ..selection.modes import select
+    from ..selection.outputs import ranking_table
+    from ..selection.rank import score_targets
 
     subsets = []
     for spec in specs:

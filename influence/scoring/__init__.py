@@ -27,17 +27,17 @@ from collections.abc import Callable
 from .base import Attribution, Scores
 from .baselines import bm25_scores, dsir_scores, random_scores
 from .counterfactual import (
-                             datamodel_attribution,
-                             datamodel_scores,
-                             dsdm_scores,
-                             fz_influence_attribution,
-                             fz_influence_scores,
-                             memorization_scores,
+    datamodel_attribution,
+    datamodel_scores,
+    dsdm_scores,
+    fz_influence_attribution,
+    fz_influence_scores,
+    memorization_scores,
 )
 from .diversity import LEXICAL, knn_distance_scores, lexical_score, prototypicality_scores, semdedup_scores
 from .dynamics import forgetting_scores, grand_scores
 from .forward import METRICS, forward_score
-from .less import less_attribution, less_scores, less_scores_many, less_top_k
+from .less.stream import less_attribution, less_scores, less_scores_many, less_top_k
 from .rds import rds_scores
 from .tracin import tracin_attribution, tracin_scores
 from .trak import trak_attribution, trak_scores

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data import Example
-from ..run import Run
-from ..targets import load_target
+from ..data.formats import Example
+from ..data.targets import load_target
+from ..train.run import Run
 from .base import Scores
 
 DSIR_BUCKETS = 10_000

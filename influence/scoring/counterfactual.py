@@ -2,7 +2,7 @@
 (``influence subsets train``), compared with and without each example.
 
 Notation: units ``k = 1..K`` trained on subsets ``S_k`` (fraction ``alpha`` of the pool); ``y_k(z)``
-unit ``k``'s outcome on example ``z`` (see :mod:`influence.measure`): ``loss`` (lower is better),
+unit ``k``'s outcome on example ``z`` (see :mod:`influence.models.measure`): ``loss`` (lower is better),
 ``accuracy``, ``probability``, ``margin`` (higher is better). "in" averages over the units whose
 subset holds ``x``, "out" over the others; ``n_in`` and ``n_out`` count them and are reported with
 every estimate (columns ``n_in`` / ``n_out``): with few models an estimate is mostly noise.
@@ -38,11 +38,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data import examples_sha256
+from ..core.naming import POOL, target_dataset
+from ..data.formats import examples_sha256
+from ..data.targets import load_target, target_name
 from ..errors import InfluenceError, StoreMismatchError
-from ..run import Run
-from ..store import POOL, SubsetStore, target_dataset
-from ..targets import load_target, target_name
+from ..train.run import Run
+from ..train.subset_store import SubsetStore
 from .base import Attribution, Scores
 
 HIGHER_IS_BETTER = {"loss": False, "accuracy": True, "probability": True, "margin": True, "choice_correct": True}

@@ -1,6 +1,6 @@
 """Per-example diversity indicators (target-free): lexical ones on the response text, geometric ones in a
 space of the run (``space``: ``grads``, ``grads:<checkpoint>``, ``reps``, ``embed:<model>``; see
-:mod:`influence.spaces`).
+:mod:`influence.gradients.spaces`).
 
 =====================  ===========================================================  ==========================
 method                 definition                                                    direction, scale
@@ -33,9 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..diversity import centroid_distance, default_clusters, kmeans, knn_distance, semdedup
-from ..run import Run
-from ..spaces import load_space
+from ..gradients.geometry import centroid_distance, default_clusters, kmeans, knn_distance, semdedup
+from ..gradients.spaces import load_space
+from ..train.run import Run
 from .base import Scores
 
 WORD = re.compile(r"[^\W_]+", re.UNICODE)

@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..core.naming import TRAIN
 from ..errors import InfluenceError
-from ..run import Run
-from ..store import TRAIN
+from ..gradients.store import open_checkpoint_stores, resolve_dim
+from ..train.run import Run
 from .base import Scores
-from .less import open_checkpoint_stores, resolve_dim
 
 
 def count_forgetting(learned: list[bool] | np.ndarray) -> int:

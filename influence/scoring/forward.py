@@ -33,16 +33,18 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..data import Example, examples_sha256
-from ..losses import logits_at, mean_by_row
-from ..models import choose_device, load_adapter, place
-from ..run import Run
-from ..storage import StoreRoot
-from ..store import ChunkedStore, exclusive, has_store
-from ..templates import IGNORE_INDEX, Encoded, collate, encode_example
-from ..units import check_sizes, fill_pending
+from ..core.chunks import ChunkedStore, has_store
+from ..core.locks import exclusive
+from ..core.storage import StoreRoot
+from ..core.units import check_sizes
+from ..data.formats import Example, examples_sha256
+from ..data.templates import IGNORE_INDEX, Encoded, collate, encode_example
+from ..gradients.store import check_current
+from ..models.loading import choose_device, load_adapter, place
+from ..models.losses import logits_at, mean_by_row
+from ..models.passes import fill_pending
+from ..train.run import Run
 from .base import Scores
-from .less import check_current
 
 MEANING = {
     "nll": "mean NLL of the response tokens (nats/token); higher = harder",

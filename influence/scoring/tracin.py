@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..run import Run
-from ..store import TRAIN, gradient_dataset
-from ..targets import find_target_dataset
+from ..core.naming import TRAIN, gradient_dataset
+from ..gradients.store import check_compatible, find_target_dataset, open_checkpoint_stores, resolve_dim
+from ..train.run import Run
 from .base import Attribution, Scores
-from .less import check_compatible, open_checkpoint_stores, pairwise_products, resolve_dim
+from .products import pairwise_products
 
 
 def tracin_attribution(run_dir: str | Path, target: str, proj_dim: int | None = None,

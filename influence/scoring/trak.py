@@ -28,12 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..core.naming import TRAIN, gradient_dataset
 from ..errors import InfluenceError
-from ..run import Run
-from ..store import TRAIN, GradientStore, gradient_dataset
-from ..targets import find_target_dataset
+from ..gradients.store import GradientStore, check_compatible, find_target_dataset, open_checkpoint_stores, resolve_dim
+from ..train.run import Run
 from .base import Attribution, Scores
-from .less import check_compatible, open_checkpoint_stores, pairwise_products, resolve_dim
+from .products import pairwise_products
 
 RELATIVE_LAMBDA = 1e-2
 

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..data.templates import Encoded, collate
 from ..errors import InfluenceError
-from ..losses import ResponseForward, forward_response
-from ..models import LoraSettings, lora_parameters
-from ..run import TrainedState
-from ..templates import Encoded, collate
+from ..models.loading import LoraSettings, lora_parameters
+from ..models.losses import ResponseForward, forward_response
+from .run import TrainedState
 
 LOSS_WEIGHTINGS = ("micro_batch", "token")
 SCHEDULERS = ("linear", "cosine")
@@ -352,3 +352,14 @@ def like(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 
     value = value.to(param.device, param.dtype)
     return distribute_tensor(value, param.device_mesh, param.placements) if isinstance(param, DTensor) else value
+
+
+def padded_tokens(lengths: np.ndarray, batch_size: int, shuffle: bool = False) -> float:
+    """Tokens a pass processes, padding included: each batch costs its longest example times its size
+    (training batches come in a random order: one seeded draw stands for it)."""
+    if not len(lengths):
+        return 0.0
+    order = np.random.default_rng(0).permutation(len(lengths)) if shuffle else np.arange(len(lengths))
+    ordered = lengths[order]
+    return float(sum(ordered[i : i + batch_size].max() * len(ordered[i : i + batch_size])
+                     for i in range(0, len(ordered), batch_size)))

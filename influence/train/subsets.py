@@ -3,12 +3,12 @@
 ``train_subsets(run, k, alpha)`` trains ``k`` models, each on a random subset holding a fraction
 ``alpha`` of the pool (a random design: unit ``u``'s subset is a pure function of (seed, u), so the
 design grows by asking for a larger ``k``), and records what each model does on every pool example
-and every target example (:mod:`influence.measure`). ``train_masks`` trains models on given subsets
+and every target example (:mod:`influence.models.measure`). ``train_masks`` trains models on given subsets
 (an explicit design: leave-some-out checks, selection retraining). Memorization, influence estimates,
 datamodels and the LDS check are all computed from these records (``influence.scoring.counterfactual``,
 ``influence.evaluate.lds``).
 
-Every model is an independent unit (:mod:`influence.units`): published whole when finished, never
+Every model is an independent unit (:mod:`influence.core.units`): published whole when finished, never
 redone, claimable by several processes or machines working on one store at once, with ``worker =
 (i, n)`` for a static split, a time cap and a cost estimate printed before starting. Training uses the
 warm-up's settings (the same learning algorithm the gradient methods approximate) unless overridden.
@@ -29,17 +29,18 @@ import torch
 
 from .. import __version__
 from ..config import from_dict
-from ..data import Example, examples_sha256
+from ..core.naming import POOL, target_dataset
+from ..core.units import UnitClaims, UnitReport, run_units
+from ..data.formats import Example, examples_sha256
+from ..data.targets import load_target, target_name
+from ..data.templates import Encoded, collate, encode_example
 from ..errors import InfluenceError
-from ..losses import forward_response
-from ..measure import correct_choices, encode_choices, generate_responses, measure, single_token_choices
-from ..models import ModelLoading, add_lora, load_base_model, model_fingerprint, parse_device, place
-from ..run import Run
-from ..store import POOL, SubsetStore, target_dataset
-from ..targets import load_target, target_name
-from ..templates import Encoded, collate, encode_example
-from ..units import UnitClaims, UnitReport, run_units
-from .loop import LoraTrainer, TrainingDiverged, TrainSettings
+from ..models.loading import ModelLoading, add_lora, load_base_model, model_fingerprint, parse_device, place
+from ..models.losses import forward_response
+from ..models.measure import correct_choices, encode_choices, generate_responses, measure, single_token_choices
+from .loop import LoraTrainer, TrainingDiverged, TrainSettings, padded_tokens
+from .run import Run
+from .subset_store import SubsetStore
 
 
 @dataclass
@@ -69,7 +70,7 @@ def train_settings(run: Run, overrides: dict | TrainSettings | None = None) -> T
 def stored_subset_settings(run: Run, name: str) -> dict | None:
     """What the set of subset models ``name`` was made with (design, training settings, targets), or
     None when it does not exist yet: resuming it or adding units needs no flag repeated."""
-    from ..store import SubsetStore, stored_subsets
+    from .subset_store import SubsetStore, stored_subsets
 
     if name not in stored_subsets(run.subsets_path):
         return None
@@ -316,17 +317,6 @@ def measure_speed(base, settings: TrainSettings, pool_encoded: list[Encoded], pa
     evaluation = (time.perf_counter() - started) / padded_tokens(np.array([len(e.input_ids) for e in eval_batch]),
                                                                    len(eval_batch))
     return Speed(setup, train, evaluation)
-
-
-def padded_tokens(lengths: np.ndarray, batch_size: int, shuffle: bool = False) -> float:
-    """Tokens a pass processes, padding included: each batch costs its longest example times its size
-    (training batches come in a random order: one seeded draw stands for it)."""
-    if not len(lengths):
-        return 0.0
-    order = np.random.default_rng(0).permutation(len(lengths)) if shuffle else np.arange(len(lengths))
-    ordered = lengths[order]
-    return float(sum(ordered[i : i + batch_size].max() * len(ordered[i : i + batch_size])
-                     for i in range(0, len(ordered), batch_size)))
 
 
 def unit_seconds(speed: Speed, settings: TrainSettings, pool_encoded: list[Encoded], target_encoded: dict,

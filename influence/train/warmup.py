@@ -21,10 +21,11 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file
 
-from ..data import Columns, Example, examples_from_records, load_pool, resolved_source, source_sha256, write_records
+from ..core.locks import LOCK_FILE, writer_lock
+from ..data.formats import Columns, Example, examples_from_records, load_pool, resolved_source, source_sha256, write_records
+from ..data.templates import Encoded, collate, encode_example
 from ..errors import InfluenceError, RunError
-from ..losses import forward_response
-from ..models import (
+from ..models.loading import (
     ModelLoading,
     add_lora,
     check_model_name,
@@ -34,11 +35,10 @@ from ..models import (
     place,
     tokenizer_fingerprint,
 )
+from ..models.losses import forward_response
 from ..progress import progress_bar
-from ..run import Run, atomic_write, package_versions, provenance, save_checkpoint, write_manifest
-from ..store import LOCK_FILE, writer_lock
-from ..templates import Encoded, collate, encode_example
 from .loop import LoraTrainer, TrainingDiverged, TrainSettings, token_accuracy
+from .run import Run, atomic_write, package_versions, provenance, save_checkpoint, write_manifest
 
 
 @dataclass(kw_only=True)
@@ -198,7 +198,7 @@ def seconds_per_token(trainer: LoraTrainer, encoded: list[Encoded]) -> float:
 
 
 def _cost_text(trainer: LoraTrainer, encoded: list[Encoded], config: WarmupConfig) -> str:
-    from .subsets import padded_tokens
+    from .loop import padded_tokens
 
     per_token = seconds_per_token(trainer, encoded)
     lengths = np.array([len(e.input_ids) for e in encoded])

@@ -1,0 +1,446 @@
+"""``project-grads``: per-example gradient features of the pool and the target at every checkpoint,
+projected and written to the run's gradient stores (LESS, step 2)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..core.locks import writer_lock
+from ..core.naming import GRADIENT_TYPES, TRAIN, gradient_dataset, grads_group, target_dataset
+from ..core.storage import StoreRoot
+from ..core.units import UnitClaims, check_sizes
+from ..data.formats import Example, examples_sha256
+from ..data.targets import load_target, target_name
+from ..data.templates import Encoded, collate, encode_example
+from ..errors import InfluenceError
+from ..models.loading import load_adapter, parse_device, place
+from ..progress import progress_bar
+from ..train.run import Checkpoint, Run
+from .per_example import FEATURES, OBJECTIVE_OF, OBJECTIVES, AdamPreconditioner, LoraGradients
+from .projection import Projector
+from .store import GradientStore, stored_datasets, stored_dims
+
+log = logging.getLogger(__name__)
+
+@dataclass
+class CollectReport:
+    dataset: str
+    checkpoint: str
+    n_examples: int
+    n_truncated: int
+    n_nonfinite: int
+    seconds: float
+    resumed_chunks: int
+    busy_chunks: int = 0  # left to other processes working on the same stores
+
+
+PROJECTION_BUFFER_BYTES = 256 << 20
+
+
+def projection_rows(dim: int, batch_size: int, chunk_size: int) -> int:
+    """Rows projected per call: gradients of several backward batches of one stored chunk (up to
+    PROJECTION_BUFFER_BYTES of fp32) go through the projector together, which amortises generating
+    its signs."""
+    return max(batch_size, min(chunk_size, PROJECTION_BUFFER_BYTES // (4 * dim)))
+
+
+@dataclass
+class Output:
+    """One store to fill: its projector and the feature transform (Adam preconditioner, or None for the
+    plain gradient)."""
+
+    store: GradientStore
+    projector: Projector
+    transform: AdamPreconditioner | None = None
+
+
+def collect_stores(
+    hooks: LoraGradients,
+    encoded: list[Encoded],
+    ids: list[str],
+    pad_token_id: int,
+    outputs: list[Output],
+    batch_size: int,
+    device: torch.device,
+    progress: bool = True,
+    desc: str = "",
+    objective: str = "loss",
+    claims: UnitClaims | None = None,
+    shard: tuple[int, int] | None = None,
+) -> tuple[int, int, int]:
+    """Fill the pending chunks of every store in ``outputs`` (same examples and chunking; one per
+    projected dimension and feature): each chunk's gradients of ``objective`` are computed once,
+    transformed once per feature and projected with every projector whose store still lacks it.
+
+    Several processes may fill the same stores at once: a chunk is worked on only by the process
+    that holds its ``claims`` lock (and with ``shard = (i, n)`` only chunks ``c % n == i``); chunks are
+    computed the same way whichever process takes them, so the stores end the same. Returns (chunks
+    resumed from disk, non-finite rows, chunks left to other processes)."""
+    for output in outputs:
+        if hooks.dim != output.projector.spec.input_dim:
+            raise ValueError(f"LoRA gradient has {hooks.dim} entries, projector expects {output.projector.spec.input_dim}")
+    first = outputs[0].store
+    buffer_rows = projection_rows(hooks.dim, batch_size, first.chunk_size)
+    pending = sorted(set().union(*(o.store.pending_chunks() for o in outputs)))
+    skipped = first.n_chunks - len(pending)
+    mine = [i for i in pending if shard is None or i % shard[1] == shard[0]]
+    bar = progress_bar(total=first.rows_in(mine), desc=desc, unit="ex", disable=not progress)
+
+    def compute(index: int, writes: list[Output]) -> int:
+        """Compute chunk ``index`` for the stores in ``writes``; returns its non-finite rows."""
+        start, stop = first.chunk_bounds(index)
+        chunk = encoded[start:stop]
+        transforms = list({id(o.transform): o.transform for o in writes}.values())
+        # Longest first inside a chunk: less padding; the order is fixed, so results are reproducible.
+        order = sorted(range(len(chunk)), key=lambda i: -len(chunk[i].input_ids))
+        rows = len(chunk)
+        out = [np.zeros((rows, o.projector.spec.output_dim), dtype=np.float32) for o in writes]
+        norms = np.zeros(rows, dtype=np.float32)
+        losses = np.zeros(rows, dtype=np.float32)
+        tokens = np.zeros(rows, dtype=np.int32)
+        out_to_loss = np.zeros(rows, dtype=np.float32)
+        waiting_rows: list[int] = []  # computed, not yet projected
+        waiting: dict[int, list[torch.Tensor]] = {id(t): [] for t in transforms}  # features per transform
+        for b in range(0, rows, batch_size):
+            idx = order[b : b + batch_size]
+            batch = {k: v.to(device) for k, v in collate([chunk[i] for i in idx], pad_token_id).items()}
+            result = hooks.compute(batch, objective)
+            waiting_rows += idx
+            for transform in transforms:
+                waiting[id(transform)].append(transform(result.grads) if transform is not None else result.grads)
+            norms[idx] = result.norms.cpu().numpy()
+            losses[idx] = result.losses.float().cpu().numpy()
+            tokens[idx] = result.n_tokens.cpu().numpy()
+            if result.out_to_loss is not None:
+                out_to_loss[idx] = result.out_to_loss.float().cpu().numpy()
+            if len(waiting_rows) + batch_size > buffer_rows or b + batch_size >= rows:
+                features = {key: torch.cat(parts) for key, parts in waiting.items()}
+                for target, output in zip(out, writes):
+                    target[waiting_rows] = output.projector.project(features[id(output.transform)]).cpu().numpy()
+                waiting_rows = []
+                waiting = {key: [] for key in waiting}
+            bar.update(len(idx))
+        for output, projected in zip(writes, out):
+            finite = output.store.write_chunk(index, projected, norms, losses, tokens,
+                                              out_to_loss if objective == "margin" else None)
+        if not finite.all():
+            bad_ids = [ids[start + i] for i in np.flatnonzero(~finite)]
+            log.warning("%s: non-finite gradient for %d example(s): %s", first.where, len(bad_ids), bad_ids[:10])
+        return int((~finite).sum())
+
+    nonfinite = busy = 0
+    try:
+        for index in mine:
+            with claims.claim(index) if claims is not None else nullcontext(True) as held:
+                if not held:  # another process is computing it
+                    busy += 1
+                    continue
+                writes = [o for o in outputs if not o.store.is_done(index)]  # read afresh: it may just have been done
+                if writes:
+                    nonfinite += compute(index, writes)
+    finally:
+        bar.close()
+    return skipped, nonfinite, busy
+
+
+def project_grads(
+    run_dir: str | Path,
+    target: str | None = None,
+    proj_dim: int | list[int] = 8192,
+    seed: int = 0,
+    batch_size: int = 8,
+    chunk_size: int = 128,
+    target_tasks: list[str] | None = None,
+    include_train: bool = True,
+    overwrite: bool = False,
+    progress: bool = True,
+    device: str | None = None,
+    train_gradients: str | list[str] = "adam",
+    shard: tuple[int, int] | None = None,
+    workers: int = 1,
+    cooperative: bool = False,
+    dry_run: bool = False,
+    store: str | None = None,
+) -> list[CollectReport]:
+    """Compute and store projected gradient features for every checkpoint of a run.
+
+    ``store``: keep the run's gradient stores at this fsspec URL (``s3://bucket/x/grads.zarr``; any
+    protocol fsspec knows) instead of ``grads.zarr`` in the run folder; recorded in the run, so later
+    commands find them without it.
+
+    Before any work it prints the cost: the backward passes left to do (examples x checkpoints x
+    objectives, minus what the stores already hold), timed on one batch of this run's examples on this
+    machine, and the bytes the stores will take; ``dry_run`` stops there.
+
+    The pool gets the features named in ``train_gradients``: ``adam`` (LESS's Adam feature, the
+    default), ``sgd`` (the plain gradient, for TracIn), ``margin`` (the gradient of TRAK's model output
+    function, for TRAK); the target gets the plain gradient (LESS, TracIn) and, with ``margin``, TRAK's.
+    Features of one objective come from one backward pass. ``proj_dim`` may list several dimensions
+    (LESS keeps 4096 and 8192): the gradients are computed once and projected to each. A target's
+    stores are keyed by its content, so another file with the same name never shares them. Existing
+    stores are resumed; stores with different metadata are refused (or replaced with ``overwrite``).
+
+    Several processes may run it on one run at once and split the chunks between them (each chunk
+    claimed by one process, the stores ending byte-identical to one process's): ``workers = n`` starts
+    n processes here, ``torchrun --nproc-per-node n -m influence project-grads`` starts them on GPUs
+    (rank r takes ``cuda:<LOCAL_RANK>``), and ``shard = (i, n)`` restricts this process to chunks
+    ``c % n == i`` (a static split for schedulers such as SLURM arrays). A crashed process's chunks are
+    taken on the next run.
+    """
+    if workers < 1:
+        raise InfluenceError(f"--workers must be at least 1, got {workers}")
+    if store is not None and not dry_run:
+        Run(run_dir).place_stores(store)
+    if workers > 1 and not dry_run:
+        return _with_workers(workers, dict(run_dir=run_dir, target=target, proj_dim=proj_dim, seed=seed,
+                                           batch_size=batch_size, chunk_size=chunk_size, target_tasks=target_tasks,
+                                           include_train=include_train, device=device, train_gradients=train_gradients,
+                                           shard=shard), progress)
+    if overwrite and (cooperative or shard is not None or _world_size() > 1):
+        raise InfluenceError("--overwrite replaces stores: run it in one process, not with --workers, --shard or torchrun")
+    if not Path(run_dir).is_dir():
+        Run(run_dir)  # says what is missing
+    with writer_lock(run_dir, "project-grads", shared=not overwrite):
+        return _project_grads(run_dir, target, proj_dim, seed, batch_size, chunk_size, target_tasks, include_train,
+                              overwrite, progress, device, train_gradients, shard,
+                              cooperative or shard is not None or _world_size() > 1, dry_run)
+
+
+DEFAULTS = {"proj_dim": [8192], "seed": 0, "chunk_size": 128}
+
+
+def stored_settings(run_dir: str | Path) -> dict:
+    """The projection settings of the pool's stores already in the run (dimensions, seed, chunk size),
+    so that resuming or adding a target needs no flag repeated; LESS's defaults where there are none."""
+    run = Run(run_dir)
+    dims = stored_dims(run.store_path)
+    found = dict(DEFAULTS)
+    for dim in dims:
+        try:
+            store = GradientStore.open(run.store_path, grads_group(dim, TRAIN, run.checkpoints()[0].name))
+        except InfluenceError:
+            continue
+        found = {"proj_dim": [d for d in dims if stored_datasets(run.store_path, d, TRAIN)] or [dim],
+                 "seed": store.metadata["projector"]["seed"], "chunk_size": store.metadata["chunk_size"]}
+        break
+    return found
+
+
+def _world_size() -> int:
+    """Processes of a torchrun / accelerate launch (1 outside one)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _worker(queue, kwargs: dict, threads: int, index: int) -> None:
+    torch.set_num_threads(threads)
+    try:
+        reports = project_grads(**kwargs, progress=index == 0, cooperative=True)
+        queue.put((index, "ok", [asdict(r) for r in reports]))
+    except InfluenceError as err:
+        queue.put((index, "error", str(err)))
+
+
+def _with_workers(workers: int, kwargs: dict, progress: bool) -> list[CollectReport]:
+    """Run ``project_grads`` in ``workers`` processes (each with its share of the CPU threads) that
+    split the chunks by claims; return the reports of them all."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    threads = max(1, torch.get_num_threads() // workers)
+    processes = [context.Process(target=_worker, args=(queue, kwargs, threads, i)) for i in range(workers)]
+    for process in processes:
+        process.start()
+    results = [queue.get() for _ in processes]
+    for process in processes:
+        process.join()
+    errors = [message for _, status, message in results if status == "error"]
+    failed = [p.exitcode for p in processes if p.exitcode]
+    if errors or failed:
+        raise InfluenceError("; ".join(errors) or f"a worker process failed (exit codes {failed}); rerun to finish: "
+                             "the chunks already written are kept")
+    return [CollectReport(**report) for _, _, reports in sorted(results) for report in reports]
+
+
+def _project_grads(run_dir, target, proj_dim, seed, batch_size, chunk_size, target_tasks, include_train, overwrite,
+                   progress, device, train_gradients, shard, cooperative, dry_run=False) -> list[CollectReport]:
+    dims = sorted({int(d) for d in ([proj_dim] if isinstance(proj_dim, int) else proj_dim)})
+    check_sizes(batch_size=batch_size, chunk_size=chunk_size, proj_dim=min(dims, default=0))
+    train_types = [train_gradients] if isinstance(train_gradients, str) else list(train_gradients)
+    unknown = sorted(set(train_types) - set(GRADIENT_TYPES))
+    if unknown or not train_types:
+        raise InfluenceError(f"--train-gradient: unknown {', '.join(unknown) or 'none given'}; choose from "
+                             f"{', '.join(GRADIENT_TYPES)}")
+    run = Run(run_dir)
+    run.check_data_unchanged()
+    datasets: list[tuple[str, list[Example], list[str], dict]] = []
+    if include_train:
+        datasets.append((TRAIN, run.pool(), sorted(set(train_types)), {}))
+    if target is not None:
+        examples = load_target(target, target_tasks)
+        extra = {"target": target, "target_tasks": sorted(set(target_tasks)) if target_tasks else None}
+        types = ["sgd", "margin"] if "margin" in train_types else ["sgd"]
+        datasets.append((target_dataset(target_name(target), examples_sha256(examples)), examples, types, extra))
+    if not datasets:
+        raise InfluenceError("nothing to do: no --target, and the pool was skipped (--skip-train)")
+    if not include_train:  # a target alone is only useful beside the pool's stores of the same dimension
+        missing = [d for d in dims if d not in stored_dims(run.store_path)]
+        if missing:
+            have = ", ".join(map(str, stored_dims(run.store_path))) or "none"
+            raise InfluenceError(f"--skip-train: the pool has no gradients at --proj-dim {', '.join(map(str, missing))} "
+                                 f"(stored: {have}); the target's could not be compared with them. Use a stored "
+                                 "dimension, or drop --skip-train")
+    if overwrite:
+        _remove_legacy_stores(run.store_path)
+    device = parse_device(device)
+    projectors: dict[int, Projector] = {}
+    encodings: dict[str, list[Encoded]] = {}
+    reports = []
+    estimated = False
+    for checkpoint in run.checkpoints():
+        base, tokenizer, fingerprint = run.load_base_model(device)
+        model, device = place(load_adapter(base, checkpoint.path), device)
+        hooks = LoraGradients(model)
+        if not projectors:
+            projectors = {dim: Projector(hooks.dim, dim, seed) for dim in dims}
+        adapter_hash = checkpoint.adapter_sha256()
+        for dataset, examples, _, _ in datasets:
+            if dataset not in encodings:  # the tokenizer is the same at every checkpoint
+                encodings[dataset] = [encode_example(e, tokenizer, run.max_length) for e in examples]
+        if not estimated:
+            estimated = True
+            cost = estimate_cost(hooks, run, datasets, encodings, dims, batch_size, tokenizer.pad_token_id, device,
+                                 overwrite)
+            if progress or dry_run:
+                print(cost.text(), file=sys.stderr, flush=True)
+            if dry_run:
+                hooks.remove()
+                return []
+        for dataset, examples, types, extra in datasets:
+            encoded = encodings[dataset]
+            ids = [e.id for e in examples]
+            for objective in OBJECTIVES:
+                started = time.time()
+                chosen = [t for t in types if OBJECTIVE_OF[t] == objective]
+                if not chosen:
+                    continue
+                outputs = []
+                for gradient_type in chosen:
+                    transform = _preconditioner(hooks, checkpoint, device) if gradient_type == "adam" else None
+                    key = gradient_dataset(dataset, gradient_type)
+                    for dim, projector in projectors.items():
+                        metadata = {
+                            "model": fingerprint,
+                            "checkpoint": checkpoint.name,
+                            "adapter_sha256": adapter_hash,
+                            "gradient_type": gradient_type,
+                            "feature": FEATURES[gradient_type],
+                            "projector": projector.spec.to_dict(),
+                            "dtype": "float16",
+                            "dataset": key,
+                            "n_examples": len(examples),
+                            "examples_sha256": examples_sha256(examples),
+                            "max_length": run.max_length,
+                            "chunk_size": chunk_size,
+                            **extra,
+                            "checkpoint_mean_lr": checkpoint.mean_lr,
+                            "influence_version": __version__,
+                        }
+                        store = GradientStore.open_or_create(
+                            run.store_path, grads_group(dim, key, checkpoint.name), metadata,
+                            ids=ids, tasks=[e.task or "" for e in examples], overwrite=overwrite,
+                        )
+                        if cooperative and not store.shareable:
+                            raise InfluenceError(f"{store.where}: written by an earlier version, which keeps the chunks' "
+                                                 "done flags together; finish it in one process, or recompute it with "
+                                                 "--overwrite")
+                        outputs.append(Output(store, projector, transform))
+                keys = [gradient_dataset(dataset, t) for t in chosen]
+                claims = UnitClaims(run.path / ".claims" / f"grads-dim{'-'.join(map(str, dims))}" / checkpoint.name /
+                                    "+".join(keys)) if cooperative else None
+                resumed, nonfinite, busy = collect_stores(
+                    hooks, encoded, ids, tokenizer.pad_token_id, outputs, batch_size, device, progress,
+                    desc=f"{', '.join(keys)} {checkpoint.name}", objective=objective, claims=claims, shard=shard)
+                reports.append(CollectReport(", ".join(keys), checkpoint.name, len(examples),
+                                             sum(e.truncated for e in encoded), nonfinite,
+                                             round(time.time() - started, 1), resumed, busy))
+        hooks.remove()
+        del model, base
+    return reports
+
+
+@dataclass
+class Cost:
+    """What ``project-grads`` has left to do and what it will take (measured on this machine)."""
+
+    backward_examples: int  # example x checkpoint x objective backward passes not yet stored
+    seconds_per_example: float
+    store_bytes: int  # the stores' size when complete (gradients; the small columns aside)
+    done_fraction: float
+
+    def text(self) -> str:
+        hours = self.backward_examples * self.seconds_per_example / 3600
+        return (f"project-grads: {self.backward_examples} example backward passes left ({self.done_fraction:.0%} "
+                f"already stored), ~{self.seconds_per_example:.3f} s each measured here: ~{hours * 60:.1f} min "
+                f"for one process; stores ~{self.store_bytes / 2**30:.2f} GiB when complete")
+
+
+def estimate_cost(hooks: LoraGradients, run: Run, datasets, encodings: dict[str, list[Encoded]], dims: list[int],
+                  batch_size: int, pad_token_id: int, device, overwrite: bool) -> Cost:
+    """Time one batch of median-length examples (after a warm-up batch) and count the work left."""
+    checkpoints = run.checkpoints()
+    total = done = store_bytes = 0
+    for dataset, examples, types, _ in datasets:
+        objectives = {OBJECTIVE_OF[t] for t in types}
+        for checkpoint in checkpoints:
+            store_bytes += len(examples) * sum(dims) * 2 * len(types)
+            for objective in objectives:
+                total += len(examples)
+                keys = [gradient_dataset(dataset, t) for t in types if OBJECTIVE_OF[t] == objective]
+                done += 0 if overwrite else min(_stored_rows(run, key, checkpoint.name, dims) for key in keys)
+    pool = max((encodings[d] for d, *_ in datasets), key=len)
+    order = np.argsort([len(e.input_ids) for e in pool])
+    middle = [pool[i] for i in order[len(order) // 2 : len(order) // 2 + batch_size]]
+    batch = {k: v.to(device) for k, v in collate(middle, pad_token_id).items()}
+    hooks.compute(batch, "loss")  # allocations and kernels warmed up
+    started = time.perf_counter()
+    hooks.compute(batch, "loss")
+    seconds = (time.perf_counter() - started) / len(middle)
+    return Cost(total - done, seconds, store_bytes, done / max(total, 1))
+
+
+def _stored_rows(run: Run, key: str, checkpoint: str, dims: list[int]) -> int:
+    """Rows already stored for ``key`` at every dimension (0 where a store does not exist yet)."""
+    rows = []
+    for dim in dims:
+        try:
+            store = GradientStore.open(run.store_path, grads_group(dim, key, checkpoint))
+        except InfluenceError:
+            return 0
+        rows.append(store.n_examples - store.rows_in(store.pending_chunks()))
+    return min(rows)
+
+
+def _remove_legacy_stores(root: StoreRoot) -> None:
+    """Delete stores of the version-1 layout (``train``/``target-*`` at the top of ``grads.zarr``)."""
+    for name in root.children():
+        if name == TRAIN or name.startswith("target-"):
+            root.remove(name)
+
+
+def _preconditioner(hooks: LoraGradients, checkpoint: Checkpoint, device) -> AdamPreconditioner:
+    exp_avg, exp_avg_sq, hyper = checkpoint.adam_moments()
+    beta1, beta2 = hyper["betas"]
+    return AdamPreconditioner(
+        hooks.flatten(exp_avg, device), hooks.flatten(exp_avg_sq, device), beta1, beta2, hyper["eps"]
+    )

@@ -1,0 +1,1 @@
+"""Stage 8, reporting: what a run holds (``status``), its figures, the HTML report and the exploration notebook."""

@@ -1,0 +1,99 @@
+"""The HTML report of a run: every figure embedded, viewable offline (``influence report``)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from ..errors import InfluenceError
+from ..train.run import Run
+from .figures import (
+    _pyplot,
+    agreement_figure,
+    checkpoint_agreement,
+    run_rankings,
+    score_distribution,
+    score_vs_length,
+    subtask_coverage_figure,
+    subtask_similarity_figure,
+    title_of,
+    warmup_curves,
+)
+
+
+def _png(fig) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    _pyplot().close(fig)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """A self-contained HTML page of the run: its status, the warm-up curves, every ranking's figures
+    and tables, the method agreement, the LDS and selection verdicts. Returns its path."""
+    from .status import run_status, status_text
+
+    run = Run(run_dir)
+    target = Path(out) if out is not None else run.path / "report.html"
+    sections = [("Run", f"<pre>{html.escape(status_text(run_status(run.path)))}</pre>")]
+    curves = warmup_curves(run.path)
+    if curves is not None:
+        sections.append(("Warm-up", _img(curves, "warm-up loss and accuracy")))
+    rankings = run_rankings(run.path)
+    for name, (table, summary) in rankings.items():
+        parts = [f"<p>{html.escape(summary['score_meaning'])}</p>",
+                 _img(score_distribution(table, summary), "score distribution"),
+                 _img(score_vs_length(table, summary), "score against response length")]
+        coverage = subtask_coverage_figure(table, summary)
+        if coverage is not None:
+            parts.append(_img(coverage, "selected examples per subtask"))
+        similarity = subtask_similarity_figure(table, summary)
+        if similarity is not None:
+            parts.append(_img(similarity, "subtasks clustered"))
+        for label in ("warnings", "notes"):
+            if summary.get(label):
+                parts.append(f"<p><b>{label}:</b> " + "; ".join(html.escape(w) for w in summary[label]) + "</p>")
+        if summary["method"] == "less" and summary.get("target"):
+            try:
+                agreement = checkpoint_agreement(run.path, summary["target"])
+            except InfluenceError:  # the stores changed since the ranking: nothing to show, not an error
+                agreement = None
+            if agreement is not None:
+                parts.append("<p>Spearman correlation of the scores each checkpoint alone gives:</p>"
+                             + agreement.to_html(float_format=lambda v: f"{v:+.3f}"))
+        head = table[table["finite"]].head(10)[["rank", "id", "score"]]
+        parts.append(head.to_html(index=False, float_format=lambda v: f"{v:.4f}"))
+        sections.append((f"Ranking {name}: {title_of(summary)}", "\n".join(parts)))
+    agreement = agreement_figure(run.path, rankings)
+    if agreement is not None:
+        sections.append(("Agreement between rankings", _img(agreement, "top overlap between rankings")))
+    for path in sorted(run.path.glob("select-*/report.json")):
+        verdicts = json.loads(path.read_text(encoding="utf-8")).get("verdicts", [])
+        body = "".join(f"<li>{html.escape(str(line))}</li>" for line in verdicts)
+        sections.append((f"Selection verdicts {path.parent.name}", f"<ul>{body}</ul>" if body else "<p>none yet</p>"))
+    for path in sorted(run.path.glob("**/lds.json")):
+        methods = pd.DataFrame(json.loads(path.read_text(encoding="utf-8")).get("methods", []))
+        sections.append((f"LDS {path.parent.relative_to(run.path)}",
+                         methods.to_html(index=False, float_format=lambda v: f"{v:+.3f}") if len(methods) else ""))
+    page = _page(f"influence report: {run.path.name}", sections)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(page, encoding="utf-8")
+    return target
+
+
+def _img(fig, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{_png(fig)}">'
+
+
+def _page(title: str, sections: list[tuple[str, str]]) -> str:
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+             "img{max-width:100%;display:block;margin:1em 0}table{border-collapse:collapse;font-size:90%}"
+             "td,th{border:1px solid #ccc;padding:2px 6px}pre{background:#f6f6f6;padding:1em;overflow-x:auto}")
+    body = "\n".join(f"<section><h2>{html.escape(name)}</h2>\n{content}</section>" for name, content in sections)
+    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head>\n<body><h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n")

@@ -1,0 +1,37 @@
+"""The notebook shipped with the package (``influence notebook --run RUN``): a copy next to the run, its
+first cell pointing at the run and at one of its rankings."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+from ..errors import InfluenceError
+from ..train.run import Run
+
+NOTEBOOK = "explore_rankings.ipynb"
+
+
+def copy_notebook(run_dir: str | Path, ranking: str | Path | None = None, out: str | Path | None = None) -> Path:
+    """Write the notebook to ``out`` (default ``RUN/explore_rankings.ipynb``) with its defaults set to
+    the run and ``ranking`` (default: the run's first ``rank-*`` folder)."""
+    run = Run(run_dir)
+    if ranking is None:
+        rankings = sorted(p for p in run.path.glob("rank-*") if (p / "summary.json").is_file())
+        ranking = rankings[0] if rankings else run.path / "rank-less-mmlu_val"
+    elif not (Path(ranking) / "summary.json").is_file():
+        raise InfluenceError(f"--ranking {ranking}: not a folder written by `influence rank` (no summary.json)")
+    target = Path(out) if out is not None else run.path / NOTEBOOK
+    if target.exists():
+        raise InfluenceError(f"{target} exists; give another --out (your edits to it are kept)")
+    source = resources.files("influence.resources").joinpath("notebooks", NOTEBOOK).read_text(encoding="utf-8")
+    notebook = json.loads(source)
+    settings = next(cell for cell in notebook["cells"] if cell["cell_type"] == "code")
+    text = "".join(settings["source"])
+    text = text.replace("'../runs/demo'", repr(str(run.path.resolve())))
+    text = text.replace("RUN / 'rank-less-mmlu_val'", repr(str(Path(ranking).resolve())))
+    settings["source"] = text
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(notebook, indent=1, ensure_ascii=False), encoding="utf-8")
+    return target

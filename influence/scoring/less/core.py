@@ -1,0 +1,113 @@
+"""LESS's scoring core, shared by every backend: the inputs it reads (the pool's checked stores per checkpoint, their
+learning-rate weights, each target's per-checkpoint subtask means of unit-normalised gradients) and
+:func:`score_rows`, the one function the stream (:mod:`.stream`) and Dask (:mod:`.dask`) apply to a block of pool
+rows. Imports no backend."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ...core.chunks import read_ahead
+from ...core.naming import TRAIN
+from ...errors import InfluenceError
+from ...gradients.store import GradientStore, check_compatible, find_target_dataset, open_checkpoint_stores, resolve_dim
+from ...kernels.scoring import HAVE_TRITON, score_block, subtask_means
+from ...train.run import Run
+
+
+def default_backend(device: torch.device) -> str:
+    """The fused Triton kernel on CUDA, the torch path elsewhere (override: INFLUENCE_SCORER)."""
+    return os.environ.get("INFLUENCE_SCORER") or ("triton" if device.type == "cuda" and HAVE_TRITON else "torch")
+
+
+@dataclass
+class TargetMeans:
+    """One target's per-checkpoint subtask means, and where its columns sit in a concatenation."""
+
+    target: str
+    dataset: str
+    task_names: list[str]
+    n_examples: int
+    columns: slice
+
+
+@dataclass
+class LessInputs:
+    """Everything LESS scoring reads: the pool's stores per checkpoint, their weights and, for every
+    target, the per-checkpoint subtask means of its unit-normalised gradients (checked compatible),
+    concatenated along the subtask axis so that one pass over the pool scores every target."""
+
+    train: list[GradientStore]
+    weights: np.ndarray  # (checkpoints,), normalised mean learning rates
+    means: torch.Tensor  # (checkpoints, subtasks of all targets, dim)
+    targets: list[TargetMeans]
+    dim: int
+    device: torch.device
+    backend: str
+
+
+def load_less_inputs(run_dir: str | Path, targets: str | list[str], device: str | None = None,
+                     backend: str | None = None, proj_dim: int | None = None,
+                     target_tasks: list[str] | None = None) -> LessInputs:
+    run = Run(run_dir)
+    dim = resolve_dim(run, proj_dim)
+    train = open_checkpoint_stores(run, TRAIN, dim)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    lrs = np.array([s.metadata["checkpoint_mean_lr"] for s in train], dtype=np.float64)
+    if lrs.sum() <= 0:
+        raise InfluenceError("checkpoint learning rates sum to zero; cannot weight checkpoints")
+    means, described, start = [], [], 0
+    for target in [targets] if isinstance(targets, str) else targets:
+        dataset = find_target_dataset(run.store_path, dim, target, target_tasks)
+        stores = open_checkpoint_stores(run, dataset, dim)
+        check_compatible(train, stores)
+        task_names = sorted(set(stores[0].tasks.tolist()))
+        task_index = torch.tensor([task_names.index(t) for t in stores[0].tasks.tolist()], device=device)
+        means.append(torch.stack([
+            subtask_means(torch.from_numpy(store.array("grads")).to(device), task_index, len(task_names))
+            for store in stores
+        ]))
+        described.append(TargetMeans(target, dataset, task_names, stores[0].n_examples,
+                                     slice(start, start + len(task_names))))
+        start += len(task_names)
+    return LessInputs(train, lrs / lrs.sum(), torch.cat(means, dim=1), described, dim, device,
+                      backend or default_backend(device))
+
+
+def iter_scored_blocks(
+    train: list[GradientStore], means: torch.Tensor, weights, rows_per_block: int | None = None,
+    device: torch.device | str = "cpu", backend: str = "torch",
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(start, per_task, score) for consecutive blocks of the pool, reading each block's rows from
+    every checkpoint's store and scoring them in one :func:`score_block` call (memory: one block per
+    checkpoint). Rows flagged non-finite in any store get a NaN score."""
+    weights = torch.as_tensor(np.asarray(weights, dtype=np.float32), device=device)
+    for start, blocks, finite in read_ahead(_stacked_blocks(train, rows_per_block)):
+        yield (start, *score_rows(torch.from_numpy(blocks).to(device), torch.from_numpy(finite).to(device), means,
+                                  weights, backend))
+
+
+def _stacked_blocks(train: list[GradientStore], rows_per_block: int | None) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(start, rows of every checkpoint's store stacked, their finite flags stacked), block by block."""
+    readers = [store.iter_chunks(rows_per_block) for store in train]
+    finite_readers = [store.iter_chunks(rows_per_block, column="finite") for store in train]
+    for chunks, finite_chunks in zip(zip(*readers), zip(*finite_readers)):
+        yield (chunks[0][0], np.stack([block for _, block in chunks]),
+               np.stack([flags for _, flags in finite_chunks]))
+
+
+def score_rows(blocks: torch.Tensor, finite: torch.Tensor, means: torch.Tensor, weights: torch.Tensor,
+               backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
+    """(per_task, score) of one block of pool rows: ``blocks`` (checkpoints, rows, dim) as stored,
+    ``finite`` (checkpoints, rows) the stores' flags. A row flagged in any store, or whose feature is
+    zero at a checkpoint (no direction: its cosines are undefined), is unscorable: NaN. The one
+    function every scoring path (the stream, Dask) applies to a block."""
+    per_task, score = score_block(blocks, means, weights, backend)
+    usable = finite.all(dim=0) & (blocks != 0).any(dim=2).all(dim=0)
+    return per_task.masked_fill(~usable[:, None], float("nan")), score.masked_fill(~usable, float("nan"))

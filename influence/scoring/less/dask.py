@@ -1,0 +1,104 @@
+"""LESS scoring on Dask (``rank --dask [ADDRESS]``): the stream of :mod:`.stream` as a Dask computation
+over the Zarr stores, on a ``LocalCluster`` or on any ``distributed`` scheduler.
+
+Each task reads one block of rows from every checkpoint's store (``dask.array.from_zarr``, blocks of
+``rows_per_block`` rows, by default the stores' chunk) and scores it with :func:`.core.score_rows`, the
+function the one-process stream applies to the same block on the CPU, so both paths compute the same
+numbers (the stream on a GPU agrees within float rounding: workers score on their CPUs); a worker holds
+one block per checkpoint at a time. The top k is a tree reduction: a top k per block, then neighbouring
+top-ks merged pairwise (:meth:`RunningTopK.merge`), so no process ever holds more than two of them.
+Workers must see the stores at the same path (a shared file system, or a store URL every worker can
+open)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from ...errors import InfluenceError
+from ...kernels.scoring import RunningTopK
+from .core import LessInputs, score_rows
+
+LOCAL = "local"
+
+
+def dask_device(device: str | None) -> str:
+    """The device the scoring inputs are loaded on for Dask: the CPU, where workers score (a GPU
+    asked for is refused rather than silently unused)."""
+    if device not in (None, "cpu"):
+        raise InfluenceError(f"--dask scores on the workers' CPUs: drop --device {device}, or drop --dask to score "
+                             f"in one process on {device}")
+    return "cpu"
+
+
+@contextmanager
+def dask_client(address: str = LOCAL, workers: int | None = None) -> Iterator:
+    """A ``distributed`` client: of a new LocalCluster (``address`` ``"local"``: ``workers``
+    single-threaded worker processes, default one per core) or of the scheduler at ``address``."""
+    try:
+        from dask.distributed import Client, LocalCluster
+    except ImportError:
+        raise InfluenceError("--dask needs dask and distributed: pip install 'influence[dask]'") from None
+    if address == LOCAL:
+        with LocalCluster(n_workers=workers or os.cpu_count() or 1, threads_per_worker=1, processes=True,
+                          dashboard_address=None) as cluster, Client(cluster) as client:
+            yield client
+        return
+    try:
+        client = Client(address, timeout="10s")
+    except (OSError, TimeoutError, ValueError) as err:
+        raise InfluenceError(f"--dask {address}: cannot reach a Dask scheduler there ({err})") from None
+    with client:
+        yield client
+
+
+def per_task_array(inputs: LessInputs, rows_per_block: int | None = None):
+    """The (pool, subtasks) LESS breakdown as a lazy Dask array, one task per block of rows."""
+    import dask.array as da
+
+    train = inputs.train
+    rows = rows_per_block or train[0].chunk_size
+    grads = da.stack([da.from_zarr(store.group["grads"]) for store in train]).rechunk((len(train), rows, inputs.dim))
+    finite = da.stack([da.from_zarr(store.group["finite"]) for store in train]).rechunk((len(train), rows))
+    means = inputs.means.cpu().numpy()
+    weights = np.asarray(inputs.weights, dtype=np.float32)
+    return da.blockwise(_score_block, "rs", grads, "crd", finite, "cr", new_axes={"s": means.shape[1]},
+                        concatenate=True, dtype=np.float32, means=means, weights=weights)
+
+
+def _score_block(grads: np.ndarray, finite: np.ndarray, means: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    per_task, _ = score_rows(torch.from_numpy(grads), torch.from_numpy(finite), torch.from_numpy(means),
+                             torch.from_numpy(weights))
+    return per_task.numpy()
+
+
+def less_per_task_on_dask(inputs: LessInputs, address: str = LOCAL, rows_per_block: int | None = None,
+                          workers: int | None = None) -> np.ndarray:
+    """The (pool, subtasks) float32 breakdown computed on Dask (NaN rows: unscorable)."""
+    with dask_client(address, workers) as client:
+        return client.compute(per_task_array(inputs, rows_per_block)).result()
+
+
+def less_top_k_on_dask(inputs: LessInputs, k: int, address: str = LOCAL, rows_per_block: int | None = None,
+                       workers: int | None = None) -> RunningTopK:
+    """The k best rows by score: a top k per block, merged pairwise up a tree (ties: earlier row first)."""
+    from dask import delayed
+
+    blocks = per_task_array(inputs, rows_per_block)
+    starts = np.concatenate([[0], np.cumsum(blocks.chunks[0])[:-1]]).tolist()
+    level = [delayed(_block_top)(block, start, k) for block, start in zip(blocks.to_delayed()[:, 0], starts)]
+    while len(level) > 1:
+        level = [delayed(RunningTopK.merge)(level[i], level[i + 1]) if i + 1 < len(level) else level[i]
+                 for i in range(0, len(level), 2)]
+    with dask_client(address, workers) as client:
+        return client.compute(level[0]).result()
+
+
+def _block_top(per_task: np.ndarray, start: int, k: int) -> RunningTopK:
+    top = RunningTopK(k)
+    top.update(torch.from_numpy(per_task).max(dim=1).values, start)
+    return top
