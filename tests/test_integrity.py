@@ -8,7 +8,6 @@ import textwrap
 from contextlib import contextmanager
 from pathlib import Path
 
-import influence.core.chunks as store_module
 import numpy as np
 import pandas as pd
 import pytest
@@ -16,6 +15,7 @@ import torch
 import zarr
 from click.testing import CliRunner
 
+import influence.core.chunks as store_module
 from influence.cli import main
 from influence.core.locks import writer_lock
 from influence.data.targets import load_target

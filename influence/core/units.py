@@ -2,8 +2,9 @@
 interrupted job resumes at the first unfinished unit and ends identical to an uninterrupted one.
 
 * Per-example passes: a chunk of a :class:`~influence.core.chunks.ChunkedStore` is the unit. Forward scores
-  and representations use :func:`~influence.models.passes.fill_pending`; gradient collection (``influence.gradients.collect``) walks the
-  same chunks with its own batching, since it projects several batches at once.
+  and representations use :func:`~influence.models.passes.fill_pending`; gradient collection
+  (``influence.gradients.collect``) walks the same chunks with its own batching, since it projects several
+  batches at once.
 * Models: one trained model is the unit (subset training, selection retraining). :func:`run_units`
   walks the units, :class:`UnitClaims` lets several processes or machines share them without ever
   working on one unit twice at once, ``--worker i/n`` splits them statically, and a time cap stops
