@@ -4,7 +4,10 @@ from __future__ import annotations
 
 
 class InfluenceError(Exception):
-    """Base class for every error this package raises on purpose."""
+    """Base class for every error this package raises on purpose: a user's mistake, a missing prerequisite, a
+    busy run. The command line prints its message and exits with ``exit_code``."""
+
+    exit_code = 2
 
 
 class DataFormatError(InfluenceError):

@@ -44,7 +44,7 @@ def demo_pool_head(folder, examples: int):
     """``folder/pool.jsonl``: the first ``examples`` records of the embedded demo pool (FLAN-CoT + P3)."""
     from pathlib import Path
 
-    from influence.cli import demo_pool_files
+    from influence.data.formats import demo_pool_files
 
     pool = Path(folder) / "pool.jsonl"
     records = [line for line in Path(demo_pool_files()[1]).read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -85,6 +85,11 @@ def add_grid_arguments(parser) -> None:
 
 def grid_from(args):
     """The :class:`~influence.evaluate.select.Grid` of :func:`add_grid_arguments`' options."""
+    from influence.config import check
     from influence.evaluate.select import Grid
 
-    return Grid.parse(args.grid_lr, args.grid_epochs, args.grid_batch, args.grid_scheduler, args.seeds)
+    def numbers(text: str, kind: type) -> list:
+        return [kind(part) for part in text.split(",") if part.strip()]
+
+    return check(Grid(numbers(args.grid_lr, float), numbers(args.grid_epochs, int), numbers(args.grid_batch, int),
+                      args.grid_scheduler.split(","), args.seeds))

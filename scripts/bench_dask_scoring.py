@@ -33,12 +33,9 @@ def inputs_for(store, dim: int, tasks: int, per_task: int):
 
 
 def stream(inputs) -> np.ndarray:
-    from influence.scoring.less.core import iter_scored_blocks
+    from influence.scoring.less.stream import per_task_stream
 
-    per_task = np.empty((inputs.train[0].n_examples, inputs.means.shape[1]), dtype=np.float32)
-    for start, block, _ in iter_scored_blocks(inputs.train, inputs.means, inputs.weights):
-        per_task[start : start + len(block)] = block.numpy()
-    return per_task
+    return per_task_stream(inputs)
 
 
 def on_dask(inputs, workers: int, worker_peaks: list) -> np.ndarray:

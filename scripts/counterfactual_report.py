@@ -24,11 +24,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from influence.cli import demo_pool_files
-from influence.data.formats import load_pool
+from influence.core.units import UnitSettings
+from influence.data.formats import demo_pool_files, load_pool
 from influence.evaluate.lds import evaluate_lds
 from influence.gradients.collect import project_grads
 from influence.models.loading import LoraSettings
+from influence.scoring import get_method
 from influence.scoring.forward import compute_forward_scores
 from influence.selection.compare import overlap
 from influence.selection.rank import rank
@@ -37,7 +38,6 @@ from influence.train.warmup import WarmupConfig, warmup
 
 SUBJECTS = ["elementary_mathematics", "high_school_biology", "world_religions", "marketing"]
 LDS_METHODS = ["less", "trak", "tracin", "datamodel", "fz_influence", "dsdm", "grand", "nll", "random"]
-TARGET_FREE = {"grand", "nll", "random", "memorization"}
 
 
 def write_data(out: Path, n_pool: int, n_heldin: int, seed: int) -> tuple[Path, Path]:
@@ -100,13 +100,14 @@ def main() -> None:
 
     since = time.time()
     target_specs = [(target, tasks) for _, target, tasks in targets]
-    estimate = train_subsets(run_dir, 2, args.alpha, target_specs, dry_run=True, say=print).estimate_seconds
+    estimate = train_subsets(run_dir, k=2, alpha=args.alpha, targets=target_specs, units=UnitSettings(dry_run=True),
+                             say=print).estimate_seconds
     remaining = args.budget_minutes * 60 - (time.time() - started) - 120  # ranking, LDS and reporting
     total = max(8, int(remaining / max(estimate, 1e-3)))
     k_heldout = max(6, int(round(total * args.heldout_share)))
     k_fit = max(6, total - k_heldout)
     print(f"== one subset model ~{estimate:.1f} s here: K = {k_fit} fit + {k_heldout} held-out models", flush=True)
-    train_subsets(run_dir, k_fit, args.alpha, target_specs, name="fit", seed=args.seed, say=print)
+    train_subsets(run_dir, k=k_fit, alpha=args.alpha, targets=target_specs, name="fit", seed=args.seed, say=print)
     step(f"{k_fit} fit subset models", since)
 
     since = time.time()
@@ -120,11 +121,11 @@ def main() -> None:
     rankings = {}
     for label, target, tasks in targets:
         for method in LDS_METHODS:
-            targeted = method not in TARGET_FREE
-            rankings[(label, method)] = rank(run_dir, target if targeted else None, method, 0.1,
+            targeted = get_method(method).needs_target
+            rankings[(label, method)] = rank(run_dir, target if targeted else None, method=method, fraction=0.1,
                                              out=run_dir / f"rank-{method}-{label}",
                                              **({"target_tasks": tasks} if targeted else {}))
-    memorization = rank(run_dir, None, "memorization", 0.1, out=run_dir / "rank-memorization")
+    memorization = rank(run_dir, None, method="memorization", fraction=0.1, out=run_dir / "rank-memorization")
     step("rankings", since)
 
     print("\n## Settings")

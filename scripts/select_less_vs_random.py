@@ -17,7 +17,7 @@ from pathlib import Path
 
 from _bench import add_grid_arguments, grid_from
 
-from influence.cli import demo_pool_files
+from influence.data.formats import demo_pool_files
 from influence.evaluate.select import evaluate_select
 from influence.gradients.collect import project_grads
 from influence.models.loading import LoraSettings

@@ -47,7 +47,7 @@ def main() -> None:
     settings = {"lora": {"r": 8, "alpha": 32, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]},
                 "batch_size": 8, "max_length": args.max_length, "warmup_ratio": 0.03}
     report = evaluate_select([str(lima), str(alpaca)], model="smollm2-135m", instruction=True, grid=grid,
-                             settings=settings, out=out / "select", say=print)
+                             training=settings, out=out / "select", say=print)
     print("\n" + report.text())
     print(f"\nsettings: {args.n} LIMA vs {args.n} Alpaca examples, SmolLM2-135M, LoRA r=8 q/v, max length {args.max_length}, "
           f"grid {grid}; wall time {(time.time() - started) / 60:.1f} min")

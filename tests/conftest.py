@@ -114,3 +114,21 @@ def tiny_run(tmp_path_factory):
 def group(dataset: str, checkpoint: str, dim: int = 64) -> str:
     """A gradient store's path inside grads.zarr (the tiny run projects to 64 dimensions)."""
     return grads_group(dim, dataset, checkpoint)
+
+
+@pytest.fixture(scope="session")
+def engine_run(tiny_run, tmp_path_factory):
+    """The tiny run with plain and margin gradients (16 dimensions, fewer than the pool's 23 examples,
+    so TRAK's kernel is invertible without a ridge term) and 12 subset models."""
+    import shutil
+
+    from influence.gradients.collect import project_grads
+    from influence.train.subsets import train_subsets
+
+    folder = tmp_path_factory.mktemp("engine")
+    shutil.copytree(tiny_run["run"], folder / "run", ignore=shutil.ignore_patterns("grads.zarr", "subsets.zarr"))
+    run_dir = folder / "run"
+    project_grads(run_dir, tiny_run["target"], proj_dim=16, train_gradients=["adam", "sgd", "margin"], chunk_size=5,
+                  progress=False)
+    train_subsets(run_dir, k=12, alpha=0.5, targets=[tiny_run["target"]], progress=False)
+    return {**tiny_run, "run": str(run_dir), "folder": folder}

@@ -15,7 +15,7 @@ from influence.data.targets import load_target
 from influence.errors import InfluenceError
 from influence.gradients.collect import project_grads
 from influence.gradients.representations import compute_representations
-from influence.scoring import bm25_scores, dsir_scores, less_scores, less_scores_many, random_scores, rds_scores
+from influence.scoring import score, score_many
 from influence.scoring.baselines import dsir_log_weights, example_text
 from influence.selection.modes import select
 from influence.selection.outputs import spearman
@@ -27,7 +27,7 @@ from .test_store import _copy_run
 
 
 def test_random_is_seeded_and_uniform(tiny_run):
-    a, b, c = (random_scores(tiny_run["run"], seed=s).score for s in (0, 0, 1))
+    a, b, c = (score("random", tiny_run["run"], seed=s).score for s in (0, 0, 1))
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c) and ((a >= 0) & (a < 1)).all()
 
@@ -35,7 +35,7 @@ def test_random_is_seeded_and_uniform(tiny_run):
 def test_bm25_is_mean_over_subtask_queries_then_max(tiny_run):
     import bm25s
 
-    scores = bm25_scores(tiny_run["run"], tiny_run["target"])
+    scores = score("bm25", tiny_run["run"], tiny_run["target"])
     pool = load_pool(Run(tiny_run["run"]).train_files)
     targets = load_target(tiny_run["target"])
     # independent: one query at a time against a fresh index
@@ -57,7 +57,7 @@ def _sha_bucket(token, buckets=10_000):
 
 
 def test_dsir_log_weight_is_the_log_likelihood_ratio(tiny_run):
-    scores = dsir_scores(tiny_run["run"], tiny_run["target"], seed=3)
+    scores = score("dsir", tiny_run["run"], tiny_run["target"], seed=3)
     pool = load_pool(Run(tiny_run["run"]).train_files)
     targets = load_target(tiny_run["target"])
     # independent: hashed unigrams + bigrams of word-punct tokens, two bag-of-words models, log ratio
@@ -103,7 +103,7 @@ def test_rds_is_last_token_cosine_and_resumes(tiny_run, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         compute_representations(run_dir, tiny_run["target"], batch_size=4, chunk_size=5, progress=False)
     monkeypatch.setattr(rds, "last_token_states", original)
-    scores = rds_scores(run_dir, tiny_run["target"])  # finishes the interrupted store first
+    scores = score("rds", run_dir, tiny_run["target"])  # finishes the interrupted store first
     # independent: full forward of each example alone, last position's final hidden state
     run = Run(run_dir)
     base, tokenizer = load_base_model("tiny-llama")
@@ -137,10 +137,10 @@ def test_target_with_same_name_but_other_content_is_refused(tiny_run, tmp_path):
         {"prompt": f"Colour {i}?", "completion": "blue", "task": "words"} for i in range(4)]))
     project_grads(run_dir, first, proj_dim=64, chunk_size=5, progress=False)
     project_grads(run_dir, second, proj_dim=64, chunk_size=5, include_train=False, progress=False)
-    a, b = less_scores(run_dir, first), less_scores(run_dir, second)
+    a, b = score("less", run_dir, first), score("less", run_dir, second)
     assert a.details["target_store"] != b.details["target_store"]
     assert b.task_names == ["words"] and a.task_names == ["math", "words"]
-    np.testing.assert_allclose(a.score, less_scores(tiny_run["run"], first).score, rtol=1e-5, atol=2e-6)
+    np.testing.assert_allclose(a.score, score("less", tiny_run["run"], first).score, rtol=1e-5, atol=2e-6)
     # the file changes after project-grads: refused with what to do
     changed = tmp_path / "changed"
     changed.mkdir()
@@ -156,12 +156,12 @@ def test_target_with_same_name_but_other_content_is_refused(tiny_run, tmp_path):
 def test_subtask_store_is_found_without_target_tasks(tiny_run, tmp_path):
     run_dir = _copy_run(tiny_run, tmp_path, "subset")
     project_grads(run_dir, tiny_run["target"], proj_dim=64, chunk_size=5, target_tasks=["math"], progress=False)
-    only_math = less_scores(run_dir, tiny_run["target"])
+    only_math = score("less", run_dir, tiny_run["target"])
     assert only_math.task_names == ["math"]
-    np.testing.assert_allclose(only_math.score, less_scores(tiny_run["run"], tiny_run["target"]).per_task[:, 0],
+    np.testing.assert_allclose(only_math.score, score("less", tiny_run["run"], tiny_run["target"]).per_task[:, 0],
                                rtol=1e-5, atol=1e-6)
     project_grads(run_dir, tiny_run["target"], proj_dim=64, chunk_size=5, include_train=False, progress=False)
-    assert less_scores(run_dir, tiny_run["target"]).task_names == ["math", "words"]  # the full target wins
+    assert score("less", run_dir, tiny_run["target"]).task_names == ["math", "words"]  # the full target wins
 
 
 def test_several_targets_in_one_pass_equal_one_by_one(tiny_run, tmp_path):
@@ -170,9 +170,9 @@ def test_several_targets_in_one_pass_equal_one_by_one(tiny_run, tmp_path):
         {"prompt": f"Colour {i}?", "completion": "red", "task": ["a", "b", "c"][i % 3]} for i in range(6)]))
     project_grads(run_dir, tiny_run["target"], proj_dim=64, chunk_size=5, progress=False)
     project_grads(run_dir, other, proj_dim=64, chunk_size=5, include_train=False, progress=False)
-    together = less_scores_many(run_dir, [tiny_run["target"], other], rows_per_block=4)
+    together = score_many("less", run_dir, [tiny_run["target"], other], rows_per_block=4)
     for target, scores in zip((tiny_run["target"], other), together):
-        alone = less_scores(run_dir, target)
+        alone = score("less", run_dir, target)
         np.testing.assert_allclose(scores.score, alone.score, rtol=1e-5, atol=2e-6)
         np.testing.assert_allclose(scores.per_task, alone.per_task, rtol=1e-5, atol=2e-6)
         assert scores.task_names == alone.task_names

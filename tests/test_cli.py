@@ -108,7 +108,7 @@ def test_option_errors_before_any_work(tiny_run, tmp_path):
     result = runner.invoke(main, rank + ["--method", "nll", "--band", "0.8,0.2", "--select", "middle"])
     assert result.exit_code == 2 and "0 <= LOW < HIGH <= 1" in result.output
     result = runner.invoke(main, rank + ["--method", "lesss"])
-    assert result.exit_code == 2 and "'lesss' is not a method" in result.output and "tracin" in result.output
+    assert result.exit_code == 2 and "unknown method 'lesss'; did you mean less" in result.output and "tracin" in result.output
     result = runner.invoke(main, rank + ["--target", "nosuch"])
     assert result.exit_code == 2 and "unknown target 'nosuch'" in result.output
     result = runner.invoke(main, rank + ["--method", "nll", "--fraction", "0"])
@@ -120,11 +120,12 @@ def test_option_errors_before_any_work(tiny_run, tmp_path):
     assert result.exit_code == 2 and "no gradients at --proj-dim 128 (stored: 64)" in result.output
 
 
-def test_rank_help_lists_every_method():
-    from influence.scoring import METHODS
+def test_methods_lists_every_method_and_rank_points_to_it():
+    from influence.scoring import registry
 
-    text = " ".join(CliRunner().invoke(main, ["rank", "--help"]).output.split())
-    assert not [name for name in METHODS if re.search(rf"\b{name}\b", text) is None]
+    text = " ".join(CliRunner().invoke(main, ["methods"]).output.split())
+    assert not [name for name in registry() if re.search(rf"\b{name}\b", text) is None]
+    assert "`influence methods`" in " ".join(CliRunner().invoke(main, ["rank", "--help"]).output.split())
 
 
 def test_selection_notes(tiny_run, tmp_path):

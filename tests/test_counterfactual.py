@@ -17,6 +17,7 @@ from scipy.stats import spearmanr
 
 from influence.cli import main
 from influence.core.naming import POOL, gradient_dataset, grads_group
+from influence.core.units import UnitSettings
 from influence.data.targets import load_target
 from influence.data.templates import collate, encode_example
 from influence.errors import InfluenceError, StoreMismatchError
@@ -27,10 +28,8 @@ from influence.gradients.store import GradientStore
 from influence.models.loading import lora_parameters
 from influence.models.losses import per_example_loss
 from influence.models.measure import correct_choices, encode_choices, measure, single_token_choices
-from influence.scoring import METHODS
-from influence.scoring.counterfactual import datamodel_fit, fit_datamodels, in_out_difference, memorization_scores, self_difference
-from influence.scoring.tracin import tracin_attribution
-from influence.scoring.trak import trak_attribution
+from influence.scoring import attribution, registry, score
+from influence.scoring.counterfactual import datamodel_fit, fit_datamodels, in_out_difference, self_difference
 from influence.selection.rank import rank
 from influence.train.run import Run
 from influence.train.subset_store import SubsetStore
@@ -40,19 +39,6 @@ from .conftest import write_jsonl
 from .test_gradients import _examples
 
 PACKAGE = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def engine_run(tiny_run, tmp_path_factory):
-    """The tiny run with plain and margin gradients (16 dimensions, fewer than the pool's 23 examples,
-    so TRAK's kernel is invertible without a ridge term) and 12 subset models."""
-    folder = tmp_path_factory.mktemp("engine")
-    shutil.copytree(tiny_run["run"], folder / "run", ignore=shutil.ignore_patterns("grads.zarr", "subsets.zarr"))
-    run_dir = folder / "run"
-    project_grads(run_dir, tiny_run["target"], proj_dim=16, train_gradients=["adam", "sgd", "margin"], chunk_size=5,
-                  progress=False)
-    train_subsets(run_dir, 12, 0.5, [tiny_run["target"]], progress=False)
-    return {**tiny_run, "run": str(run_dir), "folder": folder}
 
 
 # -- hand computations --------------------------------------------------------------------------------------
@@ -186,7 +172,7 @@ def test_trak_matches_trakers_own_score_computation(engine_run):
     target_key = gradient_dataset(engine_run["target_dataset"], "margin")
     train, targets = _stores(engine_run["run"], "train.margin"), _stores(engine_run["run"], target_key)
     for lambda_reg in (None, 0.0):
-        ours = trak_attribution(engine_run["run"], engine_run["target"], lambda_reg=lambda_reg)
+        ours = attribution("trak", engine_run["run"], engine_run["target"], lambda_reg=lambda_reg)
         accumulator = torch.zeros(ours.matrix.shape)
         out_to_loss = np.zeros((train[0].n_examples, 1), dtype=np.float32)
         for store, target, lam in zip(train, targets, ours.details["lambda"]):
@@ -206,8 +192,8 @@ def test_trak_refuses_a_singular_kernel_without_ridge(engine_run, tmp_path):
     shutil.copytree(engine_run["run"], run_dir, ignore=shutil.ignore_patterns("subsets.zarr"))
     project_grads(run_dir, engine_run["target"], proj_dim=64, train_gradients=["margin"], chunk_size=5, progress=False)
     with pytest.raises(InfluenceError, match="singular"):
-        trak_attribution(run_dir, engine_run["target"], proj_dim=64, lambda_reg=0.0)
-    assert np.isfinite(trak_attribution(run_dir, engine_run["target"], proj_dim=64).matrix).all()
+        attribution("trak", run_dir, engine_run["target"], proj_dim=64, lambda_reg=0.0)
+    assert np.isfinite(attribution("trak", run_dir, engine_run["target"], proj_dim=64).matrix).all()
 
 
 def test_tracin_is_the_learning_rate_weighted_dot_product(engine_run):
@@ -215,17 +201,17 @@ def test_tracin_is_the_learning_rate_weighted_dot_product(engine_run):
     train, targets = _stores(engine_run["run"], "train.sgd"), _stores(engine_run["run"], engine_run["target_dataset"])
     expected = sum(c.mean_lr * s.array("grads").astype(np.float64) @ t.array("grads").astype(np.float64).T
                    for c, s, t in zip(run.checkpoints(), train, targets))
-    np.testing.assert_allclose(tracin_attribution(engine_run["run"], engine_run["target"]).matrix, expected,
+    np.testing.assert_allclose(attribution("tracin", engine_run["run"], engine_run["target"]).matrix, expected,
                                rtol=1e-4, atol=1e-9)
 
 
 def test_methods_say_which_features_they_need(tiny_run):
-    with pytest.raises(InfluenceError, match="no store at .*train.sgd"):
-        tracin_attribution(tiny_run["run"], tiny_run["target"])
+    with pytest.raises(InfluenceError, match="sgd gradients.*--train-gradient sgd"):
+        attribution("tracin", tiny_run["run"], tiny_run["target"])
     with pytest.raises(InfluenceError, match="train-gradient margin|no store at .*train.margin"):
-        trak_attribution(tiny_run["run"], tiny_run["target"])
-    with pytest.raises(InfluenceError, match="no subset models named 'fit'.*influence subsets train"):
-        rank(tiny_run["run"], tiny_run["target"], "datamodel", out=tiny_run["folder"] / "never")
+        attribution("trak", tiny_run["run"], tiny_run["target"])
+    with pytest.raises(InfluenceError, match="subset models named 'fit'.*influence subsets train"):
+        rank(tiny_run["run"], tiny_run["target"], method="datamodel", out=tiny_run["folder"] / "never")
 
 
 # -- the engine on the tiny model ------------------------------------------------------------------------------------------
@@ -246,17 +232,17 @@ def test_memorization_through_rank_matches_the_store(engine_run):
     store = SubsetStore.open(run.subsets_path, "fit")
     _, masks, accuracy = store.outcomes(POOL, "accuracy")
     expected, n_in, _ = self_difference(masks, accuracy, True)
-    scores = memorization_scores(engine_run["run"])
+    scores = score("memorization", engine_run["run"])
     np.testing.assert_allclose(scores.score, expected)
-    table = rank(engine_run["run"], None, "memorization", out=engine_run["folder"] / "rank-mem")
+    table = rank(engine_run["run"], None, method="memorization", out=engine_run["folder"] / "rank-mem")
     assert {"n_in", "n_out"} <= set(table.columns)
     summary = json.loads((engine_run["folder"] / "rank-mem" / "summary.json").read_text())
     assert summary["units"] == 12 and summary["n_in"]["min"] >= 1
 
 
 def test_dsdm_selection_minimises_the_predicted_target_loss(engine_run):
-    table = rank(engine_run["run"], engine_run["target"], "dsdm", top_k=3, out=engine_run["folder"] / "rank-dsdm")
-    _, _, _, _, weights, intercepts, _ = datamodel_fit(engine_run["run"], engine_run["target"])
+    table = rank(engine_run["run"], engine_run["target"], method="dsdm", top_k=3, out=engine_run["folder"] / "rank-dsdm")
+    _, _, _, _, weights, intercepts, _ = datamodel_fit(Run(engine_run["run"]), engine_run["target"])
     mean_weight = weights.mean(axis=0)  # the predicted mean target loss of S is mean(b) + sum_{x in S} mean_weight[x]
     selected = table.head(3)["pool_index"].to_numpy()
     best = min(mean_weight[list(s)].sum() for s in itertools.combinations(range(len(mean_weight)), 3))
@@ -268,7 +254,7 @@ def test_dsdm_selection_minimises_the_predicted_target_loss(engine_run):
 def test_lds_end_to_end_with_leave_some_out(engine_run):
     ranking = engine_run["folder"] / "rank-mem" / "scores.csv"
     if not ranking.exists():
-        rank(engine_run["run"], None, "memorization", out=ranking.parent)
+        rank(engine_run["run"], None, method="memorization", out=ranking.parent)
     methods = ["less", "trak", "tracin", "datamodel", "fz_influence", "grand", "random", str(ranking)]
     report = evaluate_lds(engine_run["run"], engine_run["target"], methods, k=5, leave_out=0.2, bootstrap=50,
                           progress=False)
@@ -287,11 +273,11 @@ def test_lds_end_to_end_with_leave_some_out(engine_run):
 def test_units_resume_and_grow(engine_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(engine_run["run"], run_dir, ignore=shutil.ignore_patterns("subsets.zarr", "grads.zarr", "lds"))
-    first = train_subsets(run_dir, 3, 0.5, name="grow", progress=False)
+    first = train_subsets(run_dir, k=3, alpha=0.5, name="grow", progress=False)
     assert first.run.done_now == 3
     store = SubsetStore.open(Run(run_dir).subsets_path, "grow")
     finished = {u: store.unit_attrs(u)["finished"] for u in store.done_units()}
-    again = train_subsets(run_dir, 5, 0.5, name="grow", progress=False)
+    again = train_subsets(run_dir, k=5, alpha=0.5, name="grow", progress=False)
     assert (again.run.done_before, again.run.done_now) == (3, 2)
     assert {u: store.unit_attrs(u)["finished"] for u in range(3)} == finished  # never redone
 
@@ -311,13 +297,13 @@ def test_a_crashed_unit_loses_only_itself(engine_run, tmp_path, monkeypatch):
 
     monkeypatch.setattr(subsets, "measure", crash_on_third_unit)
     with pytest.raises(KeyboardInterrupt):
-        train_subsets(run_dir, 4, 0.5, name="crash", progress=False)
+        train_subsets(run_dir, k=4, alpha=0.5, name="crash", progress=False)
     store = SubsetStore.open(Run(run_dir).subsets_path, "crash")
     assert store.done_units() == [0, 1]
     monkeypatch.setattr(subsets, "measure", original)
-    report = train_subsets(run_dir, 4, 0.5, name="crash", progress=False)
+    report = train_subsets(run_dir, k=4, alpha=0.5, name="crash", progress=False)
     assert (report.run.done_before, report.run.done_now) == (2, 2)
-    reference = train_subsets(run_dir, 4, 0.5, name="reference", progress=False)
+    reference = train_subsets(run_dir, k=4, alpha=0.5, name="reference", progress=False)
     assert reference.run.done_now == 4
     other = SubsetStore.open(Run(run_dir).subsets_path, "reference")
     for unit in range(4):  # a unit's result does not depend on which process or attempt trained it
@@ -332,7 +318,7 @@ WORKER = textwrap.dedent("""
     (ready / sys.argv[3]).touch()
     while len(list(ready.iterdir())) < 2:  # start together
         time.sleep(0.01)
-    report = train_subsets(sys.argv[1], 8, 0.5, name="shared", settings={"epochs": 25}, progress=False)
+    report = train_subsets(sys.argv[1], k=8, alpha=0.5, name="shared", training={"epochs": 25}, progress=False)
     print(json.dumps({"done_now": report.run.done_now, "done_before": report.run.done_before, "busy": report.run.busy}))
 """)
 
@@ -360,10 +346,10 @@ def test_two_workers_on_one_store_never_train_a_unit_twice(engine_run, tmp_path)
 def test_static_worker_split(engine_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(engine_run["run"], run_dir, ignore=shutil.ignore_patterns("subsets.zarr", "grads.zarr", "lds"))
-    a = train_subsets(run_dir, 5, 0.5, name="split", worker=(0, 2), progress=False)
+    a = train_subsets(run_dir, k=5, alpha=0.5, name="split", units=UnitSettings(worker=(0, 2)), progress=False)
     store = SubsetStore.open(Run(run_dir).subsets_path, "split")
     assert a.run.done_now == 3 and store.done_units() == [0, 2, 4]
-    b = train_subsets(run_dir, 5, 0.5, name="split", worker=(1, 2), progress=False)
+    b = train_subsets(run_dir, k=5, alpha=0.5, name="split", units=UnitSettings(worker=(1, 2)), progress=False)
     assert b.run.done_now == 2 and store.done_units() == list(range(5))
 
 
@@ -371,21 +357,22 @@ def test_static_worker_split(engine_run, tmp_path):
 def test_bad_subset_settings_are_refused_before_any_work(engine_run, tmp_path):
     run_dir = engine_run["run"]
     with pytest.raises(InfluenceError, match="--k must be at least 2"):
-        train_subsets(run_dir, 1, 0.5)
+        train_subsets(run_dir, k=1, alpha=0.5)
     for alpha in (0.0, 1.0, 1.5):
         with pytest.raises(InfluenceError, match=r"--alpha must be in \(0, 1\)"):
-            train_subsets(run_dir, 4, alpha)
+            train_subsets(run_dir, k=4, alpha=alpha)
     with pytest.raises(InfluenceError, match="each subset must hold at least one example"):
-        train_subsets(run_dir, 4, 0.01)
+        train_subsets(run_dir, k=4, alpha=0.01)
     with pytest.raises(StoreMismatchError, match="'settings'"):  # the fit store was trained with the warm-up's lr
-        train_subsets(run_dir, 12, 0.5, [engine_run["target"]], settings={"learning_rate": 0.1}, progress=False)
+        train_subsets(run_dir, k=12, alpha=0.5, targets=[engine_run["target"]], training={"learning_rate": 0.1},
+                      progress=False)
     with pytest.raises(StoreMismatchError, match="'design'"):
-        train_subsets(run_dir, 12, 0.3, [engine_run["target"]], progress=False)
+        train_subsets(run_dir, k=12, alpha=0.3, targets=[engine_run["target"]], progress=False)
     with pytest.raises(StoreMismatchError, match="targets"):
-        train_subsets(run_dir, 12, 0.5, [], progress=False)
+        train_subsets(run_dir, k=12, alpha=0.5, targets=[], progress=False)
     other = write_jsonl(tmp_path / "other.jsonl", [{"prompt": "a", "completion": "b"}])
     with pytest.raises(InfluenceError, match="did not evaluate this target"):
-        rank(run_dir, str(other), "fz_influence", out=tmp_path / "never")
+        rank(run_dir, str(other), method="fz_influence", out=tmp_path / "never")
     with pytest.raises(InfluenceError, match="neither a method"):
         evaluate_lds(run_dir, engine_run["target"], ["less", "nosuch"])
     assert not (tmp_path / "never").exists()
@@ -395,7 +382,7 @@ def test_cli_lists_the_engine(engine_run):
     runner = CliRunner()
     help_text = runner.invoke(main, ["rank", "--help"]).output
     for method in ("memorization", "datamodel", "dsdm", "trak", "tracin"):
-        assert method in help_text and method in METHODS
+        assert method in help_text and method in registry()
     assert runner.invoke(main, ["subsets", "--help"]).exit_code == 0
     assert runner.invoke(main, ["evaluate", "lds", "--help"]).exit_code == 0
     result = runner.invoke(main, ["subsets", "train", "--run", engine_run["run"], "--k", "1"])

@@ -163,13 +163,14 @@ def dask_client():
 
 
 def test_dask_scoring_equals_the_stream(tiny_run, dask_client):
-    from influence.scoring.less.stream import less_scores_many, less_top_k
+    from influence.scoring import score_many
+    from influence.scoring.less import less_top_k
 
     address = dask_client.scheduler.address
     with threads(1):  # as each single-threaded worker computes, on the CPU (also where a GPU is)
-        stream = less_scores_many(tiny_run["run"], [tiny_run["target"]], rows_per_block=4, device="cpu")[0]
+        stream = score_many("less", tiny_run["run"], [tiny_run["target"]], rows_per_block=4, device="cpu")[0]
         stream_top = less_top_k(tiny_run["run"], tiny_run["target"], 7, rows_per_block=4, device="cpu")
-    on_dask = less_scores_many(tiny_run["run"], [tiny_run["target"]], rows_per_block=4, dask=address)[0]
+    on_dask = score_many("less", tiny_run["run"], [tiny_run["target"]], rows_per_block=4, dask=address)[0]
     np.testing.assert_array_equal(stream.per_task, on_dask.per_task)
     np.testing.assert_array_equal(stream.score, on_dask.score)
     dask_top = less_top_k(tiny_run["run"], tiny_run["target"], 7, rows_per_block=4, dask=address)

@@ -185,7 +185,7 @@ def test_rank_diversify_on_the_tiny_run(tiny_run, tmp_path):
                  for e in load_pool(Run(tiny_run["run"]).train_files)]
     several_words = sum(len(split(text)) >= 2 for text in responses)
     for method in ("ttr", "mtld", "distinct1", "distinct2", "knn_distance", "prototypicality", "semdedup"):
-        table = rank(tiny_run["run"], None, method, out=tmp_path / f"m-{method}")
+        table = rank(tiny_run["run"], None, method=method, out=tmp_path / f"m-{method}")
         # one-word responses have no bigram: distinct2 is undefined for them (unscorable), the rest scores all
         assert table["finite"].sum() == (several_words if method == "distinct2" else 23), method
     assert several_words < 23

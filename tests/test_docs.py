@@ -20,5 +20,5 @@ def test_api_reference_builds(tmp_path):
 
 def test_docs_pages_exist_and_are_linked():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    for page in ("docs/troubleshooting.md", "docs/scaling.md"):
+    for page in ("docs/troubleshooting.md", "docs/scaling.md", "docs/architecture.md"):
         assert (ROOT / page).is_file() and page in readme

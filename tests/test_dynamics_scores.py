@@ -3,14 +3,17 @@ import pandas as pd
 import pytest
 import torch
 
+from influence.config import check
 from influence.core.chunks import ChunkedStore
+from influence.errors import InfluenceError
 from influence.gradients.collect import project_grads
 from influence.gradients.store import GradientStore
 from influence.models.loading import LoraSettings
-from influence.scoring import METHODS
+from influence.scoring import registry, score
 from influence.scoring.dynamics import count_forgetting, forgetting_table
 from influence.scoring.forward import METRICS, compute_forward_scores
 from influence.selection.modes import select
+from influence.selection.settings import RankSettings
 from influence.train.run import Run
 from influence.train.warmup import WarmupConfig, warmup
 
@@ -72,7 +75,7 @@ def memorised_run(tmp_path_factory):
 
 
 def _scores(run_dir, method):
-    return METHODS[method](run_dir).score
+    return score(method, run_dir).score
 
 
 def test_forward_scores_are_consistent(memorised_run):
@@ -90,7 +93,7 @@ def test_forward_scores_are_consistent(memorised_run):
             assert ((forward.array(m) >= 0) & (forward.array(m) <= 1)).all()
         assert (forward.array("min_margin") <= forward.array("mean_margin") + 1e-6).all()
         assert (forward.array("ifd") > 0).all()
-    assert set(METRICS) <= set(METHODS)
+    assert set(METRICS) <= set(registry())
 
 
 def test_known_ordering_easy_vs_random(memorised_run):
@@ -122,8 +125,8 @@ def test_selection_modes():
     assert select(table, "middle", band=(0.25, 0.75))["score"].between(2, 7).all()
     assert select(table, "below", threshold=3)["id"].tolist() == ["h", "i"]
     assert select(table, "above", threshold=7)["id"].tolist() == ["a", "b"]
-    with pytest.raises(ValueError, match="needs --threshold"):
-        select(table, "below")
+    with pytest.raises(InfluenceError, match="needs --threshold"):  # rank's settings refuse it before any work
+        check(RankSettings(mode="below"))
 
 
 class FixedDistribution(torch.nn.Module):

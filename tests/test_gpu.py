@@ -16,7 +16,7 @@ from influence.gradients.projection import Projector
 from influence.gradients.store import GradientStore
 from influence.kernels import projection as kernel
 from influence.kernels.scoring import score_block, subtask_means
-from influence.scoring import less_scores
+from influence.scoring import score
 from influence.train.run import Run
 
 from .conftest import group
@@ -78,5 +78,5 @@ def test_store_written_on_device_matches_cpu(tiny_run, tmp_path, monkeypatch):
             cosine = (x * y).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))
             assert cosine.min() > 0.999, (dataset, checkpoint.name, cosine.min())
             np.testing.assert_allclose(a.array("loss"), b.array("loss"), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(less_scores(runs[0], tiny_run["target"], device="cpu").score,
-                               less_scores(runs[1], tiny_run["target"], device=DEVICE, backend="triton").score, atol=2e-3)
+    np.testing.assert_allclose(score("less", runs[0], tiny_run["target"], device="cpu").score,
+                               score("less", runs[1], tiny_run["target"], device=DEVICE, backend="triton").score, atol=2e-3)

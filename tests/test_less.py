@@ -7,7 +7,8 @@ from influence.errors import StoreMismatchError
 from influence.gradients.collect import project_grads
 from influence.gradients.store import GradientStore
 from influence.kernels.scoring import RunningTopK
-from influence.scoring import less_scores, less_top_k
+from influence.scoring import score
+from influence.scoring.less import less_top_k
 from influence.train.run import Run
 
 from .conftest import group
@@ -33,7 +34,7 @@ def _direct_less(run_dir, target_group):
 
 
 def test_less_matches_direct_numpy(tiny_run):
-    scores = less_scores(tiny_run["run"], tiny_run["target"], rows_per_block=3)
+    scores = score("less", tiny_run["run"], tiny_run["target"], rows_per_block=3)
     expected, per_task, names = _direct_less(tiny_run["run"], tiny_run["target_dataset"])
     assert scores.task_names == names == ["math", "words"]
     np.testing.assert_allclose(scores.score, expected, rtol=1e-5, atol=1e-6)
@@ -44,7 +45,7 @@ def test_less_matches_direct_numpy(tiny_run):
 
 
 def test_top_k_streams_the_head_of_the_ranking(tiny_run):
-    scores = less_scores(tiny_run["run"], tiny_run["target"])
+    scores = score("less", tiny_run["run"], tiny_run["target"])
     order = np.argsort(-scores.score, kind="stable")
     for rows_per_block in (1, 3, None):
         head = less_top_k(tiny_run["run"], tiny_run["target"], k=5, rows_per_block=rows_per_block)
@@ -72,7 +73,7 @@ def test_refuses_target_with_other_projector(tiny_run, tmp_path):
     project_grads(run_dir, None, proj_dim=64, seed=0, chunk_size=5, progress=False)
     project_grads(run_dir, tiny_run["target"], proj_dim=64, seed=1, chunk_size=5, include_train=False, progress=False)
     with pytest.raises(StoreMismatchError) as info:
-        less_scores(run_dir, tiny_run["target"])
+        score("less", run_dir, tiny_run["target"])
     assert info.value.field == "projector"
 
 
@@ -82,13 +83,13 @@ def test_refuses_target_from_another_adapter(tiny_run, tmp_path):
     path = group(tiny_run["target_dataset"], "epoch-2")
     zarr.open_group(str(run_dir / "grads.zarr"), path=path, mode="a").attrs["adapter_sha256"] = "f" * 64
     with pytest.raises(StoreMismatchError) as info:
-        less_scores(run_dir, tiny_run["target"])
+        score("less", run_dir, tiny_run["target"])
     assert info.value.field == "adapter_sha256" and path in str(info.value)
 
 
 def test_missing_target_store_says_what_to_run(tiny_run):
     with pytest.raises(Exception, match="project-grads"):
-        less_scores(tiny_run["run"], "bbh")
+        score("less", tiny_run["run"], "bbh")
 
 
 SCORING_CHECK = r"""

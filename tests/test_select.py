@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from influence.cli import main
 from influence.data.targets import load_heldout, load_mmlu_val, load_target
 from influence.errors import InfluenceError
-from influence.evaluate.select import Grid, evaluate_select, verdict, win_tie_loss
+from influence.evaluate.select import Grid, JudgeSettings, evaluate_select, verdict, win_tie_loss
 
 from .conftest import write_jsonl
 
@@ -98,7 +98,7 @@ def test_files_and_standalone_model(select_run, tmp_path):
                                                      for n in (2, 3, 4)])
     settings = {"batch_size": 4, "max_length": 64, "warmup_ratio": 0.0, "lora": {"r": 4, "alpha": 8}}
     report = evaluate_select([str(lima), str(alpaca)], model="tiny-llama", instruction=True,
-                             grid=Grid([1e-2], [2], [4], ["linear"], 1), settings=settings, out=tmp_path / "out",
+                             grid=Grid([1e-2], [2], [4], ["linear"], 1), training=settings, out=tmp_path / "out",
                              progress=False)
     assert set(report.results["eval"]) == {"self_instruct"} and len(report.results) == 2
     assert report.results["nll"].nunique() == 2  # the two training sets give two models
@@ -111,7 +111,7 @@ def test_bad_input_is_refused_before_training(select_run, tmp_path):
         evaluate_select(["less", "nosuch"], run_dir=run, target=select_run["target"], eval_files=[select_run["heldout"]])
     with pytest.raises(InfluenceError, match="no built-in held-out data|give --eval"):
         evaluate_select(["random", "full"], run_dir=run, target=select_run["target"])
-    with pytest.raises(InfluenceError, match="invalid grid"):
+    with pytest.raises(InfluenceError, match="--grid-lr names nothing"):
         evaluate_select(["random", "full"], run_dir=run, eval_files=[select_run["heldout"]], grid=Grid([], [1], [4]))
     with pytest.raises(InfluenceError, match="not a multiple of the micro batch"):
         evaluate_select(["random", "full"], run_dir=run, eval_files=[select_run["heldout"]],
@@ -202,7 +202,7 @@ def test_judges_average_both_orders_and_feed_the_report(select_run, tmp_path):
 
     report = evaluate_select(["random", "full"], run_dir=select_run["run"], instruction=True,
                              eval_files=[select_run["heldout"]], grid=Grid([1e-3], [1], [4], ["linear"], 1),
-                             judge="tiny-llama", judge_n=2, judge_max_new_tokens=3, out=tmp_path / "judged", progress=False)
+                             judge=JudgeSettings(judge="tiny-llama", n=2, max_new_tokens=3), out=tmp_path / "judged", progress=False)
     judged = pd.read_csv(tmp_path / "judged" / "judge.csv")
     assert len(judged) == 1 and judged["win_rate"].between(0, 1).all() and judged["n"].eq(2).all()
     assert any(line.startswith("judge: ") for line in report.verdicts)

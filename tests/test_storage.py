@@ -14,7 +14,7 @@ from influence.core.storage import StoreRoot
 from influence.errors import InfluenceError, RunError
 from influence.gradients.collect import project_grads
 from influence.gradients.store import GradientStore, stored_dims
-from influence.scoring.less.stream import less_scores_many
+from influence.scoring import score_many
 from influence.train.run import Run
 
 SETTINGS = dict(proj_dim=16, chunk_size=3, batch_size=2)
@@ -60,8 +60,8 @@ def test_stores_at_a_url_equal_the_local_ones(tiny_run, local_run, local_arrays,
         else:
             np.testing.assert_array_equal(found[name], value, err_msg=name)
     # every later command follows the run to its stores, without the URL
-    here = less_scores_many(run_dir, [tiny_run["target"]])[0]
-    there = less_scores_many(local_run, [tiny_run["target"]])[0]
+    here = score_many("less", run_dir, [tiny_run["target"]])[0]
+    there = score_many("less", local_run, [tiny_run["target"]])[0]
     np.testing.assert_array_equal(here.score, there.score)
     assert project_grads(run_dir, tiny_run["target"], progress=False, **SETTINGS)[0].resumed_chunks > 0
     from influence.report.status import run_status

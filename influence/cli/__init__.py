@@ -1,47 +1,75 @@
-"""The ``influence`` command line: a thin layer over the Python API, one module per command group."""
+"""The ``influence`` command line: a thin layer over the Python API, one module per command group.
+
+Every command is its settings classes (each option generated from a field, see :mod:`influence.config`) and a
+few lines that call the API and print the result. Errors are turned into exit codes in one place,
+:class:`Commands`: an :class:`~influence.errors.InfluenceError` (a user's mistake, a missing prerequisite, a busy
+run) prints one line and exits 2; ``rank`` exits 3 for a degenerate ranking.
+"""
 
 from __future__ import annotations
 
 import logging
+import sys
+from dataclasses import dataclass
 
 import click
 
+from ..config import build, setting, settings_options
+from ..errors import InfluenceError
 from . import evaluate, pipeline, subsets
-from .common import demo_pool_files
-
-__all__ = ["main", "demo_pool_files"]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class Commands(click.Group):
+    """The command group, and the one error boundary: typed errors become exit codes here."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except InfluenceError as err:
+            click.secho(f"error: {err}", fg="red", err=True)
+            sys.exit(err.exit_code)
+
+
+@dataclass(kw_only=True)
+class GlobalSettings:
+    verbose: bool = setting(False, "Log influence's debug messages.", aliases=("v",))
+    quiet: bool = setting(False, "No progress bars (as TQDM_DISABLE=1 does).", aliases=("q",))
+    config_file: str | None = setting(None, "Settings from a TOML or YAML file: a table per command ([warmup], "
+                                            "[evaluate.select]...) keyed by its options' names (lr = 2e-5); options "
+                                            "given on the command line win.", flag="config",
+                                      path={"exists": True, "dir_okay": False})
+
+
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="influence", prog_name="influence")
-@click.option("-v", "--verbose", is_flag=True, help="Log influence's debug messages.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bars (as TQDM_DISABLE=1 does).")
-@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
-              help="Settings from a TOML or YAML file: a table per command ([warmup], [evaluate.select]...) keyed by "
-                   "its options' names (lr = 2e-5); options given on the command line win.")
+@settings_options(GlobalSettings)
 @click.pass_context
-def main(context: click.Context, verbose: bool, quiet: bool, config_file: str | None) -> None:
+def main(context: click.Context, **values) -> None:
     """Rank instruction-tuning data by its influence on a target task (LESS and friends).
 
-    Typical use: `influence warmup` -> `influence project-grads` -> `influence rank`.
+    Typical use: `influence warmup` -> `influence project-grads` -> `influence rank`; `influence methods` lists
+    the scoring methods and what their scores mean.
     """
+    settings = build(GlobalSettings, values)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if verbose:  # our package's debug messages, not every library's
+    if settings.verbose:  # our package's debug messages, not every library's
         logging.getLogger("influence").setLevel(logging.DEBUG)
-    if config_file:
+    if settings.config_file:
         from .settings_file import read_settings_file
 
-        context.default_map = read_settings_file(config_file, main)
-    if quiet:
+        context.default_map = read_settings_file(settings.config_file, main)
+    if settings.quiet:
         from .. import progress
 
         progress.QUIET = True
 
 
-for command in (pipeline.warmup, pipeline.project_grads, pipeline.rank, pipeline.compare, pipeline.forward_scores,
-                pipeline.targets, pipeline.prepare_model, pipeline.status, pipeline.notebook, pipeline.report,
-                subsets.subsets, evaluate.evaluate):
+for command in (pipeline.warmup, pipeline.project_grads, pipeline.rank, pipeline.compare, pipeline.methods,
+                pipeline.forward_scores, pipeline.targets, pipeline.prepare_model, pipeline.status, pipeline.notebook,
+                pipeline.report, subsets.subsets, evaluate.evaluate):
     main.add_command(command)
+
+__all__ = ["main"]
 
 if __name__ == "__main__":
     main()

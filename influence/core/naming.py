@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 TRAIN = "train"
 
 
@@ -13,7 +15,8 @@ def grads_group(dim: int, dataset: str, checkpoint: str) -> str:
     return f"dim{dim}/{dataset}/{checkpoint}"
 
 
-GRADIENT_TYPES = ("adam", "sgd", "margin")
+GradientType = Literal["adam", "sgd", "margin"]  # the features a gradient store can hold
+GRADIENT_TYPES: tuple[str, ...] = get_args(GradientType)
 
 
 def gradient_dataset(dataset: str, gradient_type: str) -> str:

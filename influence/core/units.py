@@ -19,9 +19,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import click
 import numpy as np
 from filelock import FileLock, Timeout
 
+from ..config import setting
 from ..errors import InfluenceError
 from ..progress import progress_bar
 
@@ -45,6 +47,36 @@ def parse_worker(value: str | None, option: str = "--worker") -> tuple[int, int]
     if count < 1 or not 0 <= index < count:
         raise InfluenceError(f"{option} {value}: need 0 <= i < n")
     return index, count
+
+
+class WorkerShare(click.ParamType):
+    """``i/n`` on the command line: this worker's index (0-based) and the number of workers, as a pair."""
+
+    name = "I/N"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, tuple):
+            return value
+        try:
+            return parse_worker(value, param.opts[0] if param is not None else "--worker")
+        except InfluenceError as err:
+            self.fail(str(err), param, ctx)
+
+
+@dataclass(kw_only=True)
+class UnitSettings:
+    """How a command whose work is units (models to train) runs them."""
+
+    worker: tuple[int, int] | None = setting(
+        None, "Take only units u with u % n == i (i/n, e.g. 0/4), for schedulers without a shared file system lock; "
+              "otherwise start as many processes as you like on one store.", type=WorkerShare())
+    max_hours: float | None = setting(None, "Start no unit that would end after this many hours; rerun to continue.",
+                                      min=0, min_open=True)
+    dry_run: bool = setting(False, "Print the cost estimate and stop.")
+
+    @property
+    def max_seconds(self) -> float | None:
+        return None if self.max_hours is None else self.max_hours * 3600
 
 
 class UnitClaims:

@@ -52,7 +52,7 @@ class Columns:
     messages: str | None = field(default=None, metadata={
         "flag": "messages-column", "help": "Field holding the conversation ([{role, content}] or ShareGPT [{from, value}])."})
 
-    def problems(self) -> list[str]:
+    def extra_problems(self) -> list[str]:
         if (self.prompt is None) != (self.response is None):
             return ["--prompt-column and --response-column go together"]
         if self.messages is not None and self.prompt is not None:
@@ -383,10 +383,21 @@ def _check_unique_ids(examples: list[Example], where: str) -> None:
                                   f"{example.source} line {example.line}); ids must be unique", example.line)
 
 
+DEMO_POOL = ("flan_cot_sample.tsv", "p3_sample.jsonl")
+
+
+def demo_pool_files() -> list[str]:
+    """The embedded demo pool: small samples of FLAN-CoT and P3 (Apache-2.0), vendored in the package."""
+    from importlib import resources
+
+    folder = resources.files("influence.resources").joinpath("demo")
+    return [str(folder.joinpath(name)) for name in DEMO_POOL]
+
+
 def load_pool(paths: Sequence[str | Path], columns: Columns | None = None) -> list[Example]:
     """Load several sources (files, ``save_to_disk`` folders, ``hf:<id>[:<split>]``) into one pool. Sources
     are file names, made unique with parent folders."""
-    problems = (columns or Columns()).problems()
+    problems = (columns or Columns()).extra_problems()
     if problems:
         raise DataFormatError(str(paths[0]) if paths else "--train", "; ".join(problems))
     paths = [Path(p) for p in paths]

@@ -24,26 +24,56 @@ whole-pool model (positive = removing the method's most helpful examples hurt, a
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from scipy.stats import rankdata
 
+from ..config import setting, settings_from
+from ..core.units import UnitSettings
 from ..data.formats import Example, load_examples
 from ..data.targets import target_name
 from ..errors import InfluenceError
-from ..scoring import ATTRIBUTIONS, METHODS, TARGET_METHODS
-from ..scoring.counterfactual import HIGHER_IS_BETTER, open_subsets, target_columns
+from ..models.measure import HIGHER_IS_BETTER, Outcome
+from ..scoring.base import Target, get_method, registry
+from ..scoring.counterfactual import open_subsets, target_columns
 from ..train.run import Run
-from ..train.subset_store import SubsetStore
+from ..train.subset_store import SubsetStore, stored_subsets
 from ..train.subsets import train_masks, train_subsets
 
-OPTION_NAMES = ("proj_dim", "subsets", "regression", "lambda_reg", "learned_threshold", "seed")
+
+@dataclass(kw_only=True)
+class LdsSettings:
+    """What ``evaluate lds`` checks and on which held-out models."""
+
+    methods: list[str] = setting(
+        default_factory=lambda: ["less", "trak", "tracin", "datamodel", "fz_influence", "grand", "random"],
+        help="Comma-separated methods of `rank`, ranking files (scores.csv / .parquet with id and score) or selections "
+             "(a selected.jsonl: 1 for its examples, 0 for the others).", list=True, nonempty=True)
+    target_tasks: list[str] | None = setting(None, "Comma-separated subtasks of the target to keep.", list=True)
+    k: int = setting(16, "Held-out subset models.", min=3)
+    heldout: str = setting("heldout", "Name of the held-out subset models.")
+    subsets: str = setting("fit", "The subset models the datamodels are fit on (their design and training are reused).")
+    alpha: float | None = setting(None, "Held-out subset fraction [default: the fit subsets', else 0.5].",
+                                  min=0, max=1, min_open=True, max_open=True)
+    seed: int | None = setting(None, "Held-out subsets' seed [default: the fit subsets' + 1].")
+    outcome: Outcome = setting("loss", "The measured outcome on the target (loss: lower is better; the others: "
+                                       "higher).")
+    bootstrap: int = setting(1000, "Bootstrap resamples of the held-out subsets for the interval.", min=0)
+    leave_out: float | None = setting(None, "Also retrain without each method's top fraction and report the change of "
+                                            "the target outcome.", min=0, max=1, min_open=True, max_open=True)
+    leave_out_repeats: int = setting(1, "Models per leave-out mask (different seeds), averaged.", min=1)
+
+    def extra_problems(self) -> list[str]:
+        if self.heldout == self.subsets:
+            return ["--heldout must name other subset models than --subsets (the LDS is measured on models the "
+                    "datamodels were not fit on)"]
+        return []
 
 
 @dataclass
@@ -115,155 +145,145 @@ def read_ranking(path: str | Path, pool: list[Example]) -> np.ndarray:
     return scores.reindex(pool_ids).to_numpy(dtype=np.float64)
 
 
-def _effects(run_dir, method: str, target: str, options: dict, target_tasks, pool_ids: list[str],
+def _effects(run: Run, name: str, target: Target, options: dict, pool_ids: list[str],
              n_targets: int) -> tuple[np.ndarray, str, list[str] | None]:
-    """(n_pool x n_targets effects, kind, the target ids the effects are for when per target example)
-    of a method name or a ranking file."""
-    if method in ATTRIBUTIONS:
-        function, kind = ATTRIBUTIONS[method], "per target example"
-    elif method in METHODS:
-        function, kind = METHODS[method], "one score per example"
-    else:
-        return np.repeat(read_ranking(method, Run(run_dir).pool())[:, None], n_targets, axis=1), \
+    """(n_pool x n_targets effects, kind, the target ids the effects are for when per target example) of a
+    method or a ranking file; the method gets those of ``options`` it takes."""
+    if name not in registry():
+        return np.repeat(read_ranking(name, run.pool())[:, None], n_targets, axis=1), \
             "ranking or selection file", None
-    accepted = set(inspect.signature(function).parameters)
-    given = {k: v for k, v in options.items() if k in accepted and v is not None}
-    if "target_tasks" in accepted:
-        given["target_tasks"] = target_tasks
-    if method in ATTRIBUTIONS:
-        attribution = function(run_dir, target, **given)
+    method = get_method(name)
+    settings = method.options(options, others_allowed=True)
+    if method.has_attribution:
+        attribution = method.attribution(run, target, settings)
         if list(attribution.pool_ids) != list(pool_ids):
-            raise InfluenceError(f"{method}: its scores cover other pool examples than the held-out models")
-        return attribution.matrix, kind, list(attribution.target_ids)
-    scores = function(run_dir, target if method in TARGET_METHODS else None, **given)
-    return np.repeat(scores.score[:, None], n_targets, axis=1), kind, None
+            raise InfluenceError(f"{name}: its scores cover other pool examples than the held-out models")
+        return attribution.matrix, "per target example", list(attribution.target_ids)
+    scores = method.scores(run, target if method.needs_target else None, settings)
+    return np.repeat(scores.score[:, None], n_targets, axis=1), "one score per example", None
 
 
 def method_label(method: str) -> str:
     """A method's name, or a ranking file's folder and name (``rank-less-mmlu_val/scores.csv``)."""
-    return method if method in METHODS else f"{Path(method).parent.name}/{Path(method).name}"
+    return method if method in registry() else f"{Path(method).parent.name}/{Path(method).name}"
 
 
-def check_methods(methods: list[str]) -> None:
-    """Every entry is a method of ``rank`` or an existing ranking file (checked before any work)."""
-    unknown = [m for m in methods if m not in METHODS and not Path(m).is_file()]
+def check_methods(run: Run, methods: list[str], target: Target, options: dict) -> None:
+    """Every entry is a method of ``rank`` whose prerequisites the run has, or an existing ranking file
+    (checked before any model is trained)."""
+    unknown = [m for m in methods if m not in registry() and not Path(m).is_file()]
     if unknown:
-        raise InfluenceError(f"--methods: {', '.join(unknown)} is neither a method ({', '.join(sorted(METHODS))}) "
+        raise InfluenceError(f"--methods: {', '.join(unknown)} is neither a method ({', '.join(sorted(registry()))}) "
                              "nor a ranking or selection file")
-    if not methods:
-        raise InfluenceError("--methods names no method")
+    for name in methods:
+        if name in registry():
+            method = get_method(name)
+            method.require(run, target if method.needs_target else None, method.options(options, others_allowed=True))
 
 
-def evaluate_lds(run_dir: str | Path, target: str, methods: list[str], *, k: int = 16, heldout: str = "heldout",
-                 subsets: str = "fit", alpha: float | None = None, seed: int | None = None, outcome: str = "loss",
-                 target_tasks: list[str] | None = None, bootstrap: int = 1000, leave_out: float | None = None,
-                 leave_out_repeats: int = 1, options: dict | None = None, settings: dict | None = None,
-                 worker: tuple[int, int] | None = None, max_hours: float | None = None, dry_run: bool = False,
-                 device: str | None = None, progress: bool = True,
-                 say: Callable[[str], None] | None = None) -> LdsReport | None:
-    """LDS of every method in ``methods`` for ``target`` on ``k`` held-out subset models (trained
-    first where missing), and optionally the leave-some-out check; writes ``lds/<target>/``. With
-    ``dry_run``, print the held-out models' cost estimate and return None."""
+def evaluate_lds(run_dir: str | Path, target: str, methods: list[str] | None = None,
+                 settings: LdsSettings | None = None, *, options: dict[str, Any] | None = None,
+                 training: dict | None = None, units: UnitSettings | None = None, device: str | None = None,
+                 progress: bool = True, say: Callable[[str], None] | None = None, **values: Any) -> LdsReport | None:
+    """LDS of every method of ``methods`` for ``target`` on ``k`` held-out subset models (trained first
+    where missing), and optionally the leave-some-out check; writes ``lds/<target>/``. ``settings`` (an
+    :class:`LdsSettings`) and ``values`` (its fields by keyword) say what to check; ``options`` go to the
+    methods that take them (e.g. ``proj_dim``, ``regression``); ``training`` overrides the held-out models'
+    training settings; ``units`` (worker share, time cap, dry run: the held-out models' cost estimate, then
+    None is returned)."""
     say = say or (lambda message: None)
-    check_methods(methods)
-    if outcome not in HIGHER_IS_BETTER:
-        raise InfluenceError(f"unknown --outcome '{outcome}'; choose from {', '.join(HIGHER_IS_BETTER)}")
-    if leave_out is not None and not 0 < leave_out < 1:
-        raise InfluenceError(f"--leave-out must be in (0, 1), got {leave_out}")
-    if bootstrap < 0 or leave_out_repeats < 1:
-        raise InfluenceError("--bootstrap must be >= 0 and --leave-out-repeats >= 1")
-    options = dict(options or {})
+    if methods is not None:
+        values["methods"] = list(methods)
+    settings = settings_from(LdsSettings, settings, where="evaluate lds", **values)
+    units = units or UnitSettings()
     run = Run(run_dir)
-    fit = open_subsets(run, subsets) if (run.subsets_path / subsets / "zarr.json").is_file() else None
-    if fit is None and any(m in ("datamodel", "dsdm", "fz_influence", "memorization") for m in methods):
-        raise InfluenceError(f"--methods includes a subset-model method but {run.subsets_path / subsets} does not "
-                             "exist; run `influence subsets train` first")
+    wanted = Target(target, tuple(settings.target_tasks) if settings.target_tasks else None)
+    options = {"subsets": settings.subsets, **(options or {})}
+    fit = open_subsets(run, settings.subsets) if settings.subsets in stored_subsets(run.subsets_path) else None
+    check_methods(run, settings.methods, wanted, options)
     # The held-out models come from the same learning algorithm as the fit models, with other seeds.
     fit_design = fit.design if fit is not None else {}
-    alpha = alpha if alpha is not None else fit_design.get("alpha", 0.5)
-    seed = seed if seed is not None else fit_design.get("seed", 0) + 1
-    if fit is not None and fit_design.get("kind") == "random" and seed == fit_design["seed"] and heldout != subsets:
+    alpha = settings.alpha if settings.alpha is not None else fit_design.get("alpha", 0.5)
+    seed = settings.seed if settings.seed is not None else fit_design.get("seed", 0) + 1
+    if fit is not None and fit_design.get("kind") == "random" and seed == fit_design["seed"]:
         raise InfluenceError(f"the held-out subsets need a seed other than the fit subsets' ({seed}): their models "
                              "would be the same")
-    if heldout == subsets:
-        raise InfluenceError("--heldout must name other subset models than --subsets (the LDS is measured on "
-                             "models the datamodels were not fit on)")
-    training = settings if settings is not None else (fit.metadata["settings"] if fit is not None else None)
-    options.setdefault("subsets", subsets)
+    training = training if training is not None else (fit.metadata["settings"] if fit is not None else None)
     # The held-out models evaluate what the fit models evaluate (so any of those targets can be checked
     # later), plus this target; an existing held-out store keeps its own.
-    if (run.subsets_path / heldout / "zarr.json").is_file():
-        stored = SubsetStore.open(run.subsets_path, heldout).targets.values()
+    if settings.heldout in stored_subsets(run.subsets_path):
+        stored = SubsetStore.open(run.subsets_path, settings.heldout).targets.values()
     else:
         stored = fit.targets.values() if fit is not None else []
-    targets = [(t["target"], t.get("target_tasks")) for t in stored] + [(target, target_tasks)]
-    trained = train_subsets(run.path, k, alpha, targets, name=heldout, seed=seed, settings=training, worker=worker,
-                            max_hours=max_hours, dry_run=dry_run, device=device, progress=progress, say=say)
-    if dry_run:
+    targets = [(t["target"], t.get("target_tasks")) for t in stored] + [(target, settings.target_tasks)]
+    trained = train_subsets(run.path, k=settings.k, alpha=alpha, targets=targets, name=settings.heldout, seed=seed,
+                            training=training, units=units, device=device, progress=progress, say=say)
+    if units.dry_run:
         return None
     if trained.run is not None and trained.run.busy:
         say(f"{len(trained.run.busy)} held-out model(s) are being trained by other workers; using the finished ones")
-    held = open_subsets(run, heldout)
-    dataset, keep = target_columns(held, target, target_tasks)
-    units = [u for u in held.done_units() if u < k]
-    if len(units) < 3:
-        raise InfluenceError(f"{held.path}: {len(units)} held-out models finished; the LDS needs at least 3 "
+    held = open_subsets(run, settings.heldout)
+    dataset, keep = target_columns(held, target, settings.target_tasks)
+    done = [u for u in held.done_units() if u < settings.k]
+    if len(done) < 3:
+        raise InfluenceError(f"{held.path}: {len(done)} held-out models finished; the LDS needs at least 3 "
                              "(rerun to finish them)")
-    _, masks, values = held.outcomes(dataset, outcome, units)
-    measured = values[:, keep] if HIGHER_IS_BETTER[outcome] else -values[:, keep]
+    _, masks, outcomes = held.outcomes(dataset, settings.outcome, done)
+    measured = outcomes[:, keep] if HIGHER_IS_BETTER[settings.outcome] else -outcomes[:, keep]
     target_ids = held.target_labels(dataset)[0][keep]
     pool_ids = held.pool_ids.tolist()
     rows, per_target = [], {}
-    for method in methods:
-        effects, kind, ids = _effects(run.path, method, target, options, target_tasks, pool_ids, int(keep.sum()))
+    for method in settings.methods:
+        effects, kind, ids = _effects(run, method, wanted, options, pool_ids, int(keep.sum()))
         if ids is not None and ids != target_ids.tolist():
             raise InfluenceError(f"{method}: its effects are for other target examples than the held-out models "
                                  "measured (another --target-tasks?)")
-        mean, low, high, values_t = lds(masks, effects, measured, bootstrap)
+        mean, low, high, values_t = lds(masks, effects, measured, settings.bootstrap)
         label = method_label(method)
         per_target[label] = values_t
-        rows.append({"method": label, "lds": mean, "ci_low": low, "ci_high": high, "n_subsets": len(units),
+        rows.append({"method": label, "lds": mean, "ci_low": low, "ci_high": high, "n_subsets": len(done),
                      "n_targets": int(np.isfinite(values_t).sum()), "effects": kind})
     table = pd.DataFrame(rows)
     report = LdsReport(table, pd.DataFrame(per_target, index=target_ids), {}, run.path / "lds" / target_name(target))
-    if leave_out is not None:
-        table["leave_out_delta"] = _leave_out(run, target, methods, options, target_tasks, leave_out, leave_out_repeats,
-                                              pool_ids, int(keep.sum()), outcome, training, worker, max_hours, progress,
-                                              say, report, device)
-    report.settings = {"target": target, "target_tasks": target_tasks, "outcome": outcome, "heldout": heldout,
-                       "heldout_units": units, "heldout_design": held.design, "fit_subsets": subsets if fit else None,
-                       "bootstrap": bootstrap, "leave_out": leave_out, "training": held.metadata["settings"]}
+    if settings.leave_out is not None:
+        table["leave_out_delta"] = _leave_out(run, wanted, settings, options, pool_ids, int(keep.sum()), training,
+                                              units, device, progress, say, report)
+    report.settings = {"target": target, "target_tasks": settings.target_tasks, "outcome": settings.outcome,
+                       "heldout": settings.heldout, "heldout_units": done, "heldout_design": held.design,
+                       "fit_subsets": settings.subsets if fit else None, "bootstrap": settings.bootstrap,
+                       "leave_out": settings.leave_out, "training": held.metadata["settings"]}
     _write(report)
     return report
 
 
-def _leave_out(run: Run, target, methods, options, target_tasks, fraction, repeats, pool_ids, n_targets, outcome,
-               training, worker, max_hours, progress, say, report: LdsReport, device) -> list[float]:
-    """Train the whole-pool model and, per method, the pool minus its top ``fraction``; return each
+def _leave_out(run: Run, target: Target, settings: LdsSettings, options: dict, pool_ids: list[str], n_targets: int,
+               training, units: UnitSettings, device, progress, say, report: LdsReport) -> list[float]:
+    """Train the whole-pool model and, per method, the pool minus its top ``leave_out`` fraction; return each
     method's change of the mean target outcome (higher = better) against the whole pool."""
     n = len(pool_ids)
-    count = max(1, int(fraction * n))
+    count = max(1, int(settings.leave_out * n))
     names, masks = ["whole pool"], [np.ones(n, dtype=bool)]
-    for method in methods:
-        effects, _, _ = _effects(run.path, method, target, options, target_tasks, pool_ids, n_targets)
+    for method in settings.methods:
+        effects, _, _ = _effects(run, method, target, options, pool_ids, n_targets)
         score = np.nan_to_num(effects.mean(axis=1), nan=-np.inf)
         mask = np.ones(n, dtype=bool)
         mask[np.argsort(-score, kind="stable")[:count]] = False
         names.append(method_label(method))
         masks.append(mask)
+    repeats = settings.leave_out_repeats
     masks = np.repeat(np.array(masks), repeats, axis=0)
     names = [f"{name} #{r}" for name in names for r in range(repeats)]
     store_name = f"leave-out-{hashlib.sha256(np.packbits(masks).tobytes()).hexdigest()[:10]}"
-    train_masks(run.path, masks, names, [(target, target_tasks)], name=store_name, settings=training, worker=worker,
-                max_hours=max_hours, progress=progress, say=say, device=device)
+    train_masks(run.path, masks, names, [(target.name, target.task_list)], name=store_name, training=training,
+                units=units, progress=progress, say=say, device=device)
     store = open_subsets(run, store_name)
     report.settings["leave_out_store"] = store_name
     if len(store.done_units()) < len(masks):
         report.notes.append(f"leave-some-out: {len(masks) - len(store.done_units())} model(s) not trained yet; rerun")
-        return [float("nan")] * len(methods)
-    dataset, keep = target_columns(store, target, target_tasks)
-    _, _, values = store.outcomes(dataset, outcome)
-    better = values[:, keep] if HIGHER_IS_BETTER[outcome] else -values[:, keep]
+        return [float("nan")] * len(settings.methods)
+    dataset, keep = target_columns(store, target.name, target.task_list)
+    _, _, values = store.outcomes(dataset, settings.outcome)
+    better = values[:, keep] if HIGHER_IS_BETTER[settings.outcome] else -values[:, keep]
     mean = better.mean(axis=1).reshape(-1, repeats).mean(axis=1)
     return [float(m - mean[0]) for m in mean[1:]]
 

@@ -10,17 +10,19 @@ found in the top and in the bottom 10% of scores.
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from ..data.formats import Example, load_pool
+from ..config import check, setting, settings_from
+from ..data.formats import Example, demo_pool_files, load_pool
 from ..errors import InfluenceError
 from ..gradients.collect import project_grads
-from ..scoring import METHODS, SUBSET_METHODS, TARGET_METHODS
+from ..scoring.base import SUBSETS, registry
 from ..scoring.forward import compute_forward_scores
+from ..train.run import Run
 from ..train.subsets import train_subsets
 from ..train.warmup import WarmupConfig, warmup
 
@@ -86,44 +88,52 @@ def detection_table(scores: dict[str, np.ndarray], corrupted: np.ndarray, top: f
     return pd.DataFrame(rows).sort_values("roc_auc", ascending=False, key=lambda s: (s - 0.5).abs()).reset_index(drop=True)
 
 
-def evaluate_noisy(
-    config: WarmupConfig,
-    noise: float = 0.2,
-    truncate: bool = False,
-    proj_dim: int = 1024,
-    batch_size: int = 8,
-    progress: bool = True,
-    subsets_k: int = 0,
-) -> pd.DataFrame:
+@dataclass(kw_only=True)
+class NoisySettings:
+    """How ``evaluate noisy`` corrupts the pool and scores it (the warm-up's own settings are a WarmupConfig)."""
+
+    noise: float = setting(0.2, "Fraction of the pool to corrupt.", min=0, max=1, min_open=True, max_open=True)
+    truncate: bool = setting(False, "Corrupt half of the chosen examples by truncating responses.")
+    proj_dim: int = setting(1024, "Projection dimension for the GraNd pass.", min=1)
+    grad_batch_size: int = setting(8, "Batch size of the scoring passes.", min=1)
+    subsets_k: int = setting(0, "Also train this many models on random halves of the noisy pool and score "
+                                "memorization (0 = no; else at least 2).", min=0)
+
+    def extra_problems(self) -> list[str]:
+        if self.subsets_k == 1:
+            return ["--subsets-k must be 0 (no memorization) or at least 2, got 1"]
+        return []
+
+
+def evaluate_noisy(config: WarmupConfig, settings: NoisySettings | None = None, progress: bool = True,
+                   **values) -> pd.DataFrame:
     """Corrupt ``noise`` of the pool in ``config.train_files``, warm up on it, score it with every
     target-free method and write ``detection.csv`` and ``labels.csv`` into ``config.out``. With
     ``subsets_k``, also train that many models on random halves of the noisy pool (the warm-up's
-    settings) and score Feldman & Zhang memorization."""
-    config.check()
-    if not 0 < noise < 1:
-        raise InfluenceError(f"--noise must be in (0, 1), got {noise}")
-    if proj_dim < 1 or batch_size < 1:
-        raise InfluenceError("--proj-dim and --grad-batch-size must be at least 1")
-    if subsets_k and subsets_k < 2:
-        raise InfluenceError(f"--subsets-k must be 0 (no memorization) or at least 2, got {subsets_k}")
+    settings) and score Feldman & Zhang memorization. ``settings`` (a :class:`NoisySettings`) and ``values``
+    (its fields by keyword) say how."""
+    settings = settings_from(NoisySettings, settings, where="evaluate noisy", **values)
+    check(config)
     out = Path(config.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InfluenceError(f"{out}: exists and is not empty; evaluate noisy writes into a new or empty folder "
                              "(it never overwrites your files)")
-    pool = load_pool(config.train_files, config.columns)
-    records, labels = corrupt_pool(pool, noise, config.seed, truncate)
+    pool = load_pool(config.train_files or demo_pool_files(), config.columns)
+    records, labels = corrupt_pool(pool, settings.noise, config.seed, settings.truncate)
     out.mkdir(parents=True, exist_ok=True)
     noisy_file = out / "noisy_pool.jsonl"
     noisy_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     labels.to_csv(out / "labels.csv", index=False)
     run_dir = out / "run"
     warmup(replace(config, train_files=[str(noisy_file)], out=str(run_dir), track_all=True), progress=progress)
-    project_grads(run_dir, None, proj_dim=proj_dim, seed=config.seed, batch_size=batch_size, progress=progress)
-    compute_forward_scores(run_dir, batch_size=batch_size, progress=progress)
-    if subsets_k:
-        train_subsets(run_dir, subsets_k, 0.5, progress=progress)
-    scores = {m: fn(run_dir).score for m, fn in METHODS.items()
-              if m not in TARGET_METHODS and (m not in SUBSET_METHODS or subsets_k)}
+    project_grads(run_dir, None, proj_dim=[settings.proj_dim], seed=config.seed, batch_size=settings.grad_batch_size,
+                  progress=progress)
+    compute_forward_scores(run_dir, batch_size=settings.grad_batch_size, progress=progress)
+    if settings.subsets_k:
+        train_subsets(run_dir, k=settings.subsets_k, alpha=0.5, progress=progress)
+    run = Run(run_dir)
+    scores = {name: method.scores(run, None, method.options()).score for name, method in registry().items()
+              if not method.needs_target and (SUBSETS not in method.needs or settings.subsets_k)}
     table = detection_table(scores, labels["corrupted"].to_numpy())
     table.to_csv(out / "detection.csv", index=False)
     return table

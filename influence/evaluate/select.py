@@ -26,15 +26,23 @@ import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 
+from ..config import setting, settings_from
+from ..core.units import UnitSettings
 from ..data.formats import Example, examples_sha256, load_examples
 from ..data.targets import TARGETS, load_heldout, load_target, target_name
 from ..errors import InfluenceError
 from ..models.loading import ModelLoading, check_model_name, load_base_model, model_fingerprint, parse_device
-from ..train.loop import TrainSettings
+from ..scoring.base import Target, get_method, registry
+from ..selection.modes import select
+from ..selection.outputs import ranking_table
+from ..selection.rank import score_targets
+from ..selection.settings import fraction
+from ..train.loop import Scheduler, TrainSettings
 from ..train.run import Run
 from ..train.subset_store import SubsetStore
 from ..train.subsets import EvalSet, Universe, train_settings, train_units
@@ -49,28 +57,16 @@ class Grid:
     """The hyperparameter grid every subset is retrained over (effective batch = batch size x
     accumulation steps; the micro batch stays the base settings' ``batch_size``)."""
 
-    learning_rates: list[float] = field(default_factory=lambda: [1e-4, 5e-4])
-    epochs: list[int] = field(default_factory=lambda: [1, 3])
-    batch_sizes: list[int] = field(default_factory=lambda: [8, 32])
-    schedulers: list[str] = field(default_factory=lambda: ["linear", "cosine"])
-    seeds: int = 2
-
-    @classmethod
-    def parse(cls, learning_rates: str, epochs: str, batch_sizes: str, schedulers: str, seeds: int) -> Grid:
-        """A grid from comma-separated values (the ``--grid-*`` options), each refused by name if malformed."""
-
-        def numbers(value: str, option: str, kind: type) -> list:
-            try:
-                parsed = [float(part) for part in value.split(",") if part.strip()]
-            except ValueError:
-                raise InfluenceError(f"{option} takes comma-separated numbers, got {value!r}") from None
-            if kind is int and any(v != int(v) for v in parsed):
-                raise InfluenceError(f"{option} takes comma-separated whole numbers, got {value!r}")
-            return [kind(v) for v in parsed]
-
-        return cls(numbers(learning_rates, "--grid-lr", float), numbers(epochs, "--grid-epochs", int),
-                   numbers(batch_sizes, "--grid-batch", int),
-                   [part.strip() for part in schedulers.split(",") if part.strip()], seeds)
+    learning_rates: list[float] = setting(default_factory=lambda: [1e-4, 5e-4], help="Learning rates of the grid.",
+                                          flag="grid-lr", list=True, nonempty=True, min=0, min_open=True)
+    epochs: list[int] = setting(default_factory=lambda: [1, 3], help="Epoch counts of the grid.", flag="grid-epochs",
+                                list=True, nonempty=True, min=1)
+    batch_sizes: list[int] = setting(default_factory=lambda: [8, 32], flag="grid-batch", list=True, nonempty=True, min=1,
+                                     help="Effective batch sizes of the grid (multiples of --batch-size, by gradient "
+                                          "accumulation).")
+    schedulers: list[Scheduler] = setting(default_factory=lambda: ["linear", "cosine"], flag="grid-scheduler",
+                                          list=True, nonempty=True, help="Schedulers of the grid.")
+    seeds: int = setting(2, "Seeds per setting.", min=1)
 
     def settings(self, base: TrainSettings) -> list[tuple[str, TrainSettings]]:
         """(label, settings) of every point of the grid."""
@@ -84,19 +80,49 @@ class Grid:
                                           scheduler=scheduler)))
         return points
 
-    def problems(self) -> list[str]:
-        problems = []
-        if not self.learning_rates or any(not lr > 0 for lr in self.learning_rates):
-            problems.append("--lr needs positive values")
-        if not self.epochs or any(e < 1 for e in self.epochs):
-            problems.append("--epochs needs values >= 1")
-        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
-            problems.append("--batch needs values >= 1")
-        if not self.schedulers or set(self.schedulers) - {"linear", "cosine"}:
-            problems.append("--scheduler takes linear and/or cosine")
-        if self.seeds < 1:
-            problems.append("--seeds must be at least 1")
-        return problems
+
+@dataclass(kw_only=True)
+class JudgeSettings:
+    """A pairwise judge of the models' answers to Self-Instruct's instructions."""
+
+    judge: str | None = setting(None, "Pairwise judge of the models' answers to Self-Instruct instructions: a local "
+                                      "model (hub id, folder, smollm2-135m) or an OpenAI-compatible URL (with "
+                                      "--judge-model; key from OPENAI_API_KEY). Needs --instruction.")
+    model: str | None = setting(None, "The endpoint's model name, for --judge URL.", flag="judge-model")
+    n: int = setting(32, "Instructions each model answers for the judge.", flag="judge-n", min=1)
+    max_new_tokens: int = setting(128, "Tokens each answer may have.", flag="judge-max-new-tokens", min=1)
+
+
+@dataclass(kw_only=True)
+class SelectSettings:
+    """What ``evaluate select`` retrains on, over which grid, evaluated on what (see the module docstring)."""
+
+    specs: list[str] = setting(help="Comma-separated subsets to retrain on: full, random, a method of `rank` (its top "
+                                    "--fraction), or data files (e.g. a selected.jsonl, or LIMA / Alpaca files).",
+                               flag="subsets", list=True, nonempty=True)
+    model: str | None = setting(None, "Base model when there is no run (subsets are then data files).")
+    target: str | None = setting(None, "The selection's target: its held-out data is the evaluation (mmlu_val: MMLU "
+                                       "test; bbh: BBH test examples), and evaluation may never share its prompts.")
+    target_tasks: list[str] | None = setting(None, "Comma-separated subtasks of the target to keep.", list=True)
+    eval_files: list[str] = setting(default_factory=list, flag="eval", multiple=True,
+                                    path={"dir_okay": False, "exists": True},
+                                    help="Held-out evaluation file (answer NLL; accuracy too where records have "
+                                         "'choices'); repeatable.")
+    instruction: bool = setting(False, "Also evaluate instruction following: reference-answer NLL on Self-Instruct's "
+                                       "252 instructions.")
+    fraction: float = fraction(help="Size of method and random subsets, as a fraction of the pool.")
+    grid: Grid = setting(default_factory=Grid, prefix="")
+    baselines: list[str] | None = setting(None, "Subsets to compare the others with [default: random and full where "
+                                                "given, else the last subset].", list=True)
+    metric: Literal["nll", "accuracy"] = setting("nll", "The verdict's metric on the first evaluation set (nll: lower "
+                                                        "is better).")
+    out: str | None = setting(None, "Output folder [default: RUN/select-<target>].", path={"file_okay": False})
+    judge: JudgeSettings = setting(default_factory=JudgeSettings, prefix="")
+
+    def extra_problems(self) -> list[str]:
+        if self.judge.judge is not None and not self.instruction:
+            return ["--judge compares answers to Self-Instruct's instructions: add --instruction"]
+        return []
 
 
 @dataclass
@@ -133,14 +159,9 @@ def resolve_subsets(specs: list[str], run: Run | None, target: str | None, targe
                     fraction: float, method_options: dict | None = None) -> list[Subset]:
     """Each ``--subsets`` entry: ``full``, ``random``, a ``rank`` method (its top ``fraction`` for the
     target) or a data file (e.g. a ``selected.jsonl``)."""
-    from ..scoring import METHODS, TARGET_METHODS
-    from ..selection.modes import select
-    from ..selection.outputs import ranking_table
-    from ..selection.rank import score_targets
-
     subsets = []
     for spec in specs:
-        if spec in BUILTIN or spec in METHODS:
+        if spec in BUILTIN or spec in registry():
             if run is None:
                 raise InfluenceError(f"--subsets {spec} needs --run (it is drawn from the run's pool)")
             pool = run.pool()
@@ -149,12 +170,11 @@ def resolve_subsets(specs: list[str], run: Run | None, target: str | None, targe
             elif spec == "random":
                 subsets.append(Subset("random", random_fraction=fraction))
             else:
-                if spec in TARGET_METHODS and target is None:
+                method = get_method(spec)
+                if method.needs_target and target is None:
                     raise InfluenceError(f"--subsets {spec} needs --target")
-                options = {k: v for k, v in (method_options or {}).items() if v is not None}
-                if spec in TARGET_METHODS:
-                    options["target_tasks"] = target_tasks
-                scores = score_targets(run.path, spec, [target if spec in TARGET_METHODS else None], **options)[0]
+                wanted = Target.of(target, target_tasks) if method.needs_target else None
+                scores = score_targets(run, method, [wanted], method.options(method_options, others_allowed=True))[0]
                 table = select(ranking_table(scores, pool), "top", fraction)
                 subsets.append(Subset(spec, [pool[int(i)] for i in table["pool_index"]]))
         elif Path(spec).is_file():
@@ -200,51 +220,44 @@ def _eval_sets(target: str | None, target_tasks: list[str] | None, eval_files: l
     return sets
 
 
-def evaluate_select(specs: list[str], *, run_dir: str | Path | None = None, model: str | None = None,
-                    loading: ModelLoading | None = None,
-                    target: str | None = None, target_tasks: list[str] | None = None, eval_files: list[str] = (),
-                    instruction: bool = False, fraction: float = 0.05, grid: Grid | None = None,
-                    settings: dict | TrainSettings | None = None, baselines: list[str] | None = None,
-                    metric: str = "nll", out: str | Path | None = None, method_options: dict | None = None,
-                    worker: tuple[int, int] | None = None, max_hours: float | None = None, dry_run: bool = False,
-                    device: str | None = None, progress: bool = True, judge: str | None = None,
-                    judge_model: str | None = None, judge_n: int = 32, judge_max_new_tokens: int = 128,
-                    say: Callable[[str], None] | None = None) -> SelectReport | None:
-    """Retrain on every subset in ``specs`` over ``grid`` and report how each compares with the
+def evaluate_select(specs: list[str] | None = None, settings: SelectSettings | None = None, *,
+                    run_dir: str | Path | None = None, loading: ModelLoading | None = None,
+                    training: dict | TrainSettings | None = None, method_options: dict | None = None,
+                    units: UnitSettings | None = None, device: str | None = None, progress: bool = True,
+                    say: Callable[[str], None] | None = None, **values) -> SelectReport | None:
+    """Retrain on every subset of ``specs`` over the grid and report how each compares with the
     ``baselines`` (default: ``random`` and ``full`` where given) on held-out data (module docstring).
-    With ``judge`` (a model, or an OpenAI-compatible URL with ``judge_model``; needs ``instruction``),
-    every model also answers the first ``judge_n`` Self-Instruct instructions and the judge compares
-    each subset's answers with each baseline's, per setting and seed."""
+    ``settings`` (a :class:`SelectSettings`) and ``values`` (its fields by keyword; ``grid`` a :class:`Grid`)
+    say what; ``run_dir`` gives the model, pool and training settings (or ``model`` a base model alone, with
+    ``loading``); ``training`` overrides the training settings; ``method_options`` go to the methods of
+    ``specs``; ``units`` how the models are run. With a judge (a model, or an OpenAI-compatible URL with its
+    model name; needs ``instruction``), every model also answers the first ``n`` Self-Instruct instructions
+    and the judge compares each subset's answers with each baseline's, per setting and seed."""
     say = say or (lambda message: None)
-    grid = grid or Grid()
-    problems = grid.problems()
-    if problems:
-        raise InfluenceError("invalid grid: " + "; ".join(problems))
-    if metric not in METRICS:
-        raise InfluenceError(f"--metric must be one of {', '.join(METRICS)}")
-    if not 0 < fraction <= 1:
-        raise InfluenceError(f"--fraction must be in (0, 1], got {fraction}")
-    if (run_dir is None) == (model is None):
+    if specs is not None:
+        values["specs"] = list(specs)
+    if isinstance(values.get("judge"), str):  # a judge by its name alone
+        values["judge"] = JudgeSettings(judge=values["judge"])
+    settings = settings_from(SelectSettings, settings, where="evaluate select", **values)
+    units = units or UnitSettings()
+    grid, target, target_tasks, judge = settings.grid, settings.target, settings.target_tasks, settings.judge
+    if (run_dir is None) == (settings.model is None):
         raise InfluenceError("give --run (model, pool and training settings of a run) or --model, not both")
     run = Run(run_dir) if run_dir is not None else None
     if run is not None:
         run.check_data_unchanged()
     else:
-        check_model_name(model)
-    base = train_settings(run, settings) if run is not None else _standalone_settings(settings)
+        check_model_name(settings.model)
+    base = train_settings(run, training) if run is not None else _standalone_settings(training)
     points = grid.settings(base)
-    eval_sets = _eval_sets(target, target_tasks, list(eval_files), instruction)
+    eval_sets = _eval_sets(target, target_tasks, list(settings.eval_files), settings.instruction)
     generate = None
-    if judge is not None:
-        if not instruction:
-            raise InfluenceError("--judge compares answers to Self-Instruct's instructions: add --instruction")
-        if judge_n < 1 or judge_max_new_tokens < 1:
-            raise InfluenceError("--judge-n and --judge-max-new-tokens must be at least 1")
-        generate = {"dataset": eval_sets[-1].dataset, "n": judge_n, "max_new_tokens": judge_max_new_tokens}
-    subsets = resolve_subsets(list(specs), run, target, target_tasks, fraction, method_options)
+    if judge.judge is not None:
+        generate = {"dataset": eval_sets[-1].dataset, "n": judge.n, "max_new_tokens": judge.max_new_tokens}
+    subsets = resolve_subsets(settings.specs, run, target, target_tasks, settings.fraction, method_options)
     if len(subsets) < 2:
         raise InfluenceError("--subsets needs at least two subsets to compare")
-    baselines = baselines or [s.name for s in subsets if s.name in BUILTIN] or [subsets[-1].name]
+    baselines = settings.baselines or [s.name for s in subsets if s.name in BUILTIN] or [subsets[-1].name]
     unknown = sorted(set(baselines) - {s.name for s in subsets})
     if unknown:
         raise InfluenceError(f"--baselines {', '.join(unknown)} are not among --subsets")
@@ -254,10 +267,10 @@ def evaluate_select(specs: list[str], *, run_dir: str | Path | None = None, mode
     looked_at["the training subsets"] = universe_examples
     check_held_out(eval_sets, looked_at)
     masks, names = _masks(universe_examples, pool, subsets, grid.seeds)
-    folder = Path(out) if out is not None else (run.path if run is not None else Path(".")) / \
+    folder = Path(settings.out) if settings.out is not None else (run.path if run is not None else Path(".")) / \
         f"select-{target_name(target) if target else 'eval'}"
-    universe = Universe(folder / "models.zarr", run.model_name if run is not None else model, universe_examples,
-                        run.manifest.get("model_fingerprint") if run is not None else None,
+    universe = Universe(folder / "models.zarr", run.model_name if run is not None else settings.model,
+                        universe_examples, run.manifest.get("model_fingerprint") if run is not None else None,
                         run.model_loading if run is not None else loading)
     # Everything above is checked before the model is loaded.
     base_model, tokenizer = load_base_model(universe.model, universe.loading, parse_device(device))
@@ -269,34 +282,35 @@ def evaluate_select(specs: list[str], *, run_dir: str | Path | None = None, mode
     for index, (label, point) in enumerate(points):
         name = f"setting-{index:02d}-{hashlib.sha256(json.dumps(asdict(point), sort_keys=True).encode()).hexdigest()[:8]}"
         estimate = train_units(universe, name, {"kind": "explicit", "names": names, "seed": 0, "setting": label},
-                               masks, list(range(len(masks))), eval_sets, point, measure_pool=False, dry_run=True,
-                               worker=worker, device=device, progress=False, loaded=loaded, generate=generate,
-                               speed=speed)
+                               masks, list(range(len(masks))), eval_sets, point, measure_pool=False,
+                               running=replace(units, dry_run=True), device=device, progress=False, loaded=loaded,
+                               generate=generate, speed=speed)
         speed = estimate.speed
         estimates.append(estimate.estimate_seconds * estimate.todo)
         stores.append((label, point, name))
     say(f"{len(points)} settings x {len(subsets)} subsets x {grid.seeds} seeds = {len(points) * len(masks)} fine-tunes "
         f"({sum(e > 0 for e in estimates)} settings with models left to train), ~{sum(estimates) / 3600:.2f} h for "
         "one process (measured on this machine)")
-    if dry_run:
+    if units.dry_run:
         return None
     notes = []
     for label, point, name in stores:
-        left = None if max_hours is None else max_hours - started_hours
+        left = None if units.max_hours is None else units.max_hours - started_hours
         if left is not None and left <= 0:
             notes.append(f"--max-hours reached before {label}; rerun to continue")
             break
         report = train_units(universe, name, {"kind": "explicit", "names": names, "seed": 0, "setting": label}, masks,
-                             list(range(len(masks))), eval_sets, point, measure_pool=False, worker=worker,
-                             max_hours=left, device=device, progress=progress, say=say, loaded=loaded,
-                             generate=generate, speed=speed)
+                             list(range(len(masks))), eval_sets, point, measure_pool=False,
+                             running=replace(units, max_hours=left), device=device, progress=progress, say=say,
+                             loaded=loaded, generate=generate, speed=speed)
         started_hours += sum(report.run.seconds) / 3600 if report.run else 0.0
         notes += report.notes
     results = _results(universe.root, stores, names, eval_sets)
-    report = _report(results, [s.name for s in subsets], baselines, metric, eval_sets, folder, notes, grid, base)
-    if judge is not None:
-        _judge(report, make_judge(judge, judge_model, device), universe.root, stores, names, eval_sets[-1], generate,
-               baselines)
+    report = _report(results, [s.name for s in subsets], baselines, settings.metric, eval_sets, folder, notes, grid,
+                     base)
+    if judge.judge is not None:
+        _judge(report, make_judge(judge.judge, judge.model, device), universe.root, stores, names, eval_sets[-1],
+               generate, baselines)
     return report
 
 
@@ -414,11 +428,11 @@ def win_tie_loss(summary: pd.DataFrame, subset: str, baseline: str, metric: str)
     a = summary[summary["subset"] == subset].set_index("setting")
     b = summary[summary["subset"] == baseline].set_index("setting")
     counts = {"wins": 0, "ties": 0, "losses": 0}
-    for setting in a.index.intersection(b.index):
-        difference = a.loc[setting, f"{metric}_mean"] - b.loc[setting, f"{metric}_mean"]
+    for point in a.index.intersection(b.index):
+        difference = a.loc[point, f"{metric}_mean"] - b.loc[point, f"{metric}_mean"]
         if not higher:
             difference = -difference
-        spread = max(np.nan_to_num(a.loc[setting, f"{metric}_sd"]), np.nan_to_num(b.loc[setting, f"{metric}_sd"]))
+        spread = max(np.nan_to_num(a.loc[point, f"{metric}_sd"]), np.nan_to_num(b.loc[point, f"{metric}_sd"]))
         if abs(difference) <= spread:
             counts["ties"] += 1
         elif difference > 0:

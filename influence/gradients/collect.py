@@ -8,22 +8,23 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .. import __version__
+from ..config import setting, settings_from
 from ..core.locks import writer_lock
-from ..core.naming import GRADIENT_TYPES, TRAIN, gradient_dataset, grads_group, target_dataset
+from ..core.naming import TRAIN, GradientType, gradient_dataset, grads_group, target_dataset
 from ..core.storage import StoreRoot
-from ..core.units import UnitClaims, check_sizes
+from ..core.units import UnitClaims, WorkerShare
 from ..data.formats import Example, examples_sha256
 from ..data.targets import load_target, target_name
 from ..data.templates import Encoded, collate, encode_example
 from ..errors import InfluenceError
-from ..models.loading import load_adapter, parse_device, place
+from ..models.loading import device_setting, load_adapter, parse_device, place
 from ..progress import progress_bar
 from ..train.run import Checkpoint, Run
 from .per_example import FEATURES, OBJECTIVE_OF, OBJECTIVES, AdamPreconditioner, LoraGradients
@@ -153,26 +154,48 @@ def collect_stores(
     return skipped, nonfinite, busy
 
 
-def project_grads(
-    run_dir: str | Path,
-    target: str | None = None,
-    proj_dim: int | list[int] = 8192,
-    seed: int = 0,
-    batch_size: int = 8,
-    chunk_size: int = 128,
-    target_tasks: list[str] | None = None,
-    include_train: bool = True,
-    overwrite: bool = False,
-    progress: bool = True,
-    device: str | None = None,
-    train_gradients: str | list[str] = "adam",
-    shard: tuple[int, int] | None = None,
-    workers: int = 1,
-    cooperative: bool = False,
-    dry_run: bool = False,
-    store: str | None = None,
-) -> list[CollectReport]:
-    """Compute and store projected gradient features for every checkpoint of a run.
+@dataclass(kw_only=True)
+class ProjectSettings:
+    """What ``project-grads`` computes and stores (see :func:`project_grads`). Projection settings left unset
+    are the run's stores' own, so resuming or adding a target needs no flag repeated (else LESS's: 8192
+    dimensions, seed 0, chunks of 128)."""
+
+    target_tasks: list[str] | None = setting(None, "Comma-separated subtasks of the target to keep.", list=True)
+    proj_dim: list[int] | None = setting(
+        None, "Projected dimension, or several comma-separated (e.g. 4096,8192): gradients are computed once "
+              "[default: the run's stored dimensions, else 8192].", list=True, min=1)
+    seed: int | None = setting(None, "Projection seed [default: the stores', else 0].")
+    batch_size: int = setting(8, "Examples per backward pass.", min=1)
+    chunk_size: int | None = setting(None, "Examples per stored chunk, the resume unit [default: the stores', else "
+                                           "128].", min=1)
+    include_train: bool = setting(True, "Also the pool (--skip-train: only the target, the pool's stores already "
+                                        "exist).", off_flag="skip-train")
+    overwrite: bool = setting(False, "Replace stores made with other settings instead of refusing.")
+    train_gradients: list[GradientType] = setting(
+        default_factory=lambda: ["adam"], flag="train-gradient", list=True, nonempty=True,
+        help="Pool features, comma-separated: adam (LESS), sgd (plain gradient, for TracIn), margin (TRAK's "
+             "model-output gradient; the target then gets it too).")
+    workers: int = setting(1, "Processes that split the chunks (each with its share of the CPU threads). On GPUs: "
+                              "torchrun --nproc-per-node N -m influence project-grads --run-dir RUN ...", min=1)
+    shard: tuple[int, int] | None = setting(None, "Only chunks c with c % n == i (i/n): a static split for job "
+                                                  "arrays.", type=WorkerShare())
+    store: str | None = setting(None, "Keep the run's gradient stores at this fsspec URL (s3://bucket/x/grads.zarr, "
+                                      "gs://...) instead of RUN/grads.zarr; recorded in the run for every later "
+                                      "command.")
+    device: str | None = device_setting()
+    dry_run: bool = setting(False, "Print the cost (measured on one batch here) and stop.")
+
+    def __post_init__(self):
+        if isinstance(self.proj_dim, int):  # one dimension given as a number
+            self.proj_dim = [self.proj_dim]
+        if isinstance(self.train_gradients, str):
+            self.train_gradients = [self.train_gradients]
+
+
+def project_grads(run_dir: str | Path, target: str | None = None, settings: ProjectSettings | None = None, *,
+                  progress: bool = True, cooperative: bool = False, **values) -> list[CollectReport]:
+    """Compute and store projected gradient features for every checkpoint of a run; ``settings`` (a
+    :class:`ProjectSettings`) and ``values`` (its fields by keyword) say which.
 
     ``store``: keep the run's gradient stores at this fsspec URL (``s3://bucket/x/grads.zarr``; any
     protocol fsspec knows) instead of ``grads.zarr`` in the run folder; recorded in the run, so later
@@ -197,23 +220,23 @@ def project_grads(
     ``c % n == i`` (a static split for schedulers such as SLURM arrays). A crashed process's chunks are
     taken on the next run.
     """
-    if workers < 1:
-        raise InfluenceError(f"--workers must be at least 1, got {workers}")
-    if store is not None and not dry_run:
-        Run(run_dir).place_stores(store)
-    if workers > 1 and not dry_run:
-        return _with_workers(workers, dict(run_dir=run_dir, target=target, proj_dim=proj_dim, seed=seed,
-                                           batch_size=batch_size, chunk_size=chunk_size, target_tasks=target_tasks,
-                                           include_train=include_train, device=device, train_gradients=train_gradients,
-                                           shard=shard), progress)
-    if overwrite and (cooperative or shard is not None or _world_size() > 1):
+    settings = settings_from(ProjectSettings, settings, where="project-grads", **values)
+    stored = stored_settings(run_dir) if Path(run_dir, "manifest.json").is_file() else dict(DEFAULTS)
+    settings = replace(settings, proj_dim=settings.proj_dim or stored["proj_dim"],
+                       seed=stored["seed"] if settings.seed is None else settings.seed,
+                       chunk_size=stored["chunk_size"] if settings.chunk_size is None else settings.chunk_size)
+    if settings.store is not None and not settings.dry_run:
+        Run(run_dir).place_stores(settings.store)
+    if settings.workers > 1 and not settings.dry_run:
+        return _with_workers(settings.workers, dict(run_dir=run_dir, target=target, settings=replace(
+            settings, workers=1, store=None)), progress)
+    shared_work = cooperative or settings.shard is not None or _world_size() > 1
+    if settings.overwrite and shared_work:
         raise InfluenceError("--overwrite replaces stores: run it in one process, not with --workers, --shard or torchrun")
     if not Path(run_dir).is_dir():
         Run(run_dir)  # says what is missing
-    with writer_lock(run_dir, "project-grads", shared=not overwrite):
-        return _project_grads(run_dir, target, proj_dim, seed, batch_size, chunk_size, target_tasks, include_train,
-                              overwrite, progress, device, train_gradients, shard,
-                              cooperative or shard is not None or _world_size() > 1, dry_run)
+    with writer_lock(run_dir, "project-grads", shared=not settings.overwrite):
+        return _project_grads(run_dir, target, settings, progress, shared_work)
 
 
 DEFAULTS = {"proj_dim": [8192], "seed": 0, "chunk_size": 128}
@@ -244,7 +267,8 @@ def _world_size() -> int:
 def _worker(queue, kwargs: dict, threads: int, index: int) -> None:
     torch.set_num_threads(threads)
     try:
-        reports = project_grads(**kwargs, progress=index == 0, cooperative=True)
+        reports = project_grads(kwargs["run_dir"], kwargs["target"], kwargs["settings"], progress=index == 0,
+                                cooperative=True)
         queue.put((index, "ok", [asdict(r) for r in reports]))
     except InfluenceError as err:
         queue.put((index, "error", str(err)))
@@ -272,15 +296,12 @@ def _with_workers(workers: int, kwargs: dict, progress: bool) -> list[CollectRep
     return [CollectReport(**report) for _, _, reports in sorted(results) for report in reports]
 
 
-def _project_grads(run_dir, target, proj_dim, seed, batch_size, chunk_size, target_tasks, include_train, overwrite,
-                   progress, device, train_gradients, shard, cooperative, dry_run=False) -> list[CollectReport]:
-    dims = sorted({int(d) for d in ([proj_dim] if isinstance(proj_dim, int) else proj_dim)})
-    check_sizes(batch_size=batch_size, chunk_size=chunk_size, proj_dim=min(dims, default=0))
-    train_types = [train_gradients] if isinstance(train_gradients, str) else list(train_gradients)
-    unknown = sorted(set(train_types) - set(GRADIENT_TYPES))
-    if unknown or not train_types:
-        raise InfluenceError(f"--train-gradient: unknown {', '.join(unknown) or 'none given'}; choose from "
-                             f"{', '.join(GRADIENT_TYPES)}")
+def _project_grads(run_dir, target: str | None, settings: ProjectSettings, progress: bool,
+                   cooperative: bool) -> list[CollectReport]:
+    dims = sorted(set(settings.proj_dim))
+    seed, batch_size, chunk_size, shard = settings.seed, settings.batch_size, settings.chunk_size, settings.shard
+    target_tasks, include_train, overwrite = settings.target_tasks, settings.include_train, settings.overwrite
+    device, dry_run, train_types = settings.device, settings.dry_run, list(settings.train_gradients)
     run = Run(run_dir)
     run.check_data_unchanged()
     datasets: list[tuple[str, list[Example], list[str], dict]] = []

@@ -17,9 +17,11 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from ..config import setting
 from ..errors import InfluenceError
 
 SMOLLM2 = "smollm2-135m"
@@ -33,6 +35,11 @@ def choose_device() -> torch.device:
     if not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}")
+
+
+def device_setting() -> Any:
+    """The ``--device`` option of every command that runs a model, defined once."""
+    return setting(None, "torch device (default: cuda when available, else cpu).")
 
 
 def parse_device(name: str | None) -> torch.device:
@@ -64,7 +71,7 @@ class LoraSettings:
                                                   "min_open": True})
     dropout: float = field(default=0.1, metadata={"help": "LoRA dropout while training.", "min": 0, "max": 1, "max_open": True})
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-                                      metadata={"flag": "modules", "list": True,
+                                      metadata={"flag": "modules", "list": True, "nonempty": True,
                                                 "help": "Comma-separated names of the linear modules to adapt."})
 
     def to_peft(self):
@@ -81,19 +88,6 @@ class LoraSettings:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    def problems(self) -> list[str]:
-        """What is out of range, named by CLI option (empty when the settings are usable)."""
-        problems = []
-        if self.r < 1:
-            problems.append(f"--lora-r must be at least 1, got {self.r}")
-        if not self.alpha > 0:
-            problems.append(f"--lora-alpha must be positive, got {self.alpha}")
-        if not 0 <= self.dropout < 1:
-            problems.append(f"--lora-dropout must be in [0, 1), got {self.dropout}")
-        if not self.target_modules:
-            problems.append("--lora-modules names no module")
-        return problems
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -21,6 +21,8 @@ Both are NaN for examples that are not multiple choice.
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import numpy as np
 import torch
 
@@ -28,7 +30,11 @@ from ..data.formats import Example
 from ..data.templates import IGNORE_INDEX, Encoded, collate, encode_example, prompt_ids
 from .losses import forward_response
 
-OUTCOMES = ("loss", "accuracy", "probability", "margin", "choice_correct")
+# What a model is measured on per example (see the module docstring); written once, used by every stage.
+Outcome = Literal["loss", "accuracy", "probability", "margin", "choice_correct"]
+OUTCOMES: tuple[str, ...] = get_args(Outcome)
+# Whether a higher value of an outcome is better (the loss is the one to lower).
+HIGHER_IS_BETTER = {"loss": False, "accuracy": True, "probability": True, "margin": True, "choice_correct": True}
 
 
 def encode_choices(examples: list[Example], tokenizer, max_length: int) -> list[list[Encoded] | None]:

@@ -6,10 +6,12 @@ import base64
 import html
 import io
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
+from ..config import setting
 from ..errors import InfluenceError
 from ..train.run import Run
 from .figures import (
@@ -31,6 +33,11 @@ def _png(fig) -> str:
     fig.savefig(buffer, format="png", dpi=110)
     _pyplot().close(fig)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+@dataclass(kw_only=True)
+class ReportSettings:
+    out: str | None = setting(None, "The HTML file [default: RUN/report.html].", path={"dir_okay": False})
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:

@@ -4,13 +4,24 @@ first cell pointing at the run and at one of its rankings."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from ..config import setting
 from ..errors import InfluenceError
 from ..train.run import Run
 
 NOTEBOOK = "explore_rankings.ipynb"
+
+
+@dataclass(kw_only=True)
+class NotebookSettings:
+    """Which ranking the notebook opens, and where it is written."""
+
+    ranking: str | None = setting(None, "The ranking folder to explore [default: the run's first rank-* folder].",
+                                  path={"file_okay": False, "exists": True})
+    out: str | None = setting(None, "Where to write it [default: RUN/explore_rankings.ipynb].", path={"dir_okay": False})
 
 
 def copy_notebook(run_dir: str | Path, ranking: str | Path | None = None, out: str | Path | None = None) -> Path:

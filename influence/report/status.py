@@ -92,9 +92,26 @@ def run_status(run_dir: str | Path) -> dict:
         "rankings": _outputs(run, "rank-*", "summary.json", ("method", "target", "n_pool", "n_selected")),
         "selection_reports": _outputs(run, "select-*", "report.json", ()),
         "lds_reports": _outputs(run, "lds*", "report.json", ()),
+        "methods": methods_ready(run),
         "bytes": folder_bytes(run.path),
     }
     return status
+
+
+def methods_ready(run: Run) -> dict:
+    """Which scoring methods the run can give now (with a target, for those that need one) and, for the others,
+    what is missing and which command makes it: from each method's declared needs."""
+    from ..scoring.base import TARGET, registry
+
+    ready, waiting = [], {}
+    for name, method in sorted(registry().items()):
+        options = method.options()
+        missing = [why for need in method.needs if need is not TARGET and (why := need.missing(run, None, options))]
+        if missing:
+            waiting[name] = "; ".join(missing)
+        else:
+            ready.append(name)
+    return {"ready": ready, "waiting": waiting}
 
 
 def _subset_models(run: Run) -> list[dict]:
@@ -148,5 +165,10 @@ def status_text(status: dict) -> str:
         for report in status[kind]:
             lines.append(f"  {kind.replace('_', ' ')[:-1]} {report['folder']}: "
                          f"{'written' if report['written'] else 'no report yet'}")
+    methods = status["methods"]
+    lines.append(f"  methods ready: {', '.join(methods['ready'])}")
+    for reason in sorted(set(methods["waiting"].values())):
+        names = [name for name, why in methods["waiting"].items() if why == reason]
+        lines.append(f"  {', '.join(names)} need {reason}")
     lines.append(f"  {status['bytes'] / mb:.1f} MB in all")
     return "\n".join(lines)

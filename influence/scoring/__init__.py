@@ -1,77 +1,63 @@
-"""Scoring methods. Each returns a :class:`Scores` for the run's pool; ``rank`` sorts by ``score``.
+"""Stage 5, scoring: every method that scores the run's pool, under one contract (:mod:`.base`).
 
-Convention for every method: ``rank`` orders by score, highest first (rank 1); selection modes pick
-the top, the bottom, a middle band or a threshold of that order. Each method documents what its
-score means, its sign and its scale (``Scores.description``, written to ``summary.json``).
+Importing this package registers the methods; ``influence methods`` lists them with what each score means:
 
-* ``less`` (needs a target): gradient cosine influence, higher = more helpful for the target;
-* LESS's baselines: ``random``; ``bm25``, ``dsir`` (lexical, need a target); ``rds`` (last-token
-  representation cosine, needs a target);
-* ``grand``, ``forgetting``: training dynamics, higher = harder / more important;
-* ``nll``, ``ppl``, ``nll_full``, ``el2n``, ``entropy``, ``least_confidence``, ``mean_margin``,
-  ``min_margin``, ``ifd``: one forward pass per example per checkpoint (see ``forward``);
-* ``trak``, ``tracin`` (need a target): gradient attribution on the stored projected gradients;
-* ``memorization`` (target-free), ``fz_influence``, ``datamodel``, ``dsdm`` (need a target): the
-  counterfactual engine's models trained on random subsets (see ``counterfactual``);
-* ``ttr``, ``mtld``, ``distinct1``, ``distinct2``, ``knn_distance``, ``prototypicality``, ``semdedup``:
-  diversity indicators (see ``diversity``).
+* target-aware influence: ``less`` (gradient cosine), ``trak``, ``tracin`` (gradient attribution on the stored
+  projected gradients);
+* LESS's baselines: ``random``; ``bm25``, ``dsir`` (lexical); ``rds`` (last-token representation cosine);
+* difficulty and noise: ``grand``, ``forgetting`` (training dynamics); ``nll``, ``ppl``, ``nll_full``, ``el2n``,
+  ``entropy``, ``least_confidence``, ``mean_margin``, ``min_margin``, ``ifd`` (one forward pass per example per
+  checkpoint);
+* the counterfactual engine: ``memorization``, ``fz_influence``, ``datamodel``, ``dsdm``;
+* diversity: ``ttr``, ``mtld``, ``distinct1``, ``distinct2``, ``knn_distance``, ``prototypicality``, ``semdedup``.
 
-Methods that estimate the effect of each pool example on each target example also provide it whole
-(:data:`ATTRIBUTIONS`, an :class:`Attribution`), which the LDS check uses.
+:func:`score` and :func:`attribution` run one method by name with keyword options.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
-from .base import Attribution, Scores
-from .baselines import bm25_scores, dsir_scores, random_scores
-from .counterfactual import (
-    datamodel_attribution,
-    datamodel_scores,
-    dsdm_scores,
-    fz_influence_attribution,
-    fz_influence_scores,
-    memorization_scores,
-)
-from .diversity import LEXICAL, knn_distance_scores, lexical_score, prototypicality_scores, semdedup_scores
-from .dynamics import forgetting_scores, grand_scores
-from .forward import METRICS, forward_score
-from .less.stream import less_attribution, less_scores, less_scores_many, less_top_k
-from .rds import rds_scores
-from .tracin import tracin_attribution, tracin_scores
-from .trak import trak_attribution, trak_scores
+from ..train.run import Run
+from . import baselines, counterfactual, diversity, dynamics, forward, less, rds, tracin, trak  # noqa: F401  (register)
+from .base import Attribution, Method, Scores, Target, get_method, registry
 
-METHODS: dict[str, Callable[..., Scores]] = {
-    "less": less_scores,
-    "random": random_scores,
-    "bm25": bm25_scores,
-    "dsir": dsir_scores,
-    "rds": rds_scores,
-    "grand": grand_scores,
-    "forgetting": forgetting_scores,
-    **{metric: forward_score(metric) for metric in METRICS},
-    "trak": trak_scores,
-    "tracin": tracin_scores,
-    "memorization": memorization_scores,
-    "fz_influence": fz_influence_scores,
-    "datamodel": datamodel_scores,
-    "dsdm": dsdm_scores,
-    **{name: lexical_score(name) for name in LEXICAL},
-    "knn_distance": knn_distance_scores,
-    "prototypicality": prototypicality_scores,
-    "semdedup": semdedup_scores,
-}
-SUBSET_METHODS = {"memorization", "fz_influence", "datamodel", "dsdm"}  # need `influence subsets train`
-TARGET_METHODS = {"less", "bm25", "dsir", "rds", "trak", "tracin", "fz_influence", "datamodel", "dsdm"}
-# Methods whose effect of every pool example on every target example is available whole.
-ATTRIBUTIONS: dict[str, Callable[..., Attribution]] = {
-    "less": less_attribution,
-    "trak": trak_attribution,
-    "tracin": tracin_attribution,
-    "fz_influence": fz_influence_attribution,
-    "datamodel": datamodel_attribution,
-}
 
-__all__ = ["METHODS", "TARGET_METHODS", "SUBSET_METHODS", "ATTRIBUTIONS", "Attribution", "Scores", "less_scores", "less_top_k",
-           "less_scores_many", "grand_scores", "forgetting_scores"]
+def _run(run: str | Path | Run) -> Run:
+    return run if isinstance(run, Run) else Run(run)
+
+
+def score(method: str, run: str | Path | Run, target: str | Target | None = None,
+          target_tasks: list[str] | None = None, **options: Any) -> Scores:
+    """The pool's scores by ``method`` (for ``target`` where the method needs one), its options by keyword;
+    prerequisites and options are checked first."""
+    chosen = get_method(method)
+    run, target, settings = _run(run), Target.of(target, target_tasks), chosen.options(options)
+    chosen.require(run, target, settings)
+    return chosen.scores(run, target, settings)
+
+
+def score_many(method: str, run: str | Path | Run, targets: list[str | None], target_tasks: list[str] | None = None,
+               **options: Any) -> list[Scores]:
+    """:func:`score` for several targets (LESS reads the pool's stores once for all of them)."""
+    chosen = get_method(method)
+    run, settings = _run(run), chosen.options(options)
+    wanted = [Target.of(t, target_tasks) for t in targets]
+    for target in wanted:
+        chosen.require(run, target, settings)
+    return chosen.scores_many(run, wanted, settings)
+
+
+def attribution(method: str, run: str | Path | Run, target: str | Target, target_tasks: list[str] | None = None,
+                **options: Any) -> Attribution:
+    """The effect of each pool example on each target example by ``method`` (one that has them)."""
+    chosen = get_method(method)
+    if not chosen.has_attribution:
+        raise ValueError(f"{method} gives one score per example, not an effect per target example")
+    run, target, settings = _run(run), Target.of(target, target_tasks), chosen.options(options)
+    chosen.require(run, target, settings)
+    return chosen.attribution(run, target, settings)
+
+
+__all__ = ["Attribution", "Method", "Scores", "Target", "attribution", "get_method", "registry", "score", "score_many"]

@@ -20,14 +20,14 @@ needs a warm-up checkpoint or a gradient, so they run on any run directory in se
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 
 from ..data.formats import Example
 from ..data.targets import load_target
 from ..train.run import Run
-from .base import Scores
+from .base import TARGET, Method, Scores, Target
+from .options import Seeded
 
 DSIR_BUCKETS = 10_000
 DSIR_NGRAMS = 2
@@ -39,53 +39,58 @@ def example_text(example: Example) -> str:
     return "\n".join(m["content"] for m in example.messages)
 
 
-def _pool(run_dir: str | Path) -> list[Example]:
-    return Run(run_dir).pool()
-
-
 def _subtask_index(targets: list[Example]) -> tuple[list[str], np.ndarray]:
     names = sorted({t.task or "" for t in targets})
     return names, np.array([names.index(t.task or "") for t in targets])
 
 
-def random_scores(run_dir: str | Path, target: str | None = None, seed: int = 0) -> Scores:
-    pool = _pool(run_dir)
-    score = np.random.default_rng(seed).random(len(pool))
-    return Scores(
-        method="random",
-        ids=[e.id for e in pool],
-        score=score,
-        description="random: a seeded uniform draw in [0, 1) per example; the top fraction is a uniform "
-        "random subset (LESS's random baseline). The score carries no information.",
-        details={"seed": seed},
-    )
+class RandomMethod(Method):
+    name = "random"
+    family = "baseline"
+    summary = "a seeded uniform draw: the top fraction is a uniform random subset"
+    meaning = ("random: a seeded uniform draw in [0, 1) per example; the top fraction is a uniform "
+               "random subset (LESS's random baseline). The score carries no information.")
+    Options = Seeded
+
+    def scores(self, run: Run, target: Target | None, options: Seeded) -> Scores:
+        pool = run.pool()
+        score = np.random.default_rng(options.seed).random(len(pool))
+        return Scores(method="random", ids=[e.id for e in pool], score=score, description=self.meaning,
+                      details={"seed": options.seed})
 
 
-def bm25_scores(run_dir: str | Path, target: str, target_tasks: list[str] | None = None) -> Scores:
-    import bm25s
+class Bm25(Method):
+    name = "bm25"
+    family = "baseline"
+    summary = "lexical relevance (Okapi BM25) of each example to the target's examples"
+    meaning = __doc__.split("* ``bm25``: ")[1].split("\n* ")[0].replace("\n  ", " ")
+    needs = (TARGET,)
 
-    # bm25s sets its logger to DEBUG on import; follow the root logger's level instead
-    logging.getLogger("bm25s").setLevel(logging.getLogger().getEffectiveLevel())
+    def scores(self, run: Run, target: Target, options) -> Scores:
+        import bm25s
 
-    pool = _pool(run_dir)
-    targets = load_target(target, target_tasks)
-    names, task_of = _subtask_index(targets)
-    retriever = bm25s.BM25()
-    retriever.index(bm25s.tokenize([example_text(e) for e in pool], show_progress=False), show_progress=False)
-    queries = bm25s.tokenize([example_text(t) for t in targets], return_ids=False, show_progress=False)
-    # (pool, targets) relevance of every pool example to every target query
-    relevance = np.stack([retriever.get_scores(tokens) for tokens in queries], axis=1).astype(np.float64)
-    per_task = np.stack([relevance[:, task_of == s].mean(axis=1) for s in range(len(names))], axis=1)
-    return Scores(
-        method="bm25",
-        ids=[e.id for e in pool],
-        score=per_task.max(axis=1),
-        description=__doc__.split("* ``bm25``: ")[1].split("\n* ")[0].replace("\n  ", " "),
-        per_task=per_task.astype(np.float32),
-        task_names=names,
-        details={"target": target, "n_target_examples": len(targets), "bm25": "bm25s Okapi k1=1.5 b=0.75, "
-                 "English stop words removed"},
-    )
+        # bm25s sets its logger to DEBUG on import; follow the root logger's level instead
+        logging.getLogger("bm25s").setLevel(logging.getLogger().getEffectiveLevel())
+
+        pool = run.pool()
+        targets = load_target(target.name, target.task_list)
+        names, task_of = _subtask_index(targets)
+        retriever = bm25s.BM25()
+        retriever.index(bm25s.tokenize([example_text(e) for e in pool], show_progress=False), show_progress=False)
+        queries = bm25s.tokenize([example_text(t) for t in targets], return_ids=False, show_progress=False)
+        # (pool, targets) relevance of every pool example to every target query
+        relevance = np.stack([retriever.get_scores(tokens) for tokens in queries], axis=1).astype(np.float64)
+        per_task = np.stack([relevance[:, task_of == s].mean(axis=1) for s in range(len(names))], axis=1)
+        return Scores(
+            method="bm25",
+            ids=[e.id for e in pool],
+            score=per_task.max(axis=1),
+            description=self.meaning,
+            per_task=per_task.astype(np.float32),
+            task_names=names,
+            details={"target": target.name, "n_target_examples": len(targets), "bm25": "bm25s Okapi k1=1.5 b=0.75, "
+                     "English stop words removed"},
+        )
 
 
 def hashed_ngram_counts(texts: list[str]) -> np.ndarray:
@@ -103,18 +108,26 @@ def dsir_log_weights(pool_counts: np.ndarray, target_counts: np.ndarray) -> np.n
     return pool_counts @ log_diff
 
 
-def dsir_scores(run_dir: str | Path, target: str, seed: int = 0, target_tasks: list[str] | None = None) -> Scores:
-    pool = _pool(run_dir)
-    targets = load_target(target, target_tasks)
-    log_weight = dsir_log_weights(hashed_ngram_counts([example_text(e) for e in pool]),
-                                  hashed_ngram_counts([example_text(t) for t in targets]))
-    gumbel = np.random.default_rng(seed).gumbel(size=len(pool))
-    return Scores(
-        method="dsir",
-        ids=[e.id for e in pool],
-        score=log_weight + gumbel,
-        description=__doc__.split("* ``dsir``: ")[1].replace("\n  ", " ").strip(),
-        columns={"log_importance_weight": log_weight},
-        details={"target": target, "n_target_examples": len(targets), "seed": seed, "buckets": DSIR_BUCKETS,
-                 "ngrams": DSIR_NGRAMS},
-    )
+class Dsir(Method):
+    name = "dsir"
+    family = "baseline"
+    summary = "data selection with importance resampling: how target-like an example's n-grams are"
+    meaning = __doc__.split("* ``dsir``: ")[1].replace("\n  ", " ").strip()
+    needs = (TARGET,)
+    Options = Seeded
+
+    def scores(self, run: Run, target: Target, options: Seeded) -> Scores:
+        pool = run.pool()
+        targets = load_target(target.name, target.task_list)
+        log_weight = dsir_log_weights(hashed_ngram_counts([example_text(e) for e in pool]),
+                                      hashed_ngram_counts([example_text(t) for t in targets]))
+        gumbel = np.random.default_rng(options.seed).gumbel(size=len(pool))
+        return Scores(
+            method="dsir",
+            ids=[e.id for e in pool],
+            score=log_weight + gumbel,
+            description=self.meaning,
+            columns={"log_importance_weight": log_weight},
+            details={"target": target.name, "n_target_examples": len(targets), "seed": options.seed,
+                     "buckets": DSIR_BUCKETS, "ngrams": DSIR_NGRAMS},
+        )

@@ -34,21 +34,24 @@ higher = more helpful.
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 
+from ..config import setting
 from ..core.naming import POOL, target_dataset
 from ..data.formats import examples_sha256
 from ..data.targets import load_target, target_name
 from ..errors import InfluenceError, StoreMismatchError
+from ..models.measure import HIGHER_IS_BETTER, Outcome
 from ..train.run import Run
 from ..train.subset_store import SubsetStore
-from .base import Attribution, Scores
+from . import options as shared
+from .base import MARGIN_GRADIENTS, SUBSETS, TARGET, Attribution, Method, Need, Scores, Target, get_method
 
-HIGHER_IS_BETTER = {"loss": False, "accuracy": True, "probability": True, "margin": True, "choice_correct": True}
-REGRESSIONS = ("lasso", "ridge")
-ESTIMATORS = ("datamodel", "trak")
+Regression = Literal["lasso", "ridge"]
+REGRESSIONS = get_args(Regression)
 
 
 def open_subsets(run: Run, name: str = "fit") -> SubsetStore:
@@ -113,50 +116,10 @@ def self_difference(masks: np.ndarray, values: np.ndarray, higher_is_better: boo
     return score, n_in, n_out
 
 
-def _check_outcome(outcome: str) -> None:
-    if outcome not in HIGHER_IS_BETTER:
-        raise InfluenceError(f"unknown --outcome '{outcome}'; choose from {', '.join(HIGHER_IS_BETTER)}")
-
-
-def memorization_scores(run_dir: str | Path, target: str | None = None, subsets: str = "fit",
-                        outcome: str = "accuracy") -> Scores:
-    """Feldman & Zhang memorization of every pool example (see the module docstring)."""
-    _check_outcome(outcome)
-    run = Run(run_dir)
-    store = open_subsets(run, subsets)
-    units, masks, values = store.outcomes(POOL, outcome)
-    require_units(store, units)
-    score, n_in, n_out = self_difference(masks, values, HIGHER_IS_BETTER[outcome])
-    return Scores("memorization", store.pool_ids.tolist(), score,
-                  f"Feldman & Zhang memorization on {outcome}: mean over models trained with the example minus "
-                  "without it (signed so that higher = more memorised); in [-1, 1] for accuracy/probability",
-                  finite=np.isfinite(score),
-                  details={**_counts(store, units, n_in, n_out), "outcome": outcome},
-                  columns={"n_in": n_in, "n_out": n_out})
-
-
 def _counts(store: SubsetStore, units: list[int], n_in: np.ndarray, n_out: np.ndarray) -> dict:
     return {"subsets": store.name, "units": len(units), "design": store.design,
             "n_in": {"min": int(n_in.min()), "median": float(np.median(n_in))},
             "n_out": {"min": int(n_out.min()), "median": float(np.median(n_out))}}
-
-
-def fz_influence_attribution(run_dir: str | Path, target: str, subsets: str = "fit", outcome: str = "loss",
-                             target_tasks: list[str] | None = None) -> Attribution:
-    """Feldman & Zhang influence estimates of every pool example on every target example."""
-    _check_outcome(outcome)
-    run = Run(run_dir)
-    store = open_subsets(run, subsets)
-    dataset, keep = target_columns(store, target, target_tasks)
-    units, masks, values = store.outcomes(dataset, outcome)
-    require_units(store, units)
-    effect, n_in, n_out = in_out_difference(masks, values[:, keep], HIGHER_IS_BETTER[outcome])
-    ids, tasks = store.target_labels(dataset)
-    return Attribution("fz_influence", store.pool_ids.tolist(), ids[keep].tolist(), tasks[keep].tolist(), effect,
-                       f"Feldman & Zhang influence estimate on the target's {outcome}: mean over models trained with "
-                       "the example minus without it, signed so that positive = helpful",
-                       {**_counts(store, units, n_in, n_out), "outcome": outcome},
-                       {"n_in": n_in, "n_out": n_out})
 
 
 _FITS: dict = {}  # in-process cache of datamodel fits: (store, dataset, units, outcome, regression) -> fit
@@ -195,11 +158,9 @@ def fit_datamodels(masks: np.ndarray, values: np.ndarray, regression: str = "las
     return weights, intercepts, r2
 
 
-def datamodel_fit(run_dir: str | Path, target: str, subsets: str = "fit", outcome: str = "loss",
+def datamodel_fit(run: Run, target: str, subsets: str = "fit", outcome: str = "loss",
                   regression: str = "lasso", target_tasks: list[str] | None = None):
     """(store, units, target ids, target tasks, weights, intercepts, cv R^2) for the target's examples."""
-    _check_outcome(outcome)
-    run = Run(run_dir)
     store = open_subsets(run, subsets)
     dataset, keep = target_columns(store, target, target_tasks)
     units = store.done_units()
@@ -213,11 +174,79 @@ def datamodel_fit(run_dir: str | Path, target: str, subsets: str = "fit", outcom
     return store, units, ids[keep], tasks[keep], weights[keep], intercepts[keep], r2[keep]
 
 
-def datamodel_attribution(run_dir: str | Path, target: str, subsets: str = "fit", outcome: str = "loss",
-                          regression: str = "lasso", target_tasks: list[str] | None = None) -> Attribution:
+def _nanmean(values: np.ndarray) -> float | None:
+    return float(np.nanmean(values)) if np.isfinite(values).any() else None
+
+
+
+@dataclass(kw_only=True)
+class MemorizationOptions:
+    subsets: str = shared.subsets()
+    outcome: Outcome = shared.outcome("accuracy")
+
+
+class Memorization(Method):
+    name = "memorization"
+    family = "counterfactual"
+    summary = "Feldman & Zhang memorization: outcome on the example with it in training minus without it"
+    meaning = ("Feldman & Zhang memorization: mean over models trained with the example minus without it (signed so "
+               "that higher = more memorised); in [-1, 1] for accuracy/probability")
+    needs = (SUBSETS,)
+    Options = MemorizationOptions
+
+    def scores(self, run: Run, target: Target | None, options: MemorizationOptions) -> Scores:
+        store = open_subsets(run, options.subsets)
+        units, masks, values = store.outcomes(POOL, options.outcome)
+        require_units(store, units)
+        score, n_in, n_out = self_difference(masks, values, HIGHER_IS_BETTER[options.outcome])
+        return Scores("memorization", store.pool_ids.tolist(), score,
+                      f"Feldman & Zhang memorization on {options.outcome}: mean over models trained with the example "
+                      "minus without it (signed so that higher = more memorised); in [-1, 1] for accuracy/probability",
+                      finite=np.isfinite(score),
+                      details={**_counts(store, units, n_in, n_out), "outcome": options.outcome},
+                      columns={"n_in": n_in, "n_out": n_out})
+
+
+@dataclass(kw_only=True)
+class InfluenceOptions:
+    subsets: str = shared.subsets()
+    outcome: Outcome = shared.outcome("loss")
+
+
+class FzInfluence(Method):
+    name = "fz_influence"
+    family = "counterfactual"
+    summary = "Feldman & Zhang influence estimate: the target's outcome with the example in training minus without"
+    meaning = ("Feldman & Zhang influence estimate on the target's outcome: mean over models trained with the example "
+               "minus without it, signed so that positive = helpful; higher = more helpful")
+    needs = (TARGET, SUBSETS)
+    Options = InfluenceOptions
+
+    def attribution(self, run: Run, target: Target, options: InfluenceOptions) -> Attribution:
+        """Feldman & Zhang influence estimates of every pool example on every target example."""
+        store = open_subsets(run, options.subsets)
+        dataset, keep = target_columns(store, target.name, target.task_list)
+        units, masks, values = store.outcomes(dataset, options.outcome)
+        require_units(store, units)
+        effect, n_in, n_out = in_out_difference(masks, values[:, keep], HIGHER_IS_BETTER[options.outcome])
+        ids, tasks = store.target_labels(dataset)
+        return Attribution("fz_influence", store.pool_ids.tolist(), ids[keep].tolist(), tasks[keep].tolist(), effect,
+                           f"Feldman & Zhang influence estimate on the target's {options.outcome}: mean over models "
+                           "trained with the example minus without it, signed so that positive = helpful",
+                           {**_counts(store, units, n_in, n_out), "outcome": options.outcome},
+                           {"n_in": n_in, "n_out": n_out})
+
+
+@dataclass(kw_only=True)
+class DatamodelOptions(InfluenceOptions):
+    regression: Regression = shared.regression()
+
+
+def datamodel_attribution(run: Run, target: Target, subsets: str = "fit", outcome: str = "loss",
+                          regression: str = "lasso") -> Attribution:
     """Datamodel weights as effects: positive = including the pool example helps the target example."""
-    store, units, ids, tasks, weights, intercepts, r2 = datamodel_fit(run_dir, target, subsets, outcome, regression,
-                                                                     target_tasks)
+    store, units, ids, tasks, weights, intercepts, r2 = datamodel_fit(run, target.name, subsets, outcome, regression,
+                                                                     target.task_list)
     sign = 1.0 if HIGHER_IS_BETTER[outcome] else -1.0
     return Attribution("datamodel", store.pool_ids.tolist(), ids.tolist(), tasks.tolist(), sign * weights.T,
                        f"datamodel ({regression}) weight on the target's {outcome}, signed so that positive = "
@@ -228,39 +257,63 @@ def datamodel_attribution(run_dir: str | Path, target: str, subsets: str = "fit"
                         "intercept_mean": float(intercepts.mean())})
 
 
-def _nanmean(values: np.ndarray) -> float | None:
-    return float(np.nanmean(values)) if np.isfinite(values).any() else None
+class Datamodel(Method):
+    name = "datamodel"
+    family = "counterfactual"
+    summary = "datamodels (Ilyas et al. 2022): a sparse linear model of each target outcome on the subsets"
+    meaning = ("datamodel weight on the target's outcome, signed so that positive = including the example helps; "
+               "in outcome units; higher = more helpful")
+    needs = (TARGET, SUBSETS)
+    Options = DatamodelOptions
+
+    def attribution(self, run: Run, target: Target, options: DatamodelOptions) -> Attribution:
+        return datamodel_attribution(run, target, options.subsets, options.outcome, options.regression)
 
 
-def datamodel_scores(run_dir: str | Path, target: str, subsets: str = "fit", outcome: str = "loss",
-                     regression: str = "lasso", target_tasks: list[str] | None = None) -> Scores:
-    return datamodel_attribution(run_dir, target, subsets, outcome, regression, target_tasks).scores()
+@dataclass(kw_only=True)
+class DsdmOptions(shared.Projected):
+    estimator: Literal["datamodel", "trak"] = setting(
+        "datamodel", "The datamodel estimate: regression on the subset models, or TRAK (no subset models needed).")
+    subsets: str = shared.subsets()
+    regression: Regression = shared.regression()
+    lambda_reg: float | None = shared.lambda_reg()
 
 
-def fz_influence_scores(run_dir: str | Path, target: str, subsets: str = "fit", outcome: str = "loss",
-                        target_tasks: list[str] | None = None) -> Scores:
-    return fz_influence_attribution(run_dir, target, subsets, outcome, target_tasks).scores()
+@dataclass(frozen=True)
+class NeedsEstimate(Need):
+    """What DsDm's datamodel estimate reads: the subset models (``--estimator datamodel``) or TRAK's margin
+    gradients (``--estimator trak``)."""
+
+    def missing(self, run: Run, target: Target | None, options: DsdmOptions) -> str | None:
+        need = MARGIN_GRADIENTS if options.estimator == "trak" else SUBSETS
+        return need.missing(run, target, options)
 
 
-def dsdm_scores(run_dir: str | Path, target: str, estimator: str = "datamodel", subsets: str = "fit",
-                regression: str = "lasso", target_tasks: list[str] | None = None, proj_dim: int | None = None,
-                lambda_reg: float | None = None) -> Scores:
-    """DsDm: each example's predicted decrease of the mean target loss; the top ``k`` of this score
-    is the size-``k`` selection with the lowest predicted mean target loss (see the module docstring)."""
-    if estimator not in ESTIMATORS:
-        raise InfluenceError(f"unknown --estimator '{estimator}'; choose from {', '.join(ESTIMATORS)}")
-    if estimator == "trak":
-        from .trak import trak_attribution
+class Dsdm(Method):
+    name = "dsdm"
+    family = "counterfactual"
+    summary = "DsDm (Engstrom et al. 2024): the selection with the lowest datamodel-predicted target loss"
+    meaning = ("DsDm: predicted decrease of the mean target loss when the example is included; the top k minimise the "
+               "predicted mean target loss over selections of k; higher = more helpful")
+    needs = (TARGET, NeedsEstimate("the subset models, or TRAK's gradients with --estimator trak",
+                                   "influence subsets train, or project-grads --train-gradient margin"))
+    Options = DsdmOptions
 
-        attribution = trak_attribution(run_dir, target, proj_dim, target_tasks, lambda_reg)
-        intercept = None
-    else:
-        attribution = datamodel_attribution(run_dir, target, subsets, "loss", regression, target_tasks)
-        intercept = attribution.details["intercept_mean"]
-    scores = attribution.scores()
-    scores.method = "dsdm"
-    scores.description = (f"DsDm with {estimator} datamodels: predicted decrease of the mean target loss when the "
-                          "example is included; the top k minimise the predicted mean target loss over selections "
-                          "of k (predicted loss = intercept - sum of the selection's scores)")
-    scores.details = {**scores.details, "estimator": estimator, "intercept": intercept}
-    return scores
+    def scores(self, run: Run, target: Target, options: DsdmOptions) -> Scores:
+        """Each example's predicted decrease of the mean target loss; the top ``k`` of this score is the size-``k``
+        selection with the lowest predicted mean target loss (see the module docstring)."""
+        if options.estimator == "trak":
+            trak = get_method("trak")
+            attribution = trak.attribution(run, target, trak.options({"proj_dim": options.proj_dim,
+                                                                      "lambda_reg": options.lambda_reg}))
+            intercept = None
+        else:
+            attribution = datamodel_attribution(run, target, options.subsets, "loss", options.regression)
+            intercept = attribution.details["intercept_mean"]
+        scores = attribution.scores()
+        scores.method = "dsdm"
+        scores.description = (f"DsDm with {options.estimator} datamodels: predicted decrease of the mean target loss "
+                              "when the example is included; the top k minimise the predicted mean target loss over "
+                              "selections of k (predicted loss = intercept - sum of the selection's scores)")
+        scores.details = {**scores.details, "estimator": options.estimator, "intercept": intercept}
+        return scores

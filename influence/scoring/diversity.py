@@ -29,14 +29,16 @@ four short formulas.
 from __future__ import annotations
 
 import re
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 
+from ..config import setting
 from ..gradients.geometry import centroid_distance, default_clusters, kmeans, knn_distance, semdedup
-from ..gradients.spaces import load_space
+from ..gradients.spaces import Space, load_space
 from ..train.run import Run
-from .base import Scores
+from . import options as shared
+from .base import SPACE, Method, Scores, Target
 
 WORD = re.compile(r"[^\W_]+", re.UNICODE)
 MTLD_THRESHOLD = 0.72
@@ -75,77 +77,139 @@ def mtld(tokens: list[str], threshold: float = MTLD_THRESHOLD) -> float:
     return (_mtld_pass(tokens, threshold) + _mtld_pass(tokens[::-1], threshold)) / 2
 
 
-LEXICAL = {
-    "ttr": ("type-token ratio of the response, in [0, 1]; higher = more varied", ttr),
-    "mtld": ("MTLD of the response (mean length of word runs with TTR above 0.72); higher = more varied", mtld),
-    "distinct1": ("distinct unigrams / unigrams of the response, in [0, 1]; higher = more varied",
-                  lambda tokens: distinct_n(tokens, 1)),
-    "distinct2": ("distinct bigrams / bigrams of the response, in [0, 1]; higher = more varied",
-                  lambda tokens: distinct_n(tokens, 2)),
-}
+class Lexical(Method):
+    """A lexical indicator of the response text: ``indicator`` maps the response's words to a number."""
 
+    family = "diversity"
 
-def lexical_score(name: str):
-    """A scoring method (run_dir, target) -> Scores for one lexical indicator."""
-    meaning, function = LEXICAL[name]
+    @staticmethod
+    def indicator(tokens: list[str]) -> float:
+        raise NotImplementedError
 
-    def score(run_dir: str | Path, target: str | None = None) -> Scores:
-        pool = Run(run_dir).pool()
+    def scores(self, run: Run, target: Target | None, options) -> Scores:
+        pool = run.pool()
         responses = [" ".join(m["content"] for m in e.messages if m["role"] == "assistant") for e in pool]
-        values = np.array([function(words(text)) for text in responses], dtype=np.float64)
-        return Scores(name, [e.id for e in pool], values, meaning, finite=np.isfinite(values))
-
-    score.__name__ = f"{name}_scores"
-    return score
+        values = np.array([self.indicator(words(text)) for text in responses], dtype=np.float64)
+        return Scores(self.name, [e.id for e in pool], values, self.meaning, finite=np.isfinite(values))
 
 
-def knn_distance_scores(run_dir: str | Path, target: str | None = None, space: str = "grads",
-                        neighbours: int = 5, proj_dim: int | None = None) -> Scores:
-    loaded = load_space(run_dir, space, proj_dim)
+class Ttr(Lexical):
+    name = "ttr"
+    summary = "type-token ratio of the response"
+    meaning = "type-token ratio of the response, in [0, 1]; higher = more varied"
+    indicator = staticmethod(ttr)
+
+
+class Mtld(Lexical):
+    name = "mtld"
+    summary = "MTLD (McCarthy & Jarvis, 2010) of the response"
+    meaning = "MTLD of the response (mean length of word runs with TTR above 0.72); higher = more varied"
+    indicator = staticmethod(mtld)
+
+
+class Distinct1(Lexical):
+    name = "distinct1"
+    summary = "distinct unigrams over unigrams of the response"
+    meaning = "distinct unigrams / unigrams of the response, in [0, 1]; higher = more varied"
+
+    @staticmethod
+    def indicator(tokens: list[str]) -> float:
+        return distinct_n(tokens, 1)
+
+
+class Distinct2(Lexical):
+    name = "distinct2"
+    summary = "distinct bigrams over bigrams of the response"
+    meaning = "distinct bigrams / bigrams of the response, in [0, 1]; higher = more varied"
+
+    @staticmethod
+    def indicator(tokens: list[str]) -> float:
+        return distinct_n(tokens, 2)
+
+
+@dataclass(kw_only=True)
+class KnnOptions(shared.Projected):
+    space: str = shared.space()
+    neighbours: int = setting(5, "Which nearest neighbour's distance.", min=1)
+
+
+class KnnDistance(Method):
+    name = "knn_distance"
+    family = "diversity"
+    summary = "cosine distance to the k-th nearest other example in a space"
+    meaning = "cosine distance to the k-th nearest other example, in [0, 2]; higher = more isolated"
+    needs = (SPACE,)
+    Options = KnnOptions
+
+    def scores(self, run: Run, target: Target | None, options: KnnOptions) -> Scores:
+        loaded = load_space(run.path, options.space, options.proj_dim)
+        keep = np.flatnonzero(loaded.finite)
+        values = np.full(len(loaded.ids), np.nan)
+        values[keep] = knn_distance(loaded.vectors[keep], options.neighbours)
+        return Scores("knn_distance", loaded.ids, values,
+                      f"cosine distance to the {options.neighbours}-th nearest other example in {options.space}, in "
+                      "[0, 2]; higher = more isolated", finite=np.isfinite(values),
+                      details={"space": loaded.description, "neighbours": options.neighbours})
+
+
+@dataclass(kw_only=True)
+class ClusterOptions(shared.Projected, shared.Seeded):
+    space: str = shared.space()
+    clusters: int | None = shared.clusters()
+
+
+def _clustered(run: Run, options: ClusterOptions) -> tuple[Space, np.ndarray, np.ndarray, np.ndarray]:
+    loaded = load_space(run.path, options.space, options.proj_dim)
     keep = np.flatnonzero(loaded.finite)
-    values = np.full(len(loaded.ids), np.nan)
-    values[keep] = knn_distance(loaded.vectors[keep], neighbours)
-    return Scores("knn_distance", loaded.ids, values,
-                  f"cosine distance to the {neighbours}-th nearest other example in {space}, in [0, 2]; "
-                  "higher = more isolated", finite=np.isfinite(values),
-                  details={"space": loaded.description, "neighbours": neighbours})
-
-
-def _clustered(run_dir, space, clusters, proj_dim, seed):
-    loaded = load_space(run_dir, space, proj_dim)
-    keep = np.flatnonzero(loaded.finite)
-    clusters = clusters or default_clusters(len(keep))
-    labels, centroids = kmeans(loaded.vectors[keep], clusters, seed)
+    labels, centroids = kmeans(loaded.vectors[keep], options.clusters or default_clusters(len(keep)), options.seed)
     return loaded, keep, labels, centroids
 
 
-def prototypicality_scores(run_dir: str | Path, target: str | None = None, space: str = "grads",
-                           clusters: int | None = None, proj_dim: int | None = None, seed: int = 0) -> Scores:
-    loaded, keep, labels, centroids = _clustered(run_dir, space, clusters, proj_dim, seed)
-    values = np.full(len(loaded.ids), np.nan)
-    values[keep] = centroid_distance(loaded.vectors[keep], labels, centroids)
-    cluster = np.full(len(loaded.ids), -1)
-    cluster[keep] = labels
-    return Scores("prototypicality", loaded.ids, values,
-                  f"cosine distance to the example's k-means centroid in {space}, in [0, 2]; higher = less typical",
-                  finite=np.isfinite(values), details={"space": loaded.description, "clusters": len(centroids)},
-                  columns={"cluster": cluster})
+class Prototypicality(Method):
+    name = "prototypicality"
+    family = "diversity"
+    summary = "cosine distance to the example's k-means centroid in a space"
+    meaning = "cosine distance to the example's k-means centroid, in [0, 2]; higher = less typical"
+    needs = (SPACE,)
+    Options = ClusterOptions
+
+    def scores(self, run: Run, target: Target | None, options: ClusterOptions) -> Scores:
+        loaded, keep, labels, centroids = _clustered(run, options)
+        values = np.full(len(loaded.ids), np.nan)
+        values[keep] = centroid_distance(loaded.vectors[keep], labels, centroids)
+        cluster = np.full(len(loaded.ids), -1)
+        cluster[keep] = labels
+        return Scores("prototypicality", loaded.ids, values,
+                      f"cosine distance to the example's k-means centroid in {options.space}, in [0, 2]; higher = less "
+                      "typical", finite=np.isfinite(values),
+                      details={"space": loaded.description, "clusters": len(centroids)}, columns={"cluster": cluster})
 
 
-def semdedup_scores(run_dir: str | Path, target: str | None = None, space: str = "grads",
-                    clusters: int | None = None, eps: float = 0.05, proj_dim: int | None = None,
-                    seed: int = 0) -> Scores:
-    loaded, keep, labels, centroids = _clustered(run_dir, space, clusters, proj_dim, seed)
-    flags, nearest = semdedup(loaded.vectors[keep], labels, centroids, eps)
-    values = np.full(len(loaded.ids), np.nan)
-    values[keep] = nearest
-    duplicate = np.zeros(len(loaded.ids), dtype=bool)
-    duplicate[keep] = flags
-    return Scores("semdedup", loaded.ids, values,
-                  f"largest cosine similarity to another member of the example's k-means cluster in {space}; "
-                  f"higher = more redundant; 'duplicate' flags similarity above {1 - eps:g} to an example farther "
-                  "from the centroid (SemDeDup removes those)",
-                  finite=np.isfinite(values),
-                  details={"space": loaded.description, "clusters": len(centroids), "eps": eps,
-                           "duplicates": int(duplicate.sum())},
-                  columns={"duplicate": duplicate})
+@dataclass(kw_only=True)
+class SemDedupOptions(ClusterOptions):
+    eps: float = setting(0.05, "Duplicates are more similar than 1 - eps.", min=0, max=1)
+
+
+class SemDedup(Method):
+    name = "semdedup"
+    family = "diversity"
+    summary = "SemDeDup (Abbas et al., 2023): the largest similarity to another member of the example's cluster"
+    meaning = "largest cosine similarity to another member of the example's k-means cluster; higher = more redundant"
+    needs = (SPACE,)
+    Options = SemDedupOptions
+
+    def scores(self, run: Run, target: Target | None, options: SemDedupOptions) -> Scores:
+        loaded, keep, labels, centroids = _clustered(run, options)
+        flags, nearest = semdedup(loaded.vectors[keep], labels, centroids, options.eps)
+        values = np.full(len(loaded.ids), np.nan)
+        values[keep] = nearest
+        duplicate = np.zeros(len(loaded.ids), dtype=bool)
+        duplicate[keep] = flags
+        return Scores("semdedup", loaded.ids, values,
+                      f"largest cosine similarity to another member of the example's k-means cluster in "
+                      f"{options.space}; higher = more redundant; 'duplicate' flags similarity above "
+                      f"{1 - options.eps:g} to an example farther from the centroid (SemDeDup removes those)",
+                      finite=np.isfinite(values),
+                      details={"space": loaded.description, "clusters": len(centroids), "eps": options.eps,
+                               "duplicates": int(duplicate.sum())},
+                      columns={"duplicate": duplicate})

@@ -17,16 +17,17 @@ important for training (Paul et al. keep the highest).
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
+from ..config import setting
 from ..core.naming import TRAIN
-from ..errors import InfluenceError
 from ..gradients.store import open_checkpoint_stores, resolve_dim
 from ..train.run import Run
-from .base import Scores
+from .base import DYNAMICS, GRADIENT_NORMS, Method, Scores, Target
+from .options import Projected
 
 
 def count_forgetting(learned: list[bool] | np.ndarray) -> int:
@@ -52,40 +53,55 @@ def forgetting_table(dynamics: pd.DataFrame, learned_threshold: float = 1.0) -> 
     return pd.DataFrame(rows)
 
 
-def forgetting_scores(run_dir: str | Path, target: str | None = None, learned_threshold: float = 1.0) -> Scores:
-    run = Run(run_dir)
-    path = run.path / "dynamics.parquet"
-    if not path.is_file():
-        raise InfluenceError(f"{path} not found: the warm-up records it")
-    if not 0 < learned_threshold <= 1:
-        raise InfluenceError(f"learned_threshold must be in (0, 1], got {learned_threshold}")
-    table = forgetting_table(pd.read_parquet(path), learned_threshold).set_index("id")
-    ids = [e.id for e in run.pool()]
-    counts = table["forgetting_events"].reindex(ids).to_numpy(dtype=np.float64)
-    finite = np.isfinite(counts)
-    return Scores(
-        method="forgetting",
-        ids=ids,
-        score=counts,
-        description=__doc__.split("**GraNd.**")[0].strip(),
-        finite=finite,
-        details={"learned_threshold": learned_threshold, "presented": int(finite.sum()),
-                 "unforgettable": int(table["unforgettable"].sum()),
-                 "never_learned": int((~table["ever_learned"]).sum())},
-    )
+@dataclass(kw_only=True)
+class ForgettingOptions:
+    learned_threshold: float = setting(1.0, "Token accuracy at which an example counts as learned (1.0 = exact "
+                                            "match).", min=0, min_open=True, max=1)
 
 
-def grand_scores(run_dir: str | Path, target: str | None = None, proj_dim: int | None = None) -> Scores:
-    run = Run(run_dir)
-    stores = open_checkpoint_stores(run, TRAIN, resolve_dim(run, proj_dim, any_dim=True))
-    norms = np.stack([s.array("norms").astype(np.float64) for s in stores])
-    finite = np.logical_and.reduce([s.array("finite") for s in stores])
-    score = np.where(finite, norms.mean(axis=0), np.nan)
-    return Scores(
-        method="grand",
-        ids=stores[0].ids.tolist(),
-        score=score,
-        description="GraNd: " + __doc__.split("**GraNd.**")[1].strip(),
-        finite=finite,
-        details={"checkpoints": [s.metadata["checkpoint"] for s in stores]},
-    )
+class Forgetting(Method):
+    name = "forgetting"
+    family = "difficulty"
+    summary = "forgetting events during the warm-up (Toneva et al. 2019)"
+    meaning = __doc__.split("**GraNd.**")[0].strip()
+    needs = (DYNAMICS,)
+    Options = ForgettingOptions
+
+    def scores(self, run: Run, target: Target | None, options: ForgettingOptions) -> Scores:
+        table = forgetting_table(pd.read_parquet(run.path / "dynamics.parquet"), options.learned_threshold).set_index("id")
+        ids = [e.id for e in run.pool()]
+        counts = table["forgetting_events"].reindex(ids).to_numpy(dtype=np.float64)
+        finite = np.isfinite(counts)
+        return Scores(
+            method="forgetting",
+            ids=ids,
+            score=counts,
+            description=self.meaning,
+            finite=finite,
+            details={"learned_threshold": options.learned_threshold, "presented": int(finite.sum()),
+                     "unforgettable": int(table["unforgettable"].sum()),
+                     "never_learned": int((~table["ever_learned"]).sum())},
+        )
+
+
+class Grand(Method):
+    name = "grand"
+    family = "difficulty"
+    summary = "GraNd: expected norm of the example's loss gradient over the checkpoints (Paul et al. 2021)"
+    meaning = "GraNd: " + __doc__.split("**GraNd.**")[1].strip()
+    needs = (GRADIENT_NORMS,)
+    Options = Projected
+
+    def scores(self, run: Run, target: Target | None, options: Projected) -> Scores:
+        stores = open_checkpoint_stores(run, TRAIN, resolve_dim(run, options.proj_dim, any_dim=True))
+        norms = np.stack([s.array("norms").astype(np.float64) for s in stores])
+        finite = np.logical_and.reduce([s.array("finite") for s in stores])
+        score = np.where(finite, norms.mean(axis=0), np.nan)
+        return Scores(
+            method="grand",
+            ids=stores[0].ids.tolist(),
+            score=score,
+            description=self.meaning,
+            finite=finite,
+            details={"checkpoints": [s.metadata["checkpoint"] for s in stores]},
+        )

@@ -27,16 +27,17 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .. import __version__
+from ..config import setting, settings_from
 from ..core.chunks import ChunkedStore, has_store
 from ..core.locks import exclusive
 from ..core.storage import StoreRoot
-from ..core.units import check_sizes
 from ..data.formats import Example, examples_sha256
 from ..data.templates import IGNORE_INDEX, Encoded, collate, encode_example
 from ..gradients.store import check_current
@@ -44,7 +45,7 @@ from ..models.loading import choose_device, load_adapter, place
 from ..models.losses import logits_at, mean_by_row
 from ..models.passes import fill_pending
 from ..train.run import Run
-from .base import Scores
+from .base import FORWARD_SCORES, Method, Scores, Target
 
 MEANING = {
     "nll": "mean NLL of the response tokens (nats/token); higher = harder",
@@ -113,12 +114,22 @@ def start_token_id(tokenizer) -> int:
     return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 
 
+@dataclass(kw_only=True)
+class ForwardSettings:
+    """How ``forward-scores`` runs its pass."""
+
+    batch_size: int = setting(8, "Examples per forward pass.", min=1)
+    chunk_size: int = setting(128, "Examples per stored chunk (resume unit).", min=1)
+    overwrite: bool = setting(False, "Replace stores made with other settings instead of refusing.")
+
+
 @exclusive("forward-scores")
-def compute_forward_scores(
-    run_dir: str | Path, batch_size: int = 8, chunk_size: int = 128, overwrite: bool = False, progress: bool = True
-) -> list[str]:
-    """Fill the forward-score store of every checkpoint for the whole pool (resumable)."""
-    check_sizes(batch_size=batch_size, chunk_size=chunk_size)
+def compute_forward_scores(run_dir: str | Path, settings: ForwardSettings | None = None, progress: bool = True,
+                           **values) -> list[str]:
+    """Fill the forward-score store of every checkpoint for the whole pool (resumable); ``settings`` (a
+    :class:`ForwardSettings`) and ``values`` (its fields by keyword) say how."""
+    settings = settings_from(ForwardSettings, settings, where="forward-scores", **values)
+    batch_size, chunk_size, overwrite = settings.batch_size, settings.chunk_size, settings.overwrite
     run = Run(run_dir)
     run.check_data_unchanged()
     pool: list[Example] = run.pool()
@@ -183,27 +194,38 @@ def _complete(root: StoreRoot, path: str) -> bool:
     return has_store(root, path) and ChunkedStore.open(root, path).complete
 
 
-def forward_score(metric: str):
-    """A scoring method (run_dir, target) -> Scores for one forward metric, averaged over checkpoints."""
+class ForwardMetric(Method):
+    """One metric of the forward pass, averaged over the warm-up checkpoints (the pass runs where missing)."""
 
-    def score(run_dir: str | Path, target: str | None = None) -> Scores:
-        run = Run(run_dir)
+    family = "difficulty"
+    needs = (FORWARD_SCORES,)
+
+    def scores(self, run: Run, target: Target | None, options) -> Scores:
         paths = [f"{DATASET}/{c.name}" for c in run.checkpoints()]
         if not all(_complete(run.store_path, path) for path in paths):
-            compute_forward_scores(run_dir)  # resumes whatever is missing
+            compute_forward_scores(run.path)  # resumes whatever is missing
         stores = [ChunkedStore.open(run.store_path, path) for path in paths]
         for checkpoint, store in zip(run.checkpoints(), stores):
             check_current(run, checkpoint, store)
-        values = np.mean([s.array(metric).astype(np.float64) for s in stores], axis=0)
+        values = np.mean([s.array(self.name).astype(np.float64) for s in stores], axis=0)
         finite = np.logical_and.reduce([s.array("finite") for s in stores]) & np.isfinite(values)
         return Scores(
-            method=metric,
+            method=self.name,
             ids=stores[0].ids.tolist(),
             score=np.where(finite, values, np.nan),
-            description=f"{MEANING[metric]}. Averaged over the warm-up checkpoints.",
+            description=f"{self.meaning}. Averaged over the warm-up checkpoints.",
             finite=finite,
             details={"checkpoints": [s.metadata["checkpoint"] for s in stores]},
         )
 
-    score.__name__ = f"{metric}_scores"
-    return score
+
+SUMMARIES = {
+    "nll": "mean NLL of the response tokens", "ppl": "perplexity of the response", "nll_full": "mean NLL of the "
+    "whole text, prompt included", "el2n": "EL2N (Paul et al. 2021): error of the predicted distribution",
+    "entropy": "predictive entropy over the response", "least_confidence": "1 - the top token probability",
+    "mean_margin": "top-1 minus top-2 probability, averaged", "min_margin": "the smallest top-1 minus top-2 margin",
+    "ifd": "Instruction-Following Difficulty (Li et al. 2023)",
+}
+for _metric in METRICS:  # one registered method per metric of the pass
+    type(f"Forward_{_metric}", (ForwardMetric,), {"name": _metric, "meaning": MEANING[_metric],
+                                                  "summary": SUMMARIES[_metric], "__module__": __name__})

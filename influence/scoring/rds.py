@@ -12,33 +12,38 @@ Sign and scale: in [-1, 1]; higher = the example's representation is closer to t
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 
 from ..gradients.representations import POOLING, representation_stores
 from ..kernels.scoring import score_block, subtask_means
 from ..train.run import Run
-from .base import Scores
+from .base import REPRESENTATIONS, TARGET, Method, Scores, Target
 
 
-def rds_scores(run_dir: str | Path, target: str, target_tasks: list[str] | None = None) -> Scores:
-    checkpoint = Run(run_dir).checkpoints()[-1]
-    pool, targets = representation_stores(run_dir, target, target_tasks)
-    names = sorted(set(targets.tasks.tolist()))
-    task_index = torch.tensor([names.index(t) for t in targets.tasks.tolist()])
-    means = subtask_means(torch.from_numpy(targets.array("reps")), task_index, len(names))[None]
-    per_task, score = score_block(torch.from_numpy(pool.array("reps"))[None], means, torch.ones(1))
-    finite = pool.array("finite")
-    return Scores(
-        method="rds",
-        ids=pool.ids.tolist(),
-        score=np.where(finite, score.double().numpy(), np.nan),
-        description=__doc__.split("\n\n", 1)[1].strip(),
-        per_task=per_task.numpy(),
-        task_names=names,
-        finite=finite,
-        details={"target": target, "checkpoint": checkpoint.name, "pooling": POOLING,
-                 "n_target_examples": targets.n_examples},
-    )
+class Rds(Method):
+    name = "rds"
+    family = "baseline"
+    summary = "RDS: cosine of last-token representations with the target's (LESS's representation baseline)"
+    meaning = __doc__.split("\n\n", 1)[1].strip()
+    needs = (TARGET, REPRESENTATIONS)
+
+    def scores(self, run: Run, target: Target, options) -> Scores:
+        checkpoint = run.checkpoints()[-1]
+        pool, targets = representation_stores(run.path, target.name, target.task_list)
+        names = sorted(set(targets.tasks.tolist()))
+        task_index = torch.tensor([names.index(t) for t in targets.tasks.tolist()])
+        means = subtask_means(torch.from_numpy(targets.array("reps")), task_index, len(names))[None]
+        per_task, score = score_block(torch.from_numpy(pool.array("reps"))[None], means, torch.ones(1))
+        finite = pool.array("finite")
+        return Scores(
+            method="rds",
+            ids=pool.ids.tolist(),
+            score=np.where(finite, score.double().numpy(), np.nan),
+            description=self.meaning,
+            per_task=per_task.numpy(),
+            task_names=names,
+            finite=finite,
+            details={"target": target.name, "checkpoint": checkpoint.name, "pooling": POOLING,
+                     "n_target_examples": targets.n_examples},
+        )

@@ -14,35 +14,37 @@ target's examples: higher = more helpful.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 
 from ..core.naming import TRAIN, gradient_dataset
 from ..gradients.store import check_compatible, find_target_dataset, open_checkpoint_stores, resolve_dim
 from ..train.run import Run
-from .base import Attribution, Scores
+from .base import PLAIN_GRADIENTS, TARGET, Attribution, Method, Target
+from .options import Projected
 from .products import pairwise_products
 
 
-def tracin_attribution(run_dir: str | Path, target: str, proj_dim: int | None = None,
-                       target_tasks: list[str] | None = None, rows_per_block: int | None = None) -> Attribution:
-    """TracInCP of every pool example on every target example (see the module docstring)."""
-    run = Run(run_dir)
-    dim = resolve_dim(run, proj_dim)
-    train = open_checkpoint_stores(run, gradient_dataset(TRAIN, "sgd"), dim)
-    targets = open_checkpoint_stores(run, find_target_dataset(run.store_path, dim, target, target_tasks), dim)
-    check_compatible(train, targets, "sgd", "sgd")
-    lrs = np.array([s.metadata["checkpoint_mean_lr"] for s in train], dtype=np.float64)
-    grads = [torch.from_numpy(store.array("grads")).float() for store in targets]
-    matrix, _ = pairwise_products(train, grads, lrs, rows_per_block=rows_per_block)
-    return Attribution("tracin", train[0].ids.tolist(), targets[0].ids.tolist(), targets[0].tasks.tolist(), matrix,
-                       __doc__.strip().split("\n\n", 1)[1],
-                       {"checkpoints": [s.metadata["checkpoint"] for s in train], "learning_rates": lrs.tolist(),
-                        "projector": train[0].metadata["projector"]})
+class TracIn(Method):
+    name = "tracin"
+    family = "influence"
+    summary = "TracInCP: learning-rate-weighted dot products of plain loss gradients over the checkpoints"
+    meaning = __doc__.strip().split("\n\n", 1)[1]
+    needs = (TARGET, PLAIN_GRADIENTS)
+    Options = Projected
 
-
-def tracin_scores(run_dir: str | Path, target: str, proj_dim: int | None = None,
-                  target_tasks: list[str] | None = None) -> Scores:
-    return tracin_attribution(run_dir, target, proj_dim, target_tasks).scores()
+    def attribution(self, run: Run, target: Target, options: Projected,
+                    rows_per_block: int | None = None) -> Attribution:
+        """TracInCP of every pool example on every target example (see the module docstring)."""
+        dim = resolve_dim(run, options.proj_dim)
+        train = open_checkpoint_stores(run, gradient_dataset(TRAIN, "sgd"), dim)
+        targets = open_checkpoint_stores(run, find_target_dataset(run.store_path, dim, target.name, target.task_list),
+                                         dim)
+        check_compatible(train, targets, "sgd", "sgd")
+        lrs = np.array([s.metadata["checkpoint_mean_lr"] for s in train], dtype=np.float64)
+        grads = [torch.from_numpy(store.array("grads")).float() for store in targets]
+        matrix, _ = pairwise_products(train, grads, lrs, rows_per_block=rows_per_block)
+        return Attribution("tracin", train[0].ids.tolist(), targets[0].ids.tolist(), targets[0].tasks.tolist(), matrix,
+                           self.meaning,
+                           {"checkpoints": [s.metadata["checkpoint"] for s in train], "learning_rates": lrs.tolist(),
+                            "projector": train[0].metadata["projector"]})

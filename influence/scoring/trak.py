@@ -23,7 +23,7 @@ unbounded. ``rank`` averages over the target's examples: higher = more helpful.
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -32,10 +32,12 @@ from ..core.naming import TRAIN, gradient_dataset
 from ..errors import InfluenceError
 from ..gradients.store import GradientStore, check_compatible, find_target_dataset, open_checkpoint_stores, resolve_dim
 from ..train.run import Run
-from .base import Attribution, Scores
+from . import options as shared
+from .base import MARGIN_GRADIENTS, TARGET, Attribution, Method, Target
 from .products import pairwise_products
 
 RELATIVE_LAMBDA = 1e-2
+DESCRIPTION = __doc__.strip().split("\n\n", 1)[1].split("\n\n")[0]  # the formula, in summary.json
 
 
 def gram(store: GradientStore, rows_per_block: int | None = None) -> torch.Tensor:
@@ -63,15 +65,18 @@ def kernel_inverse(xtx: torch.Tensor, lambda_reg: float | None) -> tuple[torch.T
     return inverse / inverse.abs().mean(), lam
 
 
-def trak_attribution(run_dir: str | Path, target: str, proj_dim: int | None = None,
-                     target_tasks: list[str] | None = None, lambda_reg: float | None = None,
+@dataclass(kw_only=True)
+class TrakOptions(shared.Projected):
+    lambda_reg: float | None = shared.lambda_reg()
+
+
+def trak_attribution(run: Run, target: Target, proj_dim: int | None = None, lambda_reg: float | None = None,
                      rows_per_block: int | None = None) -> Attribution:
     """TRAK scores of every pool example for every target example (see the module docstring)."""
-    run = Run(run_dir)
     dim = resolve_dim(run, proj_dim)
     train = open_checkpoint_stores(run, gradient_dataset(TRAIN, "margin"), dim)
     targets = open_checkpoint_stores(
-        run, find_target_dataset(run.store_path, dim, target, target_tasks, gradient_type="margin"), dim)
+        run, find_target_dataset(run.store_path, dim, target.name, target.task_list, gradient_type="margin"), dim)
     check_compatible(train, targets, "margin", "margin")
     sides, lambdas = [], []
     for train_store, target_store in zip(train, targets):
@@ -82,12 +87,19 @@ def trak_attribution(run_dir: str | Path, target: str, proj_dim: int | None = No
     products, _ = pairwise_products(train, sides, np.full(len(train), 1.0 / len(train)), rows_per_block=rows_per_block)
     out_to_loss = np.mean([store.array("out_to_loss").astype(np.float64) for store in train], axis=0)
     return Attribution("trak", train[0].ids.tolist(), targets[0].ids.tolist(), targets[0].tasks.tolist(),
-                       products * out_to_loss[:, None], __doc__.strip().split("\n\n", 1)[1].split("\n\n")[0],
+                       products * out_to_loss[:, None], DESCRIPTION,
                        {"checkpoints": [s.metadata["checkpoint"] for s in train], "lambda": lambdas,
                         "projector": train[0].metadata["projector"]},
                        {"out_to_loss": out_to_loss})
 
 
-def trak_scores(run_dir: str | Path, target: str, proj_dim: int | None = None, target_tasks: list[str] | None = None,
-                lambda_reg: float | None = None) -> Scores:
-    return trak_attribution(run_dir, target, proj_dim, target_tasks, lambda_reg).scores()
+class Trak(Method):
+    name = "trak"
+    family = "influence"
+    summary = "TRAK: attribution through the randomly projected after-kernel, one model per checkpoint"
+    meaning = __doc__.strip().split("Sign and scale: ")[1]
+    needs = (TARGET, MARGIN_GRADIENTS)
+    Options = TrakOptions
+
+    def attribution(self, run: Run, target: Target, options: TrakOptions) -> Attribution:
+        return trak_attribution(run, target, options.proj_dim, options.lambda_reg)

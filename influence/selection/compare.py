@@ -2,16 +2,35 @@
 
 from __future__ import annotations
 
-import inspect
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
-from ..errors import InfluenceError
-from ..scoring import METHODS
+from ..config import setting, settings_from
+from ..scoring import options as shared
+from ..scoring.base import MethodChoice, get_method
 from .modes import select
 from .outputs import spearman
 from .rank import rank
+from .settings import fraction
+
+
+@dataclass(kw_only=True)
+class CompareSettings:
+    """Which methods ``compare`` ranks with, and what it compares."""
+
+    methods: list[str] = setting(default_factory=lambda: ["less", "random", "bm25", "dsir", "rds"],
+                                 help="Comma-separated methods to rank with and compare.", list=True,
+                                 type=MethodChoice(), nonempty=True)
+    reference: str = setting("less", "The method the others are compared with.", type=MethodChoice())
+    fraction: float = fraction(0.1, "Top fraction whose overlap is reported.")
+    target_tasks: list[str] | None = setting(None, "Comma-separated subtasks of the target to keep.", list=True)
+    proj_dim: int | None = shared.proj_dim()
+
+    def extra_problems(self) -> list[str]:
+        return [] if self.reference in self.methods else [f"--reference {self.reference} is not among --methods"]
 
 
 def overlap(a: pd.DataFrame, b: pd.DataFrame, fraction: float) -> float:
@@ -22,35 +41,30 @@ def overlap(a: pd.DataFrame, b: pd.DataFrame, fraction: float) -> float:
     return len(top_a & top_b) / max(1, len(top_b))
 
 
-def compare_methods(
-    run_dir: str | Path,
-    target: str,
-    methods: list[str] = ("less", "random", "bm25", "dsir", "rds"),
-    fraction: float = 0.1,
-    reference: str = "less",
-    **options,
-) -> pd.DataFrame:
-    """Rank with each of ``methods`` (outputs in ``run_dir/rank-<method>-<target>``) and compare each
+def compare_methods(run_dir: str | Path, target: str, settings: CompareSettings | None = None,
+                    **values: Any) -> pd.DataFrame:
+    """Rank with each of the ``methods`` (outputs in ``run_dir/rank-<method>-<target>``) and compare each
     ranking with ``reference``'s: overlap of the top ``fraction``, Spearman correlation of the scores,
-    and each score's Spearman correlation with the response length (the length bias)."""
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or reference not in methods:
-        raise InfluenceError(f"unknown method(s) {', '.join(unknown) or reference}; available: {', '.join(sorted(METHODS))}")
+    and each score's Spearman correlation with the response length (the length bias). ``settings`` (a
+    :class:`CompareSettings`) and ``values`` (its fields by keyword) say which."""
+    settings = settings_from(CompareSettings, settings, where="compare", **values)
     tables = {}
-    for method in methods:
-        accepted = inspect.signature(METHODS[method]).parameters
-        tables[method] = rank(run_dir, target, method, fraction,
-                              **{k: v for k, v in options.items() if k in accepted})
+    for name in settings.methods:
+        method = get_method(name)
+        options = method.options({"proj_dim": settings.proj_dim}, others_allowed=True)
+        tables[name] = rank(run_dir, target, method=name, fraction=settings.fraction,
+                            target_tasks=settings.target_tasks, **vars(options))
+    reference, fraction_ = settings.reference, settings.fraction
     base = tables[reference].set_index("id")
     rows = []
     for method, table in tables.items():
         aligned = table.set_index("id").reindex(base.index)
         rows.append({
             "method": method,
-            f"top_{fraction:g}_overlap_with_{reference}": overlap(table, tables[reference], fraction),
+            f"top_{fraction_:g}_overlap_with_{reference}": overlap(table, tables[reference], fraction_),
             f"spearman_with_{reference}": spearman(aligned["score"], base["score"]),
             "spearman_with_length": spearman(table["score"], table["response_chars"]),
-            "selected_median_chars": float(select(table, fraction=fraction)["response_chars"].median()),
+            "selected_median_chars": float(select(table, fraction=fraction_)["response_chars"].median()),
             "pool_median_chars": float(table["response_chars"].median()),
         })
     return pd.DataFrame(rows)

@@ -33,7 +33,6 @@ matrix of the whole pool and has no quality term; these stream blocks against th
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -45,8 +44,7 @@ from ..gradients.spaces import Space, load_space
 from ..scoring import Scores
 from ..train.run import Run
 from .outputs import TASK_PREFIX
-
-DIVERSIFY = ("kcenter", "fl", "filter", "clusters", "quota")
+from .settings import Diversify
 
 
 def subset_diversity(x: np.ndarray, selected: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict:
@@ -200,33 +198,6 @@ def subtask_quota(per_task: np.ndarray, budget: int, finite: np.ndarray | None =
                 chosen[order[positions[t]]] = True
                 picked.append(int(order[positions[t]]))
     return picked
-
-
-@dataclass
-class Diversify:
-    """Diversity-aware selection of the top (see the module docstring): ``algorithm`` one of
-    kcenter, fl (with ``weight``, the diversity weight), filter (with ``min_distance``), clusters (with
-    ``clusters`` and ``balance``), quota."""
-
-    algorithm: str
-    weight: float = 0.3
-    min_distance: float = 0.1
-    clusters: int | None = None
-    balance: str = "proportional"
-
-    def problems(self) -> list[str]:
-        problems = []
-        if self.algorithm not in DIVERSIFY:
-            problems.append(f"--diversify must be one of {', '.join(DIVERSIFY)}, got {self.algorithm!r}")
-        if not 0 <= self.weight <= 1:
-            problems.append(f"--diversity-weight must be in [0, 1], got {self.weight}")
-        if not 0 <= self.min_distance <= 2:
-            problems.append(f"--min-distance must be a cosine distance in [0, 2], got {self.min_distance}")
-        if self.clusters is not None and self.clusters < 1:
-            problems.append(f"--clusters must be at least 1, got {self.clusters}")
-        if self.balance not in ("proportional", "equal"):
-            problems.append(f"--balance must be proportional or equal, got {self.balance!r}")
-        return problems
 
 
 def selection_space(run: Run, space: str | None, proj_dim: int | None) -> Space | None:

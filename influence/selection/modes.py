@@ -7,8 +7,6 @@ import pandas as pd
 
 from ..scoring import Scores
 
-SELECT_MODES = ("top", "bottom", "middle", "below", "above")
-
 
 def degenerate_warnings(table: pd.DataFrame, scores: Scores) -> list[str]:
     """What makes a ranking meaningless: no scorable example, every score equal (the "top" is pool
@@ -65,27 +63,16 @@ def select(
       (``top_k`` is its ``--max_samples``);
     * ``middle``: scores between the ``band`` quantiles (perplexity-based pruning keeps the middle);
     * ``below`` / ``above``: scores strictly below / above ``threshold`` (e.g. IFD < 1).
+
+    The values are those of a checked :class:`~influence.selection.settings.RankSettings` (or the same fields of
+    another command's settings): in range, with a threshold where the mode needs one.
     """
     scored = table[table["finite"]]
     if mode in ("top", "bottom"):
-        if top_k is not None:
-            if top_k < 1:
-                raise ValueError(f"top_k must be at least 1, got {top_k}")
-            count = top_k
-        elif not 0 < fraction <= 1:
-            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-        else:
-            count = max(1, int(fraction * len(table)))
+        count = top_k if top_k is not None else max(1, int(fraction * len(table)))
         return scored.head(count) if mode == "top" else scored.tail(count).iloc[::-1]
     if mode == "middle":
-        low, high = band
-        if not 0 <= low < high <= 1:
-            raise ValueError(f"band must satisfy 0 <= low < high <= 1, got {band}")
-        lo, hi = scored["score"].quantile([low, high])
+        lo, hi = scored["score"].quantile(list(band))
         return scored[(scored["score"] >= lo) & (scored["score"] <= hi)]
-    if mode in ("below", "above"):
-        if threshold is None:
-            raise ValueError(f"--select {mode} needs --threshold")
-        keep = scored["score"] < threshold if mode == "below" else scored["score"] > threshold
-        return scored[keep]
-    raise ValueError(f"unknown selection mode {mode!r}; choose from {', '.join(SELECT_MODES)}")
+    keep = scored["score"] < threshold if mode == "below" else scored["score"] > threshold
+    return scored[keep]

@@ -94,18 +94,9 @@ def length_bias(table: pd.DataFrame, selected: pd.DataFrame) -> dict:
 def write_outputs(
     out: Path, table: pd.DataFrame, selected: pd.DataFrame, pool: list[Example], scores: Scores, selection: dict,
     warnings: list[str] | None = None, notes: list[str] | None = None, hf_dataset: bool = False,
-    target: str | None = None,
-) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    table[["id", "source", "score", "rank", "finite"]].to_csv(out / "scores.csv", index=False)
-    table.drop(columns=["pool_index"]).to_parquet(out / "scores.parquet", index=False)
-    records = [selected_record(pool[int(index)], score, rank)
-               for index, score, rank in zip(selected["pool_index"], selected["score"], selected["rank"])]
-    with open(out / "selected.jsonl", "w", encoding="utf-8") as fh:
-        for record in records:
-            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-    if hf_dataset:
-        save_selection_dataset(records, out / "selected_dataset")
+    target: str | None = None, write: bool = True,
+) -> dict:
+    """Write a ranking's files into ``out`` (nothing with ``write=False``); returns what ``summary.json`` holds."""
     summary = {
         "method": scores.method,
         "target_name": target_name(target) if target else None,
@@ -120,7 +111,20 @@ def write_outputs(
         **scores.details,
         "selected_ids": selected["id"].tolist(),
     }
+    if not write:
+        return summary
+    out.mkdir(parents=True, exist_ok=True)
+    table[["id", "source", "score", "rank", "finite"]].to_csv(out / "scores.csv", index=False)
+    table.drop(columns=["pool_index"]).to_parquet(out / "scores.parquet", index=False)
+    records = [selected_record(pool[int(index)], score, rank)
+               for index, score, rank in zip(selected["pool_index"], selected["score"], selected["rank"])]
+    with open(out / "selected.jsonl", "w", encoding="utf-8") as fh:
+        for record in records:
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+    if hf_dataset:
+        save_selection_dataset(records, out / "selected_dataset")
     (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    return summary
 
 
 def selected_record(example: Example, score: float, rank: int) -> dict:

@@ -7,20 +7,27 @@ Several targets in one call (``rank(run, ["mmlu_val", "bbh"])``) write one folde
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
+from ..config import settings_from
 from ..core.locks import writer_active
 from ..data.targets import check_target, target_name
 from ..errors import InfluenceError
-from ..scoring import METHODS, TARGET_METHODS, Scores, less_scores_many
+from ..scoring.base import Method, Scores, Target, get_method
 from ..train.run import Run
-from .diversify import Diversify, _diversity, _pool_clusters, diversify_selection, selection_space
+from .diversify import _diversity, _pool_clusters, diversify_selection, selection_space
 from .modes import degenerate_warnings, select, selection_notes
 from .outputs import ranking_table, write_outputs
+from .settings import Diversify, RankSettings
+
+CONCURRENT_WRITER = ("another influence process was writing to this run while it was ranked (only complete, "
+                     "checked stores were read)")
 
 
 def check_output_folder(folder: Path, method: str, target: str | None) -> None:
@@ -52,111 +59,100 @@ def output_folders(run_dir: str | Path, method: str, targets: list[str | None], 
     return [Path(out) / target_name(t) for t in targets]
 
 
-def method_options(method: str, options: dict) -> dict:
-    """The options ``method`` takes, from those given (None = not given); refuses one it does not take."""
-    accepted = inspect.signature(METHODS[method]).parameters
-    given = {k: v for k, v in options.items() if v is not None}
-    unknown = sorted(set(given) - set(accepted))
-    if unknown:
-        names = ", ".join("--" + k.replace("_", "-") for k in unknown)
-        raise InfluenceError(f"{names} does not apply to --method {method}")
-    return given
+def score_targets(run: Run, method: Method, targets: list[Target | None], options: Any) -> list[Scores]:
+    """Scores of the pool for each target by ``method`` with its checked ``options``, after its prerequisites
+    were checked (one pass over the pool's stores for several targets where the method shares it, as LESS)."""
+    for target in targets:
+        method.require(run, target, options)
+    return method.scores_many(run, targets, options)
 
 
-def score_targets(run_dir: str | Path, method: str, targets: list[str | None], **options) -> list[Scores]:
-    """Scores of the pool for each target (one pass over the pool's stores for ``less``)."""
-    options = method_options(method, options)
-    if method == "less":
-        return less_scores_many(run_dir, targets, **options)
-    return [METHODS[method](run_dir, target, **options) for target in targets]
+@dataclass
+class Ranking:
+    """One target's ranking: the full table (with a ``selected`` column), what ``summary.json`` holds, and the
+    findings a caller acts on: ``degenerate`` (what makes the ranking meaningless) and ``concurrent_writer``
+    (another process was writing to the run while it was ranked; only complete, checked stores were read)."""
+
+    target: str | None
+    folder: Path
+    table: pd.DataFrame
+    summary: dict
+    degenerate: list[str] = field(default_factory=list)
+    concurrent_writer: bool = False
 
 
-def rank_many(
-    run_dir: str | Path,
-    targets: list[str | None],
-    method: str = "less",
-    fraction: float = 0.05,
-    out: str | Path | None = None,
-    mode: str = "top",
-    band: tuple[float, float] = (0.25, 0.75),
-    threshold: float | None = None,
-    top_k: int | None = None,
-    diversify: Diversify | str | None = None,
-    space: str | None = None,
-    overwrite: bool = False,
-    hf_dataset: bool = False,
-    write: bool = True,
-    **options,
-) -> dict[str | None, pd.DataFrame]:
-    """:func:`rank` for several targets at once: one output folder per target (see
-    :func:`output_folders`); returns each target's full ranking (with a ``selected`` column). A folder
-    holding another method's or target's ranking is refused unless ``overwrite``; ``write=False``
-    writes nothing and only returns the tables."""
-    diversify = Diversify(diversify) if isinstance(diversify, str) else diversify
-    if diversify is not None:
-        problems = diversify.problems() + ([] if mode == "top" else [f"--diversify picks from the top, not --select {mode}"])
-        if problems:
-            raise InfluenceError("; ".join(problems))
-    if space is not None and "space" in inspect.signature(METHODS.get(method, rank_many)).parameters:
-        options["space"] = space
-    if method not in METHODS:
-        raise InfluenceError(f"unknown method '{method}'; available: {', '.join(sorted(METHODS))}")
-    if method in TARGET_METHODS and not all(targets):
-        raise InfluenceError(f"method '{method}' needs --target")
+def split_values(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Keyword values of the API as (``RankSettings`` fields, the method's options)."""
+    names = {f.name for f in dataclasses.fields(RankSettings)}
+    if isinstance(values.get("diversify"), str):
+        values = {**values, "diversify": Diversify(algorithm=values["diversify"])}
+    return ({k: v for k, v in values.items() if k in names}, {k: v for k, v in values.items() if k not in names})
+
+
+def rank_many(run_dir: str | Path, targets: list[str | None], settings: RankSettings | None = None,
+              method_options: dict[str, Any] | None = None, **values: Any) -> dict[str | None, Ranking]:
+    """:func:`rank` for several targets at once: one output folder per target (see :func:`output_folders`).
+    ``settings`` (a :class:`RankSettings`) and ``values`` (its fields by keyword, and the method's options)
+    say what to do; returns each target's :class:`Ranking`. A folder holding another method's or target's
+    ranking is refused unless ``overwrite``; ``write=False`` writes nothing and only returns the rankings."""
+    given, options = split_values(values)
+    settings = settings_from(RankSettings, settings, where="rank", **given)
+    method = get_method(settings.method)
+    options = method.options({**(method_options or {}), **options, **_shared_with_method(settings, method)})
+    wanted = [Target.of(t, settings.target_tasks) for t in targets]
+    if method.needs_target and not all(wanted):
+        raise InfluenceError(f"method '{method.name}' needs --target")
     for target in targets:
         if target:
             check_target(target)
     named = [target_name(t) for t in targets if t]
     if len(set(named)) < len(named):
         raise InfluenceError("two of the targets have the same name; their output folders would collide")
-    if mode in ("top", "bottom") and top_k is None and not 0 < fraction <= 1:
-        raise InfluenceError(f"--fraction must be in (0, 1], got {fraction}")
     run = Run(run_dir)
     run.check_data_unchanged()
     pool = run.pool()
-    folders = output_folders(run_dir, method, targets, out)
-    if write and not overwrite:
+    folders = output_folders(run_dir, method.name, targets, settings.out)
+    if settings.write and not settings.overwrite:
         for target, folder in zip(targets, folders):
-            check_output_folder(folder, method, target)
+            check_output_folder(folder, method.name, target)
     writing = writer_active(run.path)  # stores read are complete and checked; say that a writer is at work
-    measured_in = selection_space(run, space, options.get("proj_dim"))
+    measured_in = selection_space(run, settings.space, getattr(options, "proj_dim", None))
     labels = _pool_clusters(measured_in)
     results = {}
-    for target, folder, scores in zip(targets, folders, score_targets(run_dir, method, targets, **options)):
+    for target, folder, scores in zip(targets, folders, score_targets(run, method, wanted, options)):
         table = ranking_table(scores, pool)
-        selected = select(table, mode, fraction, band, threshold, top_k)
-        selection = {"mode": mode, "fraction": fraction, "top_k": top_k, "band": list(band), "threshold": threshold}
-        if diversify is not None:
-            selected, selection["diversify"] = diversify_selection(table, scores, diversify, measured_in, len(selected))
+        selected = select(table, settings.mode, settings.fraction, settings.band, settings.threshold, settings.top_k)
+        selection = {"mode": settings.mode, "fraction": settings.fraction, "top_k": settings.top_k,
+                     "band": list(settings.band), "threshold": settings.threshold}
+        if settings.diversify.algorithm is not None:
+            selected, selection["diversify"] = diversify_selection(table, scores, settings.diversify, measured_in,
+                                                                   len(selected))
         if measured_in is not None:
             selection["diversity"] = _diversity(measured_in, labels, selected)
-        warnings = degenerate_warnings(table, scores)
-        if writing:
-            warnings.append("another influence process was writing to this run while it was ranked (only complete, "
-                            "checked stores were read)")
-        if write:
-            write_outputs(folder, table, selected, pool, scores, selection, warnings,
-                          selection_notes(table, selected, mode, fraction, top_k), hf_dataset, target)
-        results[target] = table.assign(selected=table["id"].isin(selected["id"]))
+        degenerate = degenerate_warnings(table, scores)
+        warnings = degenerate + ([CONCURRENT_WRITER] if writing else [])
+        notes = selection_notes(table, selected, settings.mode, settings.fraction, settings.top_k)
+        summary = write_outputs(folder, table, selected, pool, scores, selection, warnings, notes, settings.hf_dataset,
+                                target, write=settings.write)
+        results[target] = Ranking(target, folder, table.assign(selected=table["id"].isin(selected["id"])), summary,
+                                  degenerate, writing)
     return results
 
 
-def rank(
-    run_dir: str | Path,
-    target: str | None = None,
-    method: str = "less",
-    fraction: float = 0.05,
-    out: str | Path | None = None,
-    mode: str = "top",
-    band: tuple[float, float] = (0.25, 0.75),
-    threshold: float | None = None,
-    top_k: int | None = None,
-    **options,
-) -> pd.DataFrame:
-    """Score the run's pool with ``method`` (for ``target`` where the method needs one), write the
-    outputs (see the module docstring) and return the full ranking. ``options`` go to the scoring
-    function (e.g. ``learned_threshold`` for ``forgetting``, ``seed`` for ``random``, ``proj_dim``),
-    except ``diversify`` (a :class:`Diversify` or an algorithm's name: diversity-aware selection of the
-    top), ``space`` (where diversity is measured; default the run's gradients, ``"none"`` to skip) and
-    ``write=False`` (return the ranking, its ``selected`` column marking the selection, and write nothing)."""
-    return rank_many(run_dir, [target], method, fraction, out, mode, band, threshold, top_k, **options)[target]
+def _shared_with_method(settings: RankSettings, method: Method) -> dict[str, Any]:
+    """``rank``'s settings that are also options of the method (one flag for both: ``--space`` and ``--clusters``
+    measure diversity and, for knn_distance, prototypicality and semdedup, define the score)."""
+    names = {f.name for f in dataclasses.fields(method.Options)}
+    shared = {"space": settings.space, "clusters": settings.diversify.clusters}
+    return {k: v for k, v in shared.items() if k in names and v is not None}
+
+
+def rank(run_dir: str | Path, target: str | None = None, settings: RankSettings | None = None,
+         **values: Any) -> pd.DataFrame:
+    """Score the run's pool with a method (for ``target`` where the method needs one), write the outputs (see
+    :mod:`.outputs`) and return the full ranking, its ``selected`` column marking the selection. ``settings``
+    (a :class:`RankSettings`) and ``values`` (its fields by keyword: ``method``, ``fraction``, ``mode``, ``out``,
+    ``diversify`` (a :class:`Diversify` or an algorithm's name), ``space``, ``write``...) say what to do; the
+    other keywords are the method's options (e.g. ``learned_threshold`` for ``forgetting``, ``seed`` for
+    ``random``, ``proj_dim``)."""
+    return rank_many(run_dir, [target], settings, **values)[target].table

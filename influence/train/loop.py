@@ -13,6 +13,7 @@ import contextlib
 import math
 import warnings
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -23,8 +24,8 @@ from ..models.loading import LoraSettings, lora_parameters
 from ..models.losses import ResponseForward, forward_response
 from .run import TrainedState
 
-LOSS_WEIGHTINGS = ("micro_batch", "token")
-SCHEDULERS = ("linear", "cosine")
+LossWeighting = Literal["micro_batch", "token"]
+Scheduler = Literal["linear", "cosine"]
 
 
 @dataclass(kw_only=True)
@@ -61,32 +62,12 @@ class TrainSettings:
     max_grad_norm: float = field(default=1.0, metadata={
         "help": "Clip the gradient norm of each optimizer step (the Trainer default LESS trains with); 0 = off.",
         "min": 0})
-    loss_weighting: str = field(default="micro_batch", metadata={
-        "choices": LOSS_WEIGHTINGS,
+    loss_weighting: LossWeighting = field(default="micro_batch", metadata={
         "help": "Under accumulation: each forward pass's mean loss / accumulation steps (Trainer 4.36, LESS) or "
                 "every response token of the step weighted alike (Trainer >= 4.46)."})
     bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast for the forward pass."})
-    scheduler: str = field(default="linear", metadata={
-        "choices": SCHEDULERS, "help": "Learning-rate decay after the warm-up steps (transformers' schedules)."})
-
-    def problems(self) -> list[str]:
-        """What is out of range, named by CLI option (empty when the settings are usable)."""
-        problems = []
-        for name, value in (("epochs", self.epochs), ("batch-size", self.batch_size),
-                            ("grad-accum", self.grad_accum), ("max-length", self.max_length)):
-            if value < 1:
-                problems.append(f"--{name} must be at least 1, got {value}")
-        if not self.learning_rate > 0:
-            problems.append(f"--lr must be positive, got {self.learning_rate}")
-        if not 0 <= self.warmup_ratio < 1:
-            problems.append(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.weight_decay < 0 or self.max_grad_norm < 0:
-            problems.append("--weight-decay and --max-grad-norm must not be negative")
-        if self.scheduler not in SCHEDULERS:
-            problems.append(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
-        if self.loss_weighting not in LOSS_WEIGHTINGS:
-            problems.append(f"--loss-weighting must be one of {', '.join(LOSS_WEIGHTINGS)}, got {self.loss_weighting!r}")
-        return problems + self.lora.problems()
+    scheduler: Scheduler = field(default="linear", metadata={
+        "help": "Learning-rate decay after the warm-up steps (transformers' schedules)."})
 
 
 def step_loss(forward: ResponseForward, step_tokens: int, settings: TrainSettings) -> torch.Tensor:

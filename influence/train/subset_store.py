@@ -10,6 +10,7 @@ import zarr
 from ..core.chunks import PARTIAL, check_metadata, creation_lock, publish_store, remove_partials, write_strings
 from ..core.naming import POOL
 from ..errors import InfluenceError, StoreMismatchError
+from ..models.measure import OUTCOMES
 
 SUBSETS_FORMAT = "influence-subsets"
 
@@ -17,7 +18,7 @@ SUBSETS_FORMAT = "influence-subsets"
 SUBSETS_VERSION = 1
 
 
-UNIT_OUTCOMES = ("loss", "accuracy", "probability", "margin", "choice_correct")  # rows of a unit's arrays
+UNIT_OUTCOMES = OUTCOMES  # rows of a unit's arrays
 
 
 def random_mask(n: int, size: int, seed: int, unit: int) -> np.ndarray:

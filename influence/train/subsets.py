@@ -28,9 +28,9 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..config import from_dict
+from ..config import check, from_dict, setting, settings_from
 from ..core.naming import POOL, target_dataset
-from ..core.units import UnitClaims, UnitReport, run_units
+from ..core.units import UnitClaims, UnitReport, UnitSettings, run_units
 from ..data.formats import Example, examples_sha256
 from ..data.targets import load_target, target_name
 from ..data.templates import Encoded, collate, encode_example
@@ -84,40 +84,52 @@ def unit_seed(design_seed: int, unit: int) -> int:
     return int(np.random.default_rng([design_seed, unit, 1]).integers(2**31 - 1))
 
 
-def train_subsets(run_dir: str | Path, k: int, alpha: float = 0.5, targets: list[EvalSpec] = (), *, name: str = "fit",
-                  seed: int = 0, target_tasks: list[str] | None = None, settings: dict | TrainSettings | None = None,
-                  worker: tuple[int, int] | None = None, max_hours: float | None = None, dry_run: bool = False,
+@dataclass(kw_only=True)
+class SubsetSettings:
+    """A random design of subset models: ``k`` units, each on a random ``alpha`` fraction of the pool, the
+    targets they are measured on, the set's name and seed (``influence subsets train``)."""
+
+    k: int = setting(help="Number of subset models (units 0..k-1; a larger k adds units); at least 2, since "
+                          "estimates compare models with and without each example.", min=2)
+    alpha: float = setting(0.5, "Fraction of the pool in each subset.", min=0, max=1, min_open=True, max_open=True)
+    targets: list[EvalSpec] = setting(default_factory=list, help="Target to evaluate every model on (registry name "
+                                      "or file); repeat for several.", flag="target", multiple=True)
+    target_tasks: list[str] | None = setting(None, "Comma-separated subtasks of the target(s) to keep.", list=True)
+    name: str = setting("fit", "Name of this set of subset models in the run.")
+    seed: int = setting(0, "Seed of the subsets and of each unit's training.")
+
+
+def train_subsets(run_dir: str | Path, settings: SubsetSettings | None = None, *,
+                  training: dict | TrainSettings | None = None, units: UnitSettings | None = None,
                   device: str | None = None, eval_batch_size: int = 16, progress: bool = True,
-                  say: Callable[[str], None] | None = None) -> SubsetReport:
-    """Train units ``0..k-1`` of the random design ``name`` (each on ``round(alpha x pool)`` examples)
-    that are not finished yet, and record their outcomes on the pool and on ``targets``."""
-    if not isinstance(k, int) or k < 2:
-        raise InfluenceError(f"--k must be at least 2 (estimates compare models with and without each example), got {k}")
-    if not 0 < alpha < 1:
-        raise InfluenceError(f"--alpha must be in (0, 1), got {alpha}")
+                  say: Callable[[str], None] | None = None, **values) -> SubsetReport:
+    """Train units ``0..k-1`` of the random design (each on ``round(alpha x pool)`` examples) that are not
+    finished yet, and record their outcomes on the pool and on the targets. ``settings`` (a
+    :class:`SubsetSettings`) and ``values`` (its fields by keyword) give the design; ``training`` overrides the
+    warm-up's training settings (or the set's own, when it exists); ``units`` how the units are run."""
+    settings = settings_from(SubsetSettings, settings, where="subsets train", **values)
     run = Run(run_dir)
     n = run.manifest["pool_size"]
-    size = int(round(alpha * n))
+    size = int(round(settings.alpha * n))
     if not 1 <= size <= n - 1:
-        raise InfluenceError(f"--alpha {alpha} gives subsets of {size} of the pool's {n} examples; each subset must "
-                             "hold at least one example and leave at least one out")
-    design = {"kind": "random", "alpha": alpha, "size": size, "seed": seed}
-    return _train(run, name, design, None, list(range(k)), targets, target_tasks, settings, worker, max_hours,
-                  dry_run, device, eval_batch_size, progress, say)
+        raise InfluenceError(f"--alpha {settings.alpha} gives subsets of {size} of the pool's {n} examples; each subset "
+                             "must hold at least one example and leave at least one out")
+    design = {"kind": "random", "alpha": settings.alpha, "size": size, "seed": settings.seed}
+    return _train(run, settings.name, design, None, list(range(settings.k)), settings.targets, settings.target_tasks,
+                  training, units, device, eval_batch_size, progress, say)
 
 
 def train_masks(run_dir: str | Path, masks: np.ndarray, unit_names: list[str], targets: list[EvalSpec], *, name: str,
-                seed: int = 0, target_tasks: list[str] | None = None, settings: dict | TrainSettings | None = None,
-                worker: tuple[int, int] | None = None, max_hours: float | None = None, dry_run: bool = False,
-                device: str | None = None, eval_batch_size: int = 16, progress: bool = True,
-                say: Callable[[str], None] | None = None) -> SubsetReport:
+                seed: int = 0, target_tasks: list[str] | None = None, training: dict | TrainSettings | None = None,
+                units: UnitSettings | None = None, device: str | None = None, eval_batch_size: int = 16,
+                progress: bool = True, say: Callable[[str], None] | None = None) -> SubsetReport:
     """Train one model per row of ``masks`` (units named ``unit_names``) in the explicit design ``name``."""
     masks = np.asarray(masks, dtype=bool)
     if masks.ndim != 2 or len(unit_names) != len(masks) or not masks.any(axis=1).all():
         raise InfluenceError("masks must be (units x pool) with at least one example per unit, one name per unit")
     design = {"kind": "explicit", "names": list(unit_names), "seed": seed}
-    return _train(Run(run_dir), name, design, masks, list(range(len(masks))), targets, target_tasks, settings, worker,
-                  max_hours, dry_run, device, eval_batch_size, progress, say)
+    return _train(Run(run_dir), name, design, masks, list(range(len(masks))), targets, target_tasks, training, units,
+                  device, eval_batch_size, progress, say)
 
 
 EvalSpec = str | tuple[str, list[str] | None]  # a target, or (target, its subtasks to keep)
@@ -161,7 +173,7 @@ class Universe:
 
 
 def _train(run: Run, name: str, design: dict, masks: np.ndarray | None, units: list[int], targets: list[EvalSpec],
-           target_tasks: list[str] | None, overrides, worker, max_hours, dry_run, device, eval_batch_size, progress,
+           target_tasks: list[str] | None, overrides, running: UnitSettings | None, device, eval_batch_size, progress,
            say) -> SubsetReport:
     run.check_data_unchanged()
     existing = stored_subset_settings(run, name)
@@ -171,14 +183,13 @@ def _train(run: Run, name: str, design: dict, masks: np.ndarray | None, units: l
     pool = run.pool()
     universe = Universe(run.subsets_path, run.model_name, pool, run.manifest.get("model_fingerprint"), run.model_loading)
     return train_units(universe, name, design, masks, units, load_eval_sets(list(targets), target_tasks), settings,
-                       worker=worker, max_hours=max_hours, dry_run=dry_run, device=device,
-                       eval_batch_size=eval_batch_size, progress=progress, say=say)
+                       running=running, device=device, eval_batch_size=eval_batch_size, progress=progress, say=say)
 
 
 def train_units(universe: Universe, name: str, design: dict, masks: np.ndarray | None, units: list[int],
                 eval_sets: list[EvalSet], settings: TrainSettings, *, measure_pool: bool = True,
-                worker: tuple[int, int] | None = None, max_hours: float | None = None, dry_run: bool = False,
-                device: str | None = None, eval_batch_size: int = 16, progress: bool = True,
+                running: UnitSettings | None = None, device: str | None = None, eval_batch_size: int = 16,
+                progress: bool = True,
                 say: Callable[[str], None] | None = None, loaded: tuple | None = None,
                 generate: dict | None = None, speed: Speed | None = None) -> SubsetReport:
     """Train the unfinished ``units`` of the store ``universe.root/name`` (created with ``design``, and
@@ -186,15 +197,17 @@ def train_units(universe: Universe, name: str, design: dict, masks: np.ndarray |
     examples (unless ``measure_pool`` is false) and on ``eval_sets``. ``loaded`` = (base model,
     tokenizer, fingerprint) reuses a model already loaded. ``generate`` = {"dataset": an eval set's
     dataset, "n": how many of its examples, "max_new_tokens": ...} also stores each model's greedy
-    responses to those prompts (for judges). ``speed`` reuses an earlier cost measurement."""
+    responses to those prompts (for judges). ``speed`` reuses an earlier cost measurement. ``running``: which
+    share of the units, until when, or a dry run (the cost estimate only)."""
     say = say or (lambda message: None)
-    if max_hours is not None and not max_hours > 0:
-        raise InfluenceError(f"--max-hours must be positive, got {max_hours}")
+    running = check(running or UnitSettings())
+    worker, max_hours, dry_run = running.worker, running.max_hours, running.dry_run
     if eval_batch_size < 1:
         raise InfluenceError(f"evaluation batch size must be at least 1, got {eval_batch_size}")
-    problems = settings.problems()
-    if problems:
-        raise InfluenceError("invalid training settings: " + "; ".join(problems))
+    try:
+        check(settings)
+    except InfluenceError as err:
+        raise InfluenceError(f"invalid training settings: {err}") from None
     pool = universe.examples
     if masks is not None and masks.shape[1] != len(pool):
         raise InfluenceError(f"masks cover {masks.shape[1]} examples, the pool has {len(pool)}")

@@ -21,8 +21,18 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file
 
+from ..config import check, setting
 from ..core.locks import LOCK_FILE, writer_lock
-from ..data.formats import Columns, Example, examples_from_records, load_pool, resolved_source, source_sha256, write_records
+from ..data.formats import (
+    Columns,
+    Example,
+    demo_pool_files,
+    examples_from_records,
+    load_pool,
+    resolved_source,
+    source_sha256,
+    write_records,
+)
 from ..data.templates import Encoded, collate, encode_example
 from ..errors import InfluenceError, RunError
 from ..models.loading import (
@@ -46,10 +56,14 @@ class WarmupConfig(TrainSettings):
     """Warm-up settings: the training settings (LESS's defaults, see :class:`TrainSettings`), the model,
     the pool, the output folder and the random fraction of the pool to train on (LESS: 5%)."""
 
-    model: str = field(metadata={"help": "Hugging Face id, local folder, 'smollm2-135m' (embedded) or 'tiny-llama' (tests).",
-                                 "cli": False})
-    train_files: list[str] = field(metadata={"cli": False})
-    out: str = field(metadata={"cli": False})
+    model: str = setting("smollm2-135m", "Hugging Face id, local folder, 'smollm2-135m' (embedded) or 'tiny-llama' "
+                                         "(tests).")
+    train_files: list[str] = setting(
+        default_factory=list, flag="train", multiple=True,
+        help="Pool data: a file (.jsonl, .json, .tsv, each also .gz; .parquet; .csv), a Hugging Face save_to_disk folder "
+             "(folder:split for one split) or hf:<org>/<name>[:<split>]; repeat for several. Default: the embedded "
+             "demo pool.")
+    out: str = setting(help="Output directory to create.", path={"file_okay": False})
     fraction: float = field(default=0.05, metadata={"help": "Random fraction of the pool to warm up on.", "min": 0,
                                                     "min_open": True, "max": 1})
     track_all: bool = field(default=False, metadata={
@@ -60,18 +74,18 @@ class WarmupConfig(TrainSettings):
     loading: ModelLoading = field(default_factory=ModelLoading, metadata={"prefix": ""})
     columns: Columns = field(default_factory=Columns, metadata={"prefix": ""})
 
-    def check(self) -> None:
-        """Refuse out-of-range settings before any work, naming the option."""
-        problems = [] if 0 < self.fraction <= 1 else [f"--fraction must be in (0, 1], got {self.fraction}"]
-        problems += self.problems()
-        if problems:
-            raise InfluenceError("invalid warm-up settings: " + "; ".join(problems))
+
+@dataclass(kw_only=True)
+class WarmupRun:
+    """How a ``warmup`` command runs (not what it trains: that is :class:`WarmupConfig`)."""
+
+    resume: bool = setting(False, "Continue an interrupted run in --out after its last checkpoint (its own settings; "
+                                  "a flag given that differs from them is refused).")
+    dry_run: bool = setting(False, "Print the cost (a training step timed here) and stop; writes nothing.")
 
 
 def sample_fraction(n: int, fraction: float, seed: int) -> np.ndarray:
     """Indices of a random ``fraction`` of ``n`` examples (at least one), sorted, reproducible."""
-    if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     count = max(1, round(n * fraction))
     return np.sort(np.random.default_rng(seed).choice(n, size=count, replace=False))
 
@@ -143,8 +157,13 @@ def warmup(config: WarmupConfig, progress: bool = True, resume: bool = False, dr
     restored, so the result equals an uninterrupted run). With ``progress`` it prints the cost first (a
     training step timed here); ``dry_run`` prints it and stops, writing nothing.
     """
-    config.check()
+    try:
+        check(config)
+    except InfluenceError as err:
+        raise InfluenceError(f"invalid warm-up settings: {err}") from None
     check_model_name(config.model)
+    if records is None and not config.train_files:
+        config = replace(config, train_files=demo_pool_files())
     if records is not None:
         if config.train_files:
             raise InfluenceError("give the pool as records or as train_files, not both")

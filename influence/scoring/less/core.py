@@ -52,10 +52,11 @@ class LessInputs:
     backend: str
 
 
-def load_less_inputs(run_dir: str | Path, targets: str | list[str], device: str | None = None,
+def load_less_inputs(run: Run | str | Path, targets: str | list[str], device: str | None = None,
                      backend: str | None = None, proj_dim: int | None = None,
                      target_tasks: list[str] | None = None) -> LessInputs:
-    run = Run(run_dir)
+    """What LESS scoring reads for ``targets`` (checked compatible with the pool's stores), on ``device``."""
+    run = run if isinstance(run, Run) else Run(run)
     dim = resolve_dim(run, proj_dim)
     train = open_checkpoint_stores(run, TRAIN, dim)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
