@@ -62,8 +62,23 @@ def compare(before: Path, after: Path) -> tuple[int, list[str]]:
                 continue
             problems.append(f"{name}: differs at {', '.join(differing[:6])}")
         else:
-            problems.append(f"{name}: bytes differ")
+            problems.append(f"{name}: bytes differ" + _text_lines(left, right))
     return same, problems
+
+
+def _text_lines(left: bytes, right: bytes, most: int = 6) -> str:
+    """The lines of two text files that differ (embedded images compared whole), or nothing for binary files."""
+    import difflib
+    import re
+
+    try:
+        a, b = (re.sub(r"base64,[A-Za-z0-9+/=]+", lambda m: f"<image {hash(m.group(0)) & 0xffff:04x}>", x.decode("utf-8"))
+                for x in (left, right))
+    except UnicodeDecodeError:
+        return ""
+    changed = [line[:200] for line in difflib.unified_diff(a.splitlines(), b.splitlines(), lineterm="", n=0)
+               if line[:1] in "+-" and not line.startswith(("+++", "---"))]
+    return ":\n    " + "\n    ".join(changed[:most]) + (f"\n    ... {len(changed) - most} more" if len(changed) > most else "")
 
 
 def _same_but_folder(a, b, path: str, folder_a: str, folder_b: str) -> bool:

@@ -44,7 +44,7 @@ from ..selection.rank import score_targets
 from ..selection.settings import fraction
 from ..train.loop import Scheduler, TrainSettings
 from ..train.run import Run
-from ..train.subset_store import SubsetStore
+from ..train.subset_store import SubsetStore, stored_subsets
 from ..train.subsets import EvalSet, Universe, train_settings, train_units
 from .judge import make_judge, preference
 
@@ -394,8 +394,9 @@ def _masks(universe: list[Example], pool: list[Example], subsets: list[Subset], 
 
 def _results(root: Path, stores: list, names: list[str], eval_sets: list[EvalSet]) -> pd.DataFrame:
     rows = []
+    trained = set(stored_subsets(root))
     for label, point, name in stores:
-        if not Path(root, name, "zarr.json").is_file():
+        if name not in trained:
             continue
         store = SubsetStore.open(root, name)
         for evaluation in eval_sets:

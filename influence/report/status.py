@@ -169,6 +169,6 @@ def status_text(status: dict) -> str:
     lines.append(f"  methods ready: {', '.join(methods['ready'])}")
     for reason in sorted(set(methods["waiting"].values())):
         names = [name for name, why in methods["waiting"].items() if why == reason]
-        lines.append(f"  {', '.join(names)} need {reason}")
+        lines.append(f"  {', '.join(names)} need{'s' if len(names) == 1 else ''} {reason}")
     lines.append(f"  {status['bytes'] / mb:.1f} MB in all")
     return "\n".join(lines)

@@ -1,6 +1,7 @@
 """Stage 5, scoring: every method that scores the run's pool, under one contract (:mod:`.base`).
 
-Importing this package registers the methods; ``influence methods`` lists them with what each score means:
+Importing this package imports every module in it, which registers their methods (adding a method is adding
+its module); ``influence methods`` lists them with what each score means:
 
 * target-aware influence: ``less`` (gradient cosine), ``trak``, ``tracin`` (gradient attribution on the stored
   projected gradients);
@@ -16,12 +17,17 @@ Importing this package registers the methods; ``influence methods`` lists them w
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from pathlib import Path
 from typing import Any
 
 from ..train.run import Run
-from . import baselines, counterfactual, diversity, dynamics, forward, less, rds, tracin, trak  # noqa: F401  (register)
 from .base import Attribution, Method, Scores, Target, get_method, registry
+
+# Every module of the package is imported, so a method is registered by adding its module, and nothing else.
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 
 def _run(run: str | Path | Run) -> Run:

@@ -134,6 +134,7 @@ def save_checkpoint(
     if partial.exists():
         shutil.rmtree(partial)
     model.save_pretrained(str(partial), safe_serialization=True, state_dict=state.weights)  # peft names the keys
+    _sort_target_modules(partial / "adapter_config.json")
     tensors = {f"exp_avg.{k}": v.contiguous() for k, v in state.exp_avg.items()}
     tensors |= {f"exp_avg_sq.{k}": v.contiguous() for k, v in state.exp_avg_sq.items()}
     tensors["torch_rng_state"] = torch.get_rng_state()  # dropout draws continue identically on resume
@@ -150,6 +151,17 @@ def save_checkpoint(
         shutil.rmtree(final)
     partial.rename(final)
     return Checkpoint(name, final, epoch, step, mean_lr)
+
+
+def _sort_target_modules(config: Path) -> None:
+    """peft writes ``target_modules`` from a set, in an order that changes from process to process (string
+    hashing); sorted, a checkpoint's files are the same whenever the same training is run."""
+    if not config.is_file():
+        return
+    data = json.loads(config.read_text(encoding="utf-8"))
+    if isinstance(data.get("target_modules"), list):
+        data["target_modules"] = sorted(data["target_modules"])
+        config.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")  # as peft writes it
 
 
 class Run:
