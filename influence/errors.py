@@ -33,5 +33,18 @@ class StoreMismatchError(InfluenceError):
         self.found = found
 
 
+class StoreCorruptError(InfluenceError):
+    """Stored chunks whose bytes fail their checksum, cannot be decoded or are missing: names the store, the
+    column, the chunks and the rows, and how to recompute just those."""
+
+    def __init__(self, where: str, column: str, chunks: list[int], rows: list[tuple[int, int]], reason: str,
+                 remedy: str = ""):
+        spans = ", ".join(f"{a}-{b - 1}" for a, b in rows[:4]) + (", ..." if len(rows) > 4 else "")
+        super().__init__(f"{where}: chunk{'s' if len(chunks) > 1 else ''} {', '.join(map(str, chunks[:8]))}"
+                         f"{', ...' if len(chunks) > 8 else ''} of '{column}' (rows {spans}) {reason}"
+                         + (f"; {remedy}" if remedy else ""))
+        self.where, self.column, self.chunks, self.rows = where, column, chunks, rows
+
+
 class RunError(InfluenceError):
     """A run directory is missing, incomplete or would be overwritten."""

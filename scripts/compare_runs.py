@@ -19,6 +19,9 @@ from pathlib import Path
 # What a run records about how and when it ran, not what it computed.
 VOLATILE = {"manifest.json": {"wall_seconds", "started", "finished", "command_line", "influence_commit", "out",
                               "created", "timings", "provenance"}}
+# Keys that differ between any two runs by design, in every JSON file: the run's random id (stores and rankings
+# record it to refuse other runs' files).
+ANYWHERE = {"run_id"}
 SKIPPED = (".locks", ".influence.lock")
 
 
@@ -52,7 +55,7 @@ def compare(before: Path, after: Path) -> tuple[int, list[str]]:
             same += 1
             continue
         if name.endswith(".json"):
-            ignore = VOLATILE.get(Path(name).name, set())
+            ignore = VOLATILE.get(Path(name).name, set()) | ANYWHERE
             differing = json_differences(json.loads(left), json.loads(right), ignore=ignore)
             # paths written into a run name its own folder: equal once each run's folder is taken out
             differing = [d for d in differing if not _same_but_folder(json.loads(left), json.loads(right), d,

@@ -1,10 +1,12 @@
 """Crash consistency: SIGKILL each long step at random moments, resume, compare with an uninterrupted run.
 
-For each trial, every long step (``warmup``, ``project-grads`` with a target, ``forward-scores``) is
+For each trial, every long step (``warmup``, ``project-grads`` with a target, ``forward-scores``, ``rank``,
+``subsets train``) is
 started as its own process on the tiny model, killed with SIGKILL after a random delay drawn from its
 uninterrupted duration, then run again (``warmup --resume``; the others resume by themselves) until it
 finishes. The finished run is compared with an uninterrupted one array by array: every adapter and
-Adam tensor, the training dynamics, and every array of every store in ``grads.zarr``.
+Adam tensor, the training dynamics, every array of every store in ``grads.zarr``, the ranking's columns and
+every subset model's mask and outcomes.
 
     python scripts/crash_consistency.py --trials 5          # prints kills survived / tried, identical / not
 """
@@ -50,7 +52,11 @@ def steps(run: Path, pool: Path, target: Path) -> list[tuple[str, list[str], lis
     grads = [*BIN, "project-grads", "--run", str(run), "--target", str(target), "--proj-dim", "32,64",
              "--batch-size", "4", "--chunk-size", "8"]
     forward = [*BIN, "forward-scores", "--run", str(run), "--batch-size", "4", "--chunk-size", "8"]
-    return [("warmup", warm, [*warm, "--resume"]), ("project-grads", grads, grads), ("forward-scores", forward, forward)]
+    ranking = [*BIN, "rank", "--run", str(run), "--target", str(target), "--method", "less", "--proj-dim", "32",
+               "--fraction", "0.2", "--space", "none"]
+    models = [*BIN, "subsets", "train", "--run", str(run), "--k", "3", "--target", str(target), "--epochs", "1"]
+    return [("warmup", warm, [*warm, "--resume"]), ("project-grads", grads, grads), ("forward-scores", forward, forward),
+            ("rank", ranking, ranking), ("subsets train", models, models)]
 
 
 def run_step(command: list[str], kill_after: float | None = None) -> tuple[bool, float]:
@@ -87,6 +93,17 @@ def arrays(run: Path) -> dict[str, np.ndarray]:
         item = zarr.open(store=str(root), path=str(node.relative_to(root)), mode="r")
         if isinstance(item, zarr.Array):
             found[f"grads.zarr/{node.relative_to(root)}"] = item[:]
+    for ranking in sorted(run.glob("rank-*")):
+        table = pd.read_parquet(ranking / "scores.parquet")
+        for column in table.columns:
+            found[f"{ranking.name}/{column}"] = table[column].to_numpy()
+        found[f"{ranking.name}/selected"] = np.array(json.loads((ranking / "summary.json").read_text())["selected_ids"])
+    models = run / "subsets.zarr"
+    for meta in sorted(models.rglob("units/*/*/zarr.json")):
+        node = meta.parent
+        item = zarr.open(store=str(models), path=str(node.relative_to(models)), mode="r")
+        if isinstance(item, zarr.Array):
+            found[f"subsets.zarr/{node.relative_to(models)}"] = item[:]
     return found
 
 

@@ -132,7 +132,10 @@ def test_selection_notes(tiny_run, tmp_path):
     runner = CliRunner()
     base = ["rank", "--run", tiny_run["run"], "--method", "random", "--space", "none"]
     result = runner.invoke(main, base + ["--select", "middle", "--fraction", "0.5", "--out", str(tmp_path / "m")])
-    assert result.exit_code == 0 and "--fraction is not used by --select middle" in result.output
+    assert result.exit_code == 2 and "--fraction applies to --select top / bottom, not --select middle" in result.output
+    result = runner.invoke(main, base + ["--select", "middle", "--top-k", "10", "--out", str(tmp_path / "m")])
+    assert result.exit_code == 2 and "--top-k applies to --select top / bottom" in result.output  # never ignored
+    assert not (tmp_path / "m").exists()
     result = runner.invoke(main, base + ["--select", "above", "--threshold", "2", "--out", str(tmp_path / "empty")])
     assert result.exit_code == 0 and "the selection is empty" in result.output
     summary = json.loads((tmp_path / "empty" / "summary.json").read_text())
@@ -233,7 +236,7 @@ def test_rank_never_overwrites_another_ranking_and_prints_json(tiny_run, tmp_pat
     assert runner.invoke(main, base + ["--method", "random"]).exit_code == 0
     assert runner.invoke(main, base + ["--method", "random"]).exit_code == 0  # the same ranking again: fine
     result = runner.invoke(main, base + ["--method", "nll"])
-    assert result.exit_code == 2 and "holds another ranking (random)" in result.output
+    assert result.exit_code == 2 and "holds a ranking made with other settings" in result.output
     result = runner.invoke(main, base + ["--method", "nll", "--overwrite", "--json"])
     assert result.exit_code == 0, result.output
     printed = json.loads(result.stdout)

@@ -123,8 +123,8 @@ def test_a_store_killed_while_being_created_never_appears(tiny_run, tmp_path, mo
     run_dir = _copy_run(tiny_run, tmp_path, "creation")
     original = store_module._build
 
-    def dies_after_ids(root, path, metadata, ids, tasks, columns):
-        original(root, path, metadata, ids, tasks, columns)
+    def dies_after_ids(root, path, metadata, ids, tasks, columns, *rest):
+        original(root, path, metadata, ids, tasks, columns, *rest)
         raise KeyboardInterrupt("killed after the ids array was written")
 
     monkeypatch.setattr(store_module, "_build", dies_after_ids)

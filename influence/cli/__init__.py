@@ -8,6 +8,7 @@ run) prints one line and exits 2; ``rank`` exits 3 for a degenerate ranking.
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 from dataclasses import dataclass
@@ -28,6 +29,25 @@ class Commands(click.Group):
         except InfluenceError as err:
             click.secho(f"error: {err}", fg="red", err=True)
             sys.exit(err.exit_code)
+        except OSError as err:
+            if err.errno not in REFUSALS:
+                raise
+            click.secho(f"error: {environment_refusal(err)}", fg="red", err=True)
+            sys.exit(2)
+
+
+# The file system's refusals, which are the environment's, not a bug: a line naming the path, not a traceback.
+REFUSALS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR,
+            errno.EISDIR}
+
+
+def environment_refusal(err: OSError) -> str:
+    """One line for an OSError the file system raised: what, where, and what to do."""
+    where = err.filename or "a file"
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"{where}: no space left on the device; free some and rerun: what was written whole is kept and "
+                "the command resumes from it")
+    return f"{where}: {err.strerror or err}"
 
 
 @dataclass(kw_only=True)
@@ -65,7 +85,8 @@ def main(context: click.Context, **values) -> None:
 
 
 for command in (pipeline.warmup, pipeline.project_grads, pipeline.rank, pipeline.compare, pipeline.methods,
-                pipeline.forward_scores, pipeline.targets, pipeline.prepare_model, pipeline.status, pipeline.notebook,
+                pipeline.forward_scores, pipeline.targets, pipeline.prepare_model, pipeline.status, pipeline.verify,
+                pipeline.notebook,
                 pipeline.report, subsets.subsets, evaluate.evaluate):
     main.add_command(command)
 

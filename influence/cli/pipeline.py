@@ -14,6 +14,7 @@ from ..config import build, setting, settings_options
 from ..gradients.collect import ProjectSettings
 from ..report.html import ReportSettings
 from ..report.notebook import NotebookSettings
+from ..report.verify import VerifySettings
 from ..scoring.forward import ForwardSettings
 from ..selection.compare import CompareSettings
 from ..selection.settings import RankSettings
@@ -105,11 +106,6 @@ def rank(**values) -> None:
 
     where, settings, display = build(RunFolder, values), build(RankSettings, values), build(RankDisplay, values)
     targets = build(Targets, values).targets or [None]
-    if settings.mode not in ("top", "bottom") and \
-            click.get_current_context().get_parameter_source("fraction").name == "COMMANDLINE":
-        click.secho(f"note: --fraction is not used by --select {settings.mode} (it keeps "
-                    f"{'the --band quantiles' if settings.mode == 'middle' else 'the scores ' + settings.mode + ' --threshold'})",
-                    fg="yellow", err=True)
     rankings = rank_many(where.run_dir, targets, settings, method_options=given_method_options(values, RANK_OWN))
     pool = pool_by_id(where.run_dir) if display.show else {}
     if display.as_json:
@@ -230,6 +226,31 @@ def status(**values) -> None:
 
     found = run_status(build(RunFolder, values).run_dir)
     click.echo(json.dumps(found, indent=2) if build(AsJson, values).as_json else status_text(found))
+
+
+@click.command()
+@settings_options(RunFolder)
+@settings_options(VerifySettings)
+@settings_options(AsJson)
+def verify(**values) -> None:
+    """Check every stored chunk of a run against its checksum and look for every written chunk's file (and every
+    trained subset model); exit 4 when something is corrupt or missing. --repair marks it for recomputing."""
+    from ..report.verify import verify_run
+
+    report = verify_run(build(RunFolder, values).run_dir, build(VerifySettings, values).repair)
+    if build(AsJson, values).as_json:
+        click.echo(json.dumps(report.__dict__, indent=2))
+    else:
+        click.echo(f"checked {report.stores} stores ({report.chunks} chunks) and {report.subset_models} subset models")
+        for where in report.unchecksummed:
+            click.secho(f"note: {where} was written before checksums: read, but its bytes cannot be verified",
+                        fg="yellow")
+        for problem in report.problems:
+            click.secho(f"corrupt: {problem}", fg="red")
+        for repaired in report.repaired:
+            click.echo(f"repaired: {repaired}")
+    if report.problems and not report.repaired:
+        sys.exit(4)
 
 
 @click.command()

@@ -1,8 +1,16 @@
 """The one store format: per-example columns in a Zarr (v3) group, filled chunk by chunk and published
-whole (see :class:`ChunkedStore`)."""
+whole (see :class:`ChunkedStore`).
+
+Integrity: every array is written with a CRC-32C checksum per chunk (Zarr v3's ``crc32c`` codec, last in the
+codec pipeline) and every chunk is written, even one equal to the fill value, so a chunk whose bytes were
+changed, truncated or deleted is found when it is read (:meth:`ChunkedStore.read`) or verified
+(:meth:`ChunkedStore.verify`, ``influence verify``): an error names the store, the column, the chunks and
+their rows, never a silently wrong number. Stores written before checksums are read as before.
+"""
 
 from __future__ import annotations
 
+import functools
 import os
 import uuid
 from collections.abc import Iterator
@@ -13,12 +21,21 @@ from typing import TypeVar
 import numpy as np
 import zarr
 from filelock import FileLock
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from ..errors import InfluenceError, StoreMismatchError
+from ..errors import InfluenceError, RunError, StoreCorruptError, StoreMismatchError
 from .storage import StoreRoot, as_root
 
+# Every chunk is written, even one equal to the fill value: a chunk file that is missing is then always a loss.
+zarr.config.set({"array.write_empty_chunks": True})
+# Errors Zarr's codecs raise for bytes they cannot decode (a checksum mismatch, a truncated frame).
+DECODE_ERRORS = (ValueError, RuntimeError, TypeError)
+# The command that writes each kind of store: after `influence verify --repair` it recomputes the bad chunks.
+WRITERS = {"influence-grads": "influence project-grads", "influence-forward": "influence forward-scores",
+           "influence-reps": "influence rank --method rds", "influence-embeddings": "influence rank --space embed:<model>"}
+
 # Recorded for information only; never a reason to refuse a store.
-INFORMATIONAL_FIELDS = ("influence_version", "checkpoint_mean_lr", "target", "target_tasks")
+INFORMATIONAL_FIELDS = ("influence_version", "checkpoint_mean_lr", "target", "target_tasks", "run_id")
 
 
 Columns = dict[str, tuple[tuple[int, ...], str]]  # name -> (shape after the example axis, dtype)
@@ -32,9 +49,13 @@ class ChunkedStore:
 
     required_fields: tuple[str, ...] = ("format", "format_version", "dataset", "n_examples", "chunk_size")
 
-    def __init__(self, group: zarr.Group, where: str):
+    def __init__(self, group: zarr.Group, where: str, root: StoreRoot | None = None, path: str | None = None):
         self.group = group
         self.where = where
+        self.root, self.path = root, path
+        self._present: dict[str, set[int]] = {}  # read once per store object: chunk files that exist
+        self._arrays: dict[str, zarr.Array] = {}
+        self._done: np.ndarray | None = None
 
     # -- creation / reopening -------------------------------------------------------------------
     @classmethod
@@ -47,8 +68,10 @@ class ChunkedStore:
         tasks: list[str],
         columns: Columns,
         overwrite: bool = False,
+        checksums: bool = True,
     ):
-        """Open ``root/path`` for writing, checking ``metadata``, or create it empty."""
+        """Open ``root/path`` for writing, checking ``metadata``, or create it empty (``checksums=False``: without
+        CRC-32C checksums, as stores were written before them; for benchmarks)."""
         missing = [f for f in cls.required_fields if f not in metadata]
         if missing:
             raise ValueError(f"store metadata lacks {missing}")
@@ -58,6 +81,10 @@ class ChunkedStore:
         with creation_lock(root, path):
             remove_partials(root, path)
             existing = existing_group(root, path)
+            owner = dict(existing.attrs).get("run_id") if existing is not None else None
+            if owner is not None and metadata.get("run_id") not in (None, owner):  # --overwrite included
+                raise RunError(f"{where} belongs to another run (id {owner}), not to the run writing it (id "
+                               f"{metadata['run_id']}); nothing was written: give this run its own stores")
             if existing is not None and not overwrite:
                 fields = tuple(k for k in metadata if k not in INFORMATIONAL_FIELDS)
                 check_metadata(dict(existing.attrs), metadata, where, fields)
@@ -66,29 +93,31 @@ class ChunkedStore:
                     raise StoreMismatchError("arrays", "complete layout", f"missing {missing_arrays}", where)
                 group = existing
             else:
-                group = publish_store(root, path, lambda tmp: _build(root, tmp, metadata, ids, tasks, columns))
-        store = cls(group, where)
+                group = publish_store(root, path, lambda tmp: _build(root, tmp, metadata, ids, tasks, columns, checksums))
+        store = cls(group, where, root, path)
         if list(store.ids) != list(ids):
             raise StoreMismatchError("ids", "the requested examples", "different ids", where)
         return store
 
     @classmethod
-    def open(cls, root: StoreRoot | str | Path, path: str):
-        group = existing_group(as_root(root), path, mode="r")
+    def open(cls, root: StoreRoot | str | Path, path: str, writable: bool = False):
+        """Open ``root/path`` for reading (``writable``: also to change its done flags, as a repair does)."""
+        root = as_root(root)
+        group = existing_group(root, path, mode="a" if writable else "r")
         if group is None:
             raise InfluenceError(f"no store at {root}/{path}; run `influence project-grads` first")
-        return cls(group, f"{root}/{path}")
+        return cls(group, f"{root}/{path}", root, path)
 
     # -- properties ----------------------------------------------------------------------------------
     @property
     def metadata(self) -> dict:
         return dict(self.group.attrs)
 
-    @property
+    @functools.cached_property
     def n_examples(self) -> int:
         return int(self.metadata["n_examples"])
 
-    @property
+    @functools.cached_property
     def chunk_size(self) -> int:
         return int(self.metadata["chunk_size"])
 
@@ -156,15 +185,100 @@ class ChunkedStore:
             )
 
     def iter_chunks(self, rows: int | None = None, column: str = "grads") -> Iterator[tuple[int, np.ndarray]]:
-        """(start, block) over a stored column, ``rows`` at a time (default: one chunk)."""
+        """(start, block) over a stored column, ``rows`` at a time (default: one chunk), each block checked."""
         self.require_complete()
         rows = rows or self.chunk_size
-        array = self.group[column]
         for start in range(0, self.n_examples, rows):
-            yield start, array[start : start + rows]
+            yield start, self.read(column, start, min(start + rows, self.n_examples))
 
     def array(self, name: str) -> np.ndarray:
+        """A whole column (per-example columns checked as :meth:`read` checks them)."""
+        if self.group[name].shape[:1] == (self.n_examples,) and name not in ("ids", "tasks"):
+            return self.read(name, 0, self.n_examples)
         return self.group[name][:]
+
+    # -- integrity -------------------------------------------------------------------------------------
+    def read(self, column: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of a per-example column; refuses, naming the chunks and rows, bytes that fail their
+        checksum or cannot be decoded and, in a checksummed store, written chunks whose file is missing."""
+        if column not in self._arrays:
+            self._arrays[column] = self.group[column]
+        array = self._arrays[column]
+        try:
+            values = array[start:stop]
+        except DECODE_ERRORS as err:
+            chunks = range(start // self.chunk_size, -(-stop // self.chunk_size))
+            bad = [c for c in chunks if not self._decodes(array, c)] or list(chunks)
+            raise self._corrupt(column, bad, f"cannot be read ({_reason(err)})") from None
+        if checksummed(array):
+            if self._done is None:
+                self._done = self.group["done"][:]
+            present = self.present_chunks(column)
+            missing = [c for c in range(start // self.chunk_size, -(-stop // self.chunk_size))
+                       if self._done[c] and c not in present]
+            if missing:
+                raise self._corrupt(column, missing, "is missing (its file was deleted)")
+        return values
+
+    def verify(self) -> list[StoreCorruptError]:
+        """Every written chunk of every per-example column read and checked: what is corrupt or missing."""
+        found = []
+        done = self.group["done"][:]
+        for name in self.row_columns():
+            array = self.group[name]
+            bad = [c for c in map(int, np.flatnonzero(done)) if not self._decodes(array, c)]
+            if bad:
+                found.append(self._corrupt(name, bad, "cannot be read (checksum mismatch or truncated)"))
+            if checksummed(array):
+                missing = [c for c in map(int, np.flatnonzero(done)) if c not in self.present_chunks(name) and c not in bad]
+                if missing:
+                    found.append(self._corrupt(name, missing, "is missing (its file was deleted)"))
+        return found
+
+    def mark_pending(self, chunks: list[int]) -> None:
+        """Mark ``chunks`` as not written, so that the command that writes the store recomputes them."""
+        done = self.group["done"]
+        for chunk in chunks:
+            done[chunk] = False
+
+    def row_columns(self) -> list[str]:
+        """The arrays with one row per example (every column and the finite flags; not ids, tasks, done)."""
+        return sorted(name for name, array in self.group.arrays()
+                      if array.shape[:1] == (self.n_examples,) and name not in ("ids", "tasks", "done"))
+
+    def present_chunks(self, column: str) -> set[int]:
+        """Indices (along the examples) of the chunk files that exist for ``column``."""
+        if column not in self._present:
+            if self.root is None or self.path is None:
+                return set(range(self.n_chunks))  # no way to look: trust the done flags
+            folder = self.root._full(f"{self.path}/{column}/c")
+            names = self.root.fs.find(folder) if self.root.fs.isdir(folder) else []
+            self._present[column] = {int(name[len(folder) + 1:].split("/")[0]) for name in names}
+        return self._present[column]
+
+    def _decodes(self, array, chunk: int) -> bool:
+        start, stop = self.chunk_bounds(chunk)
+        try:
+            array[start:stop]
+        except DECODE_ERRORS:
+            return False
+        return True
+
+    def _corrupt(self, column: str, chunks: list[int], reason: str) -> StoreCorruptError:
+        writer = WRITERS.get(self.metadata.get("format"), "the command that wrote it")
+        remedy = (f"`influence verify --run RUN --repair` marks them unwritten, then `{writer}` recomputes just "
+                  "those chunks")
+        return StoreCorruptError(self.where, column, chunks, [self.chunk_bounds(c) for c in chunks], reason, remedy)
+
+
+def checksummed(array) -> bool:
+    """Whether an array's chunks carry a CRC-32C checksum (stores written before checksums do not)."""
+    return any(type(codec).__name__ == "Crc32cCodec" for codec in array.metadata.codecs)
+
+
+def _reason(err: Exception) -> str:
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return "checksum mismatch" if "checksum" in text.lower() else text[:120]
 
 
 def read_ahead(items: Iterator[T]) -> Iterator[T]:
@@ -182,7 +296,8 @@ def read_ahead(items: Iterator[T]) -> Iterator[T]:
             yield item
 
 
-def _build(root: StoreRoot, path: str, metadata: dict, ids: list[str], tasks: list[str], columns: Columns) -> None:
+def _build(root: StoreRoot, path: str, metadata: dict, ids: list[str], tasks: list[str], columns: Columns,
+           checksums: bool = True) -> None:
     """Create an empty store at ``root/path``: every array, the ids and the subtask labels."""
     group = root.create_group(path, metadata)
     n, chunk = metadata["n_examples"], metadata["chunk_size"]
@@ -193,15 +308,24 @@ def _build(root: StoreRoot, path: str, metadata: dict, ids: list[str], tasks: li
     for name, (shape, chunks, dtype) in arrays.items():
         # Vectors (gradients, representations) are stored uncompressed: projected gradients are close to
         # Gaussian noise, zstd saves 8% of their bytes and halves the read speed (scripts/bench_codecs.py).
-        compressors = None if len(shape) > 1 else "auto"
+        # Every chunk carries a CRC-32C checksum (the last codec), checked whenever it is read.
+        compressors = [Crc32cCodec()] if len(shape) > 1 else checked_codecs()
+        if not checksums:
+            compressors = None if len(shape) > 1 else "auto"
         group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0, compressors=compressors)
     for name, values in (("ids", ids), ("tasks", tasks)):
         write_strings(group, name, values)
 
 
+def checked_codecs() -> list:
+    """The compressors of a small array: zstd, then a CRC-32C checksum of every chunk."""
+    return [ZstdCodec(level=0), Crc32cCodec()]
+
+
 def write_strings(group: zarr.Group, name: str, values: list[str]) -> None:
-    """A 1-D array of variable-length strings (ids, subtask labels)."""
-    array = group.create_array(name, shape=(len(values),), chunks=(max(len(values), 1),), dtype=str)
+    """A 1-D array of variable-length strings (ids, subtask labels), checksummed."""
+    array = group.create_array(name, shape=(len(values),), chunks=(max(len(values), 1),), dtype=str,
+                               compressors=checked_codecs())
     array[:] = np.asarray(values, dtype=object).astype(str)
 
 
@@ -238,6 +362,28 @@ def remove_partials(root: StoreRoot | str | Path, path: str) -> None:
         root.remove(path)
 
 
+def remove_all_partials(root: StoreRoot | str | Path) -> list[str]:
+    """Delete every store an interrupted creation left anywhere under ``root``, each only while no process is
+    creating that store (its creation lock is free). Returns what was removed."""
+    from filelock import Timeout
+
+    root = as_root(root)
+    if not root.exists():
+        return []
+    removed = []
+    for name in sorted(root.fs.glob(f"{root._full()}/**/*{PARTIAL}*")):
+        relative = name[len(root._full()) + 1 :]
+        if PARTIAL not in relative.rsplit("/", 1)[-1] or any(relative.startswith(r + "/") for r in removed):
+            continue
+        try:
+            with creation_lock(root, relative.split(PARTIAL)[0]).acquire(timeout=0):
+                root.remove(relative)
+                removed.append(relative)
+        except Timeout:  # being created right now by another process
+            continue
+    return removed
+
+
 def existing_group(root: StoreRoot, path: str, mode: str = "a") -> zarr.Group | None:
     if not root.has_group(path):
         return None
@@ -254,3 +400,13 @@ def check_metadata(found: dict, expected: dict, where: str, fields: tuple[str, .
     for field in fields:
         if found.get(field) != expected.get(field):
             raise StoreMismatchError(field, expected.get(field), found.get(field), where)
+
+
+def chunked_stores_under(root: StoreRoot | str | Path) -> list[str]:
+    """The paths (relative to ``root``) of every chunked store published under it."""
+    root = as_root(root)
+    if not root.exists():
+        return []
+    found = root.fs.glob(f"{root._full()}/**/done/zarr.json")
+    paths = sorted(name[len(root._full()) + 1 : -len("/done/zarr.json")] for name in found)
+    return [path for path in paths if PARTIAL not in path]

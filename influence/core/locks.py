@@ -43,7 +43,8 @@ def exclusive(command: str):
     def decorate(function):
         @functools.wraps(function)
         def locked(run_dir, *args, **kwargs):
-            if not Path(run_dir).is_dir():  # the function's own check says what is missing
+            if not (Path(run_dir) / "manifest.json").is_file():  # not a run: the function's own check says so, and
+                # no lock file is left in a folder that is not a run
                 return function(run_dir, *args, **kwargs)
             with writer_lock(run_dir, command):
                 return function(run_dir, *args, **kwargs)

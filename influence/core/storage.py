@@ -132,3 +132,48 @@ class StoreRoot:
 def as_root(root: StoreRoot | str | Path) -> StoreRoot:
     """``root`` as a :class:`StoreRoot` (paths and URLs are accepted wherever a root is)."""
     return root if isinstance(root, StoreRoot) else StoreRoot(root)
+
+
+STAGING = ".partial-"  # a folder being written, beside where it goes
+REPLACED = ".replaced-"  # the folder a publication moved aside
+
+
+def staging_folder(folder: Path) -> Path:
+    """Where an output folder is written before :func:`publish_folder` puts it in place; leftovers of earlier,
+    interrupted writers of ``folder`` are removed first (a replaced folder that never got its successor is
+    put back)."""
+    folder = Path(folder)
+    parent = folder.parent
+    if parent.is_dir():
+        for leftover in parent.glob(f".{folder.name}{STAGING}*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        for replaced in sorted(parent.glob(f".{folder.name}{REPLACED}*")):
+            if not folder.exists():
+                os.rename(replaced, folder)
+            else:
+                shutil.rmtree(replaced, ignore_errors=True)
+    return parent / f".{folder.name}{STAGING}{os.getpid()}"
+
+
+def publish_folder(staging: Path, folder: Path) -> None:
+    """Put the fully written ``staging`` folder in place of ``folder``: a reader sees the old folder or the new
+    one, never a mix (renames within one parent folder)."""
+    folder = Path(folder)
+    aside = folder.parent / f".{folder.name}{REPLACED}{os.getpid()}"
+    if folder.exists():
+        os.rename(folder, aside)
+    os.rename(staging, folder)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def check_writable(path: str | Path) -> None:
+    """Refuse, before any work, an output path (a file or a folder) that cannot be written: a parent that cannot
+    be created, a read-only or forbidden folder; names the path."""
+    path = Path(path).absolute()
+    existing = next(p for p in path.parents if p.exists())
+    if not existing.is_dir():
+        raise InfluenceError(f"{path}: {existing} is a file, not a folder")
+    for folder in (existing, path) if path.is_dir() else (existing,):
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise InfluenceError(f"{path}: {folder} cannot be written (permission denied or a read-only file "
+                                 "system)")

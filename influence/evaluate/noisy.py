@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from ..config import check, setting, settings_from
+from ..core.storage import check_writable
 from ..data.formats import Example, demo_pool_files, load_pool
 from ..errors import InfluenceError
 from ..gradients.collect import project_grads
@@ -115,6 +116,7 @@ def evaluate_noisy(config: WarmupConfig, settings: NoisySettings | None = None, 
     settings = settings_from(NoisySettings, settings, where="evaluate noisy", **values)
     check(config)
     out = Path(config.out)
+    check_writable(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InfluenceError(f"{out}: exists and is not empty; evaluate noisy writes into a new or empty folder "
                              "(it never overwrites your files)")

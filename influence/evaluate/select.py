@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from ..config import setting, settings_from
+from ..core.storage import check_writable
 from ..core.units import UnitSettings
 from ..data.formats import Example, examples_sha256, load_examples
 from ..data.targets import TARGETS, load_heldout, load_target, target_name
@@ -269,6 +270,7 @@ def evaluate_select(specs: list[str] | None = None, settings: SelectSettings | N
     masks, names = _masks(universe_examples, pool, subsets, grid.seeds)
     folder = Path(settings.out) if settings.out is not None else (run.path if run is not None else Path(".")) / \
         f"select-{target_name(target) if target else 'eval'}"
+    check_writable(folder)
     universe = Universe(folder / "models.zarr", run.model_name if run is not None else settings.model,
                         universe_examples, run.manifest.get("model_fingerprint") if run is not None else None,
                         run.model_loading if run is not None else loading)

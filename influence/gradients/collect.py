@@ -16,8 +16,10 @@ import torch
 
 from .. import __version__
 from ..config import setting, settings_from
+from ..core.chunks import remove_all_partials
 from ..core.locks import writer_lock
 from ..core.naming import TRAIN, GradientType, gradient_dataset, grads_group, target_dataset
+from ..core.resources import available_memory, free_disk, require_room
 from ..core.storage import StoreRoot
 from ..core.units import UnitClaims, WorkerShare
 from ..data.formats import Example, examples_sha256
@@ -28,7 +30,7 @@ from ..models.loading import device_setting, load_adapter, parse_device, place
 from ..progress import progress_bar
 from ..train.run import Checkpoint, Run
 from .per_example import FEATURES, OBJECTIVE_OF, OBJECTIVES, AdamPreconditioner, LoraGradients
-from .projection import Projector
+from .projection import DEFAULT_CACHE_BYTES, Projector
 from .store import GradientStore, stored_datasets, stored_dims
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,23 @@ def projection_rows(dim: int, batch_size: int, chunk_size: int) -> int:
     PROJECTION_BUFFER_BYTES of fp32) go through the projector together, which amortises generating
     its signs."""
     return max(batch_size, min(chunk_size, PROJECTION_BUFFER_BYTES // (4 * dim)))
+
+
+def check_memory(gradient_dim: int, dims: list[int], batch_size: int, chunk_size: int, features: int,
+                 say: bool) -> None:
+    """Refuse, before anything is allocated, a projection whose buffers would not fit in the memory there is
+    (one stored chunk of projected rows per dimension and feature, the batch of gradients and the signs the
+    projector keeps), and warn of a projection larger than the gradient itself."""
+    rows = projection_rows(max(dims), batch_size, chunk_size)
+    needed = (chunk_size * sum(dims) * 4 * features + rows * gradient_dim * 4
+              + min(DEFAULT_CACHE_BYTES, gradient_dim * max(dims)) + rows * max(dims) * 4)
+    require_room(f"projecting {gradient_dim}-dimensional gradients to {', '.join(map(str, dims))} dimensions", needed,
+                 available_memory(), "memory", "use a smaller --proj-dim (LESS uses 8192) or --chunk-size")
+    larger = [d for d in dims if d > gradient_dim]
+    if larger and say:
+        print(f"warning: --proj-dim {', '.join(map(str, larger))} is larger than the gradient itself ({gradient_dim} "
+              f"dimensions): the projection adds size, not information; --proj-dim {gradient_dim} or less keeps as "
+              "much", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -233,9 +252,10 @@ def project_grads(run_dir: str | Path, target: str | None = None, settings: Proj
     shared_work = cooperative or settings.shard is not None or _world_size() > 1
     if settings.overwrite and shared_work:
         raise InfluenceError("--overwrite replaces stores: run it in one process, not with --workers, --shard or torchrun")
-    if not Path(run_dir).is_dir():
-        Run(run_dir)  # says what is missing
+    Run(run_dir)  # says what is missing before a lock file is made in a folder that is not a run
     with writer_lock(run_dir, "project-grads", shared=not settings.overwrite):
+        if not shared_work and not settings.dry_run:  # alone on the run: what killed writers left is removed
+            remove_all_partials(Run(run_dir).store_path)
         return _project_grads(run_dir, target, settings, progress, shared_work)
 
 
@@ -333,6 +353,7 @@ def _project_grads(run_dir, target: str | None, settings: ProjectSettings, progr
         model, device = place(load_adapter(base, checkpoint.path), device)
         hooks = LoraGradients(model)
         if not projectors:
+            check_memory(hooks.dim, dims, batch_size, chunk_size, len(train_types) + 1, progress or dry_run)
             projectors = {dim: Projector(hooks.dim, dim, seed) for dim in dims}
         adapter_hash = checkpoint.adapter_sha256()
         for dataset, examples, _, _ in datasets:
@@ -344,9 +365,14 @@ def _project_grads(run_dir, target: str | None, settings: ProjectSettings, progr
                                  overwrite)
             if progress or dry_run:
                 print(cost.text(), file=sys.stderr, flush=True)
+            if not run.store_path.remote:  # object stores report no free space
+                require_room("project-grads' stores", int(cost.store_bytes * (1 - cost.done_fraction)),
+                             free_disk(run.store_path.base), "disk at " + run.store_path.base,
+                             "free some, use a smaller --proj-dim, or keep the stores elsewhere with --store")
             if dry_run:
                 hooks.remove()
                 return []
+            run.claim_stores()  # after every check: a refused command leaves no store folder behind
         for dataset, examples, types, extra in datasets:
             encoded = encodings[dataset]
             ids = [e.id for e in examples]
@@ -376,6 +402,7 @@ def _project_grads(run_dir, target: str | None, settings: ProjectSettings, progr
                             **extra,
                             "checkpoint_mean_lr": checkpoint.mean_lr,
                             "influence_version": __version__,
+                            "run_id": run.run_id,
                         }
                         store = GradientStore.open_or_create(
                             run.store_path, grads_group(dim, key, checkpoint.name), metadata,

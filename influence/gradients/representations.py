@@ -57,7 +57,7 @@ def _metadata(run: Run, checkpoint: Checkpoint, fingerprint: str, dataset: str, 
         "format": FORMAT, "format_version": 1, "pooling": POOLING, "model": fingerprint,
         "checkpoint": checkpoint.name, "adapter_sha256": checkpoint.adapter_sha256(), "dataset": dataset,
         "n_examples": len(examples), "examples_sha256": examples_sha256(examples), "max_length": run.max_length,
-        "chunk_size": chunk_size, "influence_version": __version__,
+        "chunk_size": chunk_size, "influence_version": __version__, "run_id": run.run_id,
     }
 
 
@@ -69,6 +69,7 @@ def compute_representations(run_dir: str | Path, target: str | None = None, targ
     check_sizes(batch_size=batch_size, chunk_size=chunk_size)
     run = Run(run_dir)
     run.check_data_unchanged()
+    run.claim_stores()
     checkpoint = run.checkpoints()[-1]
     device = choose_device()
     base, tokenizer, fingerprint = run.load_base_model(device)
@@ -109,6 +110,7 @@ def representation_stores(run_dir: str | Path, target: str | None = None,
             chunk_size = ChunkedStore.open(run.store_path, path).chunk_size
             compute_representations(run_dir, target, target_tasks, chunk_size=chunk_size)
         store = ChunkedStore.open(run.store_path, path)
+        run.owns(store.metadata.get("run_id"), store.where)
         check_metadata(store.metadata, expected, store.where + f" (stale: delete {store.where} to recompute it)",
                        ("format", "format_version", "model", "adapter_sha256", "examples_sha256", "max_length"))
         stores.append(store)

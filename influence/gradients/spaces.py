@@ -113,6 +113,7 @@ def embedding_store(run_dir: str | Path, model: str, batch_size: int = 16, max_l
     if not has_store(run.store_path, path) or not ChunkedStore.open(run.store_path, path).complete:
         compute_embeddings(run.path, model, batch_size, max_length)
     store = ChunkedStore.open(run.store_path, path)
+    run.owns(store.metadata.get("run_id"), store.where)
     expected = examples_sha256(run.pool())
     if store.metadata.get("examples_sha256") != expected:
         raise InfluenceError(f"{store.where}: made for another pool (the pool changed since); delete it to recompute")
@@ -132,6 +133,7 @@ def compute_embeddings(run_dir: str | Path, model: str, batch_size: int = 16, ma
     from ..models.loading import SMOLLM2, TINY, check_model_name, load_base_model, parse_device
 
     run = Run(run_dir)
+    run.claim_stores()
     pool = run.pool()
     check_model_name(model)
     device = parse_device(None)
@@ -147,7 +149,8 @@ def compute_embeddings(run_dir: str | Path, model: str, batch_size: int = 16, ma
     hidden = encoder.config.hidden_size
     metadata = {"format": EMBED_FORMAT, "format_version": 1, "model": model, "dataset": TRAIN, "n_examples": len(pool),
                 "examples_sha256": examples_sha256(pool), "chunk_size": 128, "max_length": max_length,
-                "pooling": "mean of final hidden states over the text's tokens", "influence_version": __version__}
+                "pooling": "mean of final hidden states over the text's tokens", "influence_version": __version__,
+                "run_id": run.run_id}
     store = ChunkedStore.open_or_create(run.store_path, f"embeddings/{_slug(model)}", metadata, [e.id for e in pool],
                                         [""] * len(pool), {"embedding": ((hidden,), "float32")})
     if tokenizer.pad_token_id is None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.chunks import PARTIAL, ChunkedStore, check_metadata
+from ..core.chunks import PARTIAL, ChunkedStore, check_metadata, has_store
 from ..core.naming import TRAIN, gradient_dataset, grads_group, target_dataset
 from ..core.storage import StoreRoot, as_root
 from ..data.formats import Example, examples_sha256
@@ -61,7 +61,7 @@ class GradientStore(ChunkedStore):
         return store
 
     @classmethod
-    def open_or_create(cls, root, path, metadata, ids, tasks, overwrite=False):
+    def open_or_create(cls, root, path, metadata, ids, tasks, overwrite=False, checksums=True):
         metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, **metadata}
         columns = {
             "grads": ((metadata["projector"]["output_dim"],), "float16"),
@@ -71,7 +71,7 @@ class GradientStore(ChunkedStore):
         }
         if metadata["gradient_type"] == "margin":
             columns["out_to_loss"] = ((), "float32")  # TRAK's Q: mean of 1 - p over the response tokens
-        return super().open_or_create(root, path, metadata, ids, tasks, columns, overwrite)
+        return super().open_or_create(root, path, metadata, ids, tasks, columns, overwrite, checksums)
 
     def write_chunk(self, index: int, grads: np.ndarray, norms: np.ndarray, loss: np.ndarray, n_tokens: np.ndarray,
                     out_to_loss: np.ndarray | None = None) -> np.ndarray:
@@ -172,8 +172,9 @@ PAIR_FIELDS = ("checkpoint", "adapter_sha256")
 
 
 def resolve_dim(run: Run, proj_dim: int | None = None, any_dim: bool = False) -> int:
-    """The projected dimension to read: ``proj_dim``, or the only one the run has (the smallest when
-    ``any_dim``: for readers of columns that every dimension's store holds alike, e.g. norms)."""
+    """The projected dimension to read: ``proj_dim``, or the only one whose pool stores are complete at every
+    checkpoint (the smallest when ``any_dim``: for readers of columns that every dimension's store holds alike,
+    e.g. norms). A dimension left unfinished never blocks the complete ones."""
     dims = stored_dims(run.store_path)
     if proj_dim is not None:
         if proj_dim not in dims:
@@ -182,10 +183,20 @@ def resolve_dim(run: Run, proj_dim: int | None = None, any_dim: bool = False) ->
         return proj_dim
     if not dims:
         raise InfluenceError(f"{run.store_path}: no gradient stores; run `influence project-grads` first")
-    if len(dims) > 1 and not any_dim:
-        raise InfluenceError(f"{run.store_path} has gradients of several dimensions ({', '.join(map(str, dims))}); "
+    complete = [d for d in dims if _pool_complete(run, d)] or dims
+    if len(complete) > 1 and not any_dim:
+        raise InfluenceError(f"{run.store_path} has gradients of several dimensions ({', '.join(map(str, complete))}); "
                              "choose one with --proj-dim")
-    return dims[0]
+    return complete[0]
+
+
+def _pool_complete(run: Run, dim: int) -> bool:
+    """Whether the pool's stores of a dimension (of any feature) are complete at every checkpoint."""
+    for dataset in stored_datasets(run.store_path, dim, TRAIN):
+        paths = [grads_group(dim, dataset, c.name) for c in run.checkpoints()]
+        if all(has_store(run.store_path, p) and ChunkedStore.open(run.store_path, p).complete for p in paths):
+            return True
+    return False
 
 
 def open_checkpoint_stores(run: Run, dataset: str, dim: int) -> list[GradientStore]:
@@ -208,7 +219,8 @@ def open_checkpoint_stores(run: Run, dataset: str, dim: int) -> list[GradientSto
 
 
 def check_current(run: Run, checkpoint: Checkpoint, store: ChunkedStore) -> None:
-    """Refuse a store made from another model or another version of this checkpoint's adapter."""
+    """Refuse a store of another run, or made from another model or another version of this checkpoint's adapter."""
+    run.owns(store.metadata.get("run_id"), store.where)
     expected = {"checkpoint": checkpoint.name, "adapter_sha256": checkpoint.adapter_sha256(),
                 "model": run.manifest.get("model_fingerprint")}
     check_metadata(store.metadata, expected, store.where + " (made from another model or adapter than the run's "

@@ -167,12 +167,14 @@ def warmup_curves(run_dir: str | Path):
 
 
 def run_rankings(run_dir: str | Path) -> dict[str, tuple[pd.DataFrame, dict]]:
-    """Every ranking written in the run (``rank-*`` folders): folder name -> (table, summary)."""
+    """Every ranking written in the run (``rank-*`` folders, and ``compare-<target>/<method>``): its folder relative to
+    the run -> (table, summary)."""
     from ..selection.outputs import load_rankings
 
-    return {folder.name: (load_rankings(folder), json.loads((folder / "summary.json").read_text(encoding="utf-8")))
-            for folder in sorted(Path(run_dir).glob("rank-*"))
-            if (folder / "scores.parquet").is_file() and (folder / "summary.json").is_file()}
+    folders = [*sorted(Path(run_dir).glob("rank-*")), *sorted(Path(run_dir).glob("compare-*/*"))]
+    return {folder.relative_to(run_dir).as_posix(): (load_rankings(folder),
+                                                    json.loads((folder / "summary.json").read_text(encoding="utf-8")))
+            for folder in folders if (folder / "scores.parquet").is_file() and (folder / "summary.json").is_file()}
 
 
 def method_agreement(rankings: dict[str, tuple[pd.DataFrame, dict]], fraction: float | None = None) -> pd.DataFrame | None:

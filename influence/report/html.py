@@ -12,8 +12,10 @@ from pathlib import Path
 import pandas as pd
 
 from ..config import setting
+from ..core.storage import check_writable
 from ..errors import InfluenceError
-from ..train.run import Run
+from ..selection.outputs import ranking_belongs
+from ..train.run import Run, atomic_write
 from .figures import (
     _pyplot,
     agreement_figure,
@@ -47,11 +49,16 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
     run = Run(run_dir)
     target = Path(out) if out is not None else run.path / "report.html"
+    check_writable(target)
     sections = [("Run", f"<pre>{html.escape(status_text(run_status(run.path)))}</pre>")]
     curves = warmup_curves(run.path)
     if curves is not None:
         sections.append(("Warm-up", _img(curves, "warm-up loss and accuracy")))
     rankings = run_rankings(run.path)
+    foreign = [name for name, (_, summary) in rankings.items() if not ranking_belongs(run, summary)]
+    rankings = {name: ranking for name, ranking in rankings.items() if name not in foreign}
+    if foreign:  # copied in from another run, or of another pool: its examples are not this run's
+        sections.append(("Left out", f"<p>{html.escape(', '.join(foreign))}: rankings of another run or pool</p>"))
     for name, (table, summary) in rankings.items():
         parts = [f"<p>{html.escape(summary['score_meaning'])}</p>",
                  _img(score_distribution(table, summary), "score distribution"),
@@ -89,8 +96,9 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
                          methods.to_html(index=False, float_format=lambda v: f"{v:+.3f}") if len(methods) else ""))
     page = _page(f"influence report: {run.path.name}", sections)
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(page, encoding="utf-8")
+    atomic_write(target, lambda tmp: tmp.write_text(page, encoding="utf-8"))
     return target
+
 
 
 def _img(fig, alt: str) -> str:

@@ -9,7 +9,9 @@ from importlib import resources
 from pathlib import Path
 
 from ..config import setting
+from ..core.storage import check_writable
 from ..errors import InfluenceError
+from ..selection.outputs import load_rankings, ranking_belongs
 from ..train.run import Run
 
 NOTEBOOK = "explore_rankings.ipynb"
@@ -33,7 +35,14 @@ def copy_notebook(run_dir: str | Path, ranking: str | Path | None = None, out: s
         ranking = rankings[0] if rankings else run.path / "rank-less-mmlu_val"
     elif not (Path(ranking) / "summary.json").is_file():
         raise InfluenceError(f"--ranking {ranking}: not a folder written by `influence rank` (no summary.json)")
+    else:
+        summary = json.loads((Path(ranking) / "summary.json").read_text(encoding="utf-8"))
+        if not ranking_belongs(run, summary, load_rankings(ranking)):
+            raise InfluenceError(f"--ranking {ranking}: a ranking of another run or pool (run id "
+                                 f"{summary.get('run_id')}), not of {run.path} (id {run.run_id}): its scores would sit "
+                                 "beside other examples' texts")
     target = Path(out) if out is not None else run.path / NOTEBOOK
+    check_writable(target)
     if target.exists():
         raise InfluenceError(f"{target} exists; give another --out (your edits to it are kept)")
     source = resources.files("influence.resources").joinpath("notebooks", NOTEBOOK).read_text(encoding="utf-8")

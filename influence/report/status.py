@@ -13,6 +13,7 @@ import zarr
 
 from ..core.chunks import PARTIAL
 from ..train.run import Run
+from .verify import last_verification
 
 
 def folder_bytes(path: Path) -> int:
@@ -93,6 +94,7 @@ def run_status(run_dir: str | Path) -> dict:
         "selection_reports": _outputs(run, "select-*", "report.json", ()),
         "lds_reports": _outputs(run, "lds*", "report.json", ()),
         "methods": methods_ready(run),
+        "verification": last_verification(run),
         "bytes": folder_bytes(run.path),
     }
     return status
@@ -165,6 +167,15 @@ def status_text(status: dict) -> str:
         for report in status[kind]:
             lines.append(f"  {kind.replace('_', ' ')[:-1]} {report['folder']}: "
                          f"{'written' if report['written'] else 'no report yet'}")
+    checked = status.get("verification")
+    if checked is None:
+        lines.append("  integrity: not verified yet (`influence verify --run RUN` checks every stored chunk)")
+    else:
+        state = f"{len(checked['problems'])} problem(s)" if checked["problems"] else "every chunk sound"
+        repaired = f", {len(checked['repaired'])} repaired" if checked["repaired"] else ""
+        lines.append(f"  integrity, verified {checked['checked']}: {state}{repaired} ({checked['stores']} stores, "
+                     f"{checked['chunks']} chunks, {checked['subset_models']} subset models)")
+        lines += [f"    {problem}" for problem in checked["problems"][:10]]
     methods = status["methods"]
     lines.append(f"  methods ready: {', '.join(methods['ready'])}")
     for reason in sorted(set(methods["waiting"].values())):

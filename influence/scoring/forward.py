@@ -132,6 +132,7 @@ def compute_forward_scores(run_dir: str | Path, settings: ForwardSettings | None
     batch_size, chunk_size, overwrite = settings.batch_size, settings.chunk_size, settings.overwrite
     run = Run(run_dir)
     run.check_data_unchanged()
+    run.claim_stores()
     pool: list[Example] = run.pool()
     device = choose_device()
     encoded: list[Encoded] | None = None
@@ -152,6 +153,7 @@ def compute_forward_scores(run_dir: str | Path, settings: ForwardSettings | None
             "chunk_size": chunk_size,
             "metrics": list(METRICS),
             "influence_version": __version__,
+            "run_id": run.run_id,
         }
         store = ChunkedStore.open_or_create(
             run.store_path, f"{DATASET}/{checkpoint.name}", metadata, [e.id for e in pool], [""] * len(pool),

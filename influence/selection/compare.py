@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from ..config import setting, settings_from
+from ..data.targets import target_name
 from ..scoring import options as shared
 from ..scoring.base import MethodChoice, get_method
+from ..train.run import Run
 from .modes import select
-from .outputs import spearman
-from .rank import rank
-from .settings import fraction
+from .outputs import load_rankings, spearman
+from .rank import default_out, rank, rank_settings_record
+from .settings import RankSettings, fraction
 
 
 @dataclass(kw_only=True)
@@ -33,6 +36,18 @@ class CompareSettings:
         return [] if self.reference in self.methods else [f"--reference {self.reference} is not among --methods"]
 
 
+def _same_ranking(run: Run, folder: Path, settings: RankSettings, target: str, options) -> pd.DataFrame | None:
+    """The ranking in ``folder`` when it is this run's and was made with exactly these settings (None otherwise)."""
+    summary = folder / "summary.json"
+    if not summary.is_file() or not (folder / "scores.parquet").is_file():
+        return None
+    recorded = json.loads(summary.read_text(encoding="utf-8"))
+    if recorded.get("run_id") != run.run_id or recorded.get("rank_settings") != rank_settings_record(
+            settings, settings.method, target, options):
+        return None
+    return load_rankings(folder)
+
+
 def overlap(a: pd.DataFrame, b: pd.DataFrame, fraction: float) -> float:
     """Share of ``b``'s top ``fraction`` (of the pool, LESS's count) that is also in ``a``'s top."""
     count = max(1, int(fraction * len(a)))
@@ -43,17 +58,23 @@ def overlap(a: pd.DataFrame, b: pd.DataFrame, fraction: float) -> float:
 
 def compare_methods(run_dir: str | Path, target: str, settings: CompareSettings | None = None,
                     **values: Any) -> pd.DataFrame:
-    """Rank with each of the ``methods`` (outputs in ``run_dir/rank-<method>-<target>``) and compare each
+    """Rank with each of the ``methods`` and compare each
     ranking with ``reference``'s: overlap of the top ``fraction``, Spearman correlation of the scores,
     and each score's Spearman correlation with the response length (the length bias). ``settings`` (a
-    :class:`CompareSettings`) and ``values`` (its fields by keyword) say which."""
+    :class:`CompareSettings`) and ``values`` (its fields by keyword) say which. A method's ranking made by
+    ``rank`` with the same settings is read, not redone; the others go in ``run_dir/compare-<target>/<method>``,
+    so compare never replaces a ranking the user made."""
     settings = settings_from(CompareSettings, settings, where="compare", **values)
+    run = Run(run_dir)
     tables = {}
     for name in settings.methods:
         method = get_method(name)
         options = method.options({"proj_dim": settings.proj_dim}, others_allowed=True)
-        tables[name] = rank(run_dir, target, method=name, fraction=settings.fraction,
-                            target_tasks=settings.target_tasks, **vars(options))
+        ranking = RankSettings(method=name, fraction=settings.fraction, target_tasks=settings.target_tasks)
+        tables[name] = _same_ranking(run, default_out(run.path, name, target), ranking, target, options)
+        if tables[name] is None:  # never replace a ranking the user made: compare's own go in compare-<target>/
+            out = run.path / f"compare-{target_name(target)}" / name
+            tables[name] = rank(run.path, target, replace(ranking, out=str(out), overwrite=True), **vars(options))
     reference, fraction_ = settings.reference, settings.fraction
     base = tables[reference].set_index("id")
     rows = []

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..data.formats import Example
+from ..core.storage import publish_folder, staging_folder
+from ..data.formats import Example, examples_sha256
 from ..data.targets import target_name
 from ..errors import InfluenceError
 from ..scoring import Scores
@@ -94,12 +95,16 @@ def length_bias(table: pd.DataFrame, selected: pd.DataFrame) -> dict:
 def write_outputs(
     out: Path, table: pd.DataFrame, selected: pd.DataFrame, pool: list[Example], scores: Scores, selection: dict,
     warnings: list[str] | None = None, notes: list[str] | None = None, hf_dataset: bool = False,
-    target: str | None = None, write: bool = True,
+    target: str | None = None, write: bool = True, extra: dict | None = None,
 ) -> dict:
-    """Write a ranking's files into ``out`` (nothing with ``write=False``); returns what ``summary.json`` holds."""
+    """Write a ranking's files into ``out`` (nothing with ``write=False``), published whole: written into a
+    staging folder beside it and renamed into place, so a reader sees the previous ranking or this one, never a
+    mix. ``extra`` (the run's id, the pool's fingerprint, the ranking's settings) is recorded in the summary.
+    Returns what ``summary.json`` holds."""
     summary = {
         "method": scores.method,
         "target_name": target_name(target) if target else None,
+        **(extra or {}),
         "warnings": warnings or [],
         "notes": notes or [],
         "score_meaning": scores.description,
@@ -113,17 +118,19 @@ def write_outputs(
     }
     if not write:
         return summary
-    out.mkdir(parents=True, exist_ok=True)
-    table[["id", "source", "score", "rank", "finite"]].to_csv(out / "scores.csv", index=False)
-    table.drop(columns=["pool_index"]).to_parquet(out / "scores.parquet", index=False)
+    staging = staging_folder(out)
+    staging.mkdir(parents=True)
+    table[["id", "source", "score", "rank", "finite"]].to_csv(staging / "scores.csv", index=False)
+    table.drop(columns=["pool_index"]).to_parquet(staging / "scores.parquet", index=False)
     records = [selected_record(pool[int(index)], score, rank)
                for index, score, rank in zip(selected["pool_index"], selected["score"], selected["rank"])]
-    with open(out / "selected.jsonl", "w", encoding="utf-8") as fh:
+    with open(staging / "selected.jsonl", "w", encoding="utf-8") as fh:
         for record in records:
             fh.write(json.dumps(record, ensure_ascii=False) + "\n")
     if hf_dataset:
-        save_selection_dataset(records, out / "selected_dataset")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+        save_selection_dataset(records, staging / "selected_dataset")
+    (staging / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    publish_folder(staging, out)
     return summary
 
 
@@ -151,6 +158,16 @@ def save_selection_dataset(records: list[dict], folder: Path) -> None:
     })
     rows = [{"task": None, **row} for row in rows]
     datasets.Dataset.from_list(rows, features=features).save_to_disk(str(folder))
+
+
+def ranking_belongs(run: Run, summary: dict, table: pd.DataFrame | None = None) -> bool:
+    """Whether a ranking (its ``summary.json``) is this run's: its run id; for a ranking made before ids, its pool's
+    fingerprint; older still, that every id it ranks is in the run's pool (``table``, when given)."""
+    if summary.get("run_id") is not None and run.run_id is not None:
+        return summary["run_id"] == run.run_id
+    if summary.get("pool_sha256") is not None:
+        return summary["pool_sha256"] == examples_sha256(run.pool())
+    return table is None or set(table["id"].astype(str)) <= {e.id for e in run.pool()}
 
 
 def load_rankings(out: str | Path) -> pd.DataFrame:

@@ -17,6 +17,8 @@ import pandas as pd
 
 from ..config import settings_from
 from ..core.locks import writer_active
+from ..core.storage import check_writable
+from ..data.formats import examples_sha256
 from ..data.targets import check_target, target_name
 from ..errors import InfluenceError
 from ..scoring.base import Method, Scores, Target, get_method
@@ -24,39 +26,65 @@ from ..train.run import Run
 from .diversify import _diversity, _pool_clusters, diversify_selection, selection_space
 from .modes import degenerate_warnings, select, selection_notes
 from .outputs import ranking_table, write_outputs
-from .settings import Diversify, RankSettings
+from .settings import DEFAULT_BAND, DEFAULT_FRACTION, Diversify, RankSettings
 
 CONCURRENT_WRITER = ("another influence process was writing to this run while it was ranked (only complete, "
                      "checked stores were read)")
 
 
-def check_output_folder(folder: Path, method: str, target: str | None) -> None:
-    """Refuse to write a ranking over another one (another method or target) in ``folder``."""
+def check_output_folder(folder: Path, run: Run, settings: dict, overwrite: bool) -> None:
+    """Refuse to write where a ranking must not be replaced: another run's ranking (whatever ``overwrite``), a
+    ranking made with other settings (unless ``overwrite``), or a folder of files that are not a ranking."""
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise InfluenceError(f"--out {folder}: exists and is not a folder")
     summary = folder / "summary.json"
     if not summary.is_file():
+        if any(folder.iterdir()):
+            raise InfluenceError(f"--out {folder}: holds files that are not a ranking; choose another --out")
         return
     try:
         previous = json.loads(summary.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         previous = {}
-    same = previous.get("method") == method and previous.get("target_name") in (None, target_name(target) if target else None)
-    if not same:
-        raise InfluenceError(f"{folder} holds another ranking ({previous.get('method', 'unknown method')}"
-                             f"{' for ' + str(previous['target_name']) if previous.get('target_name') else ''}); "
-                             "choose another --out, or give --overwrite to replace it")
+    run.owns(previous.get("run_id"), f"the ranking in {folder}")
+    before = previous.get("rank_settings") or {"method": previous.get("method"), "target": previous.get("target_name")}
+    now = settings if "rank_settings" in previous else {"method": settings["method"], "target": settings["target"]}
+    if before != now and not overwrite:
+        differ = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+        raise InfluenceError(f"{folder} holds a ranking made with other settings ({', '.join(differ)} differ: "
+                             f"{', '.join(f'{k} {before.get(k)!r}' for k in differ)}); choose another --out, or give "
+                             "--overwrite to replace it")
 
 
-def default_out(run_dir: str | Path, method: str, target: str | None) -> Path:
-    return Path(run_dir) / (f"rank-{method}-{target_name(target)}" if target else f"rank-{method}")
+def default_out(run_dir: str | Path, method: str, target: str | None, settings: RankSettings | None = None) -> Path:
+    """``RUN/rank-<method>[-<target>]``, with the selection mode and the diversification where they are not the
+    plain top: rankings that select differently never share a folder."""
+    name = f"rank-{method}-{target_name(target)}" if target else f"rank-{method}"
+    if settings is not None and settings.mode != "top":
+        name += f"-{settings.mode}"
+    if settings is not None and settings.diversify.algorithm is not None:
+        name += f"-{settings.diversify.algorithm}"
+    return Path(run_dir) / name
 
 
-def output_folders(run_dir: str | Path, method: str, targets: list[str | None], out: str | Path | None) -> list[Path]:
+def output_folders(run_dir: str | Path, method: str, targets: list[str | None], out: str | Path | None,
+                   settings: RankSettings | None = None) -> list[Path]:
     """One output folder per target: ``out`` itself for one target, ``out/<target name>`` for several."""
     if out is None:
-        return [default_out(run_dir, method, t) for t in targets]
+        return [default_out(run_dir, method, t, settings) for t in targets]
     if len(targets) == 1:
         return [Path(out)]
     return [Path(out) / target_name(t) for t in targets]
+
+
+def rank_settings_record(settings: RankSettings, method: str, target: str | None, options: Any) -> dict:
+    """What makes a ranking distinct, recorded in its summary: two rankings with the same record are the same."""
+    return {"method": method, "target": target_name(target) if target else None, "mode": settings.mode,
+            "fraction": settings.fraction, "top_k": settings.top_k, "band": list(settings.band or ()) or None,
+            "threshold": settings.threshold, "diversify": dataclasses.asdict(settings.diversify),
+            "target_tasks": settings.target_tasks, "options": dataclasses.asdict(options)}
 
 
 def score_targets(run: Run, method: Method, targets: list[Target | None], options: Any) -> list[Scores]:
@@ -111,19 +139,24 @@ def rank_many(run_dir: str | Path, targets: list[str | None], settings: RankSett
     run = Run(run_dir)
     run.check_data_unchanged()
     pool = run.pool()
-    folders = output_folders(run_dir, method.name, targets, settings.out)
-    if settings.write and not settings.overwrite:
-        for target, folder in zip(targets, folders):
-            check_output_folder(folder, method.name, target)
+    folders = output_folders(run_dir, method.name, targets, settings.out, settings)
+    records = [rank_settings_record(settings, method.name, target, options) for target in targets]
+    if settings.write:
+        for folder, record in zip(folders, records):
+            check_output_folder(folder, run, record, settings.overwrite)
+            check_writable(folder)
     writing = writer_active(run.path)  # stores read are complete and checked; say that a writer is at work
     measured_in = selection_space(run, settings.space, getattr(options, "proj_dim", None))
     labels = _pool_clusters(measured_in)
+    fraction = settings.fraction if settings.fraction is not None or settings.top_k is not None else DEFAULT_FRACTION
+    band = settings.band or DEFAULT_BAND
+    owner = {"run_id": run.run_id, "pool_sha256": examples_sha256(pool)}
     results = {}
-    for target, folder, scores in zip(targets, folders, score_targets(run, method, wanted, options)):
+    for target, folder, record, scores in zip(targets, folders, records, score_targets(run, method, wanted, options)):
         table = ranking_table(scores, pool)
-        selected = select(table, settings.mode, settings.fraction, settings.band, settings.threshold, settings.top_k)
-        selection = {"mode": settings.mode, "fraction": settings.fraction, "top_k": settings.top_k,
-                     "band": list(settings.band), "threshold": settings.threshold}
+        selected = select(table, settings.mode, fraction, band, settings.threshold, settings.top_k)
+        selection = {"mode": settings.mode, "fraction": fraction if settings.mode in ("top", "bottom") else None,
+                     "top_k": settings.top_k, "band": list(band), "threshold": settings.threshold}
         if settings.diversify.algorithm is not None:
             selected, selection["diversify"] = diversify_selection(table, scores, settings.diversify, measured_in,
                                                                    len(selected))
@@ -131,9 +164,9 @@ def rank_many(run_dir: str | Path, targets: list[str | None], settings: RankSett
             selection["diversity"] = _diversity(measured_in, labels, selected)
         degenerate = degenerate_warnings(table, scores)
         warnings = degenerate + ([CONCURRENT_WRITER] if writing else [])
-        notes = selection_notes(table, selected, settings.mode, settings.fraction, settings.top_k)
+        notes = selection_notes(table, selected, settings.mode, fraction, settings.top_k)
         summary = write_outputs(folder, table, selected, pool, scores, selection, warnings, notes, settings.hf_dataset,
-                                target, write=settings.write)
+                                target, write=settings.write, extra={**owner, "rank_settings": record})
         results[target] = Ranking(target, folder, table.assign(selected=table["id"].isin(selected["id"])), summary,
                                   degenerate, writing)
     return results

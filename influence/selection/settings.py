@@ -13,6 +13,8 @@ from ..scoring import options as shared
 from ..scoring.base import MethodChoice
 
 SelectMode = Literal["top", "bottom", "middle", "below", "above"]
+DEFAULT_FRACTION = 0.05  # LESS's 5%
+DEFAULT_BAND = (0.25, 0.75)  # the middle half
 Algorithm = Literal["kcenter", "fl", "filter", "clusters", "quota"]
 
 
@@ -66,11 +68,13 @@ class RankSettings:
     method: str = setting("less", "The scoring method (`influence methods` lists them, with each score's sign and "
                                   "scale).", type=MethodChoice())
     target_tasks: list[str] | None = setting(None, "Comma-separated subtasks of the target(s) to keep.", list=True)
-    fraction: float = fraction()
-    top_k: int | None = setting(None, "Select this many instead (LESS's --max_samples).", min=1)
+    fraction: float | None = fraction(None, "Fraction of the pool to select (--select top / bottom), counted as LESS's "
+                                            "--percentage: floor(fraction x pool) [default: 0.05].")
+    top_k: int | None = setting(None, "Select this many instead (--select top / bottom; LESS's --max_samples).", min=1)
     mode: SelectMode = setting("top", "Which examples to keep: highest/lowest scores, a middle quantile band, or a "
                                       "threshold.", flag="select", aliases=("mode",))
-    band: tuple[float, float] = setting((0.25, 0.75), "Quantile band for --select middle.", type=QuantileBand())
+    band: tuple[float, float] | None = setting(None, "Quantile band for --select middle [default: 0.25,0.75].",
+                                               type=QuantileBand())
     threshold: float | None = setting(None, "Threshold for --select below/above (e.g. IFD 1).")
     diversify: Diversify = setting(default_factory=Diversify, prefix="")
     space: str | None = setting(None, "Space of diversity (and of knn_distance, prototypicality, semdedup): grads, "
@@ -84,9 +88,22 @@ class RankSettings:
     write: bool = setting(True, "Write the outputs (False: only return the rankings).", cli=False)
 
     def extra_problems(self) -> list[str]:
+        """Every selection option is honoured or refused, never ignored."""
         problems = []
+        counted = self.mode in ("top", "bottom")
         if self.mode in ("below", "above") and self.threshold is None:
             problems.append(f"--select {self.mode} needs --threshold")
+        if self.threshold is not None and self.mode not in ("below", "above"):
+            problems.append(f"--threshold applies to --select below / above, not --select {self.mode}")
+        if self.top_k is not None and not counted:
+            problems.append(f"--top-k applies to --select top / bottom, not --select {self.mode}")
+        if self.fraction is not None and not counted:
+            problems.append(f"--fraction applies to --select top / bottom, not --select {self.mode} (it keeps "
+                            f"{'the --band quantiles' if self.mode == 'middle' else 'the scores ' + self.mode + ' --threshold'})")
+        if self.fraction is not None and self.top_k is not None:
+            problems.append("give --fraction or --top-k, not both")
+        if self.band is not None and self.mode != "middle":
+            problems.append(f"--band applies to --select middle, not --select {self.mode}")
         if self.diversify.algorithm is not None and self.mode != "top":
             problems.append(f"--diversify picks from the top, not --select {self.mode}")
         return problems

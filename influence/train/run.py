@@ -40,6 +40,7 @@ from ..errors import RunError
 
 MANIFEST = "manifest.json"
 STORES = "stores.json"  # where the gradient stores live, when not in the run folder
+OWNER = "influence-run.json"  # in a store hierarchy: the run whose stores it holds
 PACKAGES = ("influence", "torch", "transformers", "peft", "zarr", "numpy", "triton")
 
 
@@ -220,6 +221,39 @@ class Run:
     def max_length(self) -> int:
         return int(self.manifest["config"]["max_length"])
 
+    @property
+    def run_id(self) -> str | None:
+        """The id the warm-up gave the run (None for runs made before ids): its stores and rankings record it."""
+        return self.manifest.get("run_id")
+
+    def owns(self, recorded: str | None, what: str) -> None:
+        """Refuse ``what`` (a store, a ranking) that records another run's id, naming both runs."""
+        if recorded is not None and self.run_id is not None and recorded != self.run_id:
+            raise RunError(f"{what} belongs to another run (id {recorded}), not to {self.path} (id {self.run_id}); "
+                           "nothing was read or written: point at that run, or give this run its own folder")
+
+    def claim_stores(self, root: StoreRoot | None = None) -> None:
+        """Make sure the store hierarchy at ``root`` (default: the run's) is this run's, and mark it so: refused
+        when it holds another run's stores, or stores that no run claimed outside this run's folder."""
+        root = root or self.store_path
+        if self.run_id is None:  # a run made before ids: nothing to compare
+            return
+        marker = f"{root._full()}/{OWNER}"
+        if root.fs.exists(marker):
+            owner = json.loads(root.fs.cat_file(marker))
+            if owner.get("run_id") != self.run_id:
+                raise RunError(f"{root} holds the stores of run {owner.get('run')} (id {owner.get('run_id')}), not of "
+                               f"{self.path} (id {self.run_id}); nothing was written: give this run its own --store")
+            return
+        inside = not root.remote and Path(root.base).is_relative_to(self.path.absolute())
+        if root.children() and not inside:
+            raise RunError(f"{root} already holds stores that no run claimed (made by another run, or by an influence "
+                           f"before stores recorded their run); {self.path} will not write among them: give another "
+                           "--store")
+        root.fs.makedirs(root._full(), exist_ok=True)
+        with root.fs.open(marker, "w") as handle:
+            handle.write(json.dumps({"run_id": self.run_id, "run": str(self.path.absolute())}))
+
     @functools.cached_property
     def store_path(self) -> StoreRoot:
         """Where the run's gradient stores live: ``grads.zarr`` in the run folder, or the location
@@ -255,6 +289,7 @@ class Run:
             if current is not None or current_root.children():
                 raise RunError(f"{self.path}: its gradient stores live at {current_root}; they cannot move to {wanted} "
                                "(copy them there and edit stores.json, or leave out --store)")
+            self.claim_stores(wanted)  # refused before anything is recorded when another run's stores are there
             recorded = wanted.url if wanted.remote else wanted.base  # a folder as an absolute path
             atomic_write(self.path / STORES, lambda tmp: tmp.write_text(json.dumps({"grads": recorded})))
         self.__dict__.pop("store_path", None)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from ..core.chunks import PARTIAL, check_metadata, creation_lock, publish_store, remove_partials, write_strings
+from ..core.chunks import PARTIAL, check_metadata, checked_codecs, creation_lock, publish_store, remove_partials, write_strings
 from ..core.naming import POOL
 from ..errors import InfluenceError, StoreMismatchError
 from ..models.measure import OUTCOMES
@@ -161,10 +161,10 @@ class SubsetStore:
 
         def build(tmp: str) -> None:
             group = zarr.create_group(store=str(self.root), path=tmp, attributes=attrs, overwrite=True)
-            group.create_array("mask", data=np.asarray(mask, dtype=bool))
+            group.create_array("mask", data=np.asarray(mask, dtype=bool), compressors=checked_codecs())
             for dataset, values in outcomes.items():
                 rows = np.stack([np.asarray(values[o], dtype=np.float32) for o in UNIT_OUTCOMES])
-                group.create_array(dataset, data=rows)
+                group.create_array(dataset, data=rows, compressors=checked_codecs())
             for dataset, strings in (texts or {}).items():
                 write_strings(group, f"texts/{dataset}", strings)
 
@@ -206,7 +206,8 @@ def _build_subsets(root, path: str, metadata: dict, pool_ids: list[str], targets
         write_strings(group, f"targets/{dataset}/ids", ids)
         write_strings(group, f"targets/{dataset}/tasks", tasks)
     if masks is not None:
-        group.create_array("masks", data=np.asarray(masks, dtype=bool), chunks=(1, masks.shape[1]))
+        group.create_array("masks", data=np.asarray(masks, dtype=bool), chunks=(1, masks.shape[1]),
+                           compressors=checked_codecs())
 
 
 def stored_subsets(root: str | Path) -> list[str]:

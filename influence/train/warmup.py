@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+import uuid
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from safetensors.torch import load_file
 
 from ..config import check, setting
 from ..core.locks import LOCK_FILE, writer_lock
+from ..core.storage import check_writable
 from ..data.formats import (
     Columns,
     Example,
@@ -178,6 +180,9 @@ def warmup(config: WarmupConfig, progress: bool = True, resume: bool = False, dr
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise RunError(f"{out}: exists and is not a folder")
+    if out.is_dir() and not (out / "manifest.json").exists() and {p.name for p in out.iterdir()} - RETRYABLE_LEFTOVERS:
+        raise RunError(f"{out}: exists and is not an influence run; choose an empty or new folder")
+    check_writable(out)
     out.mkdir(parents=True, exist_ok=True)
     # Under torchrun / accelerate launch the processes train together and the first one writes the run.
     with writer_lock(out, "warmup") if launch_rank() == 0 else contextlib.nullcontext():
@@ -303,6 +308,7 @@ def _warmup(config: WarmupConfig, pool: list[Example], out: Path, progress: bool
     out.mkdir(parents=True, exist_ok=True)
     manifest = previous or {
         "kind": "influence-run",
+        "run_id": uuid.uuid4().hex,  # what the run's stores and rankings record, so no other run takes them
         "model": config.model,
         "model_fingerprint": fingerprint,
         "model_loading": asdict(loading),

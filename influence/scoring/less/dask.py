@@ -19,6 +19,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from ...core.chunks import ChunkedStore
 from ...errors import InfluenceError
 from ...kernels.scoring import RunningTopK
 from .core import LessInputs, score_rows
@@ -56,14 +57,30 @@ def dask_client(address: str = LOCAL, workers: int | None = None) -> Iterator:
         yield client
 
 
+class Checked:
+    """A store's column as Dask reads it: every block through :meth:`ChunkedStore.read`, so a corrupt or missing
+    chunk is the same named error on a worker as in the one-process stream."""
+
+    def __init__(self, store: ChunkedStore, column: str):
+        array = store.group[column]
+        self.store, self.column = store, column
+        self.shape, self.dtype, self.ndim = array.shape, array.dtype, array.ndim
+
+    def __getitem__(self, key):
+        rows, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+        start, stop, _ = rows.indices(self.shape[0])
+        block = self.store.read(self.column, start, stop)
+        return block[(slice(None), *rest)] if rest else block
+
+
 def per_task_array(inputs: LessInputs, rows_per_block: int | None = None):
     """The (pool, subtasks) LESS breakdown as a lazy Dask array, one task per block of rows."""
     import dask.array as da
 
     train = inputs.train
     rows = rows_per_block or train[0].chunk_size
-    grads = da.stack([da.from_zarr(store.group["grads"]) for store in train]).rechunk((len(train), rows, inputs.dim))
-    finite = da.stack([da.from_zarr(store.group["finite"]) for store in train]).rechunk((len(train), rows))
+    grads = da.stack([da.from_array(Checked(store, "grads"), chunks=(rows, inputs.dim)) for store in train])
+    finite = da.stack([da.from_array(Checked(store, "finite"), chunks=(rows,)) for store in train])
     means = inputs.means.cpu().numpy()
     weights = np.asarray(inputs.weights, dtype=np.float32)
     return da.blockwise(_score_block, "rs", grads, "crd", finite, "cr", new_axes={"s": means.shape[1]},
