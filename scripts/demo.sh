@@ -22,4 +22,4 @@ $BIN/influence rank --run "$RUN" --target mmlu_val --target-tasks "$SUBJECTS" --
 echo "== LESS's baselines on the same run: top-10% overlap with LESS, score correlation, length bias"
 $BIN/influence compare --run "$RUN" --target mmlu_val --target-tasks "$SUBJECTS" --fraction 0.1
 $BIN/influence report --run "$RUN"
-echo "== demo finished in $(( $(date +%s) - start )) s; outputs in $RUN/rank-<method>-mmlu_val, figures in $RUN/report.html"
+echo "== demo finished in $(( $(date +%s) - start )) s; LESS ranking in $RUN/rank-less-mmlu_val, the baselines in $RUN/compare-mmlu_val/, figures in $RUN/report.html"

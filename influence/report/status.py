@@ -90,7 +90,8 @@ def run_status(run_dir: str | Path) -> dict:
         "warmup_complete": len(manifest["checkpoints"]) >= int(config.get("epochs", 0)),
         "stores": chunked_stores(run),
         "subset_models": _subset_models(run),
-        "rankings": _outputs(run, "rank-*", "summary.json", ("method", "target", "n_pool", "n_selected")),
+        "rankings": _outputs(run, "rank-*", "summary.json", ("method", "target", "n_pool", "n_selected"))
+        + _outputs(run, "compare-*/*", "summary.json", ("method", "target", "n_pool", "n_selected")),
         "selection_reports": _outputs(run, "select-*", "report.json", ()),
         "lds_reports": _outputs(run, "lds*", "report.json", ()),
         "methods": methods_ready(run),
@@ -128,7 +129,7 @@ def _subset_models(run: Run) -> list[dict]:
 def _outputs(run: Run, pattern: str, file: str, keys: tuple[str, ...]) -> list[dict]:
     rows = []
     for folder in sorted(p for p in run.path.glob(pattern) if p.is_dir()):
-        entry: dict = {"folder": folder.name, "written": (folder / file).is_file()}
+        entry: dict = {"folder": folder.relative_to(run.path).as_posix(), "written": (folder / file).is_file()}
         if entry["written"] and keys:
             try:
                 summary = json.loads((folder / file).read_text(encoding="utf-8"))
