@@ -45,13 +45,26 @@ def subtask_means(targets: torch.Tensor, task_index: torch.Tensor, n_tasks: int)
     return sums / counts[:, None]
 
 
-def score_block_torch(blocks: torch.Tensor, means: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch path of :func:`score_block`."""
-    n_rows, n_tasks = blocks.shape[1], means.shape[1]
-    per_task = torch.zeros((n_rows, n_tasks), dtype=torch.float32, device=blocks.device)
+ROWS_PER_TILE = 512  # rows converted to fp32 at a time: their copy stays in the CPU's cache for the product
+
+
+def score_block_torch(blocks: torch.Tensor, means: torch.Tensor, weights: torch.Tensor,
+                      eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Torch path of :func:`score_rows_nonzero`. A tile of rows at a time, the cosine as ``(x . m) / |x|`` (the row
+    is never divided, the norm and the products read the same fp32 copy while it is in cache): on a CPU the
+    conversion and normalisation of the rows, not the products with the subtask means, were the cost. The norms
+    also say which rows are all zero at some checkpoint."""
+    n_rows, n_tasks = blocks[0].shape[0], means.shape[1]
+    per_task = torch.zeros((n_rows, n_tasks), dtype=torch.float32, device=blocks[0].device)
+    nonzero = torch.ones(n_rows, dtype=torch.bool, device=blocks[0].device)
+    means = means.float()
     for block, mean, weight in zip(blocks, means, weights.tolist()):
-        per_task.add_(unit_rows(block) @ mean.float().T, alpha=weight)
-    return per_task, per_task.max(dim=1).values
+        for start in range(0, n_rows, ROWS_PER_TILE):
+            rows = block[start : start + ROWS_PER_TILE].float()
+            norms = torch.linalg.vector_norm(rows, dim=1)
+            nonzero[start : start + ROWS_PER_TILE] &= norms > 0
+            per_task[start : start + ROWS_PER_TILE].add_((rows @ mean.T) / norms.clamp(min=eps)[:, None], alpha=weight)
+    return per_task, per_task.max(dim=1).values, nonzero
 
 
 try:
@@ -134,11 +147,24 @@ def score_block(blocks: torch.Tensor, means: torch.Tensor, weights: torch.Tensor
     ``blocks``: (checkpoints, rows, dim) stored features, any float dtype; ``means``: (checkpoints,
     S, dim) from :func:`subtask_means`; ``weights``: (checkpoints,) checkpoint weights.
     """
+    return score_block_nonzero(blocks, means, weights, backend)[:2]
+
+
+def score_block_nonzero(blocks: torch.Tensor | list[torch.Tensor], means: torch.Tensor, weights: torch.Tensor,
+                        backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`score_block` and, per row, whether it is non-zero at every checkpoint (a zero row has no direction:
+    its cosines are undefined). ``blocks`` may also be one (rows, dim) tensor per checkpoint (no stacked copy)."""
+    if isinstance(blocks, (list, tuple)):
+        if backend != "torch":
+            blocks = torch.stack(list(blocks))
+        elif means.ndim == 3 and len(blocks) == means.shape[0] == len(weights):
+            return score_block_torch(blocks, means, weights)
     if blocks.ndim != 3 or means.ndim != 3 or not blocks.shape[0] == means.shape[0] == len(weights):
         raise ValueError(f"expected (C, rows, dim) blocks, (C, S, dim) means and (C,) weights, got "
                          f"{tuple(blocks.shape)}, {tuple(means.shape)}, {tuple(weights.shape)}")
     if backend == "triton":
-        return score_block_triton(blocks, means, weights)
+        per_task, score = score_block_triton(blocks, means, weights)
+        return per_task, score, (blocks != 0).any(dim=2).all(dim=0)
     if backend != "torch":
         raise ValueError(f"unknown scoring backend {backend!r}")
     return score_block_torch(blocks, means, weights)

@@ -64,7 +64,8 @@ def test_every_method_keeps_the_contract(name, engine_run):
         effects = method.attribution(run, Target(engine_run["target"]), options)
         assert effects.matrix.shape == (len(pool), len(effects.target_ids)) and list(effects.pool_ids) == pool
         if name != "less":  # LESS ranks by its max over subtasks, its attribution is the per-example cosine
-            np.testing.assert_allclose(effects.scores().score, scores.score, rtol=1e-6, atol=1e-12)
+            scale = np.nanmax(np.abs(scores.score))  # folded scores (TracIn, TRAK) differ by float32 rounding
+            np.testing.assert_allclose(effects.scores().score, scores.score, rtol=1e-5, atol=1e-6 * scale)
 
 
 @pytest.mark.parametrize("name", METHODS)

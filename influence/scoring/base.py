@@ -84,10 +84,20 @@ class Attribution:
         tasks = np.asarray(self.target_tasks)
         names = sorted(set(self.target_tasks))
         per_task = np.stack([self.matrix[:, tasks == name].mean(axis=1) for name in names], axis=1)
-        score = self.matrix.mean(axis=1)
-        return Scores(self.method, list(self.pool_ids), score, self.description, per_task.astype(np.float32), names,
-                      np.isfinite(score), {**self.details, "aggregation": "mean over the target's examples"},
-                      dict(self.columns))
+        counts = np.array([(tasks == name).sum() for name in names])
+        return subtask_scores(self.method, self.pool_ids, per_task, names, counts, self.description, self.details,
+                              self.columns)
+
+
+def subtask_scores(method: str, ids: list[str], per_task: np.ndarray, names: list[str], counts: np.ndarray,
+                   description: str, details: dict, columns: dict | None = None) -> Scores:
+    """:class:`Scores` from the mean effect on each subtask's target examples (``per_task``, n_pool x subtasks, with
+    ``counts`` examples each): the score is the mean over every target example, an example with any non-finite
+    effect unscorable. What an :class:`Attribution` aggregates to, and what a method that folds each subtask's
+    targets into one vector computes without the whole matrix."""
+    score = per_task @ (np.asarray(counts, dtype=np.float64) / np.sum(counts))
+    return Scores(method, list(ids), score, description, per_task.astype(np.float32), list(names), np.isfinite(score),
+                  {**details, "aggregation": "mean over the target's examples"}, dict(columns or {}))
 
 
 @dataclass(frozen=True)

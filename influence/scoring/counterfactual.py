@@ -304,13 +304,12 @@ class Dsdm(Method):
         selection with the lowest predicted mean target loss (see the module docstring)."""
         if options.estimator == "trak":
             trak = get_method("trak")
-            attribution = trak.attribution(run, target, trak.options({"proj_dim": options.proj_dim,
-                                                                      "lambda_reg": options.lambda_reg}))
+            scores = trak.scores(run, target, trak.options({"proj_dim": options.proj_dim,
+                                                             "lambda_reg": options.lambda_reg}))
             intercept = None
         else:
             attribution = datamodel_attribution(run, target, options.subsets, "loss", options.regression)
-            intercept = attribution.details["intercept_mean"]
-        scores = attribution.scores()
+            scores, intercept = attribution.scores(), attribution.details["intercept_mean"]
         scores.method = "dsdm"
         scores.description = (f"DsDm with {options.estimator} datamodels: predicted decrease of the mean target loss "
                               "when the example is included; the top k minimise the predicted mean target loss over "

@@ -1,5 +1,7 @@
 """Checkpoint-weighted products of the pool's stored gradients with target vectors, streamed block by block
-(LESS per target example, TracIn, TRAK)."""
+(LESS per target example, TracIn, TRAK), and the same folded: when a score is the mean over a subtask's target
+examples of a product that is linear in the target's vector, the subtask's targets fold into their mean vector
+first, one product per subtask instead of one per target example (exact: ``mean_t x . v_t = x . mean_t v_t``)."""
 
 from __future__ import annotations
 
@@ -32,3 +34,17 @@ def pairwise_products(train: list[GradientStore], targets: list[torch.Tensor], w
         matrix[start : start + len(block)] = block.cpu().numpy()
     matrix[~finite] = np.nan
     return matrix, finite
+
+
+def folded_products(train: list[GradientStore], sides: list[torch.Tensor], weights, tasks: list[str],
+                    rows_per_block: int | None = None) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """The mean over each subtask's target examples of :func:`pairwise_products`, computed as the products with
+    each subtask's mean target vector (``sides[c]``: one row per target example, ``tasks`` their subtasks):
+    (n_pool x subtasks float64, the subtasks' names, their sizes)."""
+    names = sorted(set(tasks))
+    index = torch.tensor([names.index(task) for task in tasks])
+    counts = torch.bincount(index, minlength=len(names)).to(torch.float64)
+    means = [torch.zeros((len(names), side.shape[1]), dtype=torch.float64).index_add_(0, index, side.double())
+             / counts[:, None] for side in sides]
+    per_task, _ = pairwise_products(train, [m.float() for m in means], weights, rows_per_block=rows_per_block)
+    return per_task, names, counts.numpy()

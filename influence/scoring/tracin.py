@@ -20,9 +20,9 @@ import torch
 from ..core.naming import TRAIN, gradient_dataset
 from ..gradients.store import check_compatible, find_target_dataset, open_checkpoint_stores, resolve_dim
 from ..train.run import Run
-from .base import PLAIN_GRADIENTS, TARGET, Attribution, Method, Target
+from .base import PLAIN_GRADIENTS, TARGET, Attribution, Method, Scores, Target, subtask_scores
 from .options import Projected
-from .products import pairwise_products
+from .products import folded_products, pairwise_products
 
 
 class TracIn(Method):
@@ -33,9 +33,7 @@ class TracIn(Method):
     needs = (TARGET, PLAIN_GRADIENTS)
     Options = Projected
 
-    def attribution(self, run: Run, target: Target, options: Projected,
-                    rows_per_block: int | None = None) -> Attribution:
-        """TracInCP of every pool example on every target example (see the module docstring)."""
+    def _inputs(self, run: Run, target: Target, options: Projected):
         dim = resolve_dim(run, options.proj_dim)
         train = open_checkpoint_stores(run, gradient_dataset(TRAIN, "sgd"), dim)
         targets = open_checkpoint_stores(run, find_target_dataset(run.store_path, dim, target.name, target.task_list),
@@ -43,8 +41,21 @@ class TracIn(Method):
         check_compatible(train, targets, "sgd", "sgd")
         lrs = np.array([s.metadata["checkpoint_mean_lr"] for s in train], dtype=np.float64)
         grads = [torch.from_numpy(store.array("grads")).float() for store in targets]
+        details = {"checkpoints": [s.metadata["checkpoint"] for s in train], "learning_rates": lrs.tolist(),
+                   "projector": train[0].metadata["projector"]}
+        return train, targets, lrs, grads, details
+
+    def attribution(self, run: Run, target: Target, options: Projected,
+                    rows_per_block: int | None = None) -> Attribution:
+        """TracInCP of every pool example on every target example (see the module docstring)."""
+        train, targets, lrs, grads, details = self._inputs(run, target, options)
         matrix, _ = pairwise_products(train, grads, lrs, rows_per_block=rows_per_block)
         return Attribution("tracin", train[0].ids.tolist(), targets[0].ids.tolist(), targets[0].tasks.tolist(), matrix,
-                           self.meaning,
-                           {"checkpoints": [s.metadata["checkpoint"] for s in train], "learning_rates": lrs.tolist(),
-                            "projector": train[0].metadata["projector"]})
+                           self.meaning, details)
+
+    def scores(self, run: Run, target: Target, options: Projected) -> Scores:
+        """The mean over the target's examples, with each subtask's gradients folded into their mean first (the
+        dot products are linear in the target's gradient): one product per subtask, not per target example."""
+        train, targets, lrs, grads, details = self._inputs(run, target, options)
+        per_task, names, counts = folded_products(train, grads, lrs, targets[0].tasks.tolist())
+        return subtask_scores("tracin", train[0].ids.tolist(), per_task, names, counts, self.meaning, details)

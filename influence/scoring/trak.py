@@ -33,8 +33,8 @@ from ..errors import InfluenceError
 from ..gradients.store import GradientStore, check_compatible, find_target_dataset, open_checkpoint_stores, resolve_dim
 from ..train.run import Run
 from . import options as shared
-from .base import MARGIN_GRADIENTS, TARGET, Attribution, Method, Target
-from .products import pairwise_products
+from .base import MARGIN_GRADIENTS, TARGET, Attribution, Method, Scores, Target, subtask_scores
+from .products import folded_products, pairwise_products
 
 RELATIVE_LAMBDA = 1e-2
 DESCRIPTION = __doc__.strip().split("\n\n", 1)[1].split("\n\n")[0]  # the formula, in summary.json
@@ -70,9 +70,10 @@ class TrakOptions(shared.Projected):
     lambda_reg: float | None = shared.lambda_reg()
 
 
-def trak_attribution(run: Run, target: Target, proj_dim: int | None = None, lambda_reg: float | None = None,
-                     rows_per_block: int | None = None) -> Attribution:
-    """TRAK scores of every pool example for every target example (see the module docstring)."""
+def trak_sides(run: Run, target: Target, proj_dim: int | None = None, lambda_reg: float | None = None,
+               rows_per_block: int | None = None):
+    """What TRAK multiplies the pool's gradients with: per checkpoint, one row ``K_c psi_c(t)`` per target example;
+    and the pool's stores, the target's, the out-to-loss weights and what to record."""
     dim = resolve_dim(run, proj_dim)
     train = open_checkpoint_stores(run, gradient_dataset(TRAIN, "margin"), dim)
     targets = open_checkpoint_stores(
@@ -84,13 +85,19 @@ def trak_attribution(run: Run, target: Target, proj_dim: int | None = None, lamb
         psi = torch.from_numpy(target_store.array("grads").astype(np.float64))
         sides.append((psi @ inverse.T).float())  # rows: K_c psi_c(t), so that phi(x) . row = phi^T K psi
         lambdas.append(lam)
-    products, _ = pairwise_products(train, sides, np.full(len(train), 1.0 / len(train)), rows_per_block=rows_per_block)
     out_to_loss = np.mean([store.array("out_to_loss").astype(np.float64) for store in train], axis=0)
+    details = {"checkpoints": [s.metadata["checkpoint"] for s in train], "lambda": lambdas,
+               "projector": train[0].metadata["projector"]}
+    return train, targets, sides, out_to_loss, details
+
+
+def trak_attribution(run: Run, target: Target, proj_dim: int | None = None, lambda_reg: float | None = None,
+                     rows_per_block: int | None = None) -> Attribution:
+    """TRAK scores of every pool example for every target example (see the module docstring)."""
+    train, targets, sides, out_to_loss, details = trak_sides(run, target, proj_dim, lambda_reg, rows_per_block)
+    products, _ = pairwise_products(train, sides, np.full(len(train), 1.0 / len(train)), rows_per_block=rows_per_block)
     return Attribution("trak", train[0].ids.tolist(), targets[0].ids.tolist(), targets[0].tasks.tolist(),
-                       products * out_to_loss[:, None], DESCRIPTION,
-                       {"checkpoints": [s.metadata["checkpoint"] for s in train], "lambda": lambdas,
-                        "projector": train[0].metadata["projector"]},
-                       {"out_to_loss": out_to_loss})
+                       products * out_to_loss[:, None], DESCRIPTION, details, {"out_to_loss": out_to_loss})
 
 
 class Trak(Method):
@@ -103,3 +110,12 @@ class Trak(Method):
 
     def attribution(self, run: Run, target: Target, options: TrakOptions) -> Attribution:
         return trak_attribution(run, target, options.proj_dim, options.lambda_reg)
+
+    def scores(self, run: Run, target: Target, options: TrakOptions) -> Scores:
+        """The mean over the target's examples, each subtask's ``K psi`` rows folded into their mean first (TRAK's
+        score is linear in them; the out-to-loss weight scales pool rows): one product per subtask."""
+        train, targets, sides, out_to_loss, details = trak_sides(run, target, options.proj_dim, options.lambda_reg)
+        per_task, names, counts = folded_products(train, sides, np.full(len(train), 1.0 / len(train)),
+                                                  targets[0].tasks.tolist())
+        return subtask_scores("trak", train[0].ids.tolist(), per_task * out_to_loss[:, None], names, counts,
+                              DESCRIPTION, details, {"out_to_loss": out_to_loss})

@@ -17,7 +17,7 @@ from ...core.chunks import read_ahead
 from ...core.naming import TRAIN
 from ...errors import InfluenceError
 from ...gradients.store import GradientStore, check_compatible, find_target_dataset, open_checkpoint_stores, resolve_dim
-from ...kernels.scoring import HAVE_TRITON, score_block, subtask_means
+from ...kernels.scoring import HAVE_TRITON, score_block_nonzero, subtask_means
 from ...train.run import Run
 
 
@@ -89,26 +89,26 @@ def iter_scored_blocks(
     every checkpoint's store and scoring them in one :func:`score_block` call (memory: one block per
     checkpoint). Rows flagged non-finite in any store get a NaN score."""
     weights = torch.as_tensor(np.asarray(weights, dtype=np.float32), device=device)
-    for start, blocks, finite in read_ahead(_stacked_blocks(train, rows_per_block)):
-        yield (start, *score_rows(torch.from_numpy(blocks).to(device), torch.from_numpy(finite).to(device), means,
-                                  weights, backend))
+    for start, blocks, finite in read_ahead(_blocks(train, rows_per_block)):
+        yield (start, *score_rows([torch.from_numpy(block).to(device) for block in blocks],
+                                  torch.from_numpy(finite).to(device), means, weights, backend))
 
 
-def _stacked_blocks(train: list[GradientStore], rows_per_block: int | None) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """(start, rows of every checkpoint's store stacked, their finite flags stacked), block by block."""
+def _blocks(train: list[GradientStore], rows_per_block: int | None) -> Iterator[tuple[int, list[np.ndarray], np.ndarray]]:
+    """(start, the block's rows in every checkpoint's store, their finite flags stacked), block by block."""
     readers = [store.iter_chunks(rows_per_block) for store in train]
     finite_readers = [store.iter_chunks(rows_per_block, column="finite") for store in train]
     for chunks, finite_chunks in zip(zip(*readers), zip(*finite_readers)):
-        yield (chunks[0][0], np.stack([block for _, block in chunks]),
-               np.stack([flags for _, flags in finite_chunks]))
+        yield chunks[0][0], [block for _, block in chunks], np.stack([flags for _, flags in finite_chunks])
 
 
-def score_rows(blocks: torch.Tensor, finite: torch.Tensor, means: torch.Tensor, weights: torch.Tensor,
+def score_rows(blocks: torch.Tensor | list[torch.Tensor], finite: torch.Tensor, means: torch.Tensor, weights: torch.Tensor,
                backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
-    """(per_task, score) of one block of pool rows: ``blocks`` (checkpoints, rows, dim) as stored,
+    """(per_task, score) of one block of pool rows: ``blocks`` (checkpoints, rows, dim) as stored (or one (rows, dim)
+    tensor per checkpoint),
     ``finite`` (checkpoints, rows) the stores' flags. A row flagged in any store, or whose feature is
     zero at a checkpoint (no direction: its cosines are undefined), is unscorable: NaN. The one
     function every scoring path (the stream, Dask) applies to a block."""
-    per_task, score = score_block(blocks, means, weights, backend)
-    usable = finite.all(dim=0) & (blocks != 0).any(dim=2).all(dim=0)
+    per_task, score, nonzero = score_block_nonzero(blocks, means, weights, backend)
+    usable = finite.all(dim=0) & nonzero
     return per_task.masked_fill(~usable[:, None], float("nan")), score.masked_fill(~usable, float("nan"))
