@@ -40,12 +40,13 @@ test: setup
 	$(PY) -m pytest -q
 
 # The default suite against the newest releases the ranges allow, in a separate environment: what a fresh
-# `pip install` would get today. Prints how those releases differ from the lock first.
+# `pip install` would get today. Prints how those releases differ from the lock first; leaves out the test that
+# the lock pins every declared dependency (the lock is written from this environment only after it passes).
 test-latest:
 	rm -rf $(LATEST)
 	$(call make_venv,$(LATEST),--upgrade)
 	$(LATEST)/bin/python scripts/lock.py diff --python $(LATEST)/bin/python
-	$(LATEST)/bin/python -m pytest -q
+	$(LATEST)/bin/python -m pytest -q --deselect tests/test_environment.py::test_the_lock_pins_every_declared_distribution_but_the_machine_specific_builds
 
 # The lock: the environment of a `make test-latest` that passed, written to $(LOCK) (commit it).
 lock: test-latest

@@ -117,6 +117,11 @@ def _fields(cls: type):
             yield f, hints[f.name]
 
 
+def _flag(f: dataclasses.Field, prefix: str) -> str:
+    """A field's command-line flag: ``--<prefix><name with dashes>``, or the ``flag`` it names."""
+    return "--" + prefix + f.metadata.get("flag", f.name.replace("_", "-")).lstrip("-")
+
+
 def options_of(cls: type, prefix: str = "", path: tuple[str, ...] = ()) -> list[Option]:
     """Every CLI option of a settings dataclass, nested dataclasses flattened."""
     options = []
@@ -127,7 +132,7 @@ def options_of(cls: type, prefix: str = "", path: tuple[str, ...] = ()) -> list[
         if dataclasses.is_dataclass(hint):
             options += options_of(hint, f.metadata.get("prefix", f.name + "-"), path + (f.name,))
             continue
-        flag = "--" + prefix + f.metadata.get("flag", f.name.replace("_", "-")).lstrip("-")
+        flag = _flag(f, prefix)
         is_list = bool(f.metadata.get("list"))
         if is_list and isinstance(default, list):
             default = ",".join(map(str, default))
@@ -300,8 +305,7 @@ def problems(settings: Any, prefix: str = "") -> list[str]:
         if dataclasses.is_dataclass(hint):
             found += problems(value, meta.get("prefix", f.name + "-")) if value is not None else []
             continue
-        flag = "--" + prefix + meta.get("flag", f.name.replace("_", "-")).lstrip("-")
-        found += _field_problems(flag, value, hint, meta)
+        found += _field_problems(_flag(f, prefix), value, hint, meta)
     extra = getattr(settings, "extra_problems", None)  # what depends on several fields
     return found + (extra() if extra is not None else [])
 
@@ -349,8 +353,3 @@ def check(settings: Any) -> Any:
     if found:
         raise InfluenceError("; ".join(found))
     return settings
-
-
-def settings_dict(settings: Any) -> dict:
-    """A settings dataclass as plain JSON-able data (for manifests and store metadata)."""
-    return dataclasses.asdict(settings)

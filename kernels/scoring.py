@@ -36,10 +36,11 @@ def unit_rows(matrix: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return matrix / matrix.norm(dim=1, keepdim=True).clamp(min=eps)
 
 
-def subtask_means(targets: torch.Tensor, task_index: torch.Tensor, n_tasks: int) -> torch.Tensor:
-    """(n_tasks, dim) mean of the unit-normalised target rows of each subtask."""
-    units = unit_rows(targets)
-    sums = torch.zeros((n_tasks, units.shape[1]), dtype=torch.float32, device=units.device)
+def subtask_means(targets: torch.Tensor, task_index: torch.Tensor, n_tasks: int, normalize: bool = True) -> torch.Tensor:
+    """(n_tasks, dim) mean of each subtask's target rows, unit-normalised first (fp32) unless ``normalize=False``
+    (then in the rows' own dtype)."""
+    units = unit_rows(targets) if normalize else targets
+    sums = torch.zeros((n_tasks, units.shape[1]), dtype=units.dtype, device=units.device)
     sums.index_add_(0, task_index, units)
     counts = torch.bincount(task_index, minlength=n_tasks).clamp(min=1).to(sums.dtype)
     return sums / counts[:, None]
@@ -188,10 +189,10 @@ class RunningTopK:
         """Merge the scores of rows ``start .. start + len(scores) - 1``."""
         scores = scores.detach().float().cpu()
         keep = torch.isfinite(scores)
-        values = torch.cat([self.values, scores[keep]])
-        indices = torch.cat([self.indices, torch.arange(start, start + len(scores))[keep]])
-        order = torch.sort(values, descending=True, stable=True).indices[: self.k]
-        self.values, self.indices = values[order], indices[order]
+        block = RunningTopK(self.k)
+        block.values, block.indices = scores[keep], torch.arange(start, start + len(scores))[keep]
+        merged = self.merge(block)
+        self.values, self.indices = merged.values, merged.indices
 
     def merge(self, later: RunningTopK) -> RunningTopK:
         """The top k of two streams, ``later`` covering rows after this one's (ties: earlier row first):

@@ -40,6 +40,15 @@ def test_the_registry_holds_every_method_once():
     assert {"less", "trak", "tracin", "datamodel", "memorization", "random", "semdedup", "ifd"} <= set(METHODS)
 
 
+def test_a_method_that_scores_nothing_is_refused_when_defined():
+    with pytest.raises(TypeError, match="define scores"):
+        class Empty(base.Method, register=False):  # noqa: F841 - defining it is the test
+            name = "empty"
+            family = "baseline"
+            summary = meaning = "nothing"
+    assert "empty" not in registry()
+
+
 @pytest.mark.parametrize("name", METHODS)
 def test_every_method_keeps_the_contract(name, engine_run):
     method = get_method(name)

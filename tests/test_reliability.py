@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from influence.cli import main
+from influence.core.locks import writer_lock
 from influence.errors import InfluenceError, RunError, StoreCorruptError
 from influence.gradients.collect import project_grads
 from influence.report.notebook import copy_notebook
@@ -64,6 +65,15 @@ def test_a_flipped_byte_is_found_by_rank_and_verify_and_repaired(tiny_run, tmp_p
     assert runner.invoke(main, ["verify", "--run", str(run)]).exit_code == 0
     repaired = rank(run, tiny_run["target"], write=False, space="none")
     pd.testing.assert_frame_equal(repaired, reference)
+
+
+def test_verify_repairs_only_when_no_other_command_writes_the_run(tiny_run, tmp_path):
+    run = whole_copy(tiny_run, tmp_path, "busy")
+    with writer_lock(run, "project-grads", shared=True):  # a project-grads at work
+        result = CliRunner().invoke(main, ["verify", "--run", str(run), "--repair"])
+        assert result.exit_code == 2 and "another influence process is writing" in result.output
+        assert CliRunner().invoke(main, ["verify", "--run", str(run)]).exit_code == 0  # checking alone reads
+    assert CliRunner().invoke(main, ["verify", "--run", str(run), "--repair"]).exit_code == 0
 
 
 def test_a_deleted_chunk_file_is_an_error_not_a_zero(tiny_run, tmp_path):

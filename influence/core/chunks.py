@@ -24,7 +24,7 @@ from filelock import FileLock
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from ..errors import InfluenceError, RunError, StoreCorruptError, StoreMismatchError
-from .storage import StoreRoot, as_root
+from .storage import STAGING, StoreRoot, as_root
 
 # Every chunk is written, even one equal to the fill value: a chunk file that is missing is then always a loss.
 zarr.config.set({"array.write_empty_chunks": True})
@@ -209,7 +209,7 @@ class ChunkedStore:
         except DECODE_ERRORS as err:
             chunks = range(start // self.chunk_size, -(-stop // self.chunk_size))
             bad = [c for c in chunks if not self._decodes(array, c)] or list(chunks)
-            raise self._corrupt(column, bad, f"cannot be read ({_reason(err)})") from None
+            raise self._corrupt(column, bad, f"cannot be read ({read_error_reason(err)})") from None
         if checksummed(array):
             if self._done is None:
                 self._done = self.group["done"][:]
@@ -276,7 +276,8 @@ def checksummed(array) -> bool:
     return any(type(codec).__name__ == "Crc32cCodec" for codec in array.metadata.codecs)
 
 
-def _reason(err: Exception) -> str:
+def read_error_reason(err: Exception) -> str:
+    """One short line saying why a chunk could not be decoded (``checksum mismatch`` for a CRC-32C failure)."""
     text = str(err).splitlines()[0] if str(err) else type(err).__name__
     return "checksum mismatch" if "checksum" in text.lower() else text[:120]
 
@@ -329,7 +330,8 @@ def write_strings(group: zarr.Group, name: str, values: list[str]) -> None:
     array[:] = np.asarray(values, dtype=object).astype(str)
 
 
-PARTIAL = ".partial-"
+PARTIAL = STAGING  # one marker for everything being written: cleaning and status look for one name
+STORE_DEPTH = 3  # stores sit at most this deep under a root (dim<d>/<dataset>/<checkpoint>): partials are not deeper
 
 
 def creation_lock(root: StoreRoot | str | Path, path: str) -> FileLock:
@@ -371,7 +373,8 @@ def remove_all_partials(root: StoreRoot | str | Path) -> list[str]:
     if not root.exists():
         return []
     removed = []
-    for name in sorted(root.fs.glob(f"{root._full()}/**/*{PARTIAL}*")):
+    # maxdepth: the walk never lists the chunk files inside the stores (every object, on a remote store)
+    for name in sorted(root.fs.glob(f"{root._full()}/**/*{PARTIAL}*", maxdepth=STORE_DEPTH)):
         relative = name[len(root._full()) + 1 :]
         if PARTIAL not in relative.rsplit("/", 1)[-1] or any(relative.startswith(r + "/") for r in removed):
             continue

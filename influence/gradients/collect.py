@@ -252,11 +252,11 @@ def project_grads(run_dir: str | Path, target: str | None = None, settings: Proj
     shared_work = cooperative or settings.shard is not None or _world_size() > 1
     if settings.overwrite and shared_work:
         raise InfluenceError("--overwrite replaces stores: run it in one process, not with --workers, --shard or torchrun")
-    Run(run_dir)  # says what is missing before a lock file is made in a folder that is not a run
+    run = Run(run_dir)  # says what is missing before a lock file is made in a folder that is not a run
     with writer_lock(run_dir, "project-grads", shared=not settings.overwrite):
         if not shared_work and not settings.dry_run:  # alone on the run: what killed writers left is removed
-            remove_all_partials(Run(run_dir).store_path)
-        return _project_grads(run_dir, target, settings, progress, shared_work)
+            remove_all_partials(run.store_path)
+        return _project_grads(run, target, settings, progress, shared_work)
 
 
 DEFAULTS = {"proj_dim": [8192], "seed": 0, "chunk_size": 128}
@@ -316,13 +316,12 @@ def _with_workers(workers: int, kwargs: dict, progress: bool) -> list[CollectRep
     return [CollectReport(**report) for _, _, reports in sorted(results) for report in reports]
 
 
-def _project_grads(run_dir, target: str | None, settings: ProjectSettings, progress: bool,
+def _project_grads(run: Run, target: str | None, settings: ProjectSettings, progress: bool,
                    cooperative: bool) -> list[CollectReport]:
     dims = sorted(set(settings.proj_dim))
     seed, batch_size, chunk_size, shard = settings.seed, settings.batch_size, settings.chunk_size, settings.shard
     target_tasks, include_train, overwrite = settings.target_tasks, settings.include_train, settings.overwrite
     device, dry_run, train_types = settings.device, settings.dry_run, list(settings.train_gradients)
-    run = Run(run_dir)
     run.check_data_unchanged()
     datasets: list[tuple[str, list[Example], list[str], dict]] = []
     if include_train:

@@ -114,7 +114,7 @@ def embedding_store(run_dir: str | Path, model: str, batch_size: int = 16, max_l
         compute_embeddings(run.path, model, batch_size, max_length)
     store = ChunkedStore.open(run.store_path, path)
     run.owns(store.metadata.get("run_id"), store.where)
-    expected = examples_sha256(run.pool())
+    expected = run.pool_sha256
     if store.metadata.get("examples_sha256") != expected:
         raise InfluenceError(f"{store.where}: made for another pool (the pool changed since); delete it to recompute")
     return store

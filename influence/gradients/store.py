@@ -213,7 +213,7 @@ def open_checkpoint_stores(run: Run, dataset: str, dim: int) -> list[GradientSto
         check_current(run, checkpoint, store)
         stores.append(store)
     if dataset.split(".")[0] == TRAIN:
-        expected = {"examples_sha256": examples_sha256(run.pool())}
+        expected = {"examples_sha256": run.pool_sha256}
         check_metadata(stores[0].metadata, expected, stores[0].where + " (the pool changed since)", ("examples_sha256",))
     return stores
 

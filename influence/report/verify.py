@@ -13,10 +13,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import zarr
-
 from ..config import setting
-from ..core.chunks import ChunkedStore, checksummed, chunked_stores_under
+from ..core.chunks import DECODE_ERRORS, ChunkedStore, checksummed, chunked_stores_under, read_error_reason
+from ..core.locks import writer_lock
 from ..train.run import Run, atomic_write
 from ..train.subset_store import SubsetStore, stored_subsets
 
@@ -43,8 +42,16 @@ class VerifyReport:
 
 def verify_run(run_dir: str | Path, repair: bool = False) -> VerifyReport:
     """Check every store and subset model of the run (see the module docstring); with ``repair`` also mark or
-    remove what failed. Writes ``RUN/verify.json``."""
+    remove what failed, under the run's writer lock (never beside a command writing the same stores). Writes
+    ``RUN/verify.json``."""
     run = Run(run_dir)
+    if not repair:
+        return _verify(run, repair=False)
+    with writer_lock(run.path, "verify --repair"):
+        return _verify(run, repair=True)
+
+
+def _verify(run: Run, repair: bool) -> VerifyReport:
     report = VerifyReport()
     root = run.store_path
     for path in chunked_stores_under(root):
@@ -78,12 +85,11 @@ def verify_run(run_dir: str | Path, repair: bool = False) -> VerifyReport:
 def _unit_problem(store: SubsetStore, unit: int) -> str | None:
     """Why a trained subset model's arrays cannot be trusted (a checksum mismatch, a missing chunk file), or None."""
     folder = store.root / store.unit_path(unit)
-    group = zarr.open_group(store=str(store.root), path=store.unit_path(unit), mode="r")
-    for name, array in group.arrays():
+    for name, array in store.unit_group(unit).arrays():
         try:
             array[...]
-        except (ValueError, RuntimeError, TypeError) as err:
-            return f"{folder}/{name}: cannot be read ({str(err).splitlines()[0][:80]})"
+        except DECODE_ERRORS as err:
+            return f"{folder}/{name}: cannot be read ({read_error_reason(err)})"
         if checksummed(array) and not any((folder / name / "c").rglob("*")):
             return f"{folder}/{name}: its chunk file is missing"
     return None

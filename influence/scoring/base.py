@@ -82,10 +82,9 @@ class Attribution:
         """Mean over the target's examples (and per subtask, the ``task:`` columns); an example with
         any non-finite effect is unscorable."""
         tasks = np.asarray(self.target_tasks)
-        names = sorted(set(self.target_tasks))
+        names, counts = np.unique(tasks, return_counts=True)
         per_task = np.stack([self.matrix[:, tasks == name].mean(axis=1) for name in names], axis=1)
-        counts = np.array([(tasks == name).sum() for name in names])
-        return subtask_scores(self.method, self.pool_ids, per_task, names, counts, self.description, self.details,
+        return subtask_scores(self.method, self.pool_ids, per_task, names.tolist(), counts, self.description, self.details,
                               self.columns)
 
 
@@ -237,6 +236,8 @@ class Method(ABC):
         """Register a subclass that names itself (``register=False``: a method made for a test or a notebook, kept
         out of the registry)."""
         super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__ and cls.scores is Method.scores and cls.attribution is Method.attribution:
+            raise TypeError(f"method {cls.name!r}: define scores(), attribution() or both")
         if "name" in cls.__dict__ and register:
             if cls.name in _REGISTRY:
                 raise TypeError(f"two scoring methods are named {cls.name!r}")
@@ -256,9 +257,7 @@ class Method(ABC):
 
     def scores(self, run: Run, target: Target | None, options: Any) -> Scores:
         """One score per pool example (default: the mean of :meth:`attribution` over the target's examples)."""
-        attribution = self.attribution(run, target, options)
-        if attribution is None:
-            raise NotImplementedError(f"{self.name} implements neither scores nor attribution")
+        attribution = self.attribution(run, target, options)  # defined: __init_subclass__ checks
         scores = attribution.scores()
         scores.method = self.name
         return scores

@@ -60,7 +60,7 @@ def open_subsets(run: Run, name: str = "fit") -> SubsetStore:
     if store.metadata.get("model") != run.manifest.get("model_fingerprint"):
         raise StoreMismatchError("model", run.manifest.get("model_fingerprint"), store.metadata.get("model"),
                                  f"{store.path} (trained from another base model than the run's)")
-    expected = examples_sha256(run.pool())
+    expected = run.pool_sha256
     if store.metadata.get("pool_sha256") != expected:
         raise StoreMismatchError("pool_sha256", expected, store.metadata.get("pool_sha256"),
                                  f"{store.path} (the pool changed since these models were trained)")

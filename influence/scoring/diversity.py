@@ -127,6 +127,15 @@ class Distinct2(Lexical):
         return distinct_n(tokens, 2)
 
 
+def _on_every_row(rows: int, keep: np.ndarray, values: np.ndarray, fill) -> np.ndarray:
+    """``values`` computed on the rows ``keep`` (those with a finite vector), placed among all ``rows``; ``fill``
+    elsewhere."""
+    values = np.asarray(values)
+    placed = np.full(rows, fill, dtype=np.result_type(values.dtype, np.asarray(fill).dtype))
+    placed[keep] = values
+    return placed
+
+
 @dataclass(kw_only=True)
 class KnnOptions(shared.Projected):
     space: str = shared.space()
@@ -144,8 +153,7 @@ class KnnDistance(Method):
     def scores(self, run: Run, target: Target | None, options: KnnOptions) -> Scores:
         loaded = load_space(run.path, options.space, options.proj_dim)
         keep = np.flatnonzero(loaded.finite)
-        values = np.full(len(loaded.ids), np.nan)
-        values[keep] = knn_distance(loaded.vectors[keep], options.neighbours)
+        values = _on_every_row(len(loaded.ids), keep, knn_distance(loaded.vectors[keep], options.neighbours), np.nan)
         return Scores("knn_distance", loaded.ids, values,
                       f"cosine distance to the {options.neighbours}-th nearest other example in {options.space}, in "
                       "[0, 2]; higher = more isolated", finite=np.isfinite(values),
@@ -175,10 +183,8 @@ class Prototypicality(Method):
 
     def scores(self, run: Run, target: Target | None, options: ClusterOptions) -> Scores:
         loaded, keep, labels, centroids = _clustered(run, options)
-        values = np.full(len(loaded.ids), np.nan)
-        values[keep] = centroid_distance(loaded.vectors[keep], labels, centroids)
-        cluster = np.full(len(loaded.ids), -1)
-        cluster[keep] = labels
+        values = _on_every_row(len(loaded.ids), keep, centroid_distance(loaded.vectors[keep], labels, centroids), np.nan)
+        cluster = _on_every_row(len(loaded.ids), keep, labels, -1)
         return Scores("prototypicality", loaded.ids, values,
                       f"cosine distance to the example's k-means centroid in {options.space}, in [0, 2]; higher = less "
                       "typical", finite=np.isfinite(values),
@@ -201,10 +207,8 @@ class SemDedup(Method):
     def scores(self, run: Run, target: Target | None, options: SemDedupOptions) -> Scores:
         loaded, keep, labels, centroids = _clustered(run, options)
         flags, nearest = semdedup(loaded.vectors[keep], labels, centroids, options.eps)
-        values = np.full(len(loaded.ids), np.nan)
-        values[keep] = nearest
-        duplicate = np.zeros(len(loaded.ids), dtype=bool)
-        duplicate[keep] = flags
+        values = _on_every_row(len(loaded.ids), keep, nearest, np.nan)
+        duplicate = _on_every_row(len(loaded.ids), keep, flags, False)
         return Scores("semdedup", loaded.ids, values,
                       f"largest cosine similarity to another member of the example's k-means cluster in "
                       f"{options.space}; higher = more redundant; 'duplicate' flags similarity above "

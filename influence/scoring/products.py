@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..gradients.store import GradientStore
-from ..kernels.scoring import unit_rows
+from ..kernels.scoring import subtask_means, unit_rows
 
 
 def pairwise_products(train: list[GradientStore], targets: list[torch.Tensor], weights, normalize: bool = False,
@@ -41,10 +41,8 @@ def folded_products(train: list[GradientStore], sides: list[torch.Tensor], weigh
     """The mean over each subtask's target examples of :func:`pairwise_products`, computed as the products with
     each subtask's mean target vector (``sides[c]``: one row per target example, ``tasks`` their subtasks):
     (n_pool x subtasks float64, the subtasks' names, their sizes)."""
-    names = sorted(set(tasks))
-    index = torch.tensor([names.index(task) for task in tasks])
-    counts = torch.bincount(index, minlength=len(names)).to(torch.float64)
-    means = [torch.zeros((len(names), side.shape[1]), dtype=torch.float64).index_add_(0, index, side.double())
-             / counts[:, None] for side in sides]
-    per_task, _ = pairwise_products(train, [m.float() for m in means], weights, rows_per_block=rows_per_block)
-    return per_task, names, counts.numpy()
+    names, index, counts = np.unique(np.asarray(tasks), return_inverse=True, return_counts=True)
+    means = [subtask_means(side.double(), torch.from_numpy(index), len(names), normalize=False).float()
+             for side in sides]
+    per_task, _ = pairwise_products(train, means, weights, rows_per_block=rows_per_block)
+    return per_task, names.tolist(), counts

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from ..scoring.base import MethodChoice, get_method
 from ..train.run import Run
 from .modes import select
 from .outputs import load_rankings, spearman
-from .rank import default_out, rank, rank_settings_record
+from .rank import default_out, rank, rank_settings_record, recorded_summary
 from .settings import RankSettings, fraction
 
 
@@ -38,10 +37,9 @@ class CompareSettings:
 
 def _same_ranking(run: Run, folder: Path, settings: RankSettings, target: str, options) -> pd.DataFrame | None:
     """The ranking in ``folder`` when it is this run's and was made with exactly these settings (None otherwise)."""
-    summary = folder / "summary.json"
-    if not summary.is_file() or not (folder / "scores.parquet").is_file():
+    recorded = recorded_summary(folder)
+    if recorded is None or not (folder / "scores.parquet").is_file():
         return None
-    recorded = json.loads(summary.read_text(encoding="utf-8"))
     if recorded.get("run_id") != run.run_id or recorded.get("rank_settings") != rank_settings_record(
             settings, settings.method, target, options):
         return None
@@ -74,7 +72,7 @@ def compare_methods(run_dir: str | Path, target: str, settings: CompareSettings 
         tables[name] = _same_ranking(run, default_out(run.path, name, target), ranking, target, options)
         if tables[name] is None:  # never replace a ranking the user made: compare's own go in compare-<target>/
             out = run.path / f"compare-{target_name(target)}" / name
-            tables[name] = rank(run.path, target, replace(ranking, out=str(out), overwrite=True), **vars(options))
+            tables[name] = rank(run, target, replace(ranking, out=str(out), overwrite=True), **vars(options))
     reference, fraction_ = settings.reference, settings.fraction
     base = tables[reference].set_index("id")
     rows = []

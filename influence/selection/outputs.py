@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from ..core.storage import publish_folder, staging_folder
-from ..data.formats import Example, examples_sha256
+from ..data.formats import Example
 from ..data.targets import target_name
 from ..errors import InfluenceError
 from ..scoring import Scores
@@ -166,7 +166,7 @@ def ranking_belongs(run: Run, summary: dict, table: pd.DataFrame | None = None) 
     if summary.get("run_id") is not None and run.run_id is not None:
         return summary["run_id"] == run.run_id
     if summary.get("pool_sha256") is not None:
-        return summary["pool_sha256"] == examples_sha256(run.pool())
+        return summary["pool_sha256"] == run.pool_sha256
     return table is None or set(table["id"].astype(str)) <= {e.id for e in run.pool()}
 
 

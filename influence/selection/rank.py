@@ -18,7 +18,6 @@ import pandas as pd
 from ..config import settings_from
 from ..core.locks import writer_active
 from ..core.storage import check_writable
-from ..data.formats import examples_sha256
 from ..data.targets import check_target, target_name
 from ..errors import InfluenceError
 from ..scoring.base import Method, Scores, Target, get_method
@@ -32,6 +31,17 @@ CONCURRENT_WRITER = ("another influence process was writing to this run while it
                      "checked stores were read)")
 
 
+def recorded_summary(folder: Path) -> dict | None:
+    """The ``summary.json`` of the ranking in ``folder`` (None where there is none; {} where it cannot be read)."""
+    summary = folder / "summary.json"
+    if not summary.is_file():
+        return None
+    try:
+        return json.loads(summary.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+
+
 def check_output_folder(folder: Path, run: Run, settings: dict, overwrite: bool) -> None:
     """Refuse to write where a ranking must not be replaced: another run's ranking (whatever ``overwrite``), a
     ranking made with other settings (unless ``overwrite``), or a folder of files that are not a ranking."""
@@ -39,15 +49,11 @@ def check_output_folder(folder: Path, run: Run, settings: dict, overwrite: bool)
         return
     if not folder.is_dir():
         raise InfluenceError(f"--out {folder}: exists and is not a folder")
-    summary = folder / "summary.json"
-    if not summary.is_file():
+    previous = recorded_summary(folder)
+    if previous is None:
         if any(folder.iterdir()):
             raise InfluenceError(f"--out {folder}: holds files that are not a ranking; choose another --out")
         return
-    try:
-        previous = json.loads(summary.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        previous = {}
     run.owns(previous.get("run_id"), f"the ranking in {folder}")
     before = previous.get("rank_settings") or {"method": previous.get("method"), "target": previous.get("target_name")}
     now = settings if "rank_settings" in previous else {"method": settings["method"], "target": settings["target"]}
@@ -117,7 +123,7 @@ def split_values(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]
     return ({k: v for k, v in values.items() if k in names}, {k: v for k, v in values.items() if k not in names})
 
 
-def rank_many(run_dir: str | Path, targets: list[str | None], settings: RankSettings | None = None,
+def rank_many(run_dir: str | Path | Run, targets: list[str | None], settings: RankSettings | None = None,
               method_options: dict[str, Any] | None = None, **values: Any) -> dict[str | None, Ranking]:
     """:func:`rank` for several targets at once: one output folder per target (see :func:`output_folders`).
     ``settings`` (a :class:`RankSettings`) and ``values`` (its fields by keyword, and the method's options)
@@ -136,10 +142,10 @@ def rank_many(run_dir: str | Path, targets: list[str | None], settings: RankSett
     named = [target_name(t) for t in targets if t]
     if len(set(named)) < len(named):
         raise InfluenceError("two of the targets have the same name; their output folders would collide")
-    run = Run(run_dir)
+    run = run_dir if isinstance(run_dir, Run) else Run(run_dir)  # compare passes its Run: the pool is read once
     run.check_data_unchanged()
     pool = run.pool()
-    folders = output_folders(run_dir, method.name, targets, settings.out, settings)
+    folders = output_folders(run.path, method.name, targets, settings.out, settings)
     records = [rank_settings_record(settings, method.name, target, options) for target in targets]
     if settings.write:
         for folder, record in zip(folders, records):
@@ -150,7 +156,7 @@ def rank_many(run_dir: str | Path, targets: list[str | None], settings: RankSett
     labels = _pool_clusters(measured_in)
     fraction = settings.fraction if settings.fraction is not None or settings.top_k is not None else DEFAULT_FRACTION
     band = settings.band or DEFAULT_BAND
-    owner = {"run_id": run.run_id, "pool_sha256": examples_sha256(pool)}
+    owner = {"run_id": run.run_id, "pool_sha256": run.pool_sha256}
     results = {}
     for target, folder, record, scores in zip(targets, folders, records, score_targets(run, method, wanted, options)):
         table = ranking_table(scores, pool)
@@ -180,7 +186,7 @@ def _shared_with_method(settings: RankSettings, method: Method) -> dict[str, Any
     return {k: v for k, v in shared.items() if k in names and v is not None}
 
 
-def rank(run_dir: str | Path, target: str | None = None, settings: RankSettings | None = None,
+def rank(run_dir: str | Path | Run, target: str | None = None, settings: RankSettings | None = None,
          **values: Any) -> pd.DataFrame:
     """Score the run's pool with a method (for ``target`` where the method needs one), write the outputs (see
     :mod:`.outputs`) and return the full ranking, its ``selected`` column marking the selection. ``settings``

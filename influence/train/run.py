@@ -208,10 +208,22 @@ class Run:
         return model, tokenizer, fingerprint
 
     def pool(self):
-        """The run's pool, read as the warm-up read it (its files, with the column mapping it was given)."""
+        """The run's pool, read as the warm-up read it (its files, with the column mapping it was given); read once
+        per Run, a new list each call."""
+        return list(self._pool)
+
+    @functools.cached_property
+    def _pool(self) -> tuple:
         from ..data.formats import Columns, load_pool
 
-        return load_pool(self.train_files, Columns(**self.manifest["config"].get("columns", {})))
+        return tuple(load_pool(self.train_files, Columns(**self.manifest["config"].get("columns", {}))))
+
+    @functools.cached_property
+    def pool_sha256(self) -> str:
+        """The fingerprint of the pool's contents that stores and rankings record (``examples_sha256``)."""
+        from ..data.formats import examples_sha256
+
+        return examples_sha256(self._pool)
 
     @property
     def train_files(self) -> list[str]:

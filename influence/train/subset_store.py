@@ -180,7 +180,7 @@ class SubsetStore:
         row = UNIT_OUTCOMES.index(outcome)
         masks, values = [], []
         for unit in units:
-            group = zarr.open_group(store=str(self.root), path=self.unit_path(unit), mode="r")
+            group = self.unit_group(unit)
             masks.append(group["mask"][:])
             values.append(group[dataset][row])
         n = self.n_pool if dataset == POOL else int(self.targets[dataset]["n_examples"])
@@ -189,13 +189,17 @@ class SubsetStore:
 
     def texts(self, unit: int, dataset: str) -> list[str]:
         """A finished unit's texts for a dataset (e.g. its generated responses)."""
-        group = zarr.open_group(store=str(self.root), path=self.unit_path(unit), mode="r")
+        group = self.unit_group(unit)
         if f"texts/{dataset}" not in group:
             raise InfluenceError(f"{self.path}: unit {unit} stored no texts for {dataset}")
         return [str(t) for t in group[f"texts/{dataset}"][:]]
 
+    def unit_group(self, unit: int) -> zarr.Group:
+        """A finished unit's arrays, read-only."""
+        return zarr.open_group(store=str(self.root), path=self.unit_path(unit), mode="r")
+
     def unit_attrs(self, unit: int) -> dict:
-        return dict(zarr.open_group(store=str(self.root), path=self.unit_path(unit), mode="r").attrs)
+        return dict(self.unit_group(unit).attrs)
 
 
 def _build_subsets(root, path: str, metadata: dict, pool_ids: list[str], targets: dict[str, tuple[list[str], list[str]]],

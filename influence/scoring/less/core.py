@@ -68,8 +68,8 @@ def load_less_inputs(run: Run | str | Path, targets: str | list[str], device: st
         dataset = find_target_dataset(run.store_path, dim, target, target_tasks)
         stores = open_checkpoint_stores(run, dataset, dim)
         check_compatible(train, stores)
-        task_names = sorted(set(stores[0].tasks.tolist()))
-        task_index = torch.tensor([task_names.index(t) for t in stores[0].tasks.tolist()], device=device)
+        names, index = np.unique(stores[0].tasks.tolist(), return_inverse=True)
+        task_names, task_index = names.tolist(), torch.from_numpy(index).to(device)
         means.append(torch.stack([
             subtask_means(torch.from_numpy(store.array("grads")).to(device), task_index, len(task_names))
             for store in stores
