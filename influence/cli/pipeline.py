@@ -12,6 +12,7 @@ import click
 
 from ..config import build, setting, settings_options
 from ..gradients.collect import ProjectSettings
+from ..gradients.curvature import CurvatureSettings
 from ..report.html import ReportSettings
 from ..report.notebook import NotebookSettings
 from ..report.verify import VerifySettings
@@ -79,6 +80,18 @@ def project_grads(**values) -> None:
         bad = f", {r.n_nonfinite} NON-FINITE" if r.n_nonfinite else ""
         click.echo(f"{r.dataset:>30} {r.checkpoint}: {r.n_examples} examples, {r.n_truncated} truncated, "
                    f"{r.seconds} s{note}{bad}")
+
+
+@click.command()
+@settings_options(RunFolder)
+@settings_options(CurvatureSettings)
+def curvature(**values) -> None:
+    """K-FAC / EK-FAC curvature of the LoRA parameters on the warm-up data, for rank --method ekfac|kfac|ekfac_self."""
+    from ..gradients.curvature import fit_curvature
+
+    where = build(RunFolder, values)
+    for path in fit_curvature(where.run_dir, build(CurvatureSettings, values)):
+        click.echo(f"curvature fitted: {Path(where.run_dir) / 'curvature.zarr' / path}")
 
 
 @dataclass(kw_only=True)

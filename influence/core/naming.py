@@ -15,7 +15,7 @@ def grads_group(dim: int, dataset: str, checkpoint: str) -> str:
     return f"dim{dim}/{dataset}/{checkpoint}"
 
 
-GradientType = Literal["adam", "sgd", "margin"]  # the features a gradient store can hold
+GradientType = Literal["adam", "sgd", "margin", "ekfac", "kfac"]  # the features a gradient store can hold
 GRADIENT_TYPES: tuple[str, ...] = get_args(GradientType)
 
 

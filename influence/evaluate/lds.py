@@ -9,12 +9,20 @@ disjoint from those the datamodels were fit on), for every target example ``t``:
 where ``effect`` is the method's effect of ``x`` on ``t`` (its :class:`~influence.scoring.Attribution`;
 for a method with one score per example, that score for every ``t``; for a ranking file, its
 ``score`` column; for a selection file such as a ``selected.jsonl``, diversified or not, 1 for its
-members and 0 for the others) and ``measured`` is the held-out model's outcome on ``t``, signed so that higher is
+members and 0 for the others; for an attribution matrix from another tool, its entry for ``(x, t)``)
+and ``measured`` is the held-out model's outcome on ``t``, signed so that higher is
 better (minus the loss by default). The LDS is the mean over the target's examples (those whose
 outcome and prediction vary over the subsets), with a bootstrap interval over the held-out subsets
 and the number of subsets used. 1 = the method orders subsets exactly as retraining does; 0 = no better
 than chance; negative = backwards (for a target-free score, e.g. ``nll``, the low end may be the
 helpful one).
+
+An attribution matrix (:func:`read_attribution`) makes the held-out models a benchmark for any method: it
+goes through the same :func:`lds` as a method's :class:`~influence.scoring.Attribution` and keeps our sign
+convention, higher = including the pool example helps that target example more (its loss lower); a tool
+whose scores mean the opposite (e.g. "harmful" or loss-increase scores) must be negated first. It covers
+every pool example and every target example (those of ``--target-tasks`` when given), each once; NaN
+entries are unscorable and count as 0, as for our methods.
 
 Leave-some-out (``leave_out = f``): one model on the whole pool and, for every method, one on the pool
 minus the method's top ``f`` for the target; the change of the mean target outcome against the
@@ -23,8 +31,10 @@ whole-pool model (positive = removing the method's most helpful examples hurt, a
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +47,7 @@ from scipy.stats import rankdata
 from ..config import setting, settings_from
 from ..core.units import UnitSettings
 from ..data.formats import Example, load_examples
-from ..data.targets import target_name
+from ..data.targets import load_target, target_name
 from ..errors import InfluenceError
 from ..models.measure import HIGHER_IS_BETTER, Outcome
 from ..scoring.base import Target, get_method, registry
@@ -53,8 +63,11 @@ class LdsSettings:
 
     methods: list[str] = setting(
         default_factory=lambda: ["less", "trak", "tracin", "datamodel", "fz_influence", "grand", "random"],
-        help="Comma-separated methods of `rank`, ranking files (scores.csv / .parquet with id and score) or selections "
-             "(a selected.jsonl: 1 for its examples, 0 for the others).", list=True, nonempty=True)
+        help="Comma-separated methods of `rank`, ranking files (scores.csv / .parquet with id and score), selections "
+             "(a selected.jsonl: 1 for its examples, 0 for the others) or attribution matrices of any tool (higher = the "
+             "pool example helps the target example more; negate scores that mean harm): CSV/Parquet with id and one "
+             "column per target id, or pool_id, target_id and score; .npz with matrix, pool_ids and target_ids.",
+        list=True, nonempty=True)
     target_tasks: list[str] | None = setting(None, "Comma-separated subtasks of the target to keep.", list=True)
     k: int = setting(16, "Held-out subset models.", min=3)
     heldout: str = setting("heldout", "Name of the held-out subset models.")
@@ -74,6 +87,9 @@ class LdsSettings:
             return ["--heldout must name other subset models than --subsets (the LDS is measured on models the "
                     "datamodels were not fit on)"]
         return []
+
+
+ATTRIBUTION_FILE = "attribution file"
 
 
 @dataclass
@@ -145,12 +161,145 @@ def read_ranking(path: str | Path, pool: list[Example]) -> np.ndarray:
     return scores.reindex(pool_ids).to_numpy(dtype=np.float64)
 
 
+ATTRIBUTION_FORMATS = ("an attribution matrix is a CSV/Parquet with an id column of pool ids and one column per "
+                       "target id, or with the columns pool_id, target_id and score, or a .npz with matrix, pool_ids "
+                       "and target_ids")
+
+
+def _few(ids: list) -> str:
+    return ", ".join(map(str, ids[:3])) + (", ..." if len(ids) > 3 else "")
+
+
+def _header(path: Path) -> list[str]:
+    """The column names of a CSV (any suffix but .parquet) or Parquet file as written, duplicates kept."""
+    try:
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return pq.read_schema(path).names
+        with path.open(newline="", encoding="utf-8") as handle:
+            return next(csv.reader(handle), [])
+    except Exception as err:  # pyarrow and the csv module raise many kinds for an unreadable file
+        raise InfluenceError(f"{path}: not a readable CSV or Parquet file ({err})") from None
+
+
+def is_attribution(path: str | Path) -> bool:
+    """Whether a file of ``--methods`` is an attribution matrix: a .npz (or a refused .npy), or a CSV/Parquet
+    with a target_id column or without a score column (a ranking has id and score)."""
+    path = Path(path)
+    if path.suffix in (".npz", ".npy"):
+        return True
+    if path.suffix in (".jsonl", ".json", ".tsv"):
+        return False
+    columns = _header(path)
+    return "target_id" in columns or "score" not in columns
+
+
+def _numbers(path: Path, table: pd.DataFrame) -> np.ndarray:
+    """``table``'s values as floats; a value that is no number is refused (an empty one is NaN)."""
+    numbers = table.apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+    bad = np.isnan(numbers) & table.notna().to_numpy()
+    if bad.any():
+        row, column = np.argwhere(bad)[0]
+        raise InfluenceError(f"{path}: {int(bad.sum())} value(s) are not numbers, e.g. {table.iat[row, column]!r} in "
+                             f"column {table.columns[column]}")
+    return numbers
+
+
+def _attribution_arrays(path: Path) -> tuple[list[str], list[str], np.ndarray]:
+    """(pool ids, target ids, matrix) as an attribution file holds them."""
+    if path.suffix == ".npy":
+        raise InfluenceError(f"{path}: a bare .npy matrix has no pool and target ids; save a .npz instead: "
+                             "np.savez(path, matrix=matrix, pool_ids=pool_ids, target_ids=target_ids)")
+    if path.suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as arrays:
+                missing = [k for k in ("matrix", "pool_ids", "target_ids") if k not in arrays.files]
+                if missing:
+                    raise InfluenceError(f"{path}: no array {', '.join(missing)}; {ATTRIBUTION_FORMATS}")
+                matrix, rows, columns = arrays["matrix"], arrays["pool_ids"], arrays["target_ids"]
+        except InfluenceError:
+            raise
+        except Exception as err:  # numpy raises many kinds for an unreadable file (object arrays need pickle)
+            raise InfluenceError(f"{path}: not a readable .npz of numbers and ids ({err})") from None
+        if rows.ndim != 1 or columns.ndim != 1 or matrix.shape != (len(rows), len(columns)):
+            raise InfluenceError(f"{path}: matrix is {matrix.shape}, pool_ids {rows.shape} and target_ids "
+                                 f"{columns.shape}; it must be (len(pool_ids), len(target_ids))")
+        if matrix.dtype.kind not in "biuf":
+            raise InfluenceError(f"{path}: matrix holds {matrix.dtype} values, not numbers")
+        return rows.astype(str).tolist(), columns.astype(str).tolist(), matrix.astype(np.float64)
+    header = _header(path)
+    duplicated = sorted({c for c in header if header.count(c) > 1})
+    if duplicated:
+        raise InfluenceError(f"{path}: duplicate column(s) {_few(duplicated)}")
+    try:
+        if path.suffix == ".parquet":
+            table = pd.read_parquet(path)
+            table = table.reset_index() if any(n is not None for n in table.index.names) else table  # ids as index
+        else:
+            table = pd.read_csv(path, dtype={"id": str, "pool_id": str, "target_id": str})
+    except Exception as err:  # pandas raises many kinds for an unreadable file
+        raise InfluenceError(f"{path}: not a readable CSV or Parquet file ({err})") from None
+    pool = "pool_id" if "pool_id" in table else "id"
+    if pool not in table or ("target_id" in table and "score" not in table):
+        raise InfluenceError(f"{path}: columns {_few(list(table.columns))} are neither a ranking (id and score) "
+                             f"nor an attribution matrix; {ATTRIBUTION_FORMATS}")
+    if "target_id" not in table:  # wide: one column per target example
+        columns = [c for c in table.columns if c != pool]
+        return table[pool].astype(str).tolist(), [str(c) for c in columns], _numbers(path, table[columns])
+    pairs = pd.MultiIndex.from_arrays([table[pool].astype(str), table["target_id"].astype(str)])
+    if pairs.has_duplicates:
+        twice = pairs[pairs.duplicated()].unique().tolist()
+        raise InfluenceError(f"{path}: {len(twice)} (pool_id, target_id) pair(s) appear more than once: {_few(twice)}")
+    scores = pd.Series(_numbers(path, table[["score"]])[:, 0], index=pairs)
+    rows, columns = pairs.levels[0].tolist(), pairs.levels[1].tolist()
+    absent = pd.MultiIndex.from_product([rows, columns]).difference(pairs).tolist()
+    if absent:
+        raise InfluenceError(f"{path}: {len(absent)} (pool_id, target_id) pair(s) of its ids have no row: {_few(absent)}; "
+                             "give every pair (NaN for an unscorable one)")
+    return rows, columns, scores.unstack().reindex(index=rows, columns=columns).to_numpy(dtype=np.float64)
+
+
+def _check_ids(path: Path, given: list[str], wanted: list[str], what: str) -> None:
+    """A file's ``what`` ("pool" or "target") ids ``given`` are those ``wanted``, each once, in any order."""
+    twice = sorted(i for i, n in Counter(given).items() if n > 1)
+    if twice:
+        raise InfluenceError(f"{path}: {len(twice)} {what} id(s) appear more than once: {_few(twice)}")
+    known, present = set(wanted), set(given)
+    unknown = [i for i in given if i not in known]
+    if unknown:
+        scope = "this run's pool" if what == "pool" else "the target's examples (of --target-tasks when given)"
+        raise InfluenceError(f"{path}: {len(unknown)} {what} id(s) are not in {scope}: {_few(unknown)}")
+    absent = [i for i in wanted if i not in present]
+    if absent:
+        raise InfluenceError(f"{path}: {len(absent)} of the {len(wanted)} {what} examples are missing: {_few(absent)}; "
+                             "the matrix must cover all of them")
+
+
+def read_attribution(path: str | Path, pool_ids: list[str], target_ids: list[str]) -> np.ndarray:
+    """An attribution matrix from any tool as (n_pool x n_target) effects in the order of ``pool_ids`` and
+    ``target_ids`` (higher = the pool example helps the target example more; NaN = unscorable). Formats: CSV or
+    Parquet with an ``id`` column of pool ids and one column per target id (wide), or with ``pool_id`` (or
+    ``id``), ``target_id`` and ``score`` (long); a ``.npz`` with ``matrix``, ``pool_ids`` and ``target_ids``.
+    Unknown, missing or repeated ids and values that are no finite numbers are refused."""
+    path = Path(path)
+    rows, columns, matrix = _attribution_arrays(path)
+    _check_ids(path, rows, pool_ids, "pool")
+    _check_ids(path, columns, target_ids, "target")
+    if np.isinf(matrix).any():
+        raise InfluenceError(f"{path}: {int(np.isinf(matrix).sum())} value(s) are infinite")
+    row, column = {i: n for n, i in enumerate(rows)}, {i: n for n, i in enumerate(columns)}
+    return matrix[np.ix_([row[i] for i in pool_ids], [column[i] for i in target_ids])]
+
+
 def _effects(run: Run, name: str, target: Target, options: dict, pool_ids: list[str],
-             n_targets: int) -> tuple[np.ndarray, str, list[str] | None]:
+             target_ids: list[str]) -> tuple[np.ndarray, str, list[str] | None]:
     """(n_pool x n_targets effects, kind, the target ids the effects are for when per target example) of a
-    method or a ranking file; the method gets those of ``options`` it takes."""
+    method, a ranking or selection file or an attribution matrix; the method gets those of ``options`` it takes."""
     if name not in registry():
-        return np.repeat(read_ranking(name, run.pool())[:, None], n_targets, axis=1), \
+        if is_attribution(name):
+            return read_attribution(name, pool_ids, target_ids), ATTRIBUTION_FILE, list(target_ids)
+        return np.repeat(read_ranking(name, run.pool())[:, None], len(target_ids), axis=1), \
             "ranking or selection file", None
     method = get_method(name)
     settings = method.options(options, others_allowed=True)
@@ -160,7 +309,7 @@ def _effects(run: Run, name: str, target: Target, options: dict, pool_ids: list[
             raise InfluenceError(f"{name}: its scores cover other pool examples than the held-out models")
         return attribution.matrix, "per target example", list(attribution.target_ids)
     scores = method.scores(run, target if method.needs_target else None, settings)
-    return np.repeat(scores.score[:, None], n_targets, axis=1), "one score per example", None
+    return np.repeat(scores.score[:, None], len(target_ids), axis=1), "one score per example", None
 
 
 def method_label(method: str) -> str:
@@ -169,16 +318,19 @@ def method_label(method: str) -> str:
 
 
 def check_methods(run: Run, methods: list[str], target: Target, options: dict) -> None:
-    """Every entry is a method of ``rank`` whose prerequisites the run has, or an existing ranking file
-    (checked before any model is trained)."""
+    """Every entry is a method of ``rank`` whose prerequisites the run has, an existing ranking or selection
+    file, or an attribution matrix that covers the run's pool and the target (checked before any model is
+    trained)."""
     unknown = [m for m in methods if m not in registry() and not Path(m).is_file()]
     if unknown:
         raise InfluenceError(f"--methods: {', '.join(unknown)} is neither a method ({', '.join(sorted(registry()))}) "
-                             "nor a ranking or selection file")
+                             "nor a ranking, selection or attribution file")
     for name in methods:
         if name in registry():
             method = get_method(name)
             method.require(run, target if method.needs_target else None, method.options(options, others_allowed=True))
+        elif is_attribution(name):
+            read_attribution(name, [e.id for e in run.pool()], [e.id for e in load_target(target.name, target.task_list)])
 
 
 def evaluate_lds(run_dir: str | Path, target: str, methods: list[str] | None = None,
@@ -232,21 +384,25 @@ def evaluate_lds(run_dir: str | Path, target: str, methods: list[str] | None = N
     measured = outcomes[:, keep] if HIGHER_IS_BETTER[settings.outcome] else -outcomes[:, keep]
     target_ids = held.target_labels(dataset)[0][keep]
     pool_ids = held.pool_ids.tolist()
-    rows, per_target = [], {}
+    rows, per_target, notes = [], {}, []
     for method in settings.methods:
-        effects, kind, ids = _effects(run, method, wanted, options, pool_ids, int(keep.sum()))
+        effects, kind, ids = _effects(run, method, wanted, options, pool_ids, target_ids.tolist())
         if ids is not None and ids != target_ids.tolist():
             raise InfluenceError(f"{method}: its effects are for other target examples than the held-out models "
                                  "measured (another --target-tasks?)")
         mean, low, high, values_t = lds(masks, effects, measured, settings.bootstrap)
         label = method_label(method)
+        if kind == ATTRIBUTION_FILE and np.isnan(effects).any():
+            notes.append(f"{label}: {int(np.isnan(effects).sum())} of its {effects.size} effects are NaN (unscorable; "
+                         "counted as 0)")
         per_target[label] = values_t
         rows.append({"method": label, "lds": mean, "ci_low": low, "ci_high": high, "n_subsets": len(done),
                      "n_targets": int(np.isfinite(values_t).sum()), "effects": kind})
     table = pd.DataFrame(rows)
-    report = LdsReport(table, pd.DataFrame(per_target, index=target_ids), {}, run.path / "lds" / target_name(target))
+    report = LdsReport(table, pd.DataFrame(per_target, index=target_ids), {}, run.path / "lds" / target_name(target),
+                       notes)
     if settings.leave_out is not None:
-        table["leave_out_delta"] = _leave_out(run, wanted, settings, options, pool_ids, int(keep.sum()), training,
+        table["leave_out_delta"] = _leave_out(run, wanted, settings, options, pool_ids, target_ids.tolist(), training,
                                               units, device, progress, say, report)
     report.settings = {"target": target, "target_tasks": settings.target_tasks, "outcome": settings.outcome,
                        "heldout": settings.heldout, "heldout_units": done, "heldout_design": held.design,
@@ -256,7 +412,7 @@ def evaluate_lds(run_dir: str | Path, target: str, methods: list[str] | None = N
     return report
 
 
-def _leave_out(run: Run, target: Target, settings: LdsSettings, options: dict, pool_ids: list[str], n_targets: int,
+def _leave_out(run: Run, target: Target, settings: LdsSettings, options: dict, pool_ids: list[str], target_ids: list[str],
                training, units: UnitSettings, device, progress, say, report: LdsReport) -> list[float]:
     """Train the whole-pool model and, per method, the pool minus its top ``leave_out`` fraction; return each
     method's change of the mean target outcome (higher = better) against the whole pool."""
@@ -264,7 +420,7 @@ def _leave_out(run: Run, target: Target, settings: LdsSettings, options: dict, p
     count = max(1, int(settings.leave_out * n))
     names, masks = ["whole pool"], [np.ones(n, dtype=bool)]
     for method in settings.methods:
-        effects, _, _ = _effects(run, method, target, options, pool_ids, n_targets)
+        effects, _, _ = _effects(run, method, target, options, pool_ids, target_ids)
         score = np.nan_to_num(effects.mean(axis=1), nan=-np.inf)
         mask = np.ones(n, dtype=bool)
         mask[np.argsort(-score, kind="stable")[:count]] = False

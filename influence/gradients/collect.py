@@ -193,7 +193,9 @@ class ProjectSettings:
     train_gradients: list[GradientType] = setting(
         default_factory=lambda: ["adam"], flag="train-gradient", list=True, nonempty=True,
         help="Pool features, comma-separated: adam (LESS), sgd (plain gradient, for TracIn), margin (TRAK's "
-             "model-output gradient; the target then gets it too).")
+             "model-output gradient; the target then gets it too), ekfac or kfac (the gradient whitened by the "
+             "curvature of `influence curvature --checkpoints all`, for rank --method ekfac|kfac --pool-gradients "
+             "store).")
     workers: int = setting(1, "Processes that split the chunks (each with its share of the CPU threads). On GPUs: "
                               "torchrun --nproc-per-node N -m influence project-grads --run-dir RUN ...", min=1)
     shard: tuple[int, int] | None = setting(None, "Only chunks c with c % n == i (i/n): a static split for job "
@@ -340,6 +342,9 @@ def _project_grads(run: Run, target: str | None, settings: ProjectSettings, prog
             raise InfluenceError(f"--skip-train: the pool has no gradients at --proj-dim {', '.join(map(str, missing))} "
                                  f"(stored: {have}); the target's could not be compared with them. Use a stored "
                                  "dimension, or drop --skip-train")
+    for strategy in sorted(set(train_types) & set(CURVED)):  # refused before any work where it is not fitted
+        for checkpoint in run.checkpoints():
+            _whitening(run, checkpoint, strategy)
     if overwrite:
         _remove_legacy_stores(run.store_path)
     device = parse_device(device)
@@ -382,7 +387,8 @@ def _project_grads(run: Run, target: str | None, settings: ProjectSettings, prog
                     continue
                 outputs = []
                 for gradient_type in chosen:
-                    transform = _preconditioner(hooks, checkpoint, device) if gradient_type == "adam" else None
+                    transform = (_preconditioner(hooks, checkpoint, device) if gradient_type == "adam" else
+                                 _whitening(run, checkpoint, gradient_type) if gradient_type in CURVED else None)
                     key = gradient_dataset(dataset, gradient_type)
                     for dim, projector in projectors.items():
                         metadata = {
@@ -483,6 +489,17 @@ def _remove_legacy_stores(root: StoreRoot) -> None:
     for name in root.children():
         if name == TRAIN or name.startswith("target-"):
             root.remove(name)
+
+
+CURVED = ("ekfac", "kfac")  # features whitened by the fitted curvature
+
+
+def _whitening(run: Run, checkpoint: Checkpoint, strategy: str):
+    """``(H + damping)^(-1/2) g`` with the curvature ``influence curvature`` fitted at ``checkpoint`` (its defaults)."""
+    from .curvature import load_curvature
+
+    curvature = load_curvature(run, checkpoint, strategy)
+    return lambda grads: curvature.inverse_times(grads, power=0.5)
 
 
 def _preconditioner(hooks: LoraGradients, checkpoint: Checkpoint, device) -> AdamPreconditioner:

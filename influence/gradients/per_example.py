@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from einops import einsum, rearrange
 from torch import nn
@@ -34,7 +35,8 @@ from torch import nn
 from ..models.loading import lora_parameters
 from ..models.losses import forward_response, mean_by_row
 
-OBJECTIVES = ("loss", "margin")
+OBJECTIVES = ("loss", "margin")  # what a stored gradient feature differentiates
+SAMPLED = "sampled"  # the loss of labels sampled from the model's own prediction: the true Fisher's gradients
 
 
 @dataclass
@@ -44,6 +46,9 @@ class BatchGradients:
     n_tokens: torch.Tensor  # (batch,) response tokens
     norms: torch.Tensor  # (batch,) L2 norm of the plain (unprojected, unpreconditioned) gradient
     out_to_loss: torch.Tensor | None = None  # (batch,) margin objective: mean of 1 - p over response tokens
+    # keep_tokens: per module, (inputs (batch, token, in), output gradients (batch, token, out), mask (batch, token)
+    # of the real, unpadded tokens), what the Kronecker factors of the curvature are made of
+    tokens: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
 
 
 def token_margins(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -100,11 +105,14 @@ class LoraGradients:
         for handle in self._handles:
             handle.remove()
 
-    def compute(self, batch: dict[str, torch.Tensor], objective: str = "loss") -> BatchGradients:
-        """Per-example gradients of ``objective``: ``loss`` (mean response-token NLL) or ``margin``
+    def compute(self, batch: dict[str, torch.Tensor], objective: str = "loss", generator: torch.Generator | None = None,
+                keep_tokens: bool = False) -> BatchGradients:
+        """Per-example gradients of ``objective``: ``loss`` (mean response-token NLL), ``margin``
         (mean response-token TRAK margin, :func:`token_margins`; ``out_to_loss`` is then TRAK's
-        ``1 - p`` averaged over the response tokens)."""
-        if objective not in OBJECTIVES:
+        ``1 - p`` averaged over the response tokens) or ``sampled`` (the mean response-token NLL of labels
+        drawn from the model's own prediction with ``generator``: the true Fisher's per-example gradients).
+        ``keep_tokens``: also each module's per-token inputs and output gradients."""
+        if objective not in (*OBJECTIVES, SAMPLED):
             raise ValueError(f"unknown objective {objective!r}")
         self._inputs.clear()
         self._output_grads.clear()
@@ -117,15 +125,27 @@ class LoraGradients:
                 token_loss = torch.nn.functional.cross_entropy(forward.logits.float(), forward.targets, reduction="none")
                 out_to_loss = mean_by_row(1 - torch.exp(-token_loss), rows, len(counts))
             margins.sum().backward()
+        elif objective == SAMPLED:
+            with torch.no_grad():
+                probabilities = torch.softmax(forward.logits.float(), dim=-1)
+                sampled = torch.multinomial(probabilities.cpu(), 1, generator=generator)[:, 0].to(probabilities.device)
+            token_loss = torch.nn.functional.cross_entropy(forward.logits.float(), sampled, reduction="none")
+            mean_by_row(token_loss, rows, len(counts)).sum().backward()
         else:
             losses.sum().backward()
         del forward
         pieces = []
+        tokens = {} if keep_tokens else None
         for name in self.names:
             x = self._inputs[name].float()
             dy = self._output_grads[name].float()
             if x.ndim == 2:  # a layer after the response-position selection (lm_head): rows are tokens
                 x, dy = _unflatten(x, rows, counts), _unflatten(dy, rows, counts)
+                mask = torch.arange(x.shape[1], device=x.device)[None, :] < counts[:, None]
+            else:
+                mask = batch["attention_mask"].bool()
+            if tokens is not None:
+                tokens[name] = (x, dy, mask)
             # Sum over tokens of dy^T x: one (out, in) matrix per example, laid out as the weight is (out-major),
             # so that it lines up with the flattened optimizer moments of :meth:`flatten`.
             per_example = einsum(dy, x, "batch token out, batch token inp -> batch out inp")
@@ -135,7 +155,13 @@ class LoraGradients:
         self._inputs.clear()
         self._output_grads.clear()
         grads = torch.cat(pieces, dim=1)
-        return BatchGradients(grads, losses.detach(), counts, grads.norm(dim=1), out_to_loss)
+        return BatchGradients(grads, losses.detach(), counts, grads.norm(dim=1), out_to_loss, tokens)
+
+    def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Flattened gradients (rows, dim) as one (rows, out, in) tensor per module, in gradient order (views)."""
+        sizes = [int(np.prod(self.shapes[name])) for name in self.names]
+        return {name: piece.reshape(len(flat), *self.shapes[name])
+                for name, piece in zip(self.names, torch.split(flat, sizes, dim=1))}
 
     def flatten(self, tensors: dict[str, torch.Tensor], device) -> torch.Tensor:
         """Concatenate per-parameter tensors (e.g. Adam moments) in gradient order."""
@@ -160,8 +186,12 @@ FEATURES = {
     "sgd": "g (plain gradient of the mean response-token loss)",
     "margin": "grad of the mean over response tokens of TRAK's margin logit(gold) - logsumexp(other logits); "
               "out_to_loss = mean over response tokens of 1 - p(gold)",
+    "ekfac": "(H + damping)^(-1/2) g, H the EK-FAC curvature of `influence curvature` (sampled labels, the warm-up "
+             "data, damping 0.1 x the mean eigenvalue per module): dot products of two are g^T (H + damping)^-1 g'",
+    "kfac": "(H + damping)^(-1/2) g, H the K-FAC curvature of `influence curvature` (sampled labels, the warm-up "
+            "data, damping 0.1 x the mean eigenvalue per module): dot products of two are g^T (H + damping)^-1 g'",
 }
-OBJECTIVE_OF = {"adam": "loss", "sgd": "loss", "margin": "margin"}  # what a feature differentiates
+OBJECTIVE_OF = {"adam": "loss", "sgd": "loss", "margin": "margin", "ekfac": "loss", "kfac": "loss"}  # what a feature differentiates
 
 
 @dataclass
