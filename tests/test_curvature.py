@@ -277,3 +277,29 @@ def collate_padded(items: list[dict], pad_token_id: int) -> dict:
     fills = {"input_ids": pad_token_id, "attention_mask": 0, "labels": -100}
     return {key: torch.stack([torch.nn.functional.pad(item[key], (0, width - len(item[key])), value=fill)
                               for item in items]) for key, fill in fills.items()}
+
+
+def test_per_token_contributions_sum_to_the_influence(curved, tmp_path):
+    """``--per-token K``: each target example's influence with the top K pool examples, split by its response tokens
+    into ``tokens.parquet``; the tokens' contributions add up to the influence."""
+    import pandas as pd
+
+    result = CliRunner().invoke(main, ["rank", "--run", curved["run"], "--method", "ekfac", "--labels", "empirical",
+                                       "--target", curved["target"], "--per-token", "3", "--out", str(tmp_path / "ranking"),
+                                       "--json"])
+    assert result.exit_code == 0, result.output
+    import json
+
+    folder = json.loads(result.stdout)[0]["folder"]
+    tokens = pd.read_parquet(f"{folder}/tokens.parquet")
+    ranking = pd.read_parquet(f"{folder}/scores.parquet")
+    top = ranking.sort_values("rank")["id"].head(3).tolist()
+    assert sorted(tokens["pool_id"].unique()) == sorted(top)
+    method = get_method("ekfac")
+    attribution = method.attribution(Run(curved["run"]), Target(curved["target"]), method.options({"labels": "empirical"}))
+    sums = tokens.groupby(["target_id", "pool_id"])["contribution"].sum()
+    for (target_id, pool_id), total in sums.items():
+        expected = attribution.matrix[attribution.pool_ids.index(pool_id), attribution.target_ids.index(target_id)]
+        assert total == pytest.approx(expected, rel=1e-3, abs=1e-6 * np.abs(attribution.matrix).max())
+    assert len(sums) == 3 * len(attribution.target_ids) and tokens["token"].str.len().min() > 0
+    assert tokens.groupby("target_id")["token_index"].nunique().min() >= 1

@@ -142,6 +142,10 @@ def test_the_command_line_takes_an_attribution_file(engine_run, tracin):
     label = f"{tracin['folder'].name}/wide.csv"
     assert rows[label]["effects"] == "attribution file" and np.isfinite(rows[label]["lds"])
     assert rows[label]["lds"] == rows["tracin"]["lds"]
+    result = runner.invoke(main, [*common, "--attribution", wide_csv, "--bootstrap", "20", "--json"])
+    assert result.exit_code == 0, result.output
+    assert [row["method"] for row in json.loads(result.stdout)] == [label]  # the file alone, not the default methods
+    assert json.loads(result.stdout)[0]["lds"] == rows[label]["lds"]
     result = runner.invoke(main, [*common, "--methods", str(tracin["folder"] / "tool.npy"), "--heldout", "never"])
     assert result.exit_code == 2 and "is neither a method" in result.output
     bare = tracin["folder"] / "matrix.npy"

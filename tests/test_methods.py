@@ -36,8 +36,9 @@ def bare_run(tiny_run, tmp_path_factory):
 
 
 def test_the_registry_holds_every_method_once():
-    assert len(METHODS) == 29 and len(set(METHODS)) == len(METHODS)
-    assert {"less", "trak", "tracin", "datamodel", "memorization", "random", "semdedup", "ifd"} <= set(METHODS)
+    assert len(METHODS) == 33 and len(set(METHODS)) == len(METHODS)
+    assert {"less", "trak", "tracin", "datamodel", "memorization", "random", "semdedup", "ifd", "ekfac", "kfac", "identity",
+            "ekfac_self"} <= set(METHODS)
 
 
 def test_a_method_that_scores_nothing_is_refused_when_defined():
@@ -80,7 +81,8 @@ def test_every_method_keeps_the_contract(name, engine_run):
 @pytest.mark.parametrize("name", METHODS)
 def test_every_method_refuses_a_missing_prerequisite_by_name(name, bare_run, tiny_run):
     method = get_method(name)
-    options = method.options()
+    # the identity (no curvature) needs nothing fitted; reading the pool from the store, it needs the store
+    options = method.options({"pool_gradients": "store"} if name == "identity" else {})
     if method.needs_target:
         with pytest.raises(InfluenceError, match="a target: give --target"):
             method.require(bare_run, None, options)
@@ -93,7 +95,8 @@ def test_every_method_refuses_a_missing_prerequisite_by_name(name, bare_run, tin
         method.require(bare_run, target, options)
     message = str(refused.value)
     assert message.startswith(f"--method {name} needs ")
-    assert any(word in message for word in ("influence project-grads", "influence subsets train", "influence warmup"))
+    assert any(word in message for word in ("influence project-grads", "influence subsets train", "influence warmup",
+                                            "influence curvature"))
 
 
 def test_an_option_a_method_does_not_take_is_refused_by_its_flag():

@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from influence.cli import main
+from influence.gradients.curvature import fit_curvature
 from influence.report.figures import selection_edges, subtask_coverage
 from influence.selection.outputs import load_rankings
 from influence.selection.rank import rank
@@ -22,6 +23,8 @@ def reported_run(tiny_run, tmp_path_factory):
     rank(run, tiny_run["target"], fraction=0.2, space="none")
     rank(run, tiny_run["target"], method="random", fraction=0.2, space="none")
     rank(run, None, method="el2n", fraction=0.3, mode="bottom", space="none")
+    fit_curvature(run, progress=False)
+    rank(run, tiny_run["target"], method="ekfac", per_token=2, fraction=0.2, space="none")
     result = CliRunner().invoke(main, ["report", "--run", str(run)])
     assert result.exit_code == 0, result.output
     return run
@@ -31,10 +34,14 @@ def test_report_is_self_contained(reported_run):
     page = (reported_run / "report.html").read_text(encoding="utf-8")
     images = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,', page)
     assert "warm-up loss and accuracy" in images and "top overlap between rankings" in images
-    assert images.count("score distribution") == 3 and "selected examples per subtask" in images
+    assert images.count("score distribution") == 4 and "selected examples per subtask" in images
     assert not re.findall(r'(?:src|href)="(?:https?:)?//', page)  # nothing fetched from the network
     assert "el2n (bottom, 6 selected)" in page and "higher = harder" in page
     assert "Spearman correlation of the scores each checkpoint alone gives" in page
+    # rank --per-token: each of the target's 6 examples with its response tokens shaded, the value on hover
+    tokens = re.findall(r'<span class="token" style="background:rgba\((\d+),\d+,0,([0-9.]+)\)" title="([^"]+)">', page)
+    assert page.count("top pool examples): ") == 6 and len(tokens) >= 6
+    assert {alpha for _, alpha, _ in tokens} >= {"1.00"} and all(float(value) == float(value) for *_, value in tokens)
 
 
 def test_checkpoint_agreement(reported_run, tiny_run):

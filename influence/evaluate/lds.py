@@ -57,17 +57,22 @@ from ..train.subset_store import SubsetStore, stored_subsets
 from ..train.subsets import train_masks, train_subsets
 
 
+DEFAULT_METHODS = ("less", "trak", "tracin", "datamodel", "fz_influence", "grand", "random")
+
+
 @dataclass(kw_only=True)
 class LdsSettings:
     """What ``evaluate lds`` checks and on which held-out models."""
 
-    methods: list[str] = setting(
-        default_factory=lambda: ["less", "trak", "tracin", "datamodel", "fz_influence", "grand", "random"],
-        help="Comma-separated methods of `rank`, ranking files (scores.csv / .parquet with id and score), selections "
-             "(a selected.jsonl: 1 for its examples, 0 for the others) or attribution matrices of any tool (higher = the "
-             "pool example helps the target example more; negate scores that mean harm): CSV/Parquet with id and one "
-             "column per target id, or pool_id, target_id and score; .npz with matrix, pool_ids and target_ids.",
-        list=True, nonempty=True)
+    methods: list[str] | None = setting(
+        None, f"Comma-separated methods of `rank`, ranking files (scores.csv / .parquet with id and score), selections "
+              "(a selected.jsonl: 1 for its examples, 0 for the others) or attribution files (as --attribution) "
+              f"[default: {','.join(DEFAULT_METHODS)}; none when --attribution is given].", list=True)
+    attributions: list[str] = setting(
+        default_factory=list, flag="attribution", multiple=True,
+        help="An attribution matrix of any tool, scored beside the methods (repeat for several): higher = the pool "
+             "example helps the target example more (negate scores that mean harm); CSV/Parquet with id and one column "
+             "per target id, or pool_id, target_id and score; .npz with matrix, pool_ids and target_ids.")
     target_tasks: list[str] | None = setting(None, "Comma-separated subtasks of the target to keep.", list=True)
     k: int = setting(16, "Held-out subset models.", min=3)
     heldout: str = setting("heldout", "Name of the held-out subset models.")
@@ -81,6 +86,12 @@ class LdsSettings:
     leave_out: float | None = setting(None, "Also retrain without each method's top fraction and report the change of "
                                             "the target outcome.", min=0, max=1, min_open=True, max_open=True)
     leave_out_repeats: int = setting(1, "Models per leave-out mask (different seeds), averaged.", min=1)
+
+    def __post_init__(self):
+        """What is scored: the methods given (the default ones when neither they nor attribution files are), then the
+        attribution files."""
+        chosen = list(self.methods) if self.methods else [] if self.attributions else list(DEFAULT_METHODS)
+        self.methods = chosen + [a for a in self.attributions if a not in chosen]
 
     def extra_problems(self) -> list[str]:
         if self.heldout == self.subsets:

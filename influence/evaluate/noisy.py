@@ -21,6 +21,7 @@ from ..core.storage import check_writable
 from ..data.formats import Example, demo_pool_files, load_pool
 from ..errors import InfluenceError
 from ..gradients.collect import project_grads
+from ..gradients.curvature import fit_curvature
 from ..scoring.base import SUBSETS, registry
 from ..scoring.forward import compute_forward_scores
 from ..train.run import Run
@@ -131,6 +132,7 @@ def evaluate_noisy(config: WarmupConfig, settings: NoisySettings | None = None, 
     project_grads(run_dir, None, proj_dim=[settings.proj_dim], seed=config.seed, batch_size=settings.grad_batch_size,
                   progress=progress)
     compute_forward_scores(run_dir, batch_size=settings.grad_batch_size, progress=progress)
+    fit_curvature(run_dir, batch_size=settings.grad_batch_size, progress=progress)  # EK-FAC self-influence
     if settings.subsets_k:
         train_subsets(run_dir, k=settings.subsets_k, alpha=0.5, progress=progress)
     run = Run(run_dir)

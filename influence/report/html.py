@@ -82,6 +82,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
                              + agreement.to_html(float_format=lambda v: f"{v:+.3f}"))
         head = table[table["finite"]].head(10)[["rank", "id", "score"]]
         parts.append(head.to_html(index=False, float_format=lambda v: f"{v:.4f}"))
+        if (run.path / name / "tokens.parquet").is_file():
+            parts.append(token_shading(pd.read_parquet(run.path / name / "tokens.parquet")))
         sections.append((f"Ranking {name}: {title_of(summary)}", "\n".join(parts)))
     agreement = agreement_figure(run.path, rankings)
     if agreement is not None:
@@ -101,6 +103,28 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
 
 
+def token_shading(tokens: pd.DataFrame, examples: int = 6) -> str:
+    """The first ``examples`` target examples of a ranking's ``tokens.parquet`` (``rank --per-token K``), each response
+    token shaded by its summed contribution to the example's influence with the top K pool examples: green where
+    training on them lowers that token's loss, red where it raises it (the darkest: the largest magnitude of the
+    example). The value shows on hover."""
+    rows = []
+    for target_id, part in list(tokens.groupby("target_id", sort=False))[:examples]:
+        summed = part.groupby(["token_index", "token"], sort=True)["contribution"].sum().reset_index()
+        scale = float(summed["contribution"].abs().max()) or 1.0
+        spans = []
+        for token, value in zip(summed["token"], summed["contribution"]):
+            alpha = min(1.0, abs(value) / scale)
+            colour = f"rgba(0,150,0,{alpha:.2f})" if value >= 0 else f"rgba(200,0,0,{alpha:.2f})"
+            spans.append(f'<span class="token" style="background:{colour}" title="{value:+.4g}">{html.escape(token)}'
+                         "</span>")
+        prompt = str(part["prompt"].iloc[0]) if "prompt" in part else ""
+        rows.append(f"<p><b>{html.escape(str(target_id))}</b> ({part['pool_id'].nunique()} top pool examples): "
+                    f'<span class="prompt">{html.escape(prompt)}</span> ' + "".join(spans) + "</p>")
+    return ("<p>Each target example's response tokens, shaded by their share of its influence with the ranking's top "
+            "pool examples (green: training on them lowers the token's loss; red: raises it):</p>" + "".join(rows))
+
+
 def _img(fig, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{_png(fig)}">'
 
@@ -108,7 +132,8 @@ def _img(fig, alt: str) -> str:
 def _page(title: str, sections: list[tuple[str, str]]) -> str:
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
              "img{max-width:100%;display:block;margin:1em 0}table{border-collapse:collapse;font-size:90%}"
-             "td,th{border:1px solid #ccc;padding:2px 6px}pre{background:#f6f6f6;padding:1em;overflow-x:auto}")
+             "td,th{border:1px solid #ccc;padding:2px 6px}pre{background:#f6f6f6;padding:1em;overflow-x:auto}"
+             ".token{white-space:pre;font-family:monospace;border-radius:2px}.prompt{color:#777}")
     body = "\n".join(f"<section><h2>{html.escape(name)}</h2>\n{content}</section>" for name, content in sections)
     return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head>\n<body><h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n")

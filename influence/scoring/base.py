@@ -56,6 +56,7 @@ class Scores:
     finite: np.ndarray | None = None
     details: dict = field(default_factory=dict)
     columns: dict[str, np.ndarray] = field(default_factory=dict)
+    tables: dict[str, Any] = field(default_factory=dict)  # name -> a DataFrame, written as <name>.parquet beside it
 
 
 @dataclass

@@ -18,24 +18,24 @@ gradients, as one might first try, leaves a product far smaller than the project
 a 1792-dimensional gradient, Spearman with the exact scores about 0; ``tests/test_curvature.py``). ``identity``
 reads the plain gradients (``--train-gradient sgd``).
 
-Sign and scale: positive = training on ``x`` lowers ``t``'s loss (helpful), negative = raises it (harmful);
-unbounded, in squared loss-gradient units over curvature units. ``rank`` averages over the target's examples: higher
-= more helpful.
+Sign and scale: positive = training on x lowers t's loss (helpful), negative = raises it (harmful); unbounded, in
+squared loss-gradient units over curvature units. rank averages over the target's examples: higher = more helpful.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
+import pandas as pd
 import torch
 
 from ..config import setting
 from ..core.naming import TRAIN, gradient_dataset
 from ..data.targets import load_target
 from ..errors import InfluenceError
-from ..data.templates import collate, encode_example
+from ..data.templates import IGNORE_INDEX, collate, encode_example
 from ..gradients.curvature import (
     CheckpointChoice,
     Curvature,
@@ -82,6 +82,8 @@ class CurvatureOptions(FittedCurvature):
                                                          "store: its projected plain gradients (project-grads "
                                                          "--train-gradient sgd).")
     proj_dim: int | None = proj_dim()
+    per_token: int = setting(0, "Also split each target example's influence with the top K pool examples by its response "
+                                "tokens: tokens.parquet in the ranking's folder.", min=0)
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,19 @@ class Scorer:
             yield range(start, start + len(chunk)), self.hooks.compute(batch, "loss").grads.detach()
             bar.update(len(chunk))
         bar.close()
+
+    def token_gradients(self, example) -> tuple[list[str], torch.Tensor]:
+        """An example's response tokens and, per token, the gradient of its share of the example's mean loss (its own
+        loss over the number of response tokens): the rows sum to the example's gradient."""
+        encoded = encode_example(example, self.tokenizer, self.run.max_length)
+        positions = [i for i, label in enumerate(encoded.labels) if label != IGNORE_INDEX]
+        alone = [replace(encoded, labels=[label if i == p else IGNORE_INDEX for i, label in enumerate(encoded.labels)])
+                 for p in positions]
+        grads = [self.hooks.compute({k: v.to(self.device) for k, v in collate(
+            alone[start : start + self.options.batch_size], self.tokenizer.pad_token_id).items()}, "loss").grads.detach()
+            for start in range(0, len(alone), self.options.batch_size)]
+        tokens = [self.tokenizer.decode([encoded.input_ids[p]]) for p in positions]
+        return tokens, torch.cat(grads) / max(len(positions), 1) if grads else torch.zeros((0, self.hooks.dim))
 
     def preconditioned(self, examples) -> torch.Tensor:
         """(n, dim) inverse curvature times each example's gradient."""
@@ -207,6 +222,41 @@ class InfluenceFunction(Method):
         matrix, examples, details = influence_matrix(run, target, self.name, options)
         return Attribution(self.name, [e.id for e in run.pool()], [e.id for e in examples],
                            [e.task or "" for e in examples], matrix, self.meaning, details)
+
+    def scores(self, run: Run, target: Target, options: CurvatureOptions) -> Scores:
+        scores = super().scores(run, target, options)
+        if options.per_token:
+            top = np.argsort(-np.nan_to_num(scores.score, nan=-np.inf), kind="stable")[: options.per_token]
+            scores.tables["tokens"] = token_contributions(run, target, self.name, options, top.tolist())
+        return scores
+
+
+def token_contributions(run: Run, target: Target, strategy: str, options: FittedCurvature, pool_rows: list[int]
+                        ) -> pd.DataFrame:
+    """Each target example's influence with each of the pool's ``pool_rows``, split by the target's response tokens
+    (at the last checkpoint): ``contribution`` sums over an example's tokens to its influence there. One row per
+    (target example, token, pool example), with the example's last user turn (``prompt``); positive = the token's loss
+    is lowered by training on the pool example."""
+    checkpoint = chosen_checkpoints(run, "last")[0]
+    scorer = Scorer(run, checkpoint, strategy, options, parse_device(None))
+    pool = run.pool()
+    chosen = [pool[i] for i in pool_rows]
+    pool_grads = torch.cat([grads for _, grads in scorer.gradients(chosen)]) if chosen else torch.zeros((0, 1))
+    rows = []
+    for example in load_target(target.name, target.task_list):
+        tokens, grads = scorer.token_gradients(example)
+        if not tokens:
+            continue
+        prompt = next((m["content"] for m in reversed(example.messages[:-1]) if m["role"] == "user"), "")
+        contributions = (scorer.curvature.inverse_times(grads) @ pool_grads.T).double().numpy()
+        for position, token in enumerate(tokens):
+            for column, pool_example in enumerate(chosen):
+                rows.append({"target_id": example.id, "task": example.task or "", "prompt": prompt,
+                             "token_index": position, "token": token, "pool_id": pool_example.id,
+                             "contribution": float(contributions[position, column])})
+    scorer.close()
+    return pd.DataFrame(rows, columns=["target_id", "task", "prompt", "token_index", "token", "pool_id",
+                                       "contribution"])
 
 
 class Ekfac(InfluenceFunction):

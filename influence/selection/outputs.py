@@ -129,6 +129,8 @@ def write_outputs(
             fh.write(json.dumps(record, ensure_ascii=False) + "\n")
     if hf_dataset:
         save_selection_dataset(records, staging / "selected_dataset")
+    for name, frame in scores.tables.items():
+        frame.to_parquet(staging / f"{name}.parquet", index=False)
     (staging / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     publish_folder(staging, out)
     return summary
