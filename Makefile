@@ -10,7 +10,7 @@ RUN    ?= runs/demo
 LOCK   := constraints.txt
 LATEST ?= .venv-latest
 
-.PHONY: setup demo test test-latest lock test-slow test-browser test-gpu test-kernels bench-gpu docs clean
+.PHONY: setup demo test test-latest lock test-slow test-browser test-gpu test-kernels bench-gpu docs clean lds-peers
 
 # A virtual environment $(1) with the package, its test extras and the embedded model; $(2) says which
 # versions pip takes: `-c $(LOCK)` (the tested ones) or `--upgrade` (the newest that pyproject's ranges allow).
@@ -66,6 +66,18 @@ test-browser: setup
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) \
 		|| sudo apt-get install -y -q chromium
 	INFLUENCE_REQUIRE_BROWSER=1 INFLUENCE_SCREENSHOT=$(CURDIR)/report-screenshot.png $(PY) -m pytest -q -m browser tests/test_report.py
+
+# The head-to-head LDS of our methods and the peers' own code (scripts/lds_peers.py; about an hour on 2 CPU cores),
+# table in docs/lds_peers.md. Bergson runs in $(BERGSON): it declares torchvision, torchaudio and bitsandbytes, which it
+# never imports and whose PyPI wheels (CUDA builds) break the imports of transformers and peft beside a CPU torch.
+BERGSON ?= .venv-bergson
+lds-peers: setup
+	@test -x $(BERGSON)/bin/python || ( $(PYTHON) -m venv $(BERGSON) \
+		&& $(BERGSON)/bin/python -m pip install -q torch==2.13.0 \
+		&& $(BERGSON)/bin/python -m pip install -q -c $(LOCK) torch==2.13.0 bergson==2.5.1 transformers peft \
+		&& $(BERGSON)/bin/python -m pip uninstall -q -y torchvision torchaudio bitsandbytes )
+	$(PY) scripts/lds_peers.py --out runs/lds_peers --doc docs/lds_peers.md --bergson-python $(BERGSON)/bin/python \
+		--bergson-script scripts/bergson_scores.py
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow

@@ -217,6 +217,21 @@ cells += [
         "    print('no diversity report: the run has no space to measure in (--space)')"
     ),
     new_markdown_cell(
+        "## Which tokens of a target example the top examples help (`rank --method ekfac --per-token K`)\n"
+        "Each target example's influence with the ranking's top K pool examples, split by its response tokens: "
+        "green where training on them lowers that token's loss, red where it raises it (hover for the value)."
+    ),
+    new_code_cell(
+        "from IPython.display import HTML\n\n"
+        "from influence.report.html import token_shading\n\n"
+        "if (RANKING / 'tokens.parquet').is_file():\n"
+        "    tokens = pd.read_parquet(RANKING / 'tokens.parquet')\n"
+        "    display(HTML(token_shading(tokens)))\n"
+        "    display(tokens.groupby(['target_id', 'pool_id'])['contribution'].sum().unstack().round(4))\n"
+        "else:\n"
+        "    print('no per-token split in this ranking: rank --method ekfac (or kfac, identity) --per-token 5')"
+    ),
+    new_markdown_cell(
         "## What retraining says: the LDS (`influence evaluate lds`)\n"
         "For every target checked with the counterfactual engine: how well each method's summed effects predict "
         "the loss that held-out subset models actually reach (Spearman per target example, averaged; 1 = exact "

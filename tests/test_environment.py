@@ -159,8 +159,8 @@ def test_every_module_the_package_imports_is_declared():
 def test_every_module_the_tests_and_benchmarks_import_is_declared():
     runtime, extras = _declared()
     missing = [f"{module} ({sorted(files)[0]})" for module, files in _imports(["tests", "scripts"]).items()
-               if not _distributions(module) & (runtime | extras["dev"] | extras["parity"])]
-    assert not missing, f"imported but not declared (runtime, the dev or the parity extra): {missing}"
+               if not _distributions(module) & (runtime | extras["dev"] | extras["parity"] | extras["peers"])]
+    assert not missing, f"imported but not declared (runtime, the dev, parity or peers extra): {missing}"
 
 
 def test_every_declared_dependency_is_used():
