@@ -149,8 +149,9 @@ def naive_store_path(run: Run, target: Target) -> np.ndarray:
 
 
 def test_fit_resumes_and_shares_its_chunks_to_the_same_factors(curved, tmp_path, monkeypatch):
-    """Two static shares, and a fit killed after its first chunk then resumed, end with the factors of one
-    uninterrupted process (sampled labels: each chunk draws its own)."""
+    """Two worker processes (to float rounding), two static shares and a fit killed after its first chunk then
+    resumed (bit for bit) end with the factors of one uninterrupted process (sampled labels: each chunk draws its
+    own)."""
     import influence.gradients.curvature as curvature
 
     run_dir = tmp_path / "run"
@@ -162,7 +163,13 @@ def test_fit_resumes_and_shares_its_chunks_to_the_same_factors(curved, tmp_path,
     expected = {name: whole[name][...] for name in whole.array_keys()}
     assert any(name.startswith("corrections.") for name in expected)
     shutil.rmtree(run_dir / "curvature.zarr")
-    with pytest.raises(InfluenceError, match="left to other processes"):
+    assert fit_curvature(run_dir, chunk_size=4, workers=2, progress=False) == [path]
+    shared = curvature_root(run).open_group(f"{path}/factors", mode="r")
+    for name, values in expected.items():  # the same draws; sums in another order (each worker has one thread)
+        np.testing.assert_allclose(shared[name][...], values, rtol=1e-10, atol=1e-14 * np.abs(values).max(),
+                                   err_msg=name)
+    shutil.rmtree(run_dir / "curvature.zarr")
+    with pytest.raises(InfluenceError, match="left to the other --worker shares"):
         fit_curvature(run_dir, chunk_size=4, worker=(0, 2), progress=False)
     calls = []
     original = curvature._chunk_sums

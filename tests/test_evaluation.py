@@ -41,7 +41,8 @@ def test_evaluate_noisy_cli_on_tiny_model(tmp_path, pool_files):
     ])
     assert result.exit_code == 0, result.output
     table = pd.read_csv(out / "detection.csv")
-    assert {"grand", "forgetting", "el2n", "nll", "ifd", "min_margin", "mtld", "knn_distance", "semdedup"} <= set(table["method"])
+    assert {"grand", "forgetting", "el2n", "nll", "ifd", "min_margin", "mtld", "knn_distance", "semdedup",
+            "ekfac_self"} <= set(table["method"])
     scored = table.set_index("method")["scored"]
     assert table["roc_auc"].between(0, 1).all() and (scored.drop("distinct2") == 32).all()
     assert scored["distinct2"] < 32  # one-word responses have no bigram: undefined, not scored

@@ -105,6 +105,42 @@ class UnitClaims:
             lock.release()
 
 
+def _work_in_process(queue, function, kwargs: dict, threads: int, index: int, progress: bool) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        queue.put((index, "ok", function(**kwargs, progress=progress and index == 0)))
+    except InfluenceError as err:
+        queue.put((index, "error", str(err)))
+
+
+def in_processes(function: Callable, workers: int, kwargs: dict, progress: bool = True) -> list:
+    """``function(**kwargs)`` in ``workers`` processes here (each with its share of the CPU threads, the first
+    showing progress), which share the work by claims; their results, in process order. A user's error in any
+    process is raised here; what the others finished is kept."""
+    import multiprocessing
+
+    import torch
+
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    threads = max(1, torch.get_num_threads() // workers)
+    processes = [context.Process(target=_work_in_process, args=(queue, function, kwargs, threads, i, progress))
+                 for i in range(workers)]
+    for process in processes:
+        process.start()
+    results = [queue.get() for _ in processes]
+    for process in processes:
+        process.join()
+    errors = [message for _, status, message in results if status == "error"]
+    failed = [p.exitcode for p in processes if p.exitcode]
+    if errors or failed:
+        raise InfluenceError("; ".join(errors) or f"a worker process failed (exit codes {failed}); rerun to finish: "
+                             "the units already written are kept")
+    return [result for _, _, result in sorted(results, key=lambda r: r[0])]
+
+
 @dataclass
 class UnitReport:
     """What a call of :func:`run_units` did."""

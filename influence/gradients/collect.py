@@ -8,7 +8,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ from ..core.locks import writer_lock
 from ..core.naming import TRAIN, GradientType, gradient_dataset, grads_group, target_dataset
 from ..core.resources import available_memory, free_disk, require_room
 from ..core.storage import StoreRoot
-from ..core.units import UnitClaims, WorkerShare
+from ..core.units import UnitClaims, WorkerShare, in_processes
 from ..data.formats import Example, examples_sha256
 from ..data.targets import load_target, target_name
 from ..data.templates import Encoded, collate, encode_example
@@ -249,8 +249,9 @@ def project_grads(run_dir: str | Path, target: str | None = None, settings: Proj
     if settings.store is not None and not settings.dry_run:
         Run(run_dir).place_stores(settings.store)
     if settings.workers > 1 and not settings.dry_run:
-        return _with_workers(settings.workers, dict(run_dir=run_dir, target=target, settings=replace(
-            settings, workers=1, store=None)), progress)
+        return [report for reports in in_processes(project_grads, settings.workers, dict(
+            run_dir=run_dir, target=target, settings=replace(settings, workers=1, store=None), cooperative=True),
+            progress) for report in reports]
     shared_work = cooperative or settings.shard is not None or _world_size() > 1
     if settings.overwrite and shared_work:
         raise InfluenceError("--overwrite replaces stores: run it in one process, not with --workers, --shard or torchrun")
@@ -286,36 +287,6 @@ def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _worker(queue, kwargs: dict, threads: int, index: int) -> None:
-    torch.set_num_threads(threads)
-    try:
-        reports = project_grads(kwargs["run_dir"], kwargs["target"], kwargs["settings"], progress=index == 0,
-                                cooperative=True)
-        queue.put((index, "ok", [asdict(r) for r in reports]))
-    except InfluenceError as err:
-        queue.put((index, "error", str(err)))
-
-
-def _with_workers(workers: int, kwargs: dict, progress: bool) -> list[CollectReport]:
-    """Run ``project_grads`` in ``workers`` processes (each with its share of the CPU threads) that
-    split the chunks by claims; return the reports of them all."""
-    import multiprocessing
-
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    threads = max(1, torch.get_num_threads() // workers)
-    processes = [context.Process(target=_worker, args=(queue, kwargs, threads, i)) for i in range(workers)]
-    for process in processes:
-        process.start()
-    results = [queue.get() for _ in processes]
-    for process in processes:
-        process.join()
-    errors = [message for _, status, message in results if status == "error"]
-    failed = [p.exitcode for p in processes if p.exitcode]
-    if errors or failed:
-        raise InfluenceError("; ".join(errors) or f"a worker process failed (exit codes {failed}); rerun to finish: "
-                             "the chunks already written are kept")
-    return [CollectReport(**report) for _, _, reports in sorted(results) for report in reports]
 
 
 def _project_grads(run: Run, target: str | None, settings: ProjectSettings, progress: bool,

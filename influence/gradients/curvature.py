@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -43,7 +43,7 @@ from ..config import setting, settings_from
 from ..core.chunks import check_metadata, checked_codecs, creation_lock, publish_store, remove_all_partials
 from ..core.locks import writer_lock
 from ..core.storage import StoreRoot
-from ..core.units import UnitClaims, WorkerShare, run_units
+from ..core.units import UnitClaims, WorkerShare, in_processes, run_units
 from ..data.formats import Example, examples_sha256, load_examples
 from ..data.templates import Encoded, collate, encode_example
 from ..errors import InfluenceError, StoreMismatchError
@@ -70,8 +70,11 @@ class CurvatureSettings:
     seed: int = setting(0, "Seed of the sampled labels.")
     batch_size: int = setting(8, "Examples per backward pass.", min=1)
     chunk_size: int = setting(64, "Fit examples per unit of work (the resume unit).", min=1)
-    worker: tuple[int, int] | None = setting(None, "Take only chunks c with c % n == i (i/n); otherwise start as many "
-                                                   "processes as you like on one run: they share the chunks.",
+    workers: int = setting(1, "Processes that share the chunks here (each with its share of the CPU threads); any "
+                              "number of `influence curvature` processes started on one run share them too (torchrun: "
+                              "each rank takes cuda:<LOCAL_RANK>).", min=1)
+    worker: tuple[int, int] | None = setting(None, "Take only chunks c with c % n == i (i/n), for schedulers without a "
+                                                   "shared file system lock; rerun without it to finish the fit.",
                                              type=WorkerShare())
     overwrite: bool = setting(False, "Replace curvature fitted with other settings instead of refusing.")
     device: str | None = device_setting()
@@ -220,6 +223,10 @@ def fit_curvature(run_dir: str | Path, settings: CurvatureSettings | None = None
     """Fit the curvature at the chosen checkpoints (see the module docstring); returns the stores' paths.
     Prints the cost before the work; resumes what an interrupted fit left."""
     settings = settings_from(CurvatureSettings, settings, where="curvature", **values)
+    if settings.workers > 1 and not settings.dry_run:
+        in_processes(fit_curvature, settings.workers, dict(run_dir=run_dir, settings=replace(settings, workers=1)),
+                     progress)
+        return fit_curvature(run_dir, replace(settings, workers=1), progress=False)  # all done: just the paths
     run = Run(run_dir)
     run.check_data_unchanged()
     fit = fit_examples(run, settings.fit_data)
@@ -272,14 +279,21 @@ def _fit_at(run: Run, checkpoint: Checkpoint, fit: list[Example], settings: Curv
             with creation_lock(root, _unit(path, phase, chunk)):  # its staging copy is not a leftover meanwhile
                 publish_store(root, _unit(path, phase, chunk), lambda built: _write(root, built, sums))
 
-        report = run_units(list(range(n_chunks)), lambda c, phase=phase: root.has_group(_unit(path, phase, c)),
-                           work, UnitClaims(claims.folder / phase), settings.worker, progress=progress,
-                           desc=f"curvature {phase} {checkpoint.name}")
-        if report.busy or any(not root.has_group(_unit(path, phase, c)) for c in range(n_chunks)):
+        def missing(phase=phase) -> bool:
+            return any(not root.has_group(_unit(path, phase, c)) for c in range(n_chunks))
+
+        while True:  # chunks other processes hold are waited for (and taken over if their process dies)
+            run_units(list(range(n_chunks)), lambda c, phase=phase: root.has_group(_unit(path, phase, c)),
+                               work, UnitClaims(claims.folder / phase), settings.worker, progress=progress,
+                               desc=f"curvature {phase} {checkpoint.name}")
+            if not missing() or settings.worker is not None:
+                break
+            time.sleep(1.0)
+        if missing():
             hooks.remove()
-            raise InfluenceError(f"curvature at {checkpoint.name}: chunks of the {phase} pass are left to other "
-                                 f"processes (or --worker shares); rerun `influence curvature --run {run.path}` "
-                                 "when they are done to finish the fit")
+            raise InfluenceError(f"curvature at {checkpoint.name}: chunks of the {phase} pass are left to the other "
+                                 f"--worker shares; run `influence curvature --run {run.path}` when they are done to "
+                                 "finish the fit")
         if phase == "covariance":
             _publish_bases(root, path, hooks.names, n_chunks)
     if not root.has_group(f"{path}/factors"):
