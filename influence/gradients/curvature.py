@@ -223,10 +223,11 @@ def fit_curvature(run_dir: str | Path, settings: CurvatureSettings | None = None
     """Fit the curvature at the chosen checkpoints (see the module docstring); returns the stores' paths.
     Prints the cost before the work; resumes what an interrupted fit left."""
     settings = settings_from(CurvatureSettings, settings, where="curvature", **values)
+    if settings.overwrite and (settings.workers > 1 or settings.worker is not None):
+        raise InfluenceError("--overwrite replaces the fit: run it in one process, not with --workers or --worker")
     if settings.workers > 1 and not settings.dry_run:
-        in_processes(fit_curvature, settings.workers, dict(run_dir=run_dir, settings=replace(settings, workers=1)),
-                     progress)
-        return fit_curvature(run_dir, replace(settings, workers=1), progress=False)  # all done: just the paths
+        return in_processes(fit_curvature, settings.workers, dict(run_dir=run_dir, settings=replace(settings, workers=1)),
+                            progress)[0]
     run = Run(run_dir)
     run.check_data_unchanged()
     fit = fit_examples(run, settings.fit_data)

@@ -79,8 +79,8 @@ class CurvatureOptions(FittedCurvature):
     """The options of the influence functions: the curvature, and where the pool's gradients come from."""
 
     pool_gradients: PoolGradients = setting("recompute", "recompute: the pool's exact gradients at the checkpoint; "
-                                                         "store: its projected plain gradients (project-grads "
-                                                         "--train-gradient sgd).")
+                                                         "store: its projected whitened gradients (project-grads "
+                                                         "--train-gradient ekfac or kfac; sgd for identity).")
     proj_dim: int | None = proj_dim()
     per_token: int = setting(0, "Also split each target example's influence with the top K pool examples by its response "
                                 "tokens: tokens.parquet in the ranking's folder.", min=0)
@@ -88,8 +88,8 @@ class CurvatureOptions(FittedCurvature):
 
 @dataclass(frozen=True)
 class NeedsCurvature(Need):
-    """The curvature ``strategy`` reads, fitted at the checkpoints the method scores at (and the pool's plain
-    gradients, to read them from the store)."""
+    """The curvature ``strategy`` reads, fitted at the checkpoints the method scores at (and, to read the pool from the
+    store, its projected gradients whitened by that curvature; plain ones for the identity)."""
 
     strategy: str = "ekfac"
 
