@@ -10,8 +10,8 @@ examples; ``mmlu_val``: four MMLU subjects).
 
 Ours: ekfac, kfac, identity (``influence curvature`` on the pool, then exact pool gradients), less, trak, tracin
 (stored projected gradients), datamodel and fz_influence (``--k-fit`` subset models). Peers: Kronfluence's EK-FAC
-(its own ``Analyzer``, its defaults: sampled labels, the loss summed over tokens, damping 1e-8; and with its damping
-heuristic), and Bergson where ``--bergson-python`` names a Python that runs ``--bergson-script``.
+(its own ``Analyzer`` through :func:`influence.evaluate.peers.kronfluence_scores`, its defaults: sampled labels,
+the loss summed over tokens, damping 1e-8; and with its damping heuristic), and Bergson where ``--bergson-python`` names a Python that runs ``--bergson-script``.
 
     python scripts/lds_peers.py --out runs/lds_peers --doc docs/lds_peers.md   (resumable: rerun after a stop)
 """
@@ -61,68 +61,20 @@ def our_method(run_dir: str, method: str, out: str) -> None:
 
 
 def kronfluence(run_dir: str, method: str, out: str) -> None:
-    """Kronfluence's EK-FAC with its own defaults (``kronfluence_ekfac``: damping 1e-8) or its damping heuristic
-    (``kronfluence_ekfac_heuristic``), the loss summed over response tokens as its language-model examples do."""
-    import torch
-    from kronfluence.analyzer import Analyzer, prepare_model
-    from kronfluence.arguments import FactorArguments, ScoreArguments
-    from kronfluence.task import Task
-    from kronfluence.utils.dataset import DataLoaderKwargs
-
+    """Kronfluence's EK-FAC fitted on the pool with its own defaults (``kronfluence_ekfac``: sampled labels, damping
+    1e-8) or its damping heuristic (``kronfluence_ekfac_heuristic``), the loss summed over response tokens as its
+    language-model examples do."""
     from influence.data.targets import load_target
-    from influence.data.templates import collate, encode_example
-    from influence.models.loading import load_adapter
+    from influence.evaluate.peers import kronfluence_scores
     from influence.train.run import Run
 
     run = Run(run_dir)
-    base, tokenizer, _ = run.load_base_model()
-    model = load_adapter(base, run.checkpoints()[-1].path).eval()
-    tracked = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear and ("lora_A" in n or "lora_B" in n)]
-
-    class LanguageModeling(Task):
-        def compute_train_loss(self, batch, model, sample=False):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-            labels = batch["labels"][:, 1:]
-            if sample:
-                with torch.no_grad():
-                    drawn = torch.multinomial(torch.softmax(logits.reshape(-1, logits.shape[-1]), -1), 1)
-                    labels = torch.where(labels != -100, drawn.view(labels.shape), labels)
-            return torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="sum")
-
-        def compute_measurement(self, batch, model):
-            return self.compute_train_loss(batch, model)
-
-        def get_influence_tracked_modules(self):
-            return tracked
-
-        def get_attention_mask(self, batch):
-            return batch["attention_mask"]
-
-    def dataset(examples):
-        return [{k: v[0] for k, v in collate([encode_example(e, tokenizer, run.max_length)],
-                                             tokenizer.pad_token_id).items()} for e in examples]
-
-    def pad(items):
-        width = max(len(item["input_ids"]) for item in items)
-        fills = {"input_ids": tokenizer.pad_token_id, "attention_mask": 0, "labels": -100}
-        return {key: torch.stack([torch.nn.functional.pad(item[key], (0, width - len(item[key])), value=fill)
-                                  for item in items]) for key, fill in fills.items()}
-
-    task = LanguageModeling()
-    model = prepare_model(model, task)
-    analyzer = Analyzer("peers", model=model, task=task, cpu=True, disable_tqdm=True, output_dir=str(Path(out) / "work"))
-    analyzer.set_dataloader_kwargs(DataLoaderKwargs(num_workers=0, collate_fn=pad))
     pool = run.pool()
-    torch.manual_seed(0)
-    analyzer.fit_all_factors("ekfac", dataset(pool), per_device_batch_size=8, factor_args=FactorArguments(strategy="ekfac"))
-    damping = None if method.endswith("heuristic") else ScoreArguments().damping_factor
-    for label, target, tasks in targets_of(Path(out).parent.parent):
-        examples = load_target(target, tasks)
-        analyzer.compute_pairwise_scores(label, "ekfac", query_dataset=dataset(examples), train_dataset=dataset(pool),
-                                         per_device_query_batch_size=len(examples), per_device_train_batch_size=8,
-                                         score_args=ScoreArguments(damping_factor=damping))
-        scores = analyzer.load_pairwise_scores(label)["all_modules"].double().numpy().T
-        save(Path(out) / f"{label}.npz", scores, [e.id for e in pool], [e.id for e in examples])
+    targets = {label: load_target(target, tasks) for label, target, tasks in targets_of(Path(out).parent.parent)}
+    scores = kronfluence_scores(run, pool, pool, targets, Path(out) / "work", "ekfac",
+                                damping=None if method.endswith("heuristic") else 1e-8)
+    for label, examples in targets.items():
+        save(Path(out) / f"{label}.npz", scores[label], [e.id for e in pool], [e.id for e in examples])
 
 
 def bergson(run_dir: str, method: str, out: str, python: str, script: str) -> None:
@@ -159,13 +111,17 @@ def bergson(run_dir: str, method: str, out: str, python: str, script: str) -> No
 
 
 def measured(function, *args) -> None:
-    """Run ``function`` here (a child process) and record its wall time and peak resident memory."""
+    """Run ``function`` here (a child process) and record its wall time and peak resident memory (the kernel's
+    high-water mark of this process image, VmHWM: ``getrusage``'s maxrss would carry the parent's over)."""
     import torch
 
     torch.set_num_threads(2)
     started = time.time()
     function(*args)
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    status = Path("/proc/self/status").read_text()
+    own_kb = int(status.split("VmHWM:")[1].split()[0])
+    # Bergson runs in a process of its own started from here: its maxrss (at least this process's size when started)
+    peak_mb = max(own_kb, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
     (Path(args[2]) / "cost.json").write_text(json.dumps({"seconds": round(time.time() - started, 1),
                                                          "peak_mb": round(peak_mb)}))
 

@@ -13,8 +13,9 @@ approximated, as in K-FAC (Martens & Grosse 2015) and EK-FAC (George et al. 2018
 and the damped inverse applied to a gradient ``G`` of ``W`` is ``Q_S [(Q_S^T G Q_A) / (l + damping)] Q_A^T``, with
 ``damping = 0.1 x mean(l)`` per module unless a value is given (Kronfluence's heuristic; Grosse et al. 2023).
 
-Gradients are those of each example's mean loss over its response tokens (the loss every stage of this toolkit
-differentiates). ``labels = sampled`` (the default, as Kronfluence's) draws each response label from the model's
+Gradients are those of each example's loss summed over its response tokens: the training loss averages over every
+response token of a batch, so an example weighs in proportion to its tokens (scoring takes the pool's gradients the
+same way, and the target's of its mean loss). ``labels = sampled`` (the default, as Kronfluence's) draws each response label from the model's
 own prediction, which makes ``A`` x ``S`` an approximation of the true Fisher; ``empirical`` uses the data's
 labels (the empirical Fisher). Draws are seeded per chunk of fit examples, so a fit is reproducible whichever
 process computes which chunk.
@@ -55,7 +56,9 @@ Labels = Literal["sampled", "empirical"]
 CheckpointChoice = Literal["last", "all"]
 RELATIVE_DAMPING = 0.1  # damping = 0.1 x the mean eigenvalue of each module (Kronfluence's heuristic)
 PASSES = ("covariance", "corrections")
-CHECKED = ("model", "adapter_sha256", "fit_sha256", "n_fit", "labels", "seed", "chunk_size", "max_length", "modules")
+CHECKED = ("model", "adapter_sha256", "fit_sha256", "n_fit", "labels", "seed", "chunk_size", "max_length", "modules",
+           "loss")
+LOSS = "each example's loss summed over its response tokens"
 
 
 @dataclass(kw_only=True)
@@ -250,7 +253,7 @@ def _fit_at(run: Run, checkpoint: Checkpoint, fit: list[Example], settings: Curv
     path = f"{fit_key(settings.labels, fit)}/{checkpoint.name}"
     metadata = {"model": fingerprint, "checkpoint": checkpoint.name, "adapter_sha256": checkpoint.adapter_sha256(),
                 "fit_sha256": examples_sha256(fit), "n_fit": len(fit), "fit_data": settings.fit_data or "warm-up",
-                "labels": settings.labels, "seed": settings.seed, "chunk_size": settings.chunk_size,
+                "labels": settings.labels, "seed": settings.seed, "chunk_size": settings.chunk_size, "loss": LOSS,
                 "max_length": run.max_length, "modules": [[n, list(hooks.shapes[n])] for n in hooks.names],
                 "influence_version": __version__, "run_id": run.run_id,
                 "definition": __doc__.split("\n\n")[1].strip()}
@@ -335,7 +338,7 @@ def _seconds_per_example(hooks, encoded: list[Encoded], settings: CurvatureSetti
                          device) -> float:
     batch = {k: v.to(device) for k, v in collate(encoded[: settings.batch_size], pad_token_id).items()}
     started = time.perf_counter()
-    hooks.compute(batch, "loss", keep_tokens=True)
+    hooks.compute(batch, "loss", keep_tokens=True, token_sum=True)
     return (time.perf_counter() - started) / min(len(encoded), settings.batch_size)
 
 
@@ -348,7 +351,7 @@ def _chunk_sums(hooks: LoraGradients, chunk: list[Encoded], phase: str, bases, s
     total: dict[str, np.ndarray] = {}
     for b in range(0, len(chunk), settings.batch_size):
         batch = {k: v.to(device) for k, v in collate(chunk[b : b + settings.batch_size], pad_token_id).items()}
-        result = hooks.compute(batch, objective, generator, keep_tokens=phase == "covariance")
+        result = hooks.compute(batch, objective, generator, keep_tokens=phase == "covariance", token_sum=True)
         sums = covariance_sums(hooks, result) if phase == "covariance" else correction_sums(hooks, result, bases)
         for key, value in sums.items():
             total[key] = total[key] + value if key in total else value

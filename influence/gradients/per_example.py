@@ -106,12 +106,14 @@ class LoraGradients:
             handle.remove()
 
     def compute(self, batch: dict[str, torch.Tensor], objective: str = "loss", generator: torch.Generator | None = None,
-                keep_tokens: bool = False) -> BatchGradients:
+                keep_tokens: bool = False, token_sum: bool = False) -> BatchGradients:
         """Per-example gradients of ``objective``: ``loss`` (mean response-token NLL), ``margin``
         (mean response-token TRAK margin, :func:`token_margins`; ``out_to_loss`` is then TRAK's
         ``1 - p`` averaged over the response tokens) or ``sampled`` (the mean response-token NLL of labels
         drawn from the model's own prediction with ``generator``: the true Fisher's per-example gradients).
-        ``keep_tokens``: also each module's per-token inputs and output gradients."""
+        ``keep_tokens``: also each module's per-token inputs and output gradients. ``token_sum``: of each example's
+        loss summed over its response tokens instead of averaged (``loss`` and ``sampled``): how the training loss,
+        an average over every response token of a batch, weighs an example."""
         if objective not in (*OBJECTIVES, SAMPLED):
             raise ValueError(f"unknown objective {objective!r}")
         self._inputs.clear()
@@ -130,9 +132,10 @@ class LoraGradients:
                 probabilities = torch.softmax(forward.logits.float(), dim=-1)
                 sampled = torch.multinomial(probabilities.cpu(), 1, generator=generator)[:, 0].to(probabilities.device)
             token_loss = torch.nn.functional.cross_entropy(forward.logits.float(), sampled, reduction="none")
-            mean_by_row(token_loss, rows, len(counts)).sum().backward()
+            per_example = mean_by_row(token_loss, rows, len(counts))
+            (per_example * counts if token_sum else per_example).sum().backward()
         else:
-            losses.sum().backward()
+            (losses * counts if token_sum else losses).sum().backward()
         del forward
         pieces = []
         tokens = {} if keep_tokens else None

@@ -3,10 +3,12 @@ target example through the damped inverse of the curvature of the LoRA parameter
 curvature`` (K-FAC or EK-FAC, :mod:`influence.gradients.curvature`), at the run's last checkpoint (or every
 checkpoint, weighted by its mean learning rate as LESS weights them)::
 
-    influence(x, t) = grad L(t)^T (H + damping)^-1 grad L(x)
+    influence(x, t) = grad L(t)^T (H + damping)^-1 grad S(x)
 
-with ``L`` an example's mean loss over its response tokens. Upweighting ``x`` moves the parameters by
-``-(H + damping)^-1 grad L(x)`` per unit weight, which changes ``t``'s loss by minus this product.
+with ``L`` the target example's mean loss over its response tokens and ``S`` the pool example's loss summed over its
+response tokens (the training loss averages over every response token of a batch, so that is how it weighs ``x``).
+Upweighting ``x`` moves the parameters by ``-(H + damping)^-1 grad S(x)`` per unit weight, which changes ``t``'s loss
+by minus this product.
 
 ``identity`` is the same pipeline with ``H`` replaced by the identity (no curvature: the plain gradient dot product,
 the ablation). The pool's gradients are computed exactly at the checkpoint (``--pool-gradients recompute``), or read
@@ -128,14 +130,15 @@ class Scorer:
         self.curvature = Curvature.identity(self.hooks.shapes) if strategy == "identity" else load_curvature(
             run, checkpoint, strategy, options.labels, options.fit_data, options.damping)
 
-    def gradients(self, examples, desc: str = "", progress: bool = False):
-        """Per-example gradients (rows in the examples' order), batch by batch: yields (rows, gradients)."""
+    def gradients(self, examples, desc: str = "", progress: bool = False, token_sum: bool = False):
+        """Per-example gradients (rows in the examples' order) of the mean loss over the response tokens (the summed
+        loss with ``token_sum``: the pool's side), batch by batch: yields (rows, gradients)."""
         encoded = [encode_example(e, self.tokenizer, self.run.max_length) for e in examples]
         bar = progress_bar(total=len(encoded), desc=desc, unit="ex", disable=not progress)
         for start in range(0, len(encoded), self.options.batch_size):
             chunk = encoded[start : start + self.options.batch_size]
             batch = {k: v.to(self.device) for k, v in collate(chunk, self.tokenizer.pad_token_id).items()}
-            yield range(start, start + len(chunk)), self.hooks.compute(batch, "loss").grads.detach()
+            yield range(start, start + len(chunk)), self.hooks.compute(batch, "loss", token_sum=token_sum).grads.detach()
             bar.update(len(chunk))
         bar.close()
 
@@ -185,7 +188,7 @@ def influence_matrix(run: Run, target: Target, strategy: str, options: Curvature
             matrix += weight * _from_store(run, checkpoint, scorer, examples, strategy, options)
         else:
             targets = scorer.preconditioned(examples)
-            for rows, grads in scorer.gradients(pool, f"{strategy} {checkpoint.name}", progress):
+            for rows, grads in scorer.gradients(pool, f"{strategy} {checkpoint.name}", progress, token_sum=True):
                 matrix[rows.start : rows.stop] += weight * (grads @ targets.T).double().numpy()
         scorer.close()
     return matrix, examples, details
@@ -208,7 +211,7 @@ def _from_store(run: Run, checkpoint: Checkpoint, scorer: Scorer, examples, stra
     spec = store.metadata["projector"]
     projected = Projector(spec["input_dim"], spec["output_dim"], spec["seed"]).project(whitened.float())
     matrix, _ = pairwise_products([store], [projected], np.ones(1))
-    return matrix
+    return matrix * store.array("n_tokens")[:, None]  # the store holds the mean loss's gradients: the sum's, per row
 
 
 class InfluenceFunction(Method):
@@ -241,7 +244,8 @@ def token_contributions(run: Run, target: Target, strategy: str, options: Fitted
     scorer = Scorer(run, checkpoint, strategy, options, parse_device(None))
     pool = run.pool()
     chosen = [pool[i] for i in pool_rows]
-    pool_grads = torch.cat([grads for _, grads in scorer.gradients(chosen)]) if chosen else torch.zeros((0, 1))
+    pool_grads = (torch.cat([grads for _, grads in scorer.gradients(chosen, token_sum=True)]) if chosen
+                  else torch.zeros((0, 1)))
     rows = []
     for example in load_target(target.name, target.task_list):
         tokens, grads = scorer.token_gradients(example)
@@ -283,7 +287,8 @@ class EkfacSelf(Method):
 
     name = "ekfac_self"
     family = "difficulty"
-    summary = "EK-FAC self-influence grad L(x)^T (H + damping)^-1 grad L(x): memorised, atypical or mislabelled examples"
+    summary = ("EK-FAC self-influence grad S(x)^T (H + damping)^-1 grad S(x), S the summed token loss: memorised, "
+               "atypical or mislabelled examples")
     meaning = ("higher = the example's own loss depends more on training on it (atypical, mislabelled or memorised "
                "examples rank first); non-negative, in squared loss-gradient units over curvature units.")
     needs = (fitted("ekfac"),)
@@ -295,7 +300,7 @@ class EkfacSelf(Method):
         score = np.zeros(len(pool))
         for checkpoint, weight in zip(checkpoints, weights_of(checkpoints)):
             scorer = Scorer(run, checkpoint, "ekfac", options, parse_device(None))
-            for rows, grads in scorer.gradients(pool, f"ekfac_self {checkpoint.name}", True):
+            for rows, grads in scorer.gradients(pool, f"ekfac_self {checkpoint.name}", True, token_sum=True):
                 own = (scorer.curvature.inverse_times(grads) * grads).sum(dim=1)
                 score[rows.start : rows.stop] += weight * own.double().numpy()
             scorer.close()
