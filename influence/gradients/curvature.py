@@ -104,6 +104,12 @@ def fit_examples(run: Run, fit_data: str | None) -> list[Example]:
     return examples
 
 
+def fit_command(run: Run, fit_data: str | None, labels: str, every_checkpoint: bool) -> str:
+    """The ``influence curvature`` command that fits what a method asks for."""
+    return (f"influence curvature --run {run.path}" + (f" --fit-data {fit_data}" if fit_data else "")
+            + (f" --labels {labels}" if labels != "sampled" else "") + (" --checkpoints all" if every_checkpoint else ""))
+
+
 def chosen_checkpoints(run: Run, which: str) -> list[Checkpoint]:
     checkpoints = run.checkpoints()
     return checkpoints if which == "all" else checkpoints[-1:]
@@ -167,9 +173,7 @@ def load_curvature(run: Run, checkpoint: Checkpoint, strategy: str, labels: str 
     fit = fit_examples(run, fit_data)
     path = f"{fit_key(labels, fit)}/{checkpoint.name}"
     root = curvature_root(run)
-    command = (f"influence curvature --run {run.path}" + (f" --fit-data {fit_data}" if fit_data else "")
-               + (f" --labels {labels}" if labels != "sampled" else "")
-               + (" --checkpoints all" if checkpoint.name != run.checkpoints()[-1].name else ""))
+    command = fit_command(run, fit_data, labels, checkpoint.name != run.checkpoints()[-1].name)
     if not root.has_group(f"{path}/factors"):
         raise InfluenceError(f"no {labels}-label curvature at checkpoint {checkpoint.name} (fitted on "
                              f"{'--fit-data ' + fit_data if fit_data else 'the warm-up data'}): run `{command}` first")

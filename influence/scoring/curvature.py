@@ -43,6 +43,7 @@ from ..gradients.curvature import (
     Curvature,
     Labels,
     chosen_checkpoints,
+    fit_command,
     fit_examples,
     fit_key,
     curvature_root,
@@ -108,10 +109,8 @@ class NeedsCurvature(Need):
         root = curvature_root(run)
         for checkpoint in chosen_checkpoints(run, options.checkpoints):
             if not root.has_group(f"{fit_key(options.labels, fit)}/{checkpoint.name}/factors"):
-                return (f"the curvature at checkpoint {checkpoint.name}: run `influence curvature --run {run.path}"
-                        + (f" --fit-data {options.fit_data}" if options.fit_data else "")
-                        + (f" --labels {options.labels}" if options.labels != "sampled" else "")
-                        + (" --checkpoints all" if options.checkpoints == "all" else "") + "` first")
+                command = fit_command(run, options.fit_data, options.labels, options.checkpoints == "all")
+                return f"the curvature at checkpoint {checkpoint.name}: run `{command}` first"
         return None
 
 
