@@ -39,7 +39,8 @@ def stream(inputs) -> np.ndarray:
 
 
 def on_dask(inputs, workers: int, worker_peaks: list) -> np.ndarray:
-    from influence.scoring.less.dask import dask_client, per_task_array
+    from influence.scoring.dask import dask_client
+    from influence.scoring.less.dask import per_task_array
 
     with dask_client("local", workers) as client:
         result = client.compute(per_task_array(inputs)).result()

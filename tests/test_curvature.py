@@ -132,6 +132,23 @@ def test_the_store_path_agrees_with_the_exact_one(curved):
     assert np.mean([spearmanr(exact[:, j], naive[:, j])[0] for j in range(exact.shape[1])]) < 0.6
 
 
+def test_the_store_path_on_dask_equals_the_one_process_path(curved):
+    """``--dask``: the same products, one Dask task per stored chunk (5 rows), on a LocalCluster's worker process;
+    the exact path, which recomputes gradients here, refuses it."""
+    pytest.importorskip("distributed")
+    run, target, method = Run(curved["run"]), Target(curved["target"]), get_method("ekfac")
+    here = method.attribution(run, target, method.options({"pool_gradients": "store", "proj_dim": 2048})).matrix
+    from influence.scoring.dask import dask_client
+
+    with dask_client("local", workers=1) as client:
+        address = client.scheduler.address
+        on_dask = method.attribution(run, target, method.options({"pool_gradients": "store", "proj_dim": 2048,
+                                                                  "dask": address})).matrix
+    np.testing.assert_allclose(on_dask, here, rtol=1e-6, atol=1e-9)
+    with pytest.raises(InfluenceError, match="add --pool-gradients store"):
+        method.attribution(run, target, method.options({"dask": "local"}))
+
+
 def naive_store_path(run: Run, target: Target) -> np.ndarray:
     """``P (H + damping)^-1 g_t`` against the stored ``P g_x`` (2048 dimensions): what the store path does not do."""
     from influence.core.naming import TRAIN, gradient_dataset

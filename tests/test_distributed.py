@@ -156,7 +156,7 @@ def test_cooperation_is_refused_where_it_would_be_unsafe(tiny_run, tmp_path):
 @pytest.fixture(scope="module")
 def dask_client():
     pytest.importorskip("distributed")
-    from influence.scoring.less.dask import dask_client as client_of
+    from influence.scoring.dask import dask_client as client_of
 
     with client_of("local", workers=2) as client:
         yield client

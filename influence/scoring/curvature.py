@@ -12,7 +12,7 @@ by minus this product.
 
 ``identity`` is the same pipeline with ``H`` replaced by the identity (no curvature: the plain gradient dot product,
 the ablation). The pool's gradients are computed exactly at the checkpoint (``--pool-gradients recompute``), or read
-from the run's projected stores (``--pool-gradients store``), so that the products run at the speed of the disk:
+from the run's projected stores (``--pool-gradients store``), so that the products run at the speed of the disk (or on Dask, ``--dask``):
 ``project-grads --train-gradient ekfac`` (or ``kfac``) stores ``P (H + damping)^(-1/2) grad L(x)`` and the target's
 gradients are whitened the same way and projected by the store's own projector ``P``, which keeps the product equal
 in expectation. Whitening both sides matters: projecting ``(H + damping)^-1 grad L(t)`` against plain projected pool
@@ -56,7 +56,7 @@ from ..models.loading import load_adapter, parse_device, place
 from ..progress import progress_bar
 from ..train.run import Checkpoint, Run
 from .base import PLAIN_GRADIENTS, TARGET, Attribution, Method, Need, NeedsGradients, Scores, Target
-from .options import proj_dim
+from .options import dask, proj_dim
 from .products import pairwise_products
 
 PoolGradients = Literal["recompute", "store"]
@@ -85,6 +85,7 @@ class CurvatureOptions(FittedCurvature):
                                                          "store: its projected whitened gradients (project-grads "
                                                          "--train-gradient ekfac or kfac; sgd for identity).")
     proj_dim: int | None = proj_dim()
+    dask: str | None = dask()
     per_token: int = setting(0, "Also split each target example's influence with the top K pool examples by its response "
                                 "tokens: tokens.parquet in the ranking's folder.", min=0)
 
@@ -175,6 +176,9 @@ def influence_matrix(run: Run, target: Target, strategy: str, options: Curvature
     checkpoints = chosen_checkpoints(run, options.checkpoints)
     weights = weights_of(checkpoints)
     pool = run.pool()
+    if options.dask is not None and options.pool_gradients != "store":
+        raise InfluenceError("--dask scores the stored gradients: add --pool-gradients store (the pool's exact "
+                             "gradients are recomputed in this process)")
     device = parse_device(None)
     matrix = np.zeros((len(pool), len(examples)))
     details = {"strategy": strategy, "checkpoints": [c.name for c in checkpoints], "weights": weights.tolist(),
@@ -209,7 +213,12 @@ def _from_store(run: Run, checkpoint: Checkpoint, scorer: Scorer, examples, stra
     whitened = torch.cat([scorer.curvature.inverse_times(grads, power=0.5) for _, grads in scorer.gradients(examples)])
     spec = store.metadata["projector"]
     projected = Projector(spec["input_dim"], spec["output_dim"], spec["seed"]).project(whitened.float())
-    matrix, _ = pairwise_products([store], [projected], np.ones(1))
+    if options.dask is not None:
+        from .dask import products_on_dask
+
+        matrix = products_on_dask([store], [projected], np.ones(1), options.dask)
+    else:
+        matrix, _ = pairwise_products([store], [projected], np.ones(1))
     return matrix * store.array("n_tokens")[:, None]  # the store holds the mean loss's gradients: the sum's, per row
 
 

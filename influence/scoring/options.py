@@ -37,6 +37,12 @@ def lambda_reg() -> Any:
     return setting(None, "Ridge term of TRAK's kernel [default: 1e-2 x its mean diagonal; 0 = traker's].", min=0)
 
 
+def dask() -> Any:
+    return setting(None, "Score on Dask, on a LocalCluster (--dask alone: one worker process per core) or on the "
+                         "scheduler at ADDRESS (e.g. tcp://host:8786; workers must see the run's folder).",
+                   flag_value="local")
+
+
 def space() -> Any:
     return setting("grads", "Where vectors come from: grads, grads:<checkpoint>, reps, or embed:<model>.")
 

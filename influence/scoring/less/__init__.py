@@ -40,9 +40,7 @@ from .stream import per_task_stream, top_k_stream
 
 @dataclass(kw_only=True)
 class LessOptions(shared.Projected):
-    dask: str | None = setting(None, "Score on Dask, on a LocalCluster (--dask alone: one worker process per core) "
-                                     "or on the scheduler at ADDRESS (e.g. tcp://host:8786; workers must see the run's "
-                                     "folder).", flag_value="local")
+    dask: str | None = shared.dask()
     device: str | None = setting(None, "torch device of the scoring [default: cuda when available]", cli=False)
     backend: str | None = setting(None, "triton or torch [default: triton on CUDA]", cli=False)
     rows_per_block: int | None = setting(None, "pool rows scored at a time [default: a stored chunk]", min=1, cli=False)
@@ -51,7 +49,7 @@ class LessOptions(shared.Projected):
 def _inputs(run: Run, targets: list[Target], options: LessOptions) -> LessInputs:
     device = options.device
     if options.dask is not None:
-        from .dask import dask_device
+        from ..dask import dask_device
 
         device = dask_device(device)
     tasks = targets[0].task_list  # rank gives every target the same --target-tasks

@@ -7,71 +7,16 @@ function the one-process stream applies to the same block on the CPU, so both pa
 numbers (the stream on a GPU agrees within float rounding: workers score on their CPUs); a worker holds
 one block per checkpoint at a time. The top k is a tree reduction: a top k per block, then neighbouring
 top-ks merged pairwise (:meth:`RunningTopK.merge`), so no process ever holds more than two of them.
-Workers must see the stores at the same path (a shared file system, or a store URL every worker can
-open)."""
+The client and the checked reads are :mod:`..dask`'s."""
 
 from __future__ import annotations
-
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import numpy as np
 import torch
 
-from ...core.chunks import ChunkedStore
-from ...errors import InfluenceError
 from ...kernels.scoring import RunningTopK
+from ..dask import LOCAL, Checked, dask_client
 from .core import LessInputs, score_rows
-
-LOCAL = "local"
-
-
-def dask_device(device: str | None) -> str:
-    """The device the scoring inputs are loaded on for Dask: the CPU, where workers score (a GPU
-    asked for is refused rather than silently unused)."""
-    if device not in (None, "cpu"):
-        raise InfluenceError(f"--dask scores on the workers' CPUs: drop --device {device}, or drop --dask to score "
-                             f"in one process on {device}")
-    return "cpu"
-
-
-@contextmanager
-def dask_client(address: str = LOCAL, workers: int | None = None) -> Iterator:
-    """A ``distributed`` client: of a new LocalCluster (``address`` ``"local"``: ``workers``
-    single-threaded worker processes, default one per core) or of the scheduler at ``address``."""
-    try:
-        from dask.distributed import Client, LocalCluster
-    except ImportError:
-        raise InfluenceError("--dask needs dask and distributed: pip install 'influence[dask]'") from None
-    if address == LOCAL:
-        with LocalCluster(n_workers=workers or os.cpu_count() or 1, threads_per_worker=1, processes=True,
-                          dashboard_address=None) as cluster, Client(cluster) as client:
-            yield client
-        return
-    try:
-        client = Client(address, timeout="10s")
-    except (OSError, TimeoutError, ValueError) as err:
-        raise InfluenceError(f"--dask {address}: cannot reach a Dask scheduler there ({err})") from None
-    with client:
-        yield client
-
-
-class Checked:
-    """A store's column as Dask reads it: every block through :meth:`ChunkedStore.read`, so a corrupt or missing
-    chunk is the same named error on a worker as in the one-process stream."""
-
-    def __init__(self, store: ChunkedStore, column: str):
-        array = store.group[column]
-        self.store, self.column = store, column
-        self.shape, self.dtype, self.ndim = array.shape, array.dtype, array.ndim
-
-    def __getitem__(self, key):
-        rows, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
-        start, stop, _ = rows.indices(self.shape[0])
-        block = self.store.read(self.column, start, stop)
-        return block[(slice(None), *rest)] if rest else block
-
 
 def per_task_array(inputs: LessInputs, rows_per_block: int | None = None):
     """The (pool, subtasks) LESS breakdown as a lazy Dask array, one task per block of rows."""
