@@ -84,7 +84,7 @@ def main(context: click.Context, **values) -> None:
         progress.QUIET = True
 
 
-for command in (pipeline.warmup, pipeline.project_grads, pipeline.curvature, pipeline.rank, pipeline.compare, pipeline.methods,
+for command in (pipeline.warmup, pipeline.project_grads, pipeline.curvature, pipeline.metagrad, pipeline.rank, pipeline.compare, pipeline.methods,
                 pipeline.forward_scores, pipeline.targets, pipeline.prepare_model, pipeline.status, pipeline.verify,
                 pipeline.notebook,
                 pipeline.report, subsets.subsets, evaluate.evaluate):

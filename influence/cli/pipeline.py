@@ -19,6 +19,7 @@ from ..report.verify import VerifySettings
 from ..scoring.forward import ForwardSettings
 from ..selection.compare import CompareSettings
 from ..selection.settings import RankSettings
+from ..train.metagrad import MetagradSettings
 from ..train.warmup import WarmupConfig, WarmupRun
 from .common import (
     AsJson,
@@ -92,6 +93,24 @@ def curvature(**values) -> None:
     where = build(RunFolder, values)
     for path in fit_curvature(where.run_dir, build(CurvatureSettings, values)):
         click.echo(f"curvature fitted: {Path(where.run_dir) / 'curvature.zarr' / path}")
+
+
+@click.command()
+@settings_options(RunFolder)
+@settings_options(OneTarget)
+@settings_options(MetagradSettings)
+def metagrad(**values) -> None:
+    """Exact metagradients of the warm-up (MAGIC): d target loss / d weight of every training example, for rank
+    --method magic."""
+    from ..train.metagrad import metagrad as compute
+
+    where, target = build(RunFolder, values), build(OneTarget, values)
+    folder = compute(where.run_dir, target.target, build(MetagradSettings, values))
+    if folder is not None:
+        meta = json.loads((folder / "meta.json").read_text())
+        click.echo(f"metagradients of {meta['n_training']} training examples through {meta['steps']} steps in "
+                   f"{meta['seconds']} s (peak {meta['peak_rss_gb']} GB; replay within "
+                   f"{meta['replay_relative_difference']:.1g} of the checkpoints) -> {folder}")
 
 
 @dataclass(kw_only=True)

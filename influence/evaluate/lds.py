@@ -339,7 +339,8 @@ def check_methods(run: Run, methods: list[str], target: Target, options: dict) -
     for name in methods:
         if name in registry():
             method = get_method(name)
-            method.require(run, target if method.needs_target else None, method.options(options, others_allowed=True))
+            method.require(run, target if method.needs_target else None, method.options(options, others_allowed=True),
+                           attribution=method.has_attribution)
         elif is_attribution(name):
             read_attribution(name, [e.id for e in run.pool()], [e.id for e in load_target(target.name, target.task_list)])
 

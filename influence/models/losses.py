@@ -69,7 +69,9 @@ def forward_response(model, batch: dict[str, torch.Tensor]) -> ResponseForward:
     logits = logits_at(model, batch, keep)
     rows = keep.nonzero()[:, 0]
     targets = labels[:, 1:][keep[:, :-1]]
-    token_loss = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+    # half-precision logits in float32; float64 ones (exactness tests) stay float64
+    token_loss = torch.nn.functional.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets,
+                                                   reduction="none")
     counts = keep.sum(dim=1)
     return ResponseForward(logits, targets, rows, mean_by_row(token_loss, rows, len(counts)), counts)
 

@@ -290,9 +290,17 @@ class Method(ABC):
                                  + (f" (its options: {', '.join(own)})" if own else ""))
         return check(self.Options(**given))
 
-    def require(self, run: Run, target: Target | None, options: Any) -> None:
-        """Refuse, before any work, what the run cannot give the method yet, saying which command provides it."""
+    def attribution_missing(self, run: Run, target: Target, options: Any) -> str | None:
+        """What the run lacks for :meth:`attribution` beyond what :attr:`needs` checks (with the command that would
+        provide it), or None."""
+        return None
+
+    def require(self, run: Run, target: Target | None, options: Any, attribution: bool = False) -> None:
+        """Refuse, before any work, what the run cannot give the method yet (for its :meth:`attribution` too, with
+        ``attribution``), saying which command provides it."""
         missing = [why for need in self.needs if (why := need.missing(run, target, options))]
+        if attribution and not missing and (why := self.attribution_missing(run, target, options)):
+            missing.append(why)
         if missing:
             raise InfluenceError(f"--method {self.name} needs {'; '.join(missing)}")
 

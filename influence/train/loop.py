@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -70,13 +71,19 @@ class TrainSettings:
         "help": "Learning-rate decay after the warm-up steps (transformers' schedules)."})
 
 
-def step_loss(forward: ResponseForward, step_tokens: int, settings: TrainSettings) -> torch.Tensor:
-    """This forward pass's share of the optimizer step's loss (see ``TrainSettings.loss_weighting``)."""
+def step_loss(forward: ResponseForward, step_tokens: int, settings: TrainSettings,
+              weights: torch.Tensor | None = None) -> torch.Tensor:
+    """This forward pass's share of the optimizer step's loss (see ``TrainSettings.loss_weighting``), with each
+    example's loss multiplied by its weight where ``weights`` are given (the data weights metagradients differentiate
+    by; the normalisers stay the unweighted token counts, so weight 0 removes an example's loss and nothing else)."""
+    summed = forward.losses * forward.counts
+    if weights is not None:
+        summed = summed * weights.to(summed.dtype)
     if settings.loss_weighting == "token":
-        return (forward.losses * forward.counts).sum() / max(step_tokens, 1)
+        return summed.sum() / max(step_tokens, 1)
     # Trainer 4.36: the model's loss is the mean over the pass's response tokens; accelerate divides
     # it by the accumulation steps.
-    mean = (forward.losses * forward.counts).sum() / forward.counts.sum().clamp(min=1)
+    mean = summed.sum() / forward.counts.sum().clamp(min=1)
     return mean / settings.grad_accum
 
 
@@ -112,11 +119,19 @@ class LoraTrainer:
     """
 
     def __init__(self, model, encoded: list[Encoded], ids: list[str], settings: TrainSettings, pad_token_id: int,
-                 device: torch.device, data_parallel: bool = False, shard: bool = False):
+                 device: torch.device, data_parallel: bool = False, shard: bool = False,
+                 weights: np.ndarray | None = None):
         from accelerate import Accelerator
         from accelerate.utils import DistributedType
 
         self.model, self.encoded, self.ids, self.settings = model, encoded, ids, settings
+        # Per-example loss weights (aligned with ``encoded``): None trains as before, bit for bit.
+        self.weights = None if weights is None else torch.as_tensor(np.asarray(weights, dtype=np.float64))
+        if self.weights is not None and len(self.weights) != len(encoded):
+            raise InfluenceError(f"{len(self.weights)} example weights for {len(encoded)} training examples")
+        # Called with the trainer just before each optimizer step (the step's gradient summed, not yet clipped):
+        # how a replay (influence.train.metagrad) records the states it differentiates through.
+        self.before_step: Callable[[LoraTrainer], None] | None = None
         self.pad_token_id, self.device = pad_token_id, device
         # One per process; under torchrun / accelerate launch it joins the launch's process group
         # (gloo between CPU processes, NCCL between GPUs).
@@ -200,7 +215,13 @@ class LoraTrainer:
         rounds = max(-(-len(items) // self.processes) if self.sharded else len(mine), at_least)
         return mine + [None] * (rounds - len(mine))
 
-    def _micro_batches(self, step_indices: list[int]) -> list[tuple[int, list[int]]]:
+    def epoch_steps(self, epoch: int) -> list[list[int]]:
+        """The optimizer steps of one epoch, as indices into ``encoded``: an order seeded by (seed, epoch), cut into
+        steps of ``batch_size x grad_accum`` examples (the last one possibly shorter)."""
+        order = torch.randperm(len(self.encoded), generator=torch.Generator().manual_seed(self.settings.seed * 1000 + epoch))
+        return [order[start : start + self.per_step].tolist() for start in range(0, len(order), self.per_step)]
+
+    def micro_batches(self, step_indices: list[int]) -> list[tuple[int, list[int]]]:
         """This process's micro-batches of one optimizer step, as (position in the step, indices). A pass
         without one of its own (a short last step, or sharded) runs the first at weight 0 (position -1),
         so that every process joins the gradient sum."""
@@ -208,63 +229,78 @@ class LoraTrainer:
         micro = [(j, step_indices[j : j + size]) for j in range(0, len(step_indices), size)]
         return [m if m is not None else (-1, micro[0][1]) for m in self.share(micro, at_least=1)]
 
-    def _dropout_seed(self, epoch: int, step: int, position: int) -> int:
+    def dropout_seed(self, epoch: int, step: int, position: int) -> int:
         """Dropout's seed for one micro-batch: a function of where it is in training, not of which
         process runs it or of what ran before (resume and N processes see the same masks)."""
         return int(np.random.SeedSequence([self.settings.seed, epoch, step, position]).generate_state(1)[0])
 
+    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device) for k, v in collate([self.encoded[i] for i in indices], self.pad_token_id).items()}
+
+    def example_weights(self, indices: list[int]) -> torch.Tensor | None:
+        return None if self.weights is None else self.weights[indices].to(self.device)
+
     def run_epoch(self, epoch: int, bar=None, where: str = "") -> tuple[list[dict], list[float]]:
         """Train one epoch; returns (dynamics rows of every process, learning rate of each optimizer step)."""
-        settings, encoded = self.settings, self.encoded
         self.model.train()
-        order = torch.randperm(len(encoded), generator=torch.Generator().manual_seed(settings.seed * 1000 + epoch))
         rows, lrs = [], []
-        cuda = [self.device] if self.device.type == "cuda" else []
-        for start in range(0, len(order), self.per_step):
-            step_indices = order[start : start + self.per_step].tolist()
-            n_tokens = sum(encoded[i].n_response_tokens for i in step_indices)
-            micro_batches = self._micro_batches(step_indices)
-            finite = True
-            for k, (position, indices) in enumerate(micro_batches):
-                batch = {k: v.to(self.device) for k, v in collate([encoded[i] for i in indices], self.pad_token_id).items()}
-                # The processes' gradients are summed once per step: on the last micro-batch of each.
-                synced = contextlib.nullcontext() if k == len(micro_batches) - 1 else self._no_sync()
-                with synced, torch.random.fork_rng(devices=cuda):
-                    torch.manual_seed(self._dropout_seed(epoch, self.step, max(position, 0)))
-                    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=settings.bf16):
-                        forward = forward_response(self.trained, batch)
-                    losses = forward.losses
-                    finite = finite and bool(torch.isfinite(losses).all())
-                    # DDP averages over processes: each contributes N times its share of the step's loss
-                    weight = 0.0 if position < 0 else float(self.processes)
-                    self.accelerator.backward(step_loss(forward, n_tokens, settings) * weight)
-                if position < 0:
-                    continue
-                with torch.no_grad():
-                    accuracy, exact = token_accuracy(forward)
-                del forward
-                for j, i in enumerate(indices):
-                    rows.append({"phase": "train", "epoch": epoch, "step": self.step + 1, "id": self.ids[i],
-                                 "loss": float(losses[j].detach()), "token_accuracy": float(accuracy[j]),
-                                 "exact_match": bool(exact[j]), "_order": start + position + j})
-            if not self._all_finite(finite):
-                raise TrainingDiverged(
-                    f"{where + ': ' if where else ''}the training loss became non-finite at epoch {epoch}, step "
-                    f"{self.step + 1} (learning rate {self.optimizer.param_groups[0]['lr']:.3g}); the adapters would be "
-                    "NaN. Lower --lr, or check the data; nothing after the last checkpoint was kept"
-                )
-            lrs.append(self.optimizer.param_groups[0]["lr"])
-            if settings.max_grad_norm > 0:
-                self.accelerator.clip_grad_norm_(list(self.names), settings.max_grad_norm)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
+        for first, step_indices in zip(range(0, len(self.encoded), self.per_step), self.epoch_steps(epoch)):
+            rows += self.train_step(epoch, first, step_indices, where)
+            lrs.append(self.last_lr)
             if bar is not None:
                 recent = [d["loss"] for d in rows[-self.per_step:]]
                 bar.set_postfix(epoch=epoch, loss=f"{np.mean(recent):.3f}", lr=f"{lrs[-1]:.2e}")
                 bar.update(1)
         return self.gathered(rows), lrs
+
+    def train_step(self, epoch: int, first: int, step_indices: list[int], where: str = "") -> list[dict]:
+        """One optimizer step on ``step_indices`` (the ``first``-th example of the epoch on): this process's
+        dynamics rows."""
+        settings, encoded = self.settings, self.encoded
+        cuda = [self.device] if self.device.type == "cuda" else []
+        n_tokens = sum(encoded[i].n_response_tokens for i in step_indices)
+        micro_batches = self.micro_batches(step_indices)
+        finite = True
+        rows = []
+        for k, (position, indices) in enumerate(micro_batches):
+            batch = self.batch(indices)
+            # The processes' gradients are summed once per step: on the last micro-batch of each.
+            synced = contextlib.nullcontext() if k == len(micro_batches) - 1 else self._no_sync()
+            with synced, torch.random.fork_rng(devices=cuda):
+                torch.manual_seed(self.dropout_seed(epoch, self.step, max(position, 0)))
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=settings.bf16):
+                    forward = forward_response(self.trained, batch)
+                losses = forward.losses
+                finite = finite and bool(torch.isfinite(losses).all())
+                # DDP averages over processes: each contributes N times its share of the step's loss
+                weight = 0.0 if position < 0 else float(self.processes)
+                loss = step_loss(forward, n_tokens, settings, self.example_weights(indices))
+                self.accelerator.backward(loss * weight)
+            if position < 0:
+                continue
+            with torch.no_grad():
+                accuracy, exact = token_accuracy(forward)
+            del forward
+            for j, i in enumerate(indices):
+                rows.append({"phase": "train", "epoch": epoch, "step": self.step + 1, "id": self.ids[i],
+                             "loss": float(losses[j].detach()), "token_accuracy": float(accuracy[j]),
+                             "exact_match": bool(exact[j]), "_order": first + position + j})
+        if not self._all_finite(finite):
+            raise TrainingDiverged(
+                f"{where + ': ' if where else ''}the training loss became non-finite at epoch {epoch}, step "
+                f"{self.step + 1} (learning rate {self.optimizer.param_groups[0]['lr']:.3g}); the adapters would be "
+                "NaN. Lower --lr, or check the data; nothing after the last checkpoint was kept"
+            )
+        self.last_lr = self.optimizer.param_groups[0]["lr"]
+        if self.before_step is not None:
+            self.before_step(self)
+        if settings.max_grad_norm > 0:
+            self.accelerator.clip_grad_norm_(list(self.names), settings.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return rows
 
     @contextlib.contextmanager
     def _no_sync(self):

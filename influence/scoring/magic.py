@@ -1,0 +1,102 @@
+"""MAGIC (Ilyas & Engstrom 2025): exact metagradients of the warm-up's training as attribution.
+
+``influence metagrad`` differentiates the target's loss after training with respect to the weight of every training
+example's loss, through every AdamW step (:mod:`influence.train.replay`). The score is minus that derivative::
+
+    magic(x, t) = - d loss_t(theta_T(w)) / d w_x   at w = 1
+
+Sign and scale: positive = up-weighting x lowers the target's loss (helpful), negative = raises it (harmful); in loss
+per unit of weight, so that dropping a set S of examples changes the target's loss by about ``sum_{x in S} magic(x,
+t)``. Exact for the model the run trained (not an approximation of it), and local: it describes small changes of the
+weights, which is why its single-model LDS (``evaluate lds --design drop``) is high at small drop fractions. Pool
+examples the warm-up did not train on have no weight in that training: they are unscorable (NaN).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..train.metagrad import Measure, load_metagradients, metagrad_folder
+from ..train.run import Run
+from .base import TARGET, Attribution, Method, Need, Scores, Target
+from ..config import setting
+
+MEANING = __doc__.strip().split("Sign and scale: ")[1]
+
+
+@dataclass(kw_only=True)
+class MagicOptions:
+    measure: Measure = setting("loss", "Which metagradients (influence metagrad --measure).")
+
+
+def _command(run: Run, target: Target, options: MagicOptions, per_target: bool) -> str:
+    tasks = f" --target-tasks {','.join(target.task_list)}" if target.task_list else ""
+    return (f"influence metagrad --run {run.path} --target {target.name}{tasks}"
+            + (f" --measure {options.measure}" if options.measure != "loss" else "")
+            + (" --per-target-example" if per_target else ""))
+
+
+@dataclass(frozen=True)
+class NeedsMetagradients(Need):
+    """The run's metagradients for the target (``influence metagrad``)."""
+
+    def missing(self, run, target, options):
+        if target is None:
+            return None
+        folder = metagrad_folder(run, target.name, list(target.task_list) if target.task_list else None,
+                                 options.measure)
+        if not (folder / "metagrad.npz").is_file():
+            return f"the metagradients of the warm-up for this target: run `{_command(run, target, options, False)}` first"
+        return None
+
+
+class Magic(Method):
+    name = "magic"
+    family = "influence"
+    summary = "MAGIC: exact metagradients of the target loss through every training step (Ilyas & Engstrom 2025)"
+    meaning = MEANING
+    needs = (TARGET, NeedsMetagradients("the metagradients", "influence metagrad"))
+    Options = MagicOptions
+
+    def _load(self, run: Run, target: Target, options: MagicOptions):
+        return load_metagradients(run, target.name, list(target.task_list) if target.task_list else None,
+                                  options.measure)
+
+    def _on_pool(self, run: Run, training_ids: list[str], values: np.ndarray) -> np.ndarray:
+        """Rows of ``values`` (training examples first) placed at the pool's examples; NaN for the others."""
+        row = {i: n for n, i in enumerate(training_ids)}
+        pool = [e.id for e in run.pool()]
+        out = np.full((len(pool),) + values.shape[1:], np.nan)
+        for n, i in enumerate(pool):
+            if i in row:
+                out[n] = values[row[i]]
+        return out
+
+    def scores(self, run: Run, target: Target, options: MagicOptions) -> Scores:
+        found = self._load(run, target, options)
+        score = self._on_pool(run, found.training_ids, -found.mean)
+        return Scores(self.name, [e.id for e in run.pool()], score, self.meaning, finite=np.isfinite(score),
+                      details={"metagrad": found.meta.get("seconds"), "steps": found.meta.get("steps"),
+                               "replay_relative_difference": found.meta.get("replay_relative_difference")})
+
+    def attribution_missing(self, run: Run, target: Target, options: MagicOptions) -> str | None:
+        found = self._load(run, target, options)
+        if found is None or found.per_target is None:
+            return ("the metagradients of every target example: run "
+                    f"`{_command(run, target, options, True)}` first")
+        return None
+
+    def attribution(self, run: Run, target: Target, options: MagicOptions) -> Attribution:
+        found = self._load(run, target, options)
+        if found is None or found.per_target is None:
+            from ..errors import InfluenceError
+
+            raise InfluenceError(f"--method magic needs {self.attribution_missing(run, target, options)}")
+        matrix = self._on_pool(run, found.training_ids, -found.per_target.T)
+        from ..data.targets import load_target
+
+        tasks = {e.id: e.task or "" for e in load_target(target.name, target.task_list)}
+        return Attribution(self.name, [e.id for e in run.pool()], found.target_ids,
+                           [tasks[i] for i in found.target_ids], matrix, self.meaning, found.meta)
