@@ -38,7 +38,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -54,9 +54,10 @@ from ..scoring.base import Target, get_method, registry
 from ..scoring.counterfactual import open_subsets, target_columns
 from ..train.run import Run
 from ..train.subset_store import SubsetStore, stored_subsets
-from ..train.subsets import train_masks, train_subsets
+from ..train.subsets import train_drops, train_masks, train_subsets
 
 
+LdsDesign = Literal["subsets", "drop"]
 DEFAULT_METHODS = ("less", "trak", "tracin", "datamodel", "fz_influence", "grand", "random")
 
 
@@ -86,6 +87,12 @@ class LdsSettings:
     leave_out: float | None = setting(None, "Also retrain without each method's top fraction and report the change of "
                                             "the target outcome.", min=0, max=1, min_open=True, max_open=True)
     leave_out_repeats: int = setting(1, "Models per leave-out mask (different seeds), averaged.", min=1)
+    design: LdsDesign = setting("subsets", "subsets: held-out models on random subsets of the pool (fresh seeds); drop: "
+                                          "the run's own training replayed with a few examples' weights at 0 (same "
+                                          "order and seed: the single-model LDS of MAGIC).")
+    drop: list[float] = setting(default_factory=lambda: [0.01, 0.05, 0.1], list=True,
+                                help="With --design drop: fractions of the training examples dropped, each with --k "
+                                     "models.")
 
     def __post_init__(self):
         """What is scored: the methods given (the default ones when neither they nor attribution files are), then the
@@ -365,6 +372,8 @@ def evaluate_lds(run_dir: str | Path, target: str, methods: list[str] | None = N
     options = {"subsets": settings.subsets, **(options or {})}
     fit = open_subsets(run, settings.subsets) if settings.subsets in stored_subsets(run.subsets_path) else None
     check_methods(run, settings.methods, wanted, options)
+    if settings.design == "drop":
+        return _drop_lds(run, wanted, settings, options, units, device, progress, say)
     # The held-out models come from the same learning algorithm as the fit models, with other seeds.
     fit_design = fit.design if fit is not None else {}
     alpha = settings.alpha if settings.alpha is not None else fit_design.get("alpha", 0.5)
@@ -420,6 +429,49 @@ def evaluate_lds(run_dir: str | Path, target: str, methods: list[str] | None = N
                        "heldout": settings.heldout, "heldout_units": done, "heldout_design": held.design,
                        "fit_subsets": settings.subsets if fit else None, "bootstrap": settings.bootstrap,
                        "leave_out": settings.leave_out, "training": held.metadata["settings"]}
+    _write(report)
+    return report
+
+
+def _drop_lds(run: Run, target: Target, settings: LdsSettings, options: dict, units: UnitSettings, device, progress,
+              say) -> LdsReport | None:
+    """The single-model LDS: per drop fraction, ``k`` replays of the run's training with that fraction of its examples'
+    weights at 0 (``subsets.zarr/<heldout>-drop<fraction>``), and every method's LDS on them. The prediction for a
+    model is the sum of the effects of the examples it kept, so a method is scored by how it orders the drops."""
+    rows, per_target, notes, stores = [], {}, [], {}
+    seed = settings.seed if settings.seed is not None else 0
+    for fraction in settings.drop:
+        name = f"{settings.heldout}-drop{fraction:g}"
+        trained = train_drops(run.path, fraction, settings.k, [(target.name, settings.target_tasks)], name=name,
+                              seed=seed, units=units, device=device, progress=progress, say=say)
+        if units.dry_run:
+            continue
+        if trained.run is not None and trained.run.busy:
+            say(f"{len(trained.run.busy)} drop model(s) are being trained by other workers; using the finished ones")
+        held = open_subsets(run, name)
+        dataset, keep = target_columns(held, target.name, settings.target_tasks)
+        done = [u for u in held.done_units() if u < settings.k]
+        if len(done) < 3:
+            raise InfluenceError(f"{held.path}: {len(done)} drop models finished; the LDS needs at least 3 (rerun)")
+        _, masks, outcomes = held.outcomes(dataset, settings.outcome, done)
+        measured = outcomes[:, keep] if HIGHER_IS_BETTER[settings.outcome] else -outcomes[:, keep]
+        target_ids = held.target_labels(dataset)[0][keep]
+        stores[f"{fraction:g}"] = {"name": name, "units": done, "dropped": held.design["size"]}
+        for method in settings.methods:
+            effects, kind, ids = _effects(run, method, target, options, held.pool_ids.tolist(), target_ids.tolist())
+            if ids is not None and ids != target_ids.tolist():
+                raise InfluenceError(f"{method}: its effects are for other target examples than the models measured")
+            mean, low, high, values_t = lds(masks, effects, measured, settings.bootstrap)
+            label = method_label(method)
+            per_target[f"{label} @{fraction:g}"] = values_t
+            rows.append({"method": label, "drop": fraction, "lds": mean, "ci_low": low, "ci_high": high,
+                         "n_subsets": len(done), "n_targets": int(np.isfinite(values_t).sum()), "effects": kind})
+    if units.dry_run:
+        return None
+    report = LdsReport(pd.DataFrame(rows), pd.DataFrame(per_target, index=target_ids),
+                       {"target": target.name, "target_tasks": settings.target_tasks, "outcome": settings.outcome,
+                        "design": "drop", "drop": settings.drop, "stores": stores, "seed": seed,
+                        "bootstrap": settings.bootstrap}, run.path / "lds" / f"{target_name(target.name)}-drop", notes)
     _write(report)
     return report
 

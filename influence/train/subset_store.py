@@ -21,6 +21,11 @@ SUBSETS_VERSION = 1
 UNIT_OUTCOMES = OUTCOMES  # rows of a unit's arrays
 
 
+# Designs whose masks are stored: ``explicit`` (given masks, one model each) and ``drop`` (the run's own training
+# replayed with the weights of a random few of its examples at 0, the single-model LDS's models).
+MASKED = ("explicit", "drop")
+
+
 def random_mask(n: int, size: int, seed: int, unit: int) -> np.ndarray:
     """Unit ``unit``'s subset of a random design: ``size`` of ``n`` examples, a pure function of
     (seed, unit), so every worker derives the same masks and a design can grow without rewriting."""
@@ -124,7 +129,7 @@ class SubsetStore:
     @property
     def n_units(self) -> int | None:
         """Units of an explicit design; None for a random design (it grows with ``--k``)."""
-        return int(self.group["masks"].shape[0]) if self.design["kind"] == "explicit" else None
+        return int(self.group["masks"].shape[0]) if self.design["kind"] in MASKED else None
 
     @property
     def unit_names(self) -> list[str]:
@@ -132,7 +137,7 @@ class SubsetStore:
 
     def mask(self, unit: int) -> np.ndarray:
         design = self.design
-        if design["kind"] == "explicit":
+        if design["kind"] in MASKED:
             return self.group["masks"][unit]
         return random_mask(self.n_pool, design["size"], design["seed"], unit)
 

@@ -132,6 +132,30 @@ def train_masks(run_dir: str | Path, masks: np.ndarray, unit_names: list[str], t
                   device, eval_batch_size, progress, say)
 
 
+def train_drops(run_dir: str | Path, fraction: float, k: int, targets: list[EvalSpec], *, name: str, seed: int = 0,
+                target_tasks: list[str] | None = None, units: UnitSettings | None = None, device: str | None = None,
+                eval_batch_size: int = 16, progress: bool = True,
+                say: Callable[[str], None] | None = None) -> SubsetReport:
+    """The single-model LDS's models (MAGIC's setting): the run's own training replayed ``k`` times, each time with
+    the loss weights of a random ``fraction`` of its training examples at 0 and everything else unchanged (order,
+    batches, seed, dropout masks, schedule), measured on ``targets``. Unit ``u`` drops a draw seeded by (seed, u)."""
+    run = Run(run_dir)
+    index = {e.id: n for n, e in enumerate(run.pool())}
+    training = [index[i] for i in run.manifest["warmup_ids"]]
+    count = max(1, int(round(fraction * len(training))))
+    if count >= len(training):
+        raise InfluenceError(f"--drop {fraction:g} drops all {len(training)} training examples of the run")
+    masks = np.zeros((k, len(index)), dtype=bool)
+    for unit in range(k):
+        masks[unit, training] = True
+        masks[unit, np.asarray(training)[np.random.default_rng([seed, unit]).choice(len(training), count,
+                                                                                    replace=False)]] = False
+    design = {"kind": "drop", "fraction": fraction, "size": count, "seed": seed, "training": training,
+              "names": [f"drop {u}" for u in range(k)]}
+    return _train(run, name, design, masks, list(range(k)), targets, target_tasks, None, units, device,
+                  eval_batch_size, progress, say)
+
+
 EvalSpec = str | tuple[str, list[str] | None]  # a target, or (target, its subtasks to keep)
 
 
@@ -260,11 +284,15 @@ def train_units(universe: Universe, name: str, design: dict, masks: np.ndarray |
     def work(unit: int) -> None:
         started = time.time()
         mask = store.mask(unit)
-        members = np.flatnonzero(mask)
-        unit_settings = replace(settings, seed=unit_seed(design["seed"], unit))
+        if design["kind"] == "drop":  # the run's training itself, with the dropped examples' weights at 0
+            members = np.asarray(design["training"])
+            weights, unit_settings = mask[members].astype(np.float64), settings
+        else:
+            members, weights = np.flatnonzero(mask), None
+            unit_settings = replace(settings, seed=unit_seed(design["seed"], unit))
         model, here = place(add_lora(copy.deepcopy(base), settings.lora, unit_settings.seed), device)
         trainer = LoraTrainer(model, [pool_encoded[i] for i in members], [pool[i].id for i in members], unit_settings,
-                              tokenizer.pad_token_id, here)
+                              tokenizer.pad_token_id, here, weights=weights)
         last_epoch: list[dict] = []
         try:
             for epoch in range(1, settings.epochs + 1):
