@@ -119,11 +119,12 @@ def group(dataset: str, checkpoint: str, dim: int = 64) -> str:
 @pytest.fixture(scope="session")
 def engine_run(tiny_run, tmp_path_factory):
     """The tiny run with plain and margin gradients (16 dimensions, fewer than the pool's 23 examples,
-    so TRAK's kernel is invertible without a ridge term), 12 subset models and the curvature (EK-FAC, K-FAC)."""
+    so TRAK's kernel is invertible without a ridge term), 12 subset models, the curvature (EK-FAC, K-FAC) and the metagradients (per target example)."""
     import shutil
 
     from influence.gradients.collect import project_grads
     from influence.gradients.curvature import fit_curvature
+    from influence.train.metagrad import metagrad
     from influence.train.subsets import train_subsets
 
     folder = tmp_path_factory.mktemp("engine")
@@ -133,4 +134,5 @@ def engine_run(tiny_run, tmp_path_factory):
                   progress=False)
     train_subsets(run_dir, k=12, alpha=0.5, targets=[tiny_run["target"]], progress=False)
     fit_curvature(run_dir, progress=False)
+    metagrad(run_dir, tiny_run["target"], per_target_example=True, progress=False)
     return {**tiny_run, "run": str(run_dir), "folder": folder}

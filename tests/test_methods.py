@@ -36,7 +36,7 @@ def bare_run(tiny_run, tmp_path_factory):
 
 
 def test_the_registry_holds_every_method_once():
-    assert len(METHODS) == 33 and len(set(METHODS)) == len(METHODS)
+    assert len(METHODS) == 34 and len(set(METHODS)) == len(METHODS)
     assert {"less", "trak", "tracin", "datamodel", "memorization", "random", "semdedup", "ifd", "ekfac", "kfac", "identity",
             "ekfac_self"} <= set(METHODS)
 
@@ -96,7 +96,7 @@ def test_every_method_refuses_a_missing_prerequisite_by_name(name, bare_run, tin
     message = str(refused.value)
     assert message.startswith(f"--method {name} needs ")
     assert any(word in message for word in ("influence project-grads", "influence subsets train", "influence warmup",
-                                            "influence curvature"))
+                                            "influence curvature", "influence metagrad"))
 
 
 def test_an_option_a_method_does_not_take_is_refused_by_its_flag():

@@ -5,7 +5,7 @@ example's loss, through every AdamW step (:mod:`influence.train.replay`). The sc
 
     magic(x, t) = - d loss_t(theta_T(w)) / d w_x   at w = 1
 
-Sign and scale: positive = up-weighting x lowers the target's loss (helpful), negative = raises it (harmful); in loss
+Sign and scale: higher = up-weighting x lowers the target's loss more (positive: helpful, negative: harmful); in loss
 per unit of weight, so that dropping a set S of examples changes the target's loss by about ``sum_{x in S} magic(x,
 t)``. Exact for the model the run trained (not an approximation of it), and local: it describes small changes of the
 weights, which is why its single-model LDS (``evaluate lds --design drop``) is high at small drop fractions. Pool
@@ -18,10 +18,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..config import setting
+from ..data.targets import load_target
+from ..errors import InfluenceError
 from ..train.metagrad import Measure, load_metagradients, metagrad_folder
 from ..train.run import Run
 from .base import TARGET, Attribution, Method, Need, Scores, Target
-from ..config import setting
 
 MEANING = __doc__.strip().split("Sign and scale: ")[1]
 
@@ -91,12 +93,8 @@ class Magic(Method):
     def attribution(self, run: Run, target: Target, options: MagicOptions) -> Attribution:
         found = self._load(run, target, options)
         if found is None or found.per_target is None:
-            from ..errors import InfluenceError
-
             raise InfluenceError(f"--method magic needs {self.attribution_missing(run, target, options)}")
         matrix = self._on_pool(run, found.training_ids, -found.per_target.T)
-        from ..data.targets import load_target
-
         tasks = {e.id: e.task or "" for e in load_target(target.name, target.task_list)}
         return Attribution(self.name, [e.id for e in run.pool()], found.target_ids,
                            [tasks[i] for i in found.target_ids], matrix, self.meaning, found.meta)

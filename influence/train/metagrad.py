@@ -36,7 +36,7 @@ from ..data.templates import collate, encode_example
 from ..errors import InfluenceError
 from ..models.loading import add_lora, device_setting, parse_device, place
 from .loop import LoraTrainer
-from .replay import Replay, State, measurement_gradient
+from .replay import Adjoint, Replay, State, measurement_gradient
 from .run import Run, atomic_write
 from .subsets import train_settings
 
@@ -188,9 +188,9 @@ def _compute(run: Run, target: str, examples, folder: Path, settings: MetagradSe
     partial = folder / "partial.pt"
     resume = None
     if partial.is_file() and not settings.overwrite:
-        saved = torch.load(partial, weights_only=False)
-        if saved["key"] == key:
-            resume = (saved["segment"], saved["adjoints"])
+        saved = torch.load(partial, weights_only=True)
+        if saved["key"] == json.dumps(key, sort_keys=True):
+            resume = (saved["segment"], [Adjoint(**a) for a in saved["adjoints"]])
     encoded = [encode_example(e, tokenizer, run.max_length) for e in examples]
     names = {name: trainer.model_names[param] for param, name in trainer.names.items()}
 
@@ -204,7 +204,8 @@ def _compute(run: Run, target: str, examples, folder: Path, settings: MetagradSe
         return grads
 
     def save(segment: int, adjoints) -> None:
-        atomic_write(partial, lambda path: torch.save({"key": key, "segment": segment, "adjoints": adjoints}, path))
+        atomic_write(partial, lambda path: torch.save({"key": json.dumps(key, sort_keys=True), "segment": segment,
+                                                       "adjoints": [asdict(a) for a in adjoints]}, path))
 
     adjoints = replay.metagradients(measurements, progress, save, resume)
     weights = np.stack([a.weights.numpy() for a in adjoints])
