@@ -261,12 +261,31 @@ class Replay:
 
     def reverse_step(self, record: StepRecord, adjoints: list[Adjoint]) -> None:
         """Move every adjoint from after ``record``'s step to before it (see the module docstring)."""
-        trainer, settings = self.trainer, self.trainer.settings
+        grad_adjoints = self.optimizer_vjp(record, adjoints)
+        self.gradient_vjp(record, adjoints, grad_adjoints)
+
+    def truncated(self, measurement: Callable[[State], list[State]], back: int, progress: bool = False
+                  ) -> tuple[StepRecord, State]:
+        """The step ``back`` steps before the end, and the adjoint of its (summed, unclipped) gradient for the
+        measurement: reverse-mode through the last ``back`` steps only (one segment; the truncated metagradient of
+        metagradient descent, whose candidates enter at that step)."""
+        n_steps = len(self.steps)
+        back = min(max(back, 1), n_steps)
+        records = self._train(0, n_steps, record=True, keep_starts=False)
+        adjoints = self._start(measurement(self.final))
+        for record in reversed(records[n_steps - back + 1 :]):
+            self.reverse_step(record, adjoints)
+        return records[n_steps - back], self.optimizer_vjp(records[n_steps - back], adjoints)[0]
+
+    def optimizer_vjp(self, record: StepRecord, adjoints: list[Adjoint]) -> list[State]:
+        """Through the optimizer's update of ``record``'s step: each adjoint's parameters and moments before it, and
+        the adjoint of the step's summed gradient (returned)."""
+        settings = self.trainer.settings
         names = list(record.theta)
         leaves = [{k: t.clone().requires_grad_() for k, t in part.items()}
                   for part in (record.theta, record.exp_avg, record.exp_avg_sq, record.grad)]
         theta, m, v, grad = leaves
-        group = trainer.optimizer.param_groups[0]
+        group = self.trainer.optimizer.param_groups[0]
         beta1, beta2 = group["betas"]
         new = adamw_update(theta, m, v, grad, record.lr, record.index + 1, beta1, beta2, group["eps"],
                            group["weight_decay"], settings.max_grad_norm)
@@ -282,8 +301,17 @@ class Replay:
             adjoint.exp_avg = dict(zip(names, back[n : 2 * n]))
             adjoint.exp_avg_sq = dict(zip(names, back[2 * n : 3 * n]))
             grad_adjoints.append(dict(zip(names, back[3 * n :])))
-        del new, outputs
-        # The gradient's dependence on the parameters and the weights, one micro-batch at a time.
+        for adjoint in adjoints:
+            for part in (adjoint.theta, adjoint.exp_avg, adjoint.exp_avg_sq):
+                for k in names:
+                    part[k] = part[k].detach()
+        return [{k: g.detach() for k, g in grads.items()} for grads in grad_adjoints]
+
+    def gradient_vjp(self, record: StepRecord, adjoints: list[Adjoint], grad_adjoints: list[State]) -> None:
+        """Through the step's gradient as a function of the parameters and the weights, one micro-batch at a time:
+        the Hessian-vector product into each adjoint's parameters, the per-example products into its weights."""
+        trainer, settings = self.trainer, self.trainer.settings
+        names = list(record.theta)
         model_names = {name: trainer.model_names[param] for param, name in trainer.names.items()}
         n_tokens = sum(trainer.encoded[i].n_response_tokens for i in record.indices)
         cuda = [trainer.device] if trainer.device.type == "cuda" else []
@@ -362,3 +390,24 @@ def drop_prediction(metagradient: np.ndarray, dropped: np.ndarray) -> float:
     """The first-order change of a measurement when the weights of ``dropped`` go from 1 to 0:
     ``-sum_{i dropped} d measurement / d w_i``."""
     return float(-np.asarray(metagradient)[dropped].sum())
+
+
+def loss_directional_derivatives(model, names: dict, theta: State, direction: State, batches: list[dict]
+                                 ) -> np.ndarray:
+    """For every example of ``batches``, the derivative of its mean response loss at ``theta`` along ``direction``
+    (``grad loss_i . direction``), by forward-mode differentiation (``torch.func.jvp``): one forward pass per batch
+    for all of them, in evaluation mode (no dropout)."""
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for batch in batches:
+            def losses(params, batch=batch):
+                return forward_response(_Bound(model, {names[k]: v for k, v in params.items()}), batch).losses
+
+            with _math_attention():
+                _, tangent = torch.func.jvp(losses, (theta,), ({k: direction[k] for k in theta},))
+            out.append(tangent.detach().double().cpu().numpy())
+    finally:
+        model.train(was_training)
+    return np.concatenate(out) if out else np.zeros(0)
