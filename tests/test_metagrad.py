@@ -134,7 +134,7 @@ def magic_run(tiny_run, tmp_path_factory):
     return {**tiny_run, "run": str(folder / "run")}
 
 
-def test_metagrad_command_rank_and_resume(magic_run, tmp_path):
+def test_metagrad_command_and_rank(magic_run, tmp_path):
     runner = CliRunner()
     run, target = magic_run["run"], magic_run["target"]
     result = runner.invoke(main, ["rank", "--run", run, "--target", target, "--method", "magic"])
@@ -186,9 +186,18 @@ def test_metagrad_resumes_after_a_segment(magic_run, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         metagrad(run, target, max_states_gb=1e-9, progress=False)
     assert (whole / "partial.pt").is_file()
-    monkeypatch.setattr(replay_module.Replay, "reverse_step", original)
+    resumed = {"n": 0}
+
+    def counting(self, record, adjoints):
+        resumed["n"] += 1
+        return original(self, record, adjoints)
+
+    monkeypatch.setattr(replay_module.Replay, "reverse_step", counting)
     metagrad(run, target, max_states_gb=1e-9, progress=False)
     np.testing.assert_array_equal(load_metagradients(Run(run), target).mean, expected)
+    steps, segment = Run(run).manifest["steps"]["total"], calls["n"] - 1
+    last = steps - (-(-steps // segment) - 1) * segment
+    assert resumed["n"] == steps - last  # the reversed segment was not reversed again
     assert not (whole / "partial.pt").exists()
 
 

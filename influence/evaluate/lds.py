@@ -101,6 +101,11 @@ class LdsSettings:
         self.methods = chosen + [a for a in self.attributions if a not in chosen]
 
     def extra_problems(self) -> list[str]:
+        if self.design == "drop" and (self.alpha is not None or self.leave_out is not None):
+            return ["--alpha and --leave-out apply to --design subsets; --design drop replays the run with --drop "
+                    "fractions of its examples left out"]
+        if any(not 0 < f < 1 for f in self.drop):
+            return [f"--drop fractions must lie in (0, 1), got {','.join(f'{f:g}' for f in self.drop)}"]
         if self.heldout == self.subsets:
             return ["--heldout must name other subset models than --subsets (the LDS is measured on models the "
                     "datamodels were not fit on)"]
@@ -441,7 +446,7 @@ def _drop_lds(run: Run, target: Target, settings: LdsSettings, options: dict, un
     rows, per_target, notes, stores = [], {}, [], {}
     seed = settings.seed if settings.seed is not None else 0
     for fraction in settings.drop:
-        name = f"{settings.heldout}-drop{fraction:g}"
+        name = f"{settings.heldout}-drop{fraction:g}-seed{seed}"
         trained = train_drops(run.path, fraction, settings.k, [(target.name, settings.target_tasks)], name=name,
                               seed=seed, units=units, device=device, progress=progress, say=say)
         if units.dry_run:

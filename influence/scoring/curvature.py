@@ -26,6 +26,7 @@ squared loss-gradient units over curvature units. rank averages over the target'
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -184,17 +185,29 @@ def influence_matrix(run: Run, target: Target, strategy: str, options: Curvature
     details = {"strategy": strategy, "checkpoints": [c.name for c in checkpoints], "weights": weights.tolist(),
                "pool_gradients": options.pool_gradients, "labels": options.labels,
                "fit_data": options.fit_data or "warm-up", "damping": {}}
-    for checkpoint, weight in zip(checkpoints, weights):
-        scorer = Scorer(run, checkpoint, strategy, options, device)
-        details["damping"][checkpoint.name] = scorer.curvature.damping
-        if options.pool_gradients == "store":
-            matrix += weight * _from_store(run, checkpoint, scorer, examples, strategy, options)
-        else:
-            targets = scorer.preconditioned(examples)
-            for rows, grads in scorer.gradients(pool, f"{strategy} {checkpoint.name}", progress, token_sum=True):
-                matrix[rows.start : rows.stop] += weight * (grads @ targets.T).double().numpy()
-        scorer.close()
+    with contextlib.ExitStack() as stack:
+        if options.dask is not None:  # one client (one LocalCluster) for every checkpoint
+            from .dask import dask_client
+
+            options = replace(options, dask=stack.enter_context(dask_client(options.dask)).scheduler.address)
+        for checkpoint, weight in zip(checkpoints, weights):
+            _add_checkpoint(run, checkpoint, weight, strategy, options, examples, pool, matrix, details, device,
+                            progress)
     return matrix, examples, details
+
+
+def _add_checkpoint(run: Run, checkpoint: Checkpoint, weight: float, strategy: str, options: CurvatureOptions,
+                    examples, pool, matrix: np.ndarray, details: dict, device, progress: bool) -> None:
+    """Add one checkpoint's weighted influences to ``matrix``."""
+    scorer = Scorer(run, checkpoint, strategy, options, device)
+    details["damping"][checkpoint.name] = scorer.curvature.damping
+    if options.pool_gradients == "store":
+        matrix += weight * _from_store(run, checkpoint, scorer, examples, strategy, options)
+    else:
+        targets = scorer.preconditioned(examples)
+        for rows, grads in scorer.gradients(pool, f"{strategy} {checkpoint.name}", progress, token_sum=True):
+            matrix[rows.start : rows.stop] += weight * (grads @ targets.T).double().numpy()
+    scorer.close()
 
 
 def _from_store(run: Run, checkpoint: Checkpoint, scorer: Scorer, examples, strategy: str,

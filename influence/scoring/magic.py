@@ -33,6 +33,10 @@ class MagicOptions:
     measure: Measure = setting("loss", "Which metagradients (influence metagrad --measure).")
 
 
+def _tasks(target: Target) -> list[str] | None:
+    return list(target.task_list) if target.task_list else None
+
+
 def _command(run: Run, target: Target, options: MagicOptions, per_target: bool) -> str:
     tasks = f" --target-tasks {','.join(target.task_list)}" if target.task_list else ""
     return (f"influence metagrad --run {run.path} --target {target.name}{tasks}"
@@ -47,8 +51,7 @@ class NeedsMetagradients(Need):
     def missing(self, run, target, options):
         if target is None:
             return None
-        folder = metagrad_folder(run, target.name, list(target.task_list) if target.task_list else None,
-                                 options.measure)
+        folder = metagrad_folder(run, target.name, _tasks(target), options.measure)
         if not (folder / "metagrad.npz").is_file():
             return f"the metagradients of the warm-up for this target: run `{_command(run, target, options, False)}` first"
         return None
@@ -63,8 +66,10 @@ class Magic(Method):
     Options = MagicOptions
 
     def _load(self, run: Run, target: Target, options: MagicOptions):
-        return load_metagradients(run, target.name, list(target.task_list) if target.task_list else None,
-                                  options.measure)
+        found = load_metagradients(run, target.name, _tasks(target), options.measure)
+        if found is None:
+            raise InfluenceError(f"--method magic needs {NeedsMetagradients('', '').missing(run, target, options)}")
+        return found
 
     def _on_pool(self, run: Run, training_ids: list[str], values: np.ndarray) -> np.ndarray:
         """Rows of ``values`` (training examples first) placed at the pool's examples; NaN for the others."""
@@ -84,7 +89,7 @@ class Magic(Method):
                                "replay_relative_difference": found.meta.get("replay_relative_difference")})
 
     def attribution_missing(self, run: Run, target: Target, options: MagicOptions) -> str | None:
-        found = self._load(run, target, options)
+        found = load_metagradients(run, target.name, _tasks(target), options.measure)
         if found is None or found.per_target is None:
             return ("the metagradients of every target example: run "
                     f"`{_command(run, target, options, True)}` first")
@@ -92,7 +97,7 @@ class Magic(Method):
 
     def attribution(self, run: Run, target: Target, options: MagicOptions) -> Attribution:
         found = self._load(run, target, options)
-        if found is None or found.per_target is None:
+        if found.per_target is None:
             raise InfluenceError(f"--method magic needs {self.attribution_missing(run, target, options)}")
         matrix = self._on_pool(run, found.training_ids, -found.per_target.T)
         tasks = {e.id: e.task or "" for e in load_target(target.name, target.task_list)}

@@ -8,7 +8,9 @@ metagradient, which gives every candidate a signal, selected or not::
 
     g_x = d loss_fit(theta_T) / d eps_x = (adjoint of the summed gradient at step k) . grad loss_x(theta_k) / B
 
-(``B``: examples per optimizer step; ``grad loss_x . v`` by forward-mode differentiation). Then a sign step that keeps
+(``B``: examples per optimizer step, the weight an example of average length has in a step's loss; under
+``loss_weighting = "token"`` a long candidate would weigh more, which this convention leaves out; ``grad loss_x . v``
+by forward-mode differentiation). Then a sign step that keeps
 the budget (the reference's ``greedy_flip`` flips the counts of the top-|g| coordinates by one; with a budget, the
 flip is a swap): the ``m`` selected examples with the largest ``g`` (adding more of them would raise the loss) leave,
 the ``m`` unselected ones with the smallest ``g`` join, where the joining one's ``g`` is below the leaving one's; ``m``
@@ -35,16 +37,17 @@ import pandas as pd
 import torch
 from scipy.stats import rankdata
 
+from .. import __version__
 from ..config import setting
 from ..data.formats import examples_sha256
 from ..data.targets import load_target, target_name
-from ..data.templates import collate, encode_example
+from ..data.templates import encode_example
 from ..errors import InfluenceError
 from ..models.loading import add_lora, parse_device, place
 from ..models.losses import forward_response
 from ..progress import progress_bar
 from ..train.loop import LoraTrainer
-from ..train.replay import Replay, _Bound, loss_directional_derivatives, measurement_gradient
+from ..train.replay import Replay, _Bound, batches_of, loss_directional_derivatives, measurement_gradient
 from ..train.run import Run, atomic_write
 from ..train.subsets import train_settings
 from .base import TARGET, Method, Scores, Target
@@ -103,7 +106,8 @@ class MetagradientDescent:
             raise InfluenceError(f"--budget {options.budget:g} selects the whole pool of {len(self.pool)}")
         self.settings = train_settings(run)
         key = json.dumps({"run_id": run.run_id, "pool": run.pool_sha256, "target": examples_sha256(examples),
-                          "options": asdict(options), "settings": asdict(self.settings)}, sort_keys=True, default=str)
+                          "options": asdict(options), "settings": asdict(self.settings),
+                          "influence_version": __version__}, sort_keys=True, default=str)
         self.folder = run.path / "mgd" / f"{target_name(target.name)}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
         self.key = key
 
@@ -126,8 +130,8 @@ class MetagradientDescent:
         self.tokenizer, self.device, self.base = tokenizer, device, base
         encode = lambda examples: [encode_example(e, tokenizer, self.settings.max_length) for e in examples]  # noqa: E731
         self.pool_encoded, fit, holdout = encode(self.pool), encode(self.fit), encode(self.holdout)
-        self.fit_batches = [collate(fit[i : i + 8], tokenizer.pad_token_id) for i in range(0, len(fit), 8)]
-        self.holdout_batches = [collate(holdout[i : i + 8], tokenizer.pad_token_id) for i in range(0, len(holdout), 8)]
+        self.fit_batches = batches_of(fit, tokenizer.pad_token_id)
+        self.holdout_batches = batches_of(holdout, tokenizer.pad_token_id)
         selected = np.zeros(len(self.pool), dtype=bool)
         selected[np.random.default_rng([self.options.seed, 11]).choice(len(self.pool), self.size, replace=False)] = True
         history = []
@@ -170,13 +174,12 @@ class MetagradientDescent:
         trainer = LoraTrainer(model, [self.pool_encoded[i] for i in members], [self.pool[i].id for i in members],
                               settings, self.tokenizer.pad_token_id, device)
         replay = Replay(trainer, None)
-        names = {name: trainer.model_names[param] for param, name in trainer.names.items()}
+        names = trainer.parameter_names
         fit_gradient = lambda final: measurement_gradient(model, names, final, self.fit_batches, len(self.fit))  # noqa: E731
         gradient = np.zeros(0)
         if step < self.options.steps:
             record, direction = replay.truncated(fit_gradient, self.options.truncate)
-            batches = [collate(self.pool_encoded[i : i + 8], self.tokenizer.pad_token_id)
-                       for i in range(0, len(self.pool_encoded), 8)]
+            batches = batches_of(self.pool_encoded, self.tokenizer.pad_token_id)
             gradient = loss_directional_derivatives(model, names, record.theta, direction, batches) / trainer.per_step
         else:
             replay.final_parameters()

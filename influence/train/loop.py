@@ -169,6 +169,17 @@ class LoraTrainer:
         self.step = 0
 
     @property
+    def parameter_names(self) -> dict[str, str]:
+        """Each trained parameter's stable name (:attr:`names`' values) -> its name in the model (peft's)."""
+        return {name: self.model_names[param] for param, name in self.names.items()}
+
+    def adapter_keys(self) -> dict[str, str]:
+        """Each trained parameter's stable name -> its key in a saved adapter's file (peft's, without the adapter's
+        name)."""
+        adapter_name = getattr(self.model, "active_adapter", "default")
+        return {name: model_name.replace(f".{adapter_name}", "") for name, model_name in self.parameter_names.items()}
+
+    @property
     def is_main(self) -> bool:
         """Whether this process writes the results (the only one outside a data-parallel launch)."""
         return self.rank == 0
@@ -176,9 +187,9 @@ class LoraTrainer:
     def restore(self, adapter: dict[str, torch.Tensor], exp_avg: dict[str, torch.Tensor],
                 exp_avg_sq: dict[str, torch.Tensor], step: int, rng_state: torch.Tensor) -> None:
         """Continue from a checkpoint: adapter weights, Adam moments, schedule position, RNG state."""
-        adapter_name = getattr(self.model, "active_adapter", "default")
+        keys = self.adapter_keys()
         for param, name in self.names.items():
-            key = self.model_names[param].replace(f".{adapter_name}", "")  # peft's key in the adapter's file
+            key = keys[name]
             if key not in adapter or name not in exp_avg or name not in exp_avg_sq:
                 raise InfluenceError(f"the checkpoint has no {key} or no Adam moments for it: it was written for "
                                      "another adapter (LoRA settings)")

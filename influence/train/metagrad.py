@@ -36,7 +36,7 @@ from ..data.templates import collate, encode_example
 from ..errors import InfluenceError
 from ..models.loading import add_lora, device_setting, parse_device, place
 from .loop import LoraTrainer
-from .replay import Adjoint, Replay, State, measurement_gradient
+from .replay import Adjoint, Replay, State, batches_of, measurement_gradient
 from .run import Run, atomic_write
 from .subsets import train_settings
 
@@ -94,6 +94,9 @@ def load_metagradients(run: Run, target: str, tasks: list[str] | None = None, me
     meta = json.loads((folder / "meta.json").read_text())
     if meta.get("run_id") != run.run_id or meta.get("pool_sha256") != run.pool_sha256:
         raise InfluenceError(f"{folder}: computed for another run or pool; rerun `influence metagrad --overwrite`")
+    if meta.get("influence_version") != __version__:
+        raise InfluenceError(f"{folder}: computed by influence {meta.get('influence_version')}, this is {__version__}; "
+                             "rerun `influence metagrad --overwrite`")
     with np.load(folder / "metagrad.npz", allow_pickle=False) as arrays:
         return Metagradients(arrays["training_ids"].astype(str).tolist(), arrays["target_ids"].astype(str).tolist(),
                              arrays["weights"], meta)
@@ -117,8 +120,7 @@ def run_trainer(run: Run, device, base=None, tokenizer=None, weights: np.ndarray
 def checkpoint_check(run: Run, trainer: LoraTrainer, tolerance: float):
     """A check of the replay against the run's stored checkpoint of each epoch (refusing a run that does not replay)."""
     checkpoints = {c.epoch: c for c in run.checkpoints()}
-    adapter_name = getattr(trainer.model, "active_adapter", "default")
-    keys = {name: trainer.model_names[param].replace(f".{adapter_name}", "") for param, name in trainer.names.items()}
+    keys = trainer.adapter_keys()
     worst = {"relative_difference": 0.0}
 
     def check(epoch: int, theta: State) -> None:
@@ -188,16 +190,20 @@ def _compute(run: Run, target: str, examples, folder: Path, settings: MetagradSe
     partial = folder / "partial.pt"
     resume = None
     if partial.is_file() and not settings.overwrite:
-        saved = torch.load(partial, weights_only=True)
-        if saved["key"] == json.dumps(key, sort_keys=True):
+        try:
+            saved = torch.load(partial, weights_only=True, map_location=device)
+        except Exception as err:  # torch raises many kinds for a damaged file: it is only a resume point
+            print(f"note: {partial} is unreadable ({err}); starting over", file=sys.stderr)
+            saved = {}
+        if saved.get("key") == json.dumps(key, sort_keys=True):
             resume = (saved["segment"], [Adjoint(**a) for a in saved["adjoints"]])
     encoded = [encode_example(e, tokenizer, run.max_length) for e in examples]
-    names = {name: trainer.model_names[param] for param, name in trainer.names.items()}
+    names = trainer.parameter_names
 
     def measurements(final: State) -> list[State]:
         """The gradients of the measurements with respect to the final parameters."""
-        grads = measurement_gradient(trainer.model, names, final, [collate(encoded[i : i + 8], tokenizer.pad_token_id)
-                                                                   for i in range(0, len(encoded), 8)], len(encoded))
+        grads = measurement_gradient(trainer.model, names, final, batches_of(encoded, tokenizer.pad_token_id),
+                                     len(encoded))
         if settings.per_target_example:
             grads += measurement_gradient(trainer.model, names, final,
                                           [collate([e], tokenizer.pad_token_id) for e in encoded], len(encoded), True)

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..data.templates import collate
 from ..models.losses import forward_response
 from ..progress import progress_bar
 from .loop import LoraTrainer, step_loss
@@ -172,9 +173,11 @@ class Replay:
     def n_segments(self) -> int:
         return max(1, math.ceil(len(self.steps) / self.segment))
 
-    def _train(self, first: int, stop: int, record: bool, keep_starts: bool, bar=None) -> list[StepRecord]:
-        """Train steps ``first``..``stop - 1`` from the state kept at ``first``; the records of each step with
-        ``record``; the state at each segment start with ``keep_starts``."""
+    def _train(self, first: int, stop: int, record: bool, keep_starts: bool, bar=None, record_from: int = 0,
+               check: bool = True) -> list[StepRecord]:
+        """Train steps ``first``..``stop - 1`` from the state kept at ``first``; the records of each step from
+        ``record_from`` on with ``record``; the state at each segment start with ``keep_starts``; the stored
+        checkpoints compared at each epoch's end with ``check``."""
         trainer = self.trainer
         set_state(trainer, *self.starts[first], first)
         trainer.model.train()
@@ -182,6 +185,8 @@ class Replay:
         current: dict = {}
 
         def capture(t: LoraTrainer) -> None:
+            if t.step < record_from:
+                return
             theta, m, v = state_of(t)
             grads = {name: param.grad.detach().clone() if param.grad is not None else torch.zeros_like(param)
                      for param, name in t.names.items()}
@@ -195,7 +200,7 @@ class Replay:
                 epoch, position, indices = self.steps[index]
                 current.update(epoch=epoch, indices=indices)
                 trainer.train_step(epoch, position, indices, where="replay")
-                if self.check is not None and (index + 1) % trainer.steps_per_epoch == 0:
+                if check and self.check is not None and (index + 1) % trainer.steps_per_epoch == 0:
                     self.check(epoch, state_of(trainer)[0])
                 if bar is not None:
                     bar.update(1)
@@ -241,7 +246,7 @@ class Replay:
         for segment in reversed(range(done)):
             first = segment * self.segment
             records = segments[0][1] if segments else self._train(first, min(first + self.segment, n_steps),
-                                                                   record=True, keep_starts=False)
+                                                                   record=True, keep_starts=False, check=False)
             for record in reversed(records):
                 self.reverse_step(record, adjoints)
                 bar.update(1)
@@ -271,11 +276,11 @@ class Replay:
         metagradient descent, whose candidates enter at that step)."""
         n_steps = len(self.steps)
         back = min(max(back, 1), n_steps)
-        records = self._train(0, n_steps, record=True, keep_starts=False)
+        records = self._train(0, n_steps, record=True, keep_starts=False, record_from=n_steps - back)
         adjoints = self._start(measurement(self.final))
-        for record in reversed(records[n_steps - back + 1 :]):
+        for record in reversed(records[1:]):
             self.reverse_step(record, adjoints)
-        return records[n_steps - back], self.optimizer_vjp(records[n_steps - back], adjoints)[0]
+        return records[0], self.optimizer_vjp(records[0], adjoints)[0]
 
     def optimizer_vjp(self, record: StepRecord, adjoints: list[Adjoint]) -> list[State]:
         """Through the optimizer's update of ``record``'s step: each adjoint's parameters and moments before it, and
@@ -301,10 +306,7 @@ class Replay:
             adjoint.exp_avg = dict(zip(names, back[n : 2 * n]))
             adjoint.exp_avg_sq = dict(zip(names, back[2 * n : 3 * n]))
             grad_adjoints.append(dict(zip(names, back[3 * n :])))
-        for adjoint in adjoints:
-            for part in (adjoint.theta, adjoint.exp_avg, adjoint.exp_avg_sq):
-                for k in names:
-                    part[k] = part[k].detach()
+        _detach(adjoints)
         return [{k: g.detach() for k, g in grads.items()} for grads in grad_adjoints]
 
     def gradient_vjp(self, record: StepRecord, adjoints: list[Adjoint], grad_adjoints: list[State]) -> None:
@@ -312,7 +314,7 @@ class Replay:
         the Hessian-vector product into each adjoint's parameters, the per-example products into its weights."""
         trainer, settings = self.trainer, self.trainer.settings
         names = list(record.theta)
-        model_names = {name: trainer.model_names[param] for param, name in trainer.names.items()}
+        model_names = trainer.parameter_names
         n_tokens = sum(trainer.encoded[i].n_response_tokens for i in record.indices)
         cuda = [trainer.device] if trainer.device.type == "cuda" else []
         params = {name: record.theta[name].clone().requires_grad_() for name in names}
@@ -339,10 +341,20 @@ class Replay:
                             adjoint.theta[k] = adjoint.theta[k] + d
                     if d_theta[-1] is not None:
                         adjoint.weights[indices] += d_theta[-1].detach().double().cpu()
-        for adjoint in adjoints:
-            for part in (adjoint.theta, adjoint.exp_avg, adjoint.exp_avg_sq):
-                for k in names:
-                    part[k] = part[k].detach()
+        _detach(adjoints)
+
+
+def _detach(adjoints: list[Adjoint]) -> None:
+    """Every adjoint's parameters and moments as plain tensors (out of the step's graph)."""
+    for adjoint in adjoints:
+        for part in (adjoint.theta, adjoint.exp_avg, adjoint.exp_avg_sq):
+            for k in part:
+                part[k] = part[k].detach()
+
+
+def batches_of(encoded: list, pad_token_id: int, size: int = 8) -> list[dict]:
+    """Encoded examples collated ``size`` at a time (measurements and candidates)."""
+    return [collate(encoded[i : i + size], pad_token_id) for i in range(0, len(encoded), size)]
 
 
 def _math_attention():

@@ -21,9 +21,14 @@ SUBSETS_VERSION = 1
 UNIT_OUTCOMES = OUTCOMES  # rows of a unit's arrays
 
 
-# Designs whose masks are stored: ``explicit`` (given masks, one model each) and ``drop`` (the run's own training
-# replayed with the weights of a random few of its examples at 0, the single-model LDS's models).
-MASKED = ("explicit", "drop")
+def drop_mask(n: int, training: list[int], size: int, seed: int, unit: int) -> np.ndarray:
+    """Unit ``unit``'s examples of a ``drop`` design (the run's own training replayed with the weights of ``size`` of
+    its ``training`` examples at 0, the single-model LDS's models): the training examples but a draw seeded by
+    (seed, unit), a pure function of them, so the design grows with ``--k``."""
+    mask = np.zeros(n, dtype=bool)
+    mask[training] = True
+    mask[np.asarray(training)[np.random.default_rng([seed, unit]).choice(len(training), size, replace=False)]] = False
+    return mask
 
 
 def random_mask(n: int, size: int, seed: int, unit: int) -> np.ndarray:
@@ -129,7 +134,7 @@ class SubsetStore:
     @property
     def n_units(self) -> int | None:
         """Units of an explicit design; None for a random design (it grows with ``--k``)."""
-        return int(self.group["masks"].shape[0]) if self.design["kind"] in MASKED else None
+        return int(self.group["masks"].shape[0]) if self.design["kind"] == "explicit" else None
 
     @property
     def unit_names(self) -> list[str]:
@@ -137,8 +142,10 @@ class SubsetStore:
 
     def mask(self, unit: int) -> np.ndarray:
         design = self.design
-        if design["kind"] in MASKED:
+        if design["kind"] == "explicit":
             return self.group["masks"][unit]
+        if design["kind"] == "drop":
+            return drop_mask(self.n_pool, design["training"], design["size"], design["seed"], unit)
         return random_mask(self.n_pool, design["size"], design["seed"], unit)
 
     def unit_path(self, unit: int) -> str:

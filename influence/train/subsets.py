@@ -143,16 +143,11 @@ def train_drops(run_dir: str | Path, fraction: float, k: int, targets: list[Eval
     index = {e.id: n for n, e in enumerate(run.pool())}
     training = [index[i] for i in run.manifest["warmup_ids"]]
     count = max(1, int(round(fraction * len(training))))
-    if count >= len(training):
-        raise InfluenceError(f"--drop {fraction:g} drops all {len(training)} training examples of the run")
-    masks = np.zeros((k, len(index)), dtype=bool)
-    for unit in range(k):
-        masks[unit, training] = True
-        masks[unit, np.asarray(training)[np.random.default_rng([seed, unit]).choice(len(training), count,
-                                                                                    replace=False)]] = False
-    design = {"kind": "drop", "fraction": fraction, "size": count, "seed": seed, "training": training,
-              "names": [f"drop {u}" for u in range(k)]}
-    return _train(run, name, design, masks, list(range(k)), targets, target_tasks, None, units, device,
+    if not 0 < fraction < 1 or count >= len(training):
+        raise InfluenceError(f"--drop {fraction:g}: drop fractions must lie in (0, 1) and leave some of the run's "
+                             f"{len(training)} training examples")
+    design = {"kind": "drop", "fraction": fraction, "size": count, "seed": seed, "training": training}
+    return _train(run, name, design, None, list(range(k)), targets, target_tasks, None, units, device,
                   eval_batch_size, progress, say)
 
 
@@ -265,7 +260,8 @@ def train_units(universe: Universe, name: str, design: dict, masks: np.ndarray |
     target_encoded = {t.dataset: ([encode_example(e, tokenizer, settings.max_length) for e in t.examples],
                                   encode_choices(t.examples, tokenizer, settings.max_length),
                                   correct_choices(t.examples)) for t in eval_sets}
-    subset_size = design["size"] if design["kind"] == "random" else "given"
+    subset_size = (design["size"] if design["kind"] == "random" else f"all but {design['size']}"
+                   if design["kind"] == "drop" else "given")
     todo = [u for u in units if not store.is_done(u) and (worker is None or u % worker[1] == worker[0])]
     if speed is None and (todo or dry_run):
         speed = measure_speed(base, settings, pool_encoded, tokenizer.pad_token_id, device, eval_batch_size)
