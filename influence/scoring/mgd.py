@@ -112,14 +112,17 @@ class MetagradientDescent:
         self.key = key
 
     def cost(self) -> str:
+        """The work, and its time at the warm-up's measured pace per example pass (a forward-mode pass over an
+        example costs about what a training pass does: measured on SmolLM2, 150 s per model for 19 of 194)."""
         n_train = len(self.run.manifest["warmup_ids"])
-        seconds = self.run.manifest.get("wall_seconds")
-        per_model = seconds * self.size / max(n_train, 1) if seconds else None
+        seconds, epochs = self.run.manifest.get("wall_seconds"), int(self.settings.epochs)
+        pace = seconds / max(n_train * epochs, 1) if seconds else None
+        per_model = pace * (self.size * epochs + len(self.pool)) if pace else None
         return (f"mgd: {self.options.steps} steps on a selection of {self.size} of {len(self.pool)} examples: "
                 f"{self.options.steps + 1} models trained, each followed by a backward pass through its last "
                 f"{self.options.truncate} steps and a forward-mode pass over the pool"
-                + (f"; ~{per_model:.0f} s per model at the warm-up's pace, ~{(self.options.steps + 1) * per_model * 1.6 / 60:.1f}"
-                   " min in all" if per_model else ""))
+                + (f"; ~{per_model:.0f} s per model at the warm-up's pace, "
+                   f"~{(self.options.steps + 1) * per_model / 60:.1f} min in all" if per_model else ""))
 
     def select(self) -> Scores:
         print(self.cost(), file=sys.stderr, flush=True)
