@@ -401,29 +401,8 @@ def evaluate_lds(run_dir: str | Path, target: str, methods: list[str] | None = N
     if trained.run is not None and trained.run.busy:
         say(f"{len(trained.run.busy)} held-out model(s) are being trained by other workers; using the finished ones")
     held = open_subsets(run, settings.heldout)
-    dataset, keep = target_columns(held, target, settings.target_tasks)
-    done = [u for u in held.done_units() if u < settings.k]
-    if len(done) < 3:
-        raise InfluenceError(f"{held.path}: {len(done)} held-out models finished; the LDS needs at least 3 "
-                             "(rerun to finish them)")
-    _, masks, outcomes = held.outcomes(dataset, settings.outcome, done)
-    measured = outcomes[:, keep] if HIGHER_IS_BETTER[settings.outcome] else -outcomes[:, keep]
-    target_ids = held.target_labels(dataset)[0][keep]
+    rows, per_target, notes, target_ids, done = _score_on(run, held, wanted, settings, options, "held-out")
     pool_ids = held.pool_ids.tolist()
-    rows, per_target, notes = [], {}, []
-    for method in settings.methods:
-        effects, kind, ids = _effects(run, method, wanted, options, pool_ids, target_ids.tolist())
-        if ids is not None and ids != target_ids.tolist():
-            raise InfluenceError(f"{method}: its effects are for other target examples than the held-out models "
-                                 "measured (another --target-tasks?)")
-        mean, low, high, values_t = lds(masks, effects, measured, settings.bootstrap)
-        label = method_label(method)
-        if kind == ATTRIBUTION_FILE and np.isnan(effects).any():
-            notes.append(f"{label}: {int(np.isnan(effects).sum())} of its {effects.size} effects are NaN (unscorable; "
-                         "counted as 0)")
-        per_target[label] = values_t
-        rows.append({"method": label, "lds": mean, "ci_low": low, "ci_high": high, "n_subsets": len(done),
-                     "n_targets": int(np.isfinite(values_t).sum()), "effects": kind})
     table = pd.DataFrame(rows)
     report = LdsReport(table, pd.DataFrame(per_target, index=target_ids), {}, run.path / "lds" / target_name(target),
                        notes)
@@ -438,11 +417,42 @@ def evaluate_lds(run_dir: str | Path, target: str, methods: list[str] | None = N
     return report
 
 
+def _score_on(run: Run, held: SubsetStore, target: Target, settings: LdsSettings, options: dict, what: str
+              ) -> tuple[list[dict], dict, list[str], np.ndarray, list[int]]:
+    """Every method's LDS on the finished models of ``held`` (``what``: how to call them in messages): one row per
+    method, the LDS per target example by method, notes, the target ids and the models used."""
+    dataset, keep = target_columns(held, target.name, settings.target_tasks)
+    done = [u for u in held.done_units() if u < settings.k]
+    if len(done) < 3:
+        raise InfluenceError(f"{held.path}: {len(done)} {what} models finished; the LDS needs at least 3 "
+                             "(rerun to finish them)")
+    _, masks, outcomes = held.outcomes(dataset, settings.outcome, done)
+    measured = outcomes[:, keep] if HIGHER_IS_BETTER[settings.outcome] else -outcomes[:, keep]
+    target_ids = held.target_labels(dataset)[0][keep]
+    pool_ids = held.pool_ids.tolist()
+    rows, per_target, notes = [], {}, []
+    for method in settings.methods:
+        effects, kind, ids = _effects(run, method, target, options, pool_ids, target_ids.tolist())
+        if ids is not None and ids != target_ids.tolist():
+            raise InfluenceError(f"{method}: its effects are for other target examples than the {what} models "
+                                 "measured (another --target-tasks?)")
+        mean, low, high, values_t = lds(masks, effects, measured, settings.bootstrap)
+        label = method_label(method)
+        if kind == ATTRIBUTION_FILE and np.isnan(effects).any():
+            notes.append(f"{label}: {int(np.isnan(effects).sum())} of its {effects.size} effects are NaN (unscorable; "
+                         "counted as 0)")
+        per_target[label] = values_t
+        rows.append({"method": label, "lds": mean, "ci_low": low, "ci_high": high, "n_subsets": len(done),
+                     "n_targets": int(np.isfinite(values_t).sum()), "effects": kind})
+    return rows, per_target, notes, target_ids, done
+
+
 def _drop_lds(run: Run, target: Target, settings: LdsSettings, options: dict, units: UnitSettings, device, progress,
               say) -> LdsReport | None:
     """The single-model LDS: per drop fraction, ``k`` replays of the run's training with that fraction of its examples'
-    weights at 0 (``subsets.zarr/<heldout>-drop<fraction>``), and every method's LDS on them. The prediction for a
-    model is the sum of the effects of the examples it kept, so a method is scored by how it orders the drops."""
+    weights at 0 (``subsets.zarr/<heldout>-drop<fraction>-seed<seed>``), and every method's LDS on them. The
+    prediction for a model is the sum of the effects of the examples it kept, so a method is scored by how it orders
+    the drops."""
     rows, per_target, notes, stores = [], {}, [], {}
     seed = settings.seed if settings.seed is not None else 0
     for fraction in settings.drop:
@@ -454,23 +464,11 @@ def _drop_lds(run: Run, target: Target, settings: LdsSettings, options: dict, un
         if trained.run is not None and trained.run.busy:
             say(f"{len(trained.run.busy)} drop model(s) are being trained by other workers; using the finished ones")
         held = open_subsets(run, name)
-        dataset, keep = target_columns(held, target.name, settings.target_tasks)
-        done = [u for u in held.done_units() if u < settings.k]
-        if len(done) < 3:
-            raise InfluenceError(f"{held.path}: {len(done)} drop models finished; the LDS needs at least 3 (rerun)")
-        _, masks, outcomes = held.outcomes(dataset, settings.outcome, done)
-        measured = outcomes[:, keep] if HIGHER_IS_BETTER[settings.outcome] else -outcomes[:, keep]
-        target_ids = held.target_labels(dataset)[0][keep]
+        scored, by_target, found, target_ids, done = _score_on(run, held, target, settings, options, "drop")
         stores[f"{fraction:g}"] = {"name": name, "units": done, "dropped": held.design["size"]}
-        for method in settings.methods:
-            effects, kind, ids = _effects(run, method, target, options, held.pool_ids.tolist(), target_ids.tolist())
-            if ids is not None and ids != target_ids.tolist():
-                raise InfluenceError(f"{method}: its effects are for other target examples than the models measured")
-            mean, low, high, values_t = lds(masks, effects, measured, settings.bootstrap)
-            label = method_label(method)
-            per_target[f"{label} @{fraction:g}"] = values_t
-            rows.append({"method": label, "drop": fraction, "lds": mean, "ci_low": low, "ci_high": high,
-                         "n_subsets": len(done), "n_targets": int(np.isfinite(values_t).sum()), "effects": kind})
+        rows += [{**row, "drop": fraction} for row in scored]
+        per_target.update({f"{label} @{fraction:g}": values for label, values in by_target.items()})
+        notes += found
     if units.dry_run:
         return None
     report = LdsReport(pd.DataFrame(rows), pd.DataFrame(per_target, index=target_ids),

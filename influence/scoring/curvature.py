@@ -12,7 +12,8 @@ by minus this product.
 
 ``identity`` is the same pipeline with ``H`` replaced by the identity (no curvature: the plain gradient dot product,
 the ablation). The pool's gradients are computed exactly at the checkpoint (``--pool-gradients recompute``), or read
-from the run's projected stores (``--pool-gradients store``), so that the products run at the speed of the disk (or on Dask, ``--dask``):
+from the run's projected stores (``--pool-gradients store``), so that the products run at the speed of the disk (on
+Dask with ``--dask``):
 ``project-grads --train-gradient ekfac`` (or ``kfac``) stores ``P (H + damping)^(-1/2) grad L(x)`` and the target's
 gradients are whitened the same way and projected by the store's own projector ``P``, which keeps the product equal
 in expectation. Whitening both sides matters: projecting ``(H + damping)^-1 grad L(t)`` against plain projected pool

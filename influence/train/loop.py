@@ -167,6 +167,7 @@ class LoraTrainer:
         schedule = get_cosine_schedule_with_warmup if settings.scheduler == "cosine" else get_linear_schedule_with_warmup
         self.scheduler = schedule(self.optimizer, self.warmup_steps, self.total_steps)
         self.step = 0
+        self.last_lr = self.optimizer.param_groups[0]["lr"]  # the learning rate of the last optimizer step taken
 
     @property
     def parameter_names(self) -> dict[str, str]:

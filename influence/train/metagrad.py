@@ -32,7 +32,7 @@ from ..config import setting, settings_from
 from ..core.locks import writer_lock
 from ..data.formats import examples_sha256
 from ..data.targets import load_target, target_name
-from ..data.templates import collate, encode_example
+from ..data.templates import encode_example
 from ..errors import InfluenceError
 from ..models.loading import add_lora, device_setting, parse_device, place
 from .loop import LoraTrainer
@@ -102,19 +102,16 @@ def load_metagradients(run: Run, target: str, tasks: list[str] | None = None, me
                              arrays["weights"], meta)
 
 
-def run_trainer(run: Run, device, base=None, tokenizer=None, weights: np.ndarray | None = None
-                ) -> tuple[LoraTrainer, object]:
-    """A fresh trainer of the run's warm-up: its base model with the LoRA initialisation of its seed, its training
-    examples in its order, its settings (``weights``: per training example, default 1)."""
-    if base is None:
-        base, tokenizer, _ = run.load_base_model(device)
+def run_trainer(run: Run, device) -> tuple[LoraTrainer, object]:
+    """A fresh trainer of the run's warm-up, and its tokenizer: its base model with the LoRA initialisation of its seed,
+    its training examples in its order, its settings."""
+    base, tokenizer, _ = run.load_base_model(device)
     settings = train_settings(run)
     pool = {e.id: e for e in run.pool()}
     examples = [pool[i] for i in run.manifest["warmup_ids"]]
     model, device = place(add_lora(base, settings.lora, settings.seed), device)
     encoded = [encode_example(e, tokenizer, settings.max_length) for e in examples]
-    return LoraTrainer(model, encoded, [e.id for e in examples], settings, tokenizer.pad_token_id, device,
-                       weights=weights), tokenizer
+    return LoraTrainer(model, encoded, [e.id for e in examples], settings, tokenizer.pad_token_id, device), tokenizer
 
 
 def checkpoint_check(run: Run, trainer: LoraTrainer, tolerance: float):
@@ -205,8 +202,8 @@ def _compute(run: Run, target: str, examples, folder: Path, settings: MetagradSe
         grads = measurement_gradient(trainer.model, names, final, batches_of(encoded, tokenizer.pad_token_id),
                                      len(encoded))
         if settings.per_target_example:
-            grads += measurement_gradient(trainer.model, names, final,
-                                          [collate([e], tokenizer.pad_token_id) for e in encoded], len(encoded), True)
+            grads += measurement_gradient(trainer.model, names, final, batches_of(encoded, tokenizer.pad_token_id, 1),
+                                          len(encoded), True)
         return grads
 
     def save(segment: int, adjoints) -> None:
