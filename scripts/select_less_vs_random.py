@@ -6,7 +6,12 @@ several seeds and evaluates on held-out MMLU **test** questions of the same subj
 NLL and accuracy). Prints the per-setting table, the best settings, the verdicts and the wall time;
 resumable (rerun the same command).
 
+``--subsets mgd,less,random`` puts metagradient descent (``rank --method mgd`` with ``--budget`` equal to
+``--fraction`` and ``--mgd-steps`` steps, fitted on the mmlu_val questions, chosen on half of them) through the same
+grid (issue #27's part 6b); ``full`` is left out there because it dominates the wall time.
+
     python scripts/select_less_vs_random.py --out runs/less-vs-random
+    python scripts/select_less_vs_random.py --out runs/less-vs-random --subsets mgd,less,random
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/less-vs-random")
     parser.add_argument("--fraction", type=float, default=0.05)
+    parser.add_argument("--subsets", default="less,random,full", help="comma-separated, as evaluate select's")
+    parser.add_argument("--mgd-steps", type=int, default=4, help="metagradient steps, where --subsets has mgd")
     add_grid_arguments(parser)
     args = parser.parse_args()
     started = time.time()
@@ -40,8 +47,11 @@ def main() -> None:
     warmup(config, resume=(run / "manifest.json").exists())
     project_grads(run, "mmlu_val", proj_dim=2048, batch_size=8, chunk_size=32, target_tasks=SUBJECTS)
     grid = grid_from(args)
-    report = evaluate_select(["less", "random", "full"], run_dir=run, target="mmlu_val", target_tasks=SUBJECTS,
-                             fraction=args.fraction, grid=grid, say=print)
+    subsets = args.subsets.split(",")
+    out = None if args.subsets == "less,random,full" else str(Path(args.out) / ("select-" + "-".join(subsets)))
+    report = evaluate_select(subsets, run_dir=run, target="mmlu_val", target_tasks=SUBJECTS, fraction=args.fraction,
+                             grid=grid, method_options={"budget": args.fraction, "steps": args.mgd_steps}, say=print,
+                             out=out)
     print("\n" + report.text())
     print(f"\nsettings: pool 194 (FLAN-CoT + P3 demo), mmlu_val {', '.join(SUBJECTS)}, held-out MMLU test (20 per subject), "
           f"SmolLM2-135M, LoRA r=8 q/v, max length 256, grid {grid}; wall time {(time.time() - started) / 60:.1f} min")

@@ -100,6 +100,49 @@ def test_the_metagradient_is_the_finite_difference_of_retraining(monkeypatch):
         assert abs(difference - whole[i]) < 1e-3 * abs(difference), (i, difference, whole[i])
 
 
+def test_margin_and_accuracy_surrogate_metagradients_are_finite_differences(monkeypatch):
+    """``--measure margin`` and ``accuracy-surrogate`` against central differences of retraining, each retrained model
+    measured by :func:`influence.models.measure.measure` (the outcomes ``evaluate lds`` compares with), float64."""
+    from influence.models.measure import correct_choices, encode_choices, measure
+    from influence.train.metagrad import OUTCOME_OF_MEASURE, check_measure, measurement_batches
+
+    problem = Problem(12, torch.float64, monkeypatch)
+    targets = [Example(id=f"q{i}", source="test", record=i, choices=[f"{2 * i + 2}", f"{2 * i + 5}", f"{i}"], messages=[
+        {"role": "user", "content": f"Add {i} and {i + 2}."}, {"role": "assistant", "content": f"{2 * i + 2}"}])
+        for i in range(3)]
+    with pytest.raises(InfluenceError, match="--measure margin needs multiple-choice"):
+        check_measure("margin", "t", _examples(2))
+    trainer = problem.trainer()
+    names, replay = problem.names(trainer), Replay(trainer)
+
+    def measurements(final):
+        grads = []
+        for name in ("margin", "accuracy-surrogate"):
+            batches, value = measurement_batches(name, targets, problem.tokenizer, 128, False)
+            grads += measurement_gradient(trainer.model, names, final, batches, len(targets), value=value)
+        return grads
+
+    margin, surrogate = (a.weights.numpy() for a in replay.metagradients(measurements))
+    encoded = [encode_example(e, problem.tokenizer, 128) for e in targets]
+    choices, correct = encode_choices(targets, problem.tokenizer, 128), correct_choices(targets)
+
+    def outcomes(weights) -> dict:
+        retrained = problem.trainer(weights)
+        weighted_training(retrained)
+        measured = measure(retrained.model, encoded, problem.tokenizer.pad_token_id, 8, torch.device("cpu"), choices,
+                           correct)
+        return {name: measured[OUTCOME_OF_MEASURE[name]].mean() for name in ("margin", "accuracy-surrogate")}
+
+    eps = 1e-5
+    for i in (0, 5):
+        up, down = np.ones(12), np.ones(12)
+        up[i], down[i] = 1 + eps, 1 - eps
+        high, low = outcomes(up), outcomes(down)
+        for name, exact in (("margin", margin[i]), ("accuracy-surrogate", surrogate[i])):
+            difference = (high[name] - low[name]) / (2 * eps)
+            assert abs(difference - exact) < 1e-3 * abs(difference), (name, i, difference, exact)
+
+
 def test_weights_of_one_train_as_before_bit_for_bit():
     problem = Problem(8, torch.float32)
     unweighted = weighted_training(problem.trainer())
@@ -304,3 +347,34 @@ def test_mgd_keeps_its_budget_resumes_and_is_what_rank_selects(magic_run, tmp_pa
     result = runner.invoke(main, args + ["--out", str(tmp_path / "again")])
     assert result.exit_code == 0, result.output
     assert pd.read_csv(tmp_path / "again" / "scores.csv")["score"].tolist() == scores["score"].tolist()
+
+
+def test_metagrad_of_a_subset_model(engine_run, tmp_path):
+    """``--subset STORE:UNIT`` replays a subset model from its design and seed (it kept no checkpoint), checks the
+    replay against the losses it recorded, and differentiates through it; a recorded loss that the replay does not
+    reproduce is refused."""
+    from influence.core.naming import POOL
+    from influence.train.metagrad import load_metagradients
+    from influence.train.run import Run
+    from influence.train.subset_store import SubsetStore
+
+    shutil.copytree(engine_run["run"], tmp_path / "run", ignore=shutil.ignore_patterns("grads.zarr", "metagrad"))
+    run, target = str(tmp_path / "run"), engine_run["target"]
+    runner = CliRunner()
+    for wrong, message in (("fit", "give STORE:UNIT"), ("nope:1", "has no store 'nope'"), ("fit:99", "is not trained")):
+        result = runner.invoke(main, ["metagrad", "--run", run, "--target", target, "--subset", wrong])
+        assert result.exit_code != 0 and message in result.output, result.output
+    result = runner.invoke(main, ["metagrad", "--run", run, "--target", target, "--subset", "fit:3"])
+    assert result.exit_code == 0 and "recorded losses" in result.output, result.output
+    store = SubsetStore.open(Run(run).subsets_path, "fit")
+    found = load_metagradients(Run(run), target, subset="fit:3")
+    members = [e.id for e, kept in zip(Run(run).pool(), store.mask(3)) if kept]
+    assert sorted(found.training_ids) == sorted(members) and np.isfinite(found.mean).all() and found.mean.any()
+    assert found.meta["replay_relative_difference"] < 1e-5
+    assert load_metagradients(Run(run), target) is None  # the warm-up's are another computation
+    import zarr
+
+    losses = zarr.open_array(str(Path(store.root, store.unit_path(3), POOL)), mode="r+")
+    losses[0, :] = losses[0, :] * 1.01  # the recorded loss row (UNIT_OUTCOMES[0])
+    result = runner.invoke(main, ["metagrad", "--run", run, "--target", target, "--subset", "fit:3", "--overwrite"])
+    assert result.exit_code != 0 and "cannot be replayed here" in result.output, result.output

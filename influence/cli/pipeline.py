@@ -100,8 +100,8 @@ def curvature(**values) -> None:
 @settings_options(OneTarget)
 @settings_options(MetagradSettings)
 def metagrad(**values) -> None:
-    """Exact metagradients of the warm-up (MAGIC): d target loss / d weight of every training example, for rank
-    --method magic."""
+    """Exact metagradients of the warm-up or a subset model (MAGIC): d target measurement / d weight of every training
+    example, for rank --method magic."""
     from ..train.metagrad import metagrad as compute
 
     where, target = build(RunFolder, values), build(OneTarget, values)
@@ -110,7 +110,7 @@ def metagrad(**values) -> None:
         meta = json.loads((folder / "meta.json").read_text())
         click.echo(f"metagradients of {meta['n_training']} training examples through {meta['steps']} steps in "
                    f"{meta['seconds']} s (peak {meta['peak_rss_gb']} GB; replay within "
-                   f"{meta['replay_relative_difference']:.1g} of the checkpoints) -> {folder}")
+                   f"{meta['replay_relative_difference']:.1g} of the {meta['replay_checked_against']}) -> {folder}")
 
 
 @dataclass(kw_only=True)

@@ -37,6 +37,13 @@ OUTCOMES: tuple[str, ...] = get_args(Outcome)
 HIGHER_IS_BETTER = {"loss": False, "accuracy": True, "probability": True, "margin": True, "choice_correct": True}
 
 
+def choice_margin(log_likelihoods: torch.Tensor, right: int) -> torch.Tensor:
+    """``margin`` (module docstring) from the choices' log-likelihoods: the right one's minus the log-sum-exp of the
+    others'. Differentiable (``influence metagrad --measure margin`` takes its derivative)."""
+    others = torch.cat([log_likelihoods[:right], log_likelihoods[right + 1 :]])
+    return log_likelihoods[right] - torch.logsumexp(others, dim=0)
+
+
 def encode_choices(examples: list[Example], tokenizer, max_length: int) -> list[list[Encoded] | None]:
     """For each multiple-choice example, one encoding per choice (its response replaced); else None."""
     return [[encode_example(e.with_response(c), tokenizer, max_length) for c in e.choices] if e.choices else None
@@ -54,13 +61,13 @@ def _losses(model, encoded: list[Encoded], pad_token_id: int, batch_size: int, d
         batch = {k: v.to(device) for k, v in collate(encoded[start : start + batch_size], pad_token_id).items()}
         forward = forward_response(model, batch)
         correct = (forward.logits.argmax(dim=-1) == forward.targets).float()
-        losses.append(forward.losses.float().cpu().numpy())
+        losses.append(forward.losses.double().cpu().numpy())  # exact for every dtype; float64 models stay exact
         accuracy.append(forward.per_example(correct).cpu().numpy())
         counts.append(forward.counts.cpu().numpy())
         offsets = (torch.cumsum(forward.counts, 0) - forward.counts).tolist()
         for j, offset in enumerate(offsets):
             if start + j in first_rows and forward.counts[j] > 0:
-                first[start + j] = torch.log_softmax(forward.logits[offset].float(), dim=-1).cpu().numpy()
+                first[start + j] = torch.log_softmax(forward.logits[offset].double(), dim=-1).cpu().numpy()
     if not losses:
         return np.zeros(0), np.zeros(0), np.zeros(0), first
     return np.concatenate(losses), np.concatenate(accuracy), np.concatenate(counts), first
@@ -109,7 +116,7 @@ def measure(model, encoded: list[Encoded], pad_token_id: int, batch_size: int, d
                 offset += len(choices[j])
         for j, values in scores.items():
             right = correct[j]
-            margin[j] = values[right] - np.logaddexp.reduce(np.delete(values, right))
+            margin[j] = float(choice_margin(torch.from_numpy(np.asarray(values, dtype=np.float64)), right))
             choice_correct[j] = float(np.argmax(values) == right)
     finally:
         model.train(was_training)

@@ -1,15 +1,19 @@
 """MAGIC (Ilyas & Engstrom 2025): exact metagradients of the warm-up's training as attribution.
 
-``influence metagrad`` differentiates the target's loss after training with respect to the weight of every training
-example's loss, through every AdamW step (:mod:`influence.train.replay`). The score is minus that derivative::
+``influence metagrad`` differentiates a measurement of the target after training (``--measure``: its loss, its
+margin over the choices or exp(-loss), an accuracy surrogate) with respect to the weight of every training example's
+loss, through every AdamW step (:mod:`influence.train.replay`). The score is that derivative, signed so that higher is
+better::
 
-    magic(x, t) = - d loss_t(theta_T(w)) / d w_x   at w = 1
+    magic(x, t) = - d loss_t(theta_T(w)) / d w_x   at w = 1   (+ d margin_t / d w_x, + d exp(-loss_t) / d w_x)
 
-Sign and scale: higher = up-weighting x lowers the target's loss more (positive: helpful, negative: harmful); in loss
-per unit of weight, so that dropping a set S of examples changes the target's loss by about ``sum_{x in S} magic(x,
-t)``. Exact for the model the run trained (not an approximation of it), and local: it describes small changes of the
-weights, which is why its single-model LDS (``evaluate lds --design drop``) is high at small drop fractions. Pool
-examples the warm-up did not train on have no weight in that training: they are unscorable (NaN).
+Sign and scale: higher = up-weighting x lowers the target's loss (raises its margin or probability) more (positive:
+helpful, negative: harmful); in the measurement's unit per unit of weight, so that dropping a set S of examples makes
+the target worse by about ``sum_{x in S} magic(x, t)``. In ``evaluate lds``, pair ``--measure margin`` with
+``--outcome margin`` and ``--measure accuracy-surrogate`` with ``--outcome probability``. Exact for the model the
+run trained (not an approximation of it), and local: it describes small changes of the weights, which is why its
+single-model LDS (``evaluate lds --design drop``) is high at small drop fractions. Pool examples the warm-up did not
+train on have no weight in that training: they are unscorable (NaN).
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import numpy as np
 from ..config import setting
 from ..data.targets import load_target
 from ..errors import InfluenceError
-from ..train.metagrad import Measure, load_metagradients, metagrad_folder
+from ..models.measure import HIGHER_IS_BETTER
+from ..train.metagrad import OUTCOME_OF_MEASURE, Measure, load_metagradients, metagrad_folder
 from ..train.run import Run
 from .base import TARGET, Attribution, Method, Need, Scores, Target
 
@@ -30,7 +35,8 @@ MEANING = __doc__.strip().split("Sign and scale: ")[1]
 
 @dataclass(kw_only=True)
 class MagicOptions:
-    measure: Measure = setting("loss", "Which metagradients (influence metagrad --measure).")
+    measure: Measure = setting("loss", "Which metagradients (influence metagrad --measure: loss, margin, "
+                                       "accuracy-surrogate).")
 
 
 def _tasks(target: Target) -> list[str] | None:
@@ -81,11 +87,16 @@ class Magic(Method):
                 out[n] = values[row[i]]
         return out
 
+    @staticmethod
+    def _sign(options: MagicOptions) -> float:
+        """+1 where a higher measurement is better (margin, accuracy-surrogate), -1 for the loss."""
+        return 1.0 if HIGHER_IS_BETTER[OUTCOME_OF_MEASURE[options.measure]] else -1.0
+
     def scores(self, run: Run, target: Target, options: MagicOptions) -> Scores:
         found = self._load(run, target, options)
-        score = self._on_pool(run, found.training_ids, -found.mean)
+        score = self._on_pool(run, found.training_ids, self._sign(options) * found.mean)
         return Scores(self.name, [e.id for e in run.pool()], score, self.meaning, finite=np.isfinite(score),
-                      details={"metagrad": found.meta.get("seconds"), "steps": found.meta.get("steps"),
+                      details={"metagrad": found.meta.get("seconds"), "steps": found.meta.get("steps"), "measure": options.measure,
                                "replay_relative_difference": found.meta.get("replay_relative_difference")})
 
     def attribution_missing(self, run: Run, target: Target, options: MagicOptions) -> str | None:
@@ -99,7 +110,7 @@ class Magic(Method):
         found = self._load(run, target, options)
         if found.per_target is None:
             raise InfluenceError(f"--method magic needs {self.attribution_missing(run, target, options)}")
-        matrix = self._on_pool(run, found.training_ids, -found.per_target.T)
+        matrix = self._on_pool(run, found.training_ids, self._sign(options) * found.per_target.T)
         tasks = {e.id: e.task or "" for e in load_target(target.name, target.task_list)}
         return Attribution(self.name, [e.id for e in run.pool()], found.target_ids,
                            [tasks[i] for i in found.target_ids], matrix, self.meaning, found.meta)

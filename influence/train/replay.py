@@ -372,11 +372,18 @@ def weighted_training(trainer: LoraTrainer) -> State:
     return state_of(trainer)[0]
 
 
-def measurement_gradient(model, names: dict, theta: State, examples_batches: list[dict], n_examples: int,
-                         per_example: bool = False) -> list[State]:
-    """The gradient with respect to the LoRA parameters ``theta`` of the mean over the examples of their mean response
-    loss (evaluation mode), or with ``per_example`` one gradient per example (then ``examples_batches`` must hold one
-    example each). ``names`` maps the trainer's names to the model's."""
+def response_losses(model, batch: dict) -> torch.Tensor:
+    """Each example's mean response-token loss: the default measurement."""
+    return forward_response(model, batch).losses
+
+
+def measurement_gradient(model, names: dict, theta: State, examples_batches: list, n_examples: int,
+                         per_example: bool = False,
+                         value: Callable[[torch.nn.Module, object], torch.Tensor] = response_losses) -> list[State]:
+    """The gradient with respect to the LoRA parameters ``theta`` of the mean over the examples of their measurement
+    ``value(model, batch)`` (one value per example of the batch; default the mean response loss), in evaluation mode,
+    or with ``per_example`` one gradient per example (then each batch must hold one example). ``names`` maps the
+    trainer's names to the model's."""
     was_training = model.training
     model.eval()
     params = {k: t.clone().requires_grad_() for k, t in theta.items()}
@@ -385,8 +392,8 @@ def measurement_gradient(model, names: dict, theta: State, examples_batches: lis
     out = []
     try:
         for batch in examples_batches:
-            losses = forward_response(bound, batch).losses
-            grads = torch.autograd.grad(losses.sum() / (1 if per_example else n_examples), list(params.values()),
+            values = value(bound, batch)
+            grads = torch.autograd.grad(values.sum() / (1 if per_example else n_examples), list(params.values()),
                                         allow_unused=True)
             grads = {k: torch.zeros_like(t) if g is None else g.detach() for (k, t), g in zip(params.items(), grads)}
             if per_example:

@@ -84,6 +84,17 @@ def unit_seed(design_seed: int, unit: int) -> int:
     return int(np.random.default_rng([design_seed, unit, 1]).integers(2**31 - 1))
 
 
+def unit_training(design: dict, mask: np.ndarray, unit: int, settings: TrainSettings
+                  ) -> tuple[np.ndarray, np.ndarray | None, TrainSettings]:
+    """What a unit of a store trains: the pool indices in training order's input, their loss weights (None: all 1) and
+    the settings with the unit's seed. A ``drop`` unit is the run's training itself with the dropped examples' weights
+    at 0; the others train on their mask's examples with a seed of their own."""
+    if design["kind"] == "drop":
+        members = np.asarray(design["training"])
+        return members, mask[members].astype(np.float64), settings
+    return np.flatnonzero(mask), None, replace(settings, seed=unit_seed(design["seed"], unit))
+
+
 @dataclass(kw_only=True)
 class SubsetSettings:
     """A random design of subset models: ``k`` units, each on a random ``alpha`` fraction of the pool, the
@@ -280,12 +291,7 @@ def train_units(universe: Universe, name: str, design: dict, masks: np.ndarray |
     def work(unit: int) -> None:
         started = time.time()
         mask = store.mask(unit)
-        if design["kind"] == "drop":  # the run's training itself, with the dropped examples' weights at 0
-            members = np.asarray(design["training"])
-            weights, unit_settings = mask[members].astype(np.float64), settings
-        else:
-            members, weights = np.flatnonzero(mask), None
-            unit_settings = replace(settings, seed=unit_seed(design["seed"], unit))
+        members, weights, unit_settings = unit_training(design, mask, unit, settings)
         model, here = place(add_lora(copy.deepcopy(base), settings.lora, unit_settings.seed), device)
         trainer = LoraTrainer(model, [pool_encoded[i] for i in members], [pool[i].id for i in members], unit_settings,
                               tokenizer.pad_token_id, here, weights=weights)
