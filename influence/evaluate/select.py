@@ -131,6 +131,17 @@ class Subset:
     name: str
     examples: list[Example] | None = None  # a fixed subset
     random_fraction: float | None = None  # a random draw of the pool per seed
+    weights: np.ndarray | None = None  # the fixed subset's loss weights (gradmatch, craig): trained with, mean 1
+
+
+def selection_weights(path: str | Path) -> np.ndarray | None:
+    """The ``weight`` of every line of a ``selected.jsonl`` (written by ``rank`` for methods that weigh their
+    selection), or None when the file has none."""
+    if not str(path).endswith(".jsonl"):
+        return None
+    values = [json.loads(line).get("weight") for line in Path(path).read_text(encoding="utf-8").splitlines()
+              if line.strip()]
+    return np.array(values, dtype=np.float64) if values and all(v is not None for v in values) else None
 
 
 @dataclass
@@ -177,9 +188,10 @@ def resolve_subsets(specs: list[str], run: Run | None, target: str | None, targe
                 wanted = Target.of(target, target_tasks) if method.needs_target else None
                 scores = score_targets(run, method, [wanted], method.options(method_options, others_allowed=True))[0]
                 table = select(ranking_table(scores, pool), "top", fraction)
-                subsets.append(Subset(spec, [pool[int(i)] for i in table["pool_index"]]))
+                weights = table["weight"].to_numpy(dtype=np.float64) if "weight" in table else None
+                subsets.append(Subset(spec, [pool[int(i)] for i in table["pool_index"]], weights=weights))
         elif Path(spec).is_file():
-            subsets.append(Subset(Path(spec).stem, load_examples(spec)))
+            subsets.append(Subset(Path(spec).stem, load_examples(spec), weights=selection_weights(spec)))
         else:
             raise InfluenceError(f"--subsets {spec}: neither full, random, a method of `rank`, nor a data file")
     names = [s.name for s in subsets]
@@ -267,7 +279,7 @@ def evaluate_select(specs: list[str] | None = None, settings: SelectSettings | N
     universe_examples = _universe(pool, subsets)
     looked_at["the training subsets"] = universe_examples
     check_held_out(eval_sets, looked_at)
-    masks, names = _masks(universe_examples, pool, subsets, grid.seeds)
+    masks, names, weights = _masks(universe_examples, pool, subsets, grid.seeds)
     folder = Path(settings.out) if settings.out is not None else (run.path if run is not None else Path(".")) / \
         f"select-{target_name(target) if target else 'eval'}"
     check_writable(folder)
@@ -284,7 +296,7 @@ def evaluate_select(specs: list[str] | None = None, settings: SelectSettings | N
     for index, (label, point) in enumerate(points):
         name = f"setting-{index:02d}-{hashlib.sha256(json.dumps(asdict(point), sort_keys=True).encode()).hexdigest()[:8]}"
         estimate = train_units(universe, name, {"kind": "explicit", "names": names, "seed": 0, "setting": label},
-                               masks, list(range(len(masks))), eval_sets, point, measure_pool=False,
+                               masks, list(range(len(masks))), eval_sets, point, weights=weights, measure_pool=False,
                                running=replace(units, dry_run=True), device=device, progress=False, loaded=loaded,
                                generate=generate, speed=speed)
         speed = estimate.speed
@@ -302,7 +314,7 @@ def evaluate_select(specs: list[str] | None = None, settings: SelectSettings | N
             notes.append(f"--max-hours reached before {label}; rerun to continue")
             break
         report = train_units(universe, name, {"kind": "explicit", "names": names, "seed": 0, "setting": label}, masks,
-                             list(range(len(masks))), eval_sets, point, measure_pool=False,
+                             list(range(len(masks))), eval_sets, point, weights=weights, measure_pool=False,
                              running=replace(units, max_hours=left), device=device, progress=progress, say=say,
                              loaded=loaded, generate=generate, speed=speed)
         started_hours += sum(report.run.seconds) / 3600 if report.run else 0.0
@@ -377,21 +389,29 @@ def _content(example: Example) -> Example:
     return replace(example, id="")
 
 
-def _masks(universe: list[Example], pool: list[Example], subsets: list[Subset], seeds: int) -> tuple[np.ndarray, list[str]]:
-    """One mask per (subset, seed) over the universe; a random subset is drawn from the pool per seed."""
+def _masks(universe: list[Example], pool: list[Example], subsets: list[Subset], seeds: int
+           ) -> tuple[np.ndarray, list[str], np.ndarray | None]:
+    """One mask per (subset, seed) over the universe (a random subset is drawn from the pool per seed), and the loss
+    weights of each when a subset has its own (scaled to mean 1 over the subset, so that the loss keeps its scale and
+    only the balance between the examples changes; 1 for the others), else None."""
     index = {examples_sha256([_content(e)]): i for i, e in enumerate(universe)}
-    masks, names = [], []
+    masks, names, weights = [], [], []
     for subset in subsets:
         for seed in range(seeds):
-            mask = np.zeros(len(universe), dtype=bool)
+            mask, weight = np.zeros(len(universe), dtype=bool), np.zeros(len(universe))
             if subset.random_fraction is not None:
                 count = max(1, int(subset.random_fraction * len(pool)))
                 mask[np.random.default_rng([seed, 7]).choice(len(pool), size=count, replace=False)] = True
+                weight[mask] = 1
             else:
-                mask[[index[examples_sha256([_content(e)])] for e in subset.examples]] = True
+                rows = [index[examples_sha256([_content(e)])] for e in subset.examples]
+                mask[rows] = True
+                weight[rows] = 1 if subset.weights is None else subset.weights / subset.weights.mean()
             masks.append(mask)
+            weights.append(weight)
             names.append(f"{subset.name} #{seed}")
-    return np.array(masks), names
+    weighted = any(s.weights is not None for s in subsets)
+    return np.array(masks), names, np.array(weights) if weighted else None
 
 
 def _results(root: Path, stores: list, names: list[str], eval_sets: list[EvalSet]) -> pd.DataFrame:

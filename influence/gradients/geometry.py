@@ -1,7 +1,11 @@
 """Geometry of a space of unit vectors: cosine similarities in blocks, nearest neighbours, k-means, SemDeDup,
-the Vendi score. Memory grows with the number of rows times the dimension, never with its square."""
+the Vendi score, and the lazy greedy that facility-location objectives (QDIT's, CRAIG's) share. Memory grows with the
+number of rows times the dimension, never with its square."""
 
 from __future__ import annotations
+
+import heapq
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -24,6 +28,38 @@ def similarities(x: np.ndarray, rows: np.ndarray, block: int = BLOCK):
     right = _tensor(rows).T
     for start in range(0, len(x), block):
         yield start, (_tensor(x[start : start + block]) @ right).numpy()
+
+
+def lazy_greedy(n: int, budget: int, gain: Callable[[np.ndarray], np.ndarray], commit: Callable[[int], None],
+                block: int = BLOCK, lazy_batch: int = 64) -> tuple[list[int], float]:
+    """Lazy greedy (Minoux 1978) maximisation of a monotone submodular set function over ``n`` items: ``gain(items)``
+    gives their marginal gains on the picks so far, ``commit(item)`` adds one. (order of the picks, objective value).
+    Hand-written: apricot's needs the dense similarity matrix; these gains stream blocks against the pool."""
+    heap = []
+    for start in range(0, n, block):  # first pass: every candidate's gain on the empty set
+        candidates = np.arange(start, min(start + block, n))
+        heap += [(-g, int(c)) for g, c in zip(gain(candidates), candidates)]
+    heapq.heapify(heap)
+    picks: list[int] = []
+    value = 0.0
+    while len(picks) < min(budget, n) and heap:
+        # Re-evaluate the `lazy_batch` best upper bounds at once: one matrix product reads the clients
+        # once for all of them (one candidate at a time, each re-evaluation would read them again).
+        popped = [heapq.heappop(heap) for _ in range(min(lazy_batch, len(heap)))]
+        candidates = np.array([candidate for _, candidate in popped])
+        fresh = gain(candidates)
+        best = int(np.argmax(fresh))
+        if heap and fresh[best] < -heap[0][0] - 1e-12:  # a stale bound may still be higher: not yet
+            best = -1
+        for i, candidate in enumerate(candidates):
+            if i != best:
+                heapq.heappush(heap, (-float(fresh[i]), int(candidate)))
+        if best < 0:
+            continue
+        picks.append(int(candidates[best]))
+        value += float(fresh[best])
+        commit(picks[-1])
+    return picks, value
 
 
 # -- per-example indicators -------------------------------------------------------------------------------------

@@ -52,6 +52,7 @@ from ..train.run import Run, atomic_write
 from ..train.subsets import train_settings
 from .base import TARGET, Method, Scores, Target
 from .options import Seeded
+from .options import budget as shared_budget
 
 MEANING = __doc__.strip().split("Sign and scale: ")[1]
 
@@ -61,8 +62,7 @@ class MgdOptions(Seeded):
     """Metagradient descent's budget, steps and step sizes (``seed``: of the first selection, the target's split and,
     added to the run's, each step's data order)."""
 
-    budget: float = setting(0.1, "Fraction of the pool selected (rank --fraction equal to it returns the selection).",
-                            min=0, max=1, min_open=True, max_open=True)
+    budget: float = shared_budget()
     steps: int = setting(4, "Metagradient steps (each trains a model on the selection; one more model is trained "
                             "on the last selection).", min=1)
     flip_start: float = setting(0.2, "Fraction of the budget swapped at the first step.", min=0, max=1, min_open=True)

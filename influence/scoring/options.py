@@ -43,6 +43,11 @@ def dask() -> Any:
                    flag_value="local")
 
 
+def budget() -> Any:
+    return setting(0.1, "Fraction of the pool the method selects (rank --fraction equal to it returns the selection).",
+                   min=0, max=1, min_open=True, max_open=True)
+
+
 def space() -> Any:
     return setting("grads", "Where vectors come from: grads, grads:<checkpoint>, reps, or embed:<model>.")
 

@@ -32,14 +32,12 @@ matrix of the whole pool and has no quality term; these stream blocks against th
 
 from __future__ import annotations
 
-import heapq
-
 import numpy as np
 import pandas as pd
 import torch
 
 from ..errors import InfluenceError
-from ..gradients.geometry import BLOCK, _tensor, default_clusters, device, kmeans, mean_nn_distance, vendi_score
+from ..gradients.geometry import BLOCK, _tensor, default_clusters, device, kmeans, lazy_greedy, mean_nn_distance, vendi_score
 from ..gradients.spaces import Space, load_space
 from ..scoring import Scores
 from ..train.run import Run
@@ -110,31 +108,10 @@ def facility_location(x: np.ndarray, quality: np.ndarray, budget: int, weight: f
         coverage = (sim - current[None, :]).clamp(min=0).sum(dim=1) / len(clients)
         return (1 - weight) * q[candidates] / budget + weight * coverage.double().cpu().numpy()
 
-    heap = []
-    for start in range(0, n, block):  # first pass: every candidate's gain on the empty set
-        candidates = np.arange(start, min(start + block, n))
-        heap += [(-g, int(c)) for g, c in zip(gain(candidates), candidates)]
-    heapq.heapify(heap)
-    picks: list[int] = []
-    value = 0.0
-    while len(picks) < budget and heap:
-        # Re-evaluate the `lazy_batch` best upper bounds at once: one matrix product reads the clients
-        # once for all of them (one candidate at a time, each re-evaluation would read them again).
-        popped = [heapq.heappop(heap) for _ in range(min(lazy_batch, len(heap)))]
-        candidates = np.array([candidate for _, candidate in popped])
-        fresh = gain(candidates)
-        best = int(np.argmax(fresh))
-        if heap and fresh[best] < -heap[0][0] - 1e-12:  # a stale bound may still be higher: not yet
-            best = -1
-        for i, candidate in enumerate(candidates):
-            if i != best:
-                heapq.heappush(heap, (-float(fresh[i]), int(candidate)))
-        if best < 0:
-            continue
-        picks.append(int(candidates[best]))
-        value += float(fresh[best])
-        torch.maximum(current, (client_vectors @ _tensor(x[picks[-1]], on)).clamp(min=0), out=current)
-    return picks, value
+    def commit(pick: int) -> None:
+        torch.maximum(current, (client_vectors @ _tensor(x[pick], on)).clamp(min=0), out=current)
+
+    return lazy_greedy(n, budget, gain, commit, block, lazy_batch)
 
 
 def redundancy_filter(x: np.ndarray, order: np.ndarray, budget: int, min_distance: float) -> list[int]:

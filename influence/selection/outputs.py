@@ -2,10 +2,11 @@
 
 * ``scores.csv``: ``id, source, score, rank, finite`` in rank order (rank 1 = highest score);
 * ``scores.parquet``: the same plus one ``task:<name>`` column per target subtask where the method has
-  a per-subtask breakdown;
+  a per-subtask breakdown, and the method's own columns (``weight``, ``duplicate``, ...);
 * ``selected.jsonl``: the selected examples, in rank order, one schema whatever the pool's formats: ``id``,
   ``score``, ``rank``, ``messages`` (so it can be trained on directly, ids kept), ``source`` and the
-  ``original`` record;
+  ``original`` record, and ``weight`` for methods that weigh their selection (``gradmatch``, ``craig``: the loss
+  weight ``evaluate select`` trains the example with);
 * ``summary.json``: method, target, what the score means, how many examples, what was combined, and
   the length bias: the Spearman correlation of the score with the response length and the selected
   subset's length distribution against the pool's (LESS is known to favour short examples).
@@ -124,6 +125,9 @@ def write_outputs(
     table.drop(columns=["pool_index"]).to_parquet(staging / "scores.parquet", index=False)
     records = [selected_record(pool[int(index)], score, rank)
                for index, score, rank in zip(selected["pool_index"], selected["score"], selected["rank"])]
+    if "weight" in selected:  # a method that weighs its selection (gradmatch, craig): evaluate select trains with it
+        for record, weight in zip(records, selected["weight"]):
+            record["weight"] = float(weight)
     with open(staging / "selected.jsonl", "w", encoding="utf-8") as fh:
         for record in records:
             fh.write(json.dumps(record, ensure_ascii=False) + "\n")

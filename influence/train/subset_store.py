@@ -69,15 +69,18 @@ class SubsetStore:
 
     @classmethod
     def open_or_create(cls, root: str | Path, name: str, metadata: dict, pool_ids: list[str],
-                       targets: dict[str, tuple[list[str], list[str]]], masks: np.ndarray | None = None) -> SubsetStore:
+                       targets: dict[str, tuple[list[str], list[str]]], masks: np.ndarray | None = None,
+                       weights: np.ndarray | None = None) -> SubsetStore:
         """Open ``root/name`` checking ``metadata`` and the evaluated targets, or create it. Several
-        workers may call this at once: creation is serialised by a lock and published whole."""
+        workers may call this at once: creation is serialised by a lock and published whole. ``weights`` (an explicit
+        design's, shaped as ``masks``): each unit's per-example loss weights, where they are not all 1."""
         metadata = {"format": SUBSETS_FORMAT, "format_version": SUBSETS_VERSION, **metadata}
         Path(root).mkdir(parents=True, exist_ok=True)
         with creation_lock(root, name):
             if not Path(root, name, "zarr.json").is_file():
                 remove_partials(root, name)
-                publish_store(root, name, lambda tmp: _build_subsets(root, tmp, metadata, pool_ids, targets, masks))
+                publish_store(root, name, lambda tmp: _build_subsets(root, tmp, metadata, pool_ids, targets, masks,
+                                                                     weights))
         store = cls.open(root, name)
         where = str(store.path)
         fields = tuple(k for k in metadata if k not in ("influence_version", "targets"))
@@ -89,6 +92,10 @@ class SubsetStore:
                                      "other targets; give the models that evaluate these another name)")
         if masks is not None and not np.array_equal(store.group["masks"][:], masks):
             raise StoreMismatchError("masks", "the requested subsets", "other subsets", where)
+        stored_weights = store.group["weights"][:] if "weights" in store.group else None
+        if (stored_weights is None) != (weights is None) or (
+                weights is not None and not np.allclose(stored_weights, np.asarray(weights, dtype=np.float32))):
+            raise StoreMismatchError("weights", "the requested example weights", "other weights", where)
         return store
 
     @property
@@ -147,6 +154,10 @@ class SubsetStore:
         if design["kind"] == "drop":
             return drop_mask(self.n_pool, design["training"], design["size"], design["seed"], unit)
         return random_mask(self.n_pool, design["size"], design["seed"], unit)
+
+    def unit_weights(self, unit: int) -> np.ndarray | None:
+        """An explicit unit's per-example loss weights over the pool, or None (every member weighs 1)."""
+        return self.group["weights"][unit].astype(np.float64) if "weights" in self.group else None
 
     def unit_path(self, unit: int) -> str:
         return f"{self.name}/units/unit-{unit:06d}"
@@ -215,7 +226,7 @@ class SubsetStore:
 
 
 def _build_subsets(root, path: str, metadata: dict, pool_ids: list[str], targets: dict[str, tuple[list[str], list[str]]],
-                   masks: np.ndarray | None) -> None:
+                   masks: np.ndarray | None, weights: np.ndarray | None = None) -> None:
     group = zarr.create_group(store=str(root), path=path, attributes=metadata, overwrite=True)
     write_strings(group, "ids", pool_ids)
     for dataset, (ids, tasks) in targets.items():
@@ -223,6 +234,9 @@ def _build_subsets(root, path: str, metadata: dict, pool_ids: list[str], targets
         write_strings(group, f"targets/{dataset}/tasks", tasks)
     if masks is not None:
         group.create_array("masks", data=np.asarray(masks, dtype=bool), chunks=(1, masks.shape[1]),
+                           compressors=checked_codecs())
+    if weights is not None:
+        group.create_array("weights", data=np.asarray(weights, dtype=np.float32), chunks=(1, weights.shape[1]),
                            compressors=checked_codecs())
 
 

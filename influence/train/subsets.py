@@ -84,15 +84,17 @@ def unit_seed(design_seed: int, unit: int) -> int:
     return int(np.random.default_rng([design_seed, unit, 1]).integers(2**31 - 1))
 
 
-def unit_training(design: dict, mask: np.ndarray, unit: int, settings: TrainSettings
-                  ) -> tuple[np.ndarray, np.ndarray | None, TrainSettings]:
+def unit_training(design: dict, mask: np.ndarray, unit: int, settings: TrainSettings,
+                  weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None, TrainSettings]:
     """What a unit of a store trains: the pool indices in training order's input, their loss weights (None: all 1) and
     the settings with the unit's seed. A ``drop`` unit is the run's training itself with the dropped examples' weights
-    at 0; the others train on their mask's examples with a seed of their own."""
+    at 0; the others train on their mask's examples, weighted by ``weights`` (an explicit design's row) where given,
+    with a seed of their own."""
     if design["kind"] == "drop":
         members = np.asarray(design["training"])
         return members, mask[members].astype(np.float64), settings
-    return np.flatnonzero(mask), None, replace(settings, seed=unit_seed(design["seed"], unit))
+    members = np.flatnonzero(mask)
+    return members, None if weights is None else weights[members], replace(settings, seed=unit_seed(design["seed"], unit))
 
 
 @dataclass(kw_only=True)
@@ -217,14 +219,16 @@ def _train(run: Run, name: str, design: dict, masks: np.ndarray | None, units: l
 
 
 def train_units(universe: Universe, name: str, design: dict, masks: np.ndarray | None, units: list[int],
-                eval_sets: list[EvalSet], settings: TrainSettings, *, measure_pool: bool = True,
+                eval_sets: list[EvalSet], settings: TrainSettings, *, weights: np.ndarray | None = None,
+                measure_pool: bool = True,
                 running: UnitSettings | None = None, device: str | None = None, eval_batch_size: int = 16,
                 progress: bool = True,
                 say: Callable[[str], None] | None = None, loaded: tuple | None = None,
                 generate: dict | None = None, speed: Speed | None = None) -> SubsetReport:
     """Train the unfinished ``units`` of the store ``universe.root/name`` (created with ``design``, and
-    ``masks`` for an explicit design) with ``settings``, measuring each model on the universe's
-    examples (unless ``measure_pool`` is false) and on ``eval_sets``. ``loaded`` = (base model,
+    ``masks`` for an explicit design, with ``weights``, its units' per-example loss weights, where not all 1) with
+    ``settings``, measuring each model on the universe's examples (unless ``measure_pool`` is false) and on
+    ``eval_sets``. ``loaded`` = (base model,
     tokenizer, fingerprint) reuses a model already loaded. ``generate`` = {"dataset": an eval set's
     dataset, "n": how many of its examples, "max_new_tokens": ...} also stores each model's greedy
     responses to those prompts (for judges). ``speed`` reuses an earlier cost measurement. ``running``: which
@@ -266,7 +270,7 @@ def train_units(universe: Universe, name: str, design: dict, masks: np.ndarray |
     }
     store = SubsetStore.open_or_create(universe.root, name, metadata, [e.id for e in pool],
                                        {t.dataset: ([e.id for e in t.examples], [e.task or "" for e in t.examples])
-                                        for t in eval_sets}, masks)
+                                        for t in eval_sets}, masks, weights)
     pool_encoded = [encode_example(e, tokenizer, settings.max_length) for e in pool]
     target_encoded = {t.dataset: ([encode_example(e, tokenizer, settings.max_length) for e in t.examples],
                                   encode_choices(t.examples, tokenizer, settings.max_length),
@@ -291,7 +295,7 @@ def train_units(universe: Universe, name: str, design: dict, masks: np.ndarray |
     def work(unit: int) -> None:
         started = time.time()
         mask = store.mask(unit)
-        members, weights, unit_settings = unit_training(design, mask, unit, settings)
+        members, weights, unit_settings = unit_training(design, mask, unit, settings, store.unit_weights(unit))
         model, here = place(add_lora(copy.deepcopy(base), settings.lora, unit_settings.seed), device)
         trainer = LoraTrainer(model, [pool_encoded[i] for i in members], [pool[i].id for i in members], unit_settings,
                               tokenizer.pad_token_id, here, weights=weights)
