@@ -136,3 +136,29 @@ def engine_run(tiny_run, tmp_path_factory):
     fit_curvature(run_dir, progress=False)
     metagrad(run_dir, tiny_run["target"], per_target_example=True, progress=False)
     return {**tiny_run, "run": str(run_dir), "folder": folder}
+
+
+@pytest.fixture(scope="session")
+def rater_server():
+    """The test's OpenAI-compatible server (tests/rater_server.py): (base URL, call statistics)."""
+    from .rater_server import start
+
+    url, stats, server = start()
+    yield url, stats
+    server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_model(tmp_path_factory) -> str:
+    """A randomly initialised one-output Llama sequence classifier and its byte tokenizer, saved to a folder."""
+    from transformers import LlamaForSequenceClassification
+
+    causal, tokenizer = build_tiny_llama()
+    config = causal.config
+    config.num_labels = 1
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(config)
+    folder = tmp_path_factory.mktemp("reward_model")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)

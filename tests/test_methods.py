@@ -36,7 +36,7 @@ def bare_run(tiny_run, tmp_path_factory):
 
 
 def test_the_registry_holds_every_method_once():
-    assert len(METHODS) == 39 and len(set(METHODS)) == len(METHODS)
+    assert len(METHODS) == 43 and len(set(METHODS)) == len(METHODS)
     assert {"less", "trak", "tracin", "datamodel", "memorization", "random", "semdedup", "ifd", "ekfac", "kfac", "identity",
             "ekfac_self"} <= set(METHODS)
 
@@ -50,8 +50,15 @@ def test_a_method_that_scores_nothing_is_refused_when_defined():
     assert "empty" not in registry()
 
 
+def _external(name: str, rater_server, reward_model: str) -> dict:
+    """The models a method calls: the test's OpenAI-compatible server, the tiny reward model."""
+    if name in ("alpagasus", "autods"):
+        return {"rater": rater_server[0], "rater_model": "stub"}
+    return {"reward_model": reward_model} if name in ("reward", "necessity") else {}
+
+
 @pytest.mark.parametrize("name", METHODS)
-def test_every_method_keeps_the_contract(name, engine_run):
+def test_every_method_keeps_the_contract(name, engine_run, rater_server, tiny_reward_model):
     method = get_method(name)
     # what it declares: a family, a summary and the meaning of its score, with its sign
     assert method.family in FAMILIES and method.summary and method.meaning
@@ -60,7 +67,7 @@ def test_every_method_keeps_the_contract(name, engine_run):
     # what it returns on a run that has everything it needs
     run = Run(engine_run["run"])
     target = Target(engine_run["target"]) if method.needs_target else None
-    options = method.options()
+    options = method.options(_external(name, rater_server, tiny_reward_model))
     method.require(run, target, options)
     scores = method.scores(run, target, options)
     pool = [e.id for e in run.pool()]
@@ -96,7 +103,8 @@ def test_every_method_refuses_a_missing_prerequisite_by_name(name, bare_run, tin
     message = str(refused.value)
     assert message.startswith(f"--method {name} needs ")
     assert any(word in message for word in ("influence project-grads", "influence subsets train", "influence warmup",
-                                            "influence curvature", "influence metagrad"))
+                                            "influence curvature", "influence metagrad", "give --rater",
+                                            "give --reward-model"))
 
 
 def test_an_option_a_method_does_not_take_is_refused_by_its_flag():
@@ -114,7 +122,8 @@ def test_a_shared_option_is_defined_once():
     for name in METHODS:
         for option in options_of(get_method(name).Options):
             key = option.path[-1]
-            definition = (option.flag, str(option.type), option.help, option.is_list)
+            kind = option.type if isinstance(option.type, type) else getattr(option.type, "name", str(option.type))
+            definition = (option.flag, str(kind), option.help, option.is_list)
             assert seen.setdefault(key, definition) == definition, (name, key)
 
 

@@ -194,7 +194,7 @@ def test_judges_average_both_orders_and_feed_the_report(select_run, tmp_path):
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        remote = OpenAIJudge(f"http://127.0.0.1:{server.server_port}/v1", "judge-model", api_key="")
+        remote = OpenAIJudge(f"http://127.0.0.1:{server.server_port}/v1", "judge-model")
         assert remote.prefer_first("q", "a", "b") == 0.0 and preference(remote, "q", "a", "b") == pytest.approx(0.5)
         assert seen[0]["model"] == "judge-model" and "[Response A]\na" in seen[0]["messages"][0]["content"]
     finally:

@@ -80,8 +80,9 @@ def given_method_options(values: dict[str, Any], exclude: tuple[str, ...] = ()) 
 
     found = {}
     for name, (option, _) in method_options().items():
-        if name not in exclude and values.get(option.dest) is not None:
-            found[name] = values[option.dest]
+        value = values.get(option.dest)
+        if name not in exclude and value is not None and value != ():  # a repeatable flag not given is ()
+            found[name] = list(value) if isinstance(value, tuple) else value
     return found
 
 

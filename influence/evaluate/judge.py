@@ -7,15 +7,12 @@ or second position. Two judges:
 * :class:`LocalJudge`: a causal LM (hub id, local folder or a built-in name) reads a judging prompt and
   the probability is its softmax over the next tokens " A" and " B";
 * :class:`OpenAIJudge`: any OpenAI-compatible chat-completions endpoint (``--judge
-  https://host/v1 --judge-model NAME``, key from ``OPENAI_API_KEY``), answering "A" or "B" at
-  temperature 0 (1.0 or 0.0; 0.5 for anything else).
+  https://host/v1 --judge-model NAME``, key from ``OPENAI_API_KEY``; the rater backend of
+  :mod:`influence.models.raters`), answering "A" or "B" at temperature 0 (1.0 or 0.0; 0.5 for anything else).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import urllib.request
 from typing import Protocol
 
 import torch
@@ -68,24 +65,23 @@ class LocalJudge:
 
 
 class OpenAIJudge:
-    """An OpenAI-compatible chat-completions endpoint as judge (for users who have one)."""
+    """An OpenAI-compatible chat-completions endpoint as judge, through the rater backend (retries, timeouts; no
+    cache: the answers compared change with every model trained)."""
 
-    def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float = 60.0):
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.model, self.timeout = model, timeout
-        self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY", "")
+    def __init__(self, base_url: str, model: str):
+        from ..models.raters import EndpointBackend, RaterSettings
+
+        self.backend = EndpointBackend(RaterSettings(rater=base_url, rater_model=model), None)
 
     def prefer_first(self, instruction: str, first: str, second: str) -> float:
-        body = {"model": self.model, "temperature": 0, "max_tokens": 1,
-                "messages": [{"role": "user", "content": PROMPT.format(instruction=instruction, a=first, b=second)}]}
-        request = urllib.request.Request(self.url, data=json.dumps(body).encode(), method="POST", headers={
-            "Content-Type": "application/json", **({"Authorization": f"Bearer {self.api_key}"} if self.api_key else {})})
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                answer = json.loads(response.read())["choices"][0]["message"]["content"].strip().upper()
-        except (OSError, KeyError, IndexError, ValueError) as err:
-            raise InfluenceError(f"judge endpoint {self.url}: no usable answer ({err})") from None
-        return 1.0 if answer.startswith("A") else 0.0 if answer.startswith("B") else 0.5
+        from ..models.raters import Request
+
+        prompt = PROMPT.format(instruction=instruction, a=first, b=second)
+        answer = self.backend.answer([Request(prompt, max_tokens=1)], progress=False)[0]
+        if answer.error:
+            raise InfluenceError(f"judge endpoint {self.backend.url}: no usable answer ({answer.error})")
+        text = answer.texts[0].strip().upper()
+        return 1.0 if text.startswith("A") else 0.0 if text.startswith("B") else 0.5
 
 
 def make_judge(spec: str, model: str | None = None, device: str | None = None) -> Judge:

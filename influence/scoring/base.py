@@ -200,7 +200,21 @@ class NeedsSpace(Need):
         return GRADIENTS.missing(run, None, options) if space.split(":")[0] == "grads" else None
 
 
+@dataclass(frozen=True)
+class NeedsOption(Need):
+    """A model the method calls, named by one of its options (``rater``, ``reward_model``)."""
+
+    option: str = ""
+
+    def missing(self, run, target, options):
+        return None if getattr(options, self.option, None) else f"{self.what}: give {self.provider}"
+
+
 TARGET = NeedsTarget("a target", "--target")
+RATER = NeedsOption("a rating model", "--rater (a local model, or an OpenAI-compatible URL with --rater-model)",
+                    option="rater")
+REWARD_MODEL = NeedsOption("a reward model", "--reward-model (a sequence-classification model with one output)",
+                           option="reward_model")
 GRADIENTS = NeedsGradients("the pool's Adam gradient features (LESS's)", "influence project-grads")
 GRADIENT_NORMS = NeedsGradients("the gradient norms project-grads stores", "influence project-grads")
 PLAIN_GRADIENTS = NeedsGradients("the pool's plain loss gradients", "influence project-grads --train-gradient sgd",
@@ -305,11 +319,12 @@ class Method(ABC):
             raise InfluenceError(f"--method {self.name} needs {'; '.join(missing)}")
 
 
-FAMILIES = ("influence", "baseline", "difficulty", "counterfactual", "diversity")
+FAMILIES = ("influence", "baseline", "difficulty", "quality", "counterfactual", "diversity")
 FAMILY_TITLES = {
     "influence": "target-aware influence (how much an example helps the target)",
     "baseline": "LESS's baselines",
     "difficulty": "difficulty, uncertainty and noise (target-free)",
+    "quality": "model-rated quality: an LLM or a reward model grades each example (target-free)",
     "counterfactual": "the counterfactual engine (models trained on subsets)",
     "diversity": "diversity and redundancy (target-free)",
 }
