@@ -2,9 +2,11 @@
 
 Deterministic answers: a rating prompt (AlpaGasus's) gets "<rating>\\n<explanation>", the rating the number of words of
 the response modulo 6; a YES/NO prompt gets the log-probabilities of YES and NO (P(YES) = 0.2 + 0.6 x (words mod 2))
-when asked for. Responses containing REFUSE are refused, GARBLE gets an answer without a number, and the first call
-of a prompt containing FLAKY answers 429 (with Retry-After: 0). It counts the calls and keeps the Authorization
-headers it saw.
+when asked for; a pairwise comparison (QuRater's) prefers the longer response (P(A) = sigmoid(words A - words B),
+"A" on a tie); a self-reflection (BSDetector's) says correct (A) when the proposed answer has an even number of
+words; a plain question gets "one two three four". Responses containing REFUSE are refused, GARBLE gets an answer
+without a number, and the first call of a prompt containing FLAKY answers 429 (with Retry-After: 0). It counts the
+calls and keeps the Authorization headers it saw.
 """
 
 from __future__ import annotations
@@ -53,6 +55,26 @@ def handler(stats: Stats):
             if "REFUSE" in prompt:
                 choices = [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": None,
                                                                              "refusal": "I can't help with that."}}]
+                return self._send(200, {"choices": choices})
+            if "Which of the two shows more" in prompt:  # QuRater: the example with the longer response wins
+                a, b = (len(m.split()) for m in re.findall(r"Response: (.*?)\n\n", prompt + "\n\n", flags=re.S)[:2])
+                p = 1 / (1 + math.exp(-(a - b)))
+                choice = {"index": 0, "finish_reason": "stop",
+                          "message": {"role": "assistant", "content": "A" if a >= b else "B"}}
+                if request.get("logprobs"):
+                    choice["logprobs"] = {"content": [{"token": "A", "logprob": math.log(max(p, 1e-12)), "top_logprobs": [
+                        {"token": "A", "logprob": math.log(max(p, 1e-12))},
+                        {"token": "B", "logprob": math.log(max(1 - p, 1e-12))}]}]}
+                return self._send(200, {"choices": [choice]})
+            if "Is the proposed answer" in prompt:  # BSDetector's self-reflection: correct when the words are even
+                found = re.search(r"Proposed answer: (.*?)\n\n", prompt, flags=re.S)
+                verdict = "A" if len(found.group(1).split()) % 2 == 0 else "B"
+                return self._send(200, {"choices": [{"index": 0, "finish_reason": "stop",
+                                                     "message": {"role": "assistant", "content": verdict}}]})
+            if prompt.startswith("Question"):  # a plain question (BSDetector's samples)
+                choices = [{"index": k, "finish_reason": "stop",
+                            "message": {"role": "assistant", "content": "one two three four"}}
+                           for k in range(request.get("n", 1))]
                 return self._send(200, {"choices": choices})
             if "YES or NO" in prompt:
                 p = 0.2 + 0.6 * (words % 2)

@@ -36,7 +36,7 @@ def bare_run(tiny_run, tmp_path_factory):
 
 
 def test_the_registry_holds_every_method_once():
-    assert len(METHODS) == 43 and len(set(METHODS)) == len(METHODS)
+    assert len(METHODS) == 45 and len(set(METHODS)) == len(METHODS)
     assert {"less", "trak", "tracin", "datamodel", "memorization", "random", "semdedup", "ifd", "ekfac", "kfac", "identity",
             "ekfac_self"} <= set(METHODS)
 
@@ -52,7 +52,7 @@ def test_a_method_that_scores_nothing_is_refused_when_defined():
 
 def _external(name: str, rater_server, reward_model: str) -> dict:
     """The models a method calls: the test's OpenAI-compatible server, the tiny reward model."""
-    if name in ("alpagasus", "autods"):
+    if name in ("alpagasus", "autods", "qurater", "bsdetector"):
         return {"rater": rater_server[0], "rater_model": "stub"}
     return {"reward_model": reward_model} if name in ("reward", "necessity") else {}
 

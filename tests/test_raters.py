@@ -124,3 +124,28 @@ def test_reward_and_necessity_equal_the_reward_model_run_directly(rated_run, tin
     result = CliRunner().invoke(main, ["rank", "--run", rated_run, "--method", "reward", "--out", str(tmp_path / "x")])
     assert result.exit_code != 0 and "give --reward-model" in result.output
     assert re.search(r"needs a reward model", result.output)
+
+
+def test_qurater_orders_by_the_judgments_and_bsdetector_combines_its_parts(rated_run, rater_server, tmp_path):
+    from scipy.stats import spearmanr
+
+    from influence.scoring.raters import token_f1
+
+    url, _ = rater_server
+    flags = ["--rater", url, "--rater-model", "stub"]
+    scores, _ = _rank(rated_run, tmp_path / "qurater", "--method", "qurater", "--pairs", "5", *flags)
+    words = {f"pool.jsonl#{i}": len(r.split()) for i, r in enumerate(RESPONSES)}
+    judged = scores.dropna(subset=["score"])
+    assert "pool.jsonl#2" not in judged.index  # the refused one: no comparison, unscorable
+    assert len(judged) == len(RESPONSES) - 1
+    assert spearmanr(judged["score"], [words[i] for i in judged.index])[0] > 0.95
+    assert abs(judged["score"].mean()) < 0.2
+    confidence, _ = _rank(rated_run, tmp_path / "bsdetector", "--method", "bsdetector", "--samples", "3", *flags)
+    for i, response in enumerate(RESPONSES):
+        row = confidence.loc[f"pool.jsonl#{i}"]
+        if "REFUSE" in response:
+            assert np.isnan(row["score"])
+            continue
+        observed = 0.8 * token_f1("one two three four", response) + 0.2 * (response == "one two three four")
+        certainty = 1.0 if len(response.split()) % 2 == 0 else 0.0
+        assert row["score"] == pytest.approx(0.7 * observed + 0.3 * certainty)

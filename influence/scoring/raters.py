@@ -14,6 +14,18 @@ in ``RUN/raters/cache.sqlite``, the cost printed before any call, ``--rater-dry-
   (``l``: the log-sum-exp of the top alternatives that read YES, resp. NO, whatever their case and spacing). The
   paper's questions are about mathematics; the default ones here ask the same about instruction data.
 
+* ``qurater`` (Wettig et al., ICML 2024, "QuRating"): the rater compares pairs of examples on ``--criterion``
+  ("Which of the two has more ...?"), each pair asked in both orders (A/B swapped) and the two judgments averaged,
+  ``--pairs`` random partners per example; per-example scores are the Bradley-Terry strengths that best explain the
+  judgments (the judged probability that A wins, from the first token's log-probabilities of A against B where given,
+  else 1 / 0 / 0.5 from the answer's letter), fitted by L-BFGS with a small ridge term, mean 0.
+* ``bsdetector`` (Chen & Mueller, ACL 2024, "Quantifying Uncertainty in Answers from any Language Model"): confidence
+  in the example's response as ``beta O + (1 - beta) S`` (beta 0.7): the observed consistency ``O``, the mean
+  similarity of ``--samples`` answers sampled at temperature 1 to the reference response (``alpha sim + (1 - alpha)
+  exact``, alpha 0.8), and the self-reflection certainty ``S``, the rater's verdict on the response (correct 1,
+  incorrect 0, not sure 0.5). The paper's ``sim`` is an NLI model's entailment; here it is the token F1 of the two
+  answers (no NLI model is assumed to be available), a stated deviation.
+
 Reward models (any local folder or hub id of a ``AutoModelForSequenceClassification`` with one output):
 
 * ``reward`` (the survey's eq. 9): the reward model's score of (instruction, response), formatted by its tokenizer's
@@ -22,6 +34,8 @@ Reward models (any local folder or hub id of a ``AutoModelForSequenceClassificat
   checkpoint): a low reward means the model cannot do it yet, so the example is needed.
 
 Sign and scale: higher = better rated (``alpagasus``: the rating, 0 to 5; ``autods``: a probability in [0, 1];
+``qurater``: a Bradley-Terry strength, mean 0, a difference of 1 = odds e to 1 of winning a comparison;
+``bsdetector``: a confidence in [0, 1];
 ``reward``: the reward model's unbounded score) or more needed (``necessity``: minus the reward of the model's own
 answer); an answer without a usable rating is unscorable (NaN, ranked last), its reason in the ``rating_error``
 column, never a zero.
@@ -43,6 +57,7 @@ from ..models.measure import generate_responses
 from ..models.raters import Answer, RaterSettings, Request, make_backend, prompt_template, say
 from ..train.run import Run
 from .base import RATER, REWARD_MODEL, Method, Scores, Target
+from .options import seed as seed_option
 
 MEANING = __doc__.split("Sign and scale: ")[1].strip()
 
@@ -170,6 +185,153 @@ class Autods(Method):
                       {"rater": options.rater, "questions": options.questions})
 
 
+QURATER_PROMPT = ("Compare two examples of an assistant's training data, A and B, on this criterion: {criterion}\n\n"
+                  "[A]\n{a}\n\n[B]\n{b}\n\nWhich of the two shows more of the criterion? Answer with a single letter, "
+                  "A or B.")
+BSDETECTOR_REFLECTION = ("Question: {instruction}\nProposed answer: {response}\n\nIs the proposed answer: (A) Correct "
+                         "(B) Incorrect (C) I am not sure. Answer with a single letter.")
+LETTER = re.compile(r"\b([ABC])\b")
+
+
+def letter_probability(answer: Answer) -> tuple[float, str | None]:
+    """P(A) against B from the first token's log-probabilities where given, else 1 / 0 / 0.5 from the letter."""
+    if answer.error:
+        return np.nan, answer.error
+    if answer.first_token_logprobs:
+        groups: dict[str, list[float]] = {"A": [], "B": []}
+        for token, logprob in answer.first_token_logprobs.items():
+            if token.strip().upper() in groups:
+                groups[token.strip().upper()].append(logprob)
+        if groups["A"] or groups["B"]:
+            a, b = (float(np.logaddexp.reduce(v)) if v else -np.inf for v in (groups["A"], groups["B"]))
+            return float(np.exp(a - np.logaddexp(a, b))), None
+    found = LETTER.search((answer.texts or [""])[0].upper())
+    if found is None or found.group(1) == "C":
+        return np.nan, f"no A or B in the answer: {(answer.texts or [''])[0][:60]!r}"
+    return (1.0 if found.group(1) == "A" else 0.0), None
+
+
+def bradley_terry(n: int, pairs: list[tuple[int, int]], wins: np.ndarray, ridge: float = 1e-2) -> np.ndarray:
+    """Strengths ``s`` (mean 0) maximising ``sum p_ij log sigmoid(s_i - s_j) + (1 - p_ij) log sigmoid(s_j - s_i)``
+    minus ``ridge |s|^2 / 2`` (``p_ij = wins``: the judged probability that i beats j), by L-BFGS (scipy)."""
+    from scipy.optimize import minimize
+
+    first, second = np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+
+    def loss(s: np.ndarray) -> tuple[float, np.ndarray]:
+        margin = s[first] - s[second]
+        value = -(wins * -np.logaddexp(0, -margin) + (1 - wins) * -np.logaddexp(0, margin)).sum() + ridge * s @ s / 2
+        residual = 1 / (1 + np.exp(-margin)) - wins  # d value / d margin
+        grad = np.bincount(first, residual, n) - np.bincount(second, residual, n) + ridge * s
+        return float(value), grad
+
+    strengths = minimize(loss, np.zeros(n), jac=True, method="L-BFGS-B").x
+    return strengths - strengths.mean()
+
+
+def token_f1(a: str, b: str) -> float:
+    """SQuAD's token F1 of two answers (lower-cased words)."""
+    x, y = a.lower().split(), b.lower().split()
+    common = sum(min(x.count(w), y.count(w)) for w in set(x))
+    return 0.0 if not x or not y or not common else 2 * common / (len(x) + len(y))
+
+
+@dataclass(kw_only=True)
+class QuraterOptions(RaterSettings):
+    criterion: str = setting("the quality of an assistant's answer: correct, helpful, clear and to the point",
+                             "What the pairwise comparisons judge.")
+    pairs: int = setting(4, "Random partners per example (each pair is asked in both orders).", min=1)
+    seed: int = seed_option()
+    device: str | None = device_setting()
+
+
+@dataclass(kw_only=True)
+class BsdetectorOptions(RaterSettings):
+    samples: int = setting(5, "Answers sampled at temperature 1 for the observed consistency.", min=1)
+    max_new_tokens: int = setting(128, "Tokens of each generated answer.", min=1)
+    device: str | None = device_setting()
+
+
+class Qurater(Method):
+    name = "qurater"
+    family = "quality"
+    summary = "QuRater: Bradley-Terry strengths from pairwise LLM judgments asked in both orders (Wettig et al. 2024)"
+    meaning = MEANING
+    needs = (RATER,)
+    Options = QuraterOptions
+
+    def scores(self, run: Run, target: Target | None, options: QuraterOptions) -> Scores:
+        pool = run.pool()
+        n = len(pool)
+        rng = np.random.default_rng(options.seed)
+        chosen: set[tuple[int, int]] = set()
+        for i in range(n):
+            for j in rng.choice(n - 1, min(options.pairs, n - 1), replace=False):
+                j = int(j) + int(j >= i)  # a partner other than i
+                chosen.add((min(i, j), max(i, j)))
+        pairs = sorted(chosen)
+        text = [f"Instruction: {p['instruction']}\nResponse: {p['response']}" for p in map(parts, pool)]
+        template = prompt_template(QURATER_PROMPT, options, ("criterion", "a", "b"))
+        requests = [Request(template.format(criterion=options.criterion, a=text[x], b=text[y]), max_tokens=1,
+                            top_logprobs=20) for i, j in pairs for x, y in ((i, j), (j, i))]
+        answers = _ask(run, options, requests, "qurater")
+        kept, wins, failed = [], [], []
+        for k, (i, j) in enumerate(pairs):
+            forward, why = letter_probability(answers[2 * k])
+            backward, why_back = letter_probability(answers[2 * k + 1])
+            if np.isnan(forward) or np.isnan(backward):
+                failed.append(why or why_back)
+                continue
+            kept.append((i, j))
+            wins.append((forward + 1 - backward) / 2)  # both orders: the position bias cancels
+        judged = np.zeros(n, dtype=bool)
+        for i, j in kept:
+            judged[[i, j]] = True
+        strengths = bradley_terry(n, kept, np.array(wins)) if kept else np.zeros(n)
+        score = np.where(judged, strengths, np.nan)
+        return Scores(self.name, [e.id for e in pool], score,
+                      f"Bradley-Terry strength on '{options.criterion}' (higher = better, mean 0)",
+                      finite=np.isfinite(score),
+                      details={"rater": options.rater, "pairs": len(pairs), "judged_pairs": len(kept),
+                               "unjudged_pairs": len(failed), "first_failure": failed[0] if failed else None},
+                      columns={"rating_error": np.where(judged, "", "no usable comparison").astype(object)})
+
+
+class Bsdetector(Method):
+    name = "bsdetector"
+    family = "quality"
+    summary = ("BSDetector: confidence in the response from sampled answers' consistency and the rater's "
+               "self-reflection (Chen & Mueller 2024)")
+    meaning = MEANING
+    needs = (RATER,)
+    Options = BsdetectorOptions
+
+    def scores(self, run: Run, target: Target | None, options: BsdetectorOptions) -> Scores:
+        pool = run.pool()
+        split = [parts(e) for e in pool]
+        samples = [Request(p["instruction"], max_tokens=options.max_new_tokens, temperature=1.0, n=options.samples)
+                   for p in split]
+        reflection = prompt_template(BSDETECTOR_REFLECTION, options, ("instruction", "response"))
+        verdicts = [Request(reflection.format(**p), max_tokens=4) for p in split]
+        answers = _ask(run, options, samples + verdicts, "bsdetector")
+        values = []
+        for p, sampled, verdict in zip(split, answers[: len(pool)], answers[len(pool):]):
+            if sampled.error or verdict.error:
+                values.append((np.nan, sampled.error or verdict.error))
+                continue
+            found = LETTER.search((verdict.texts or [""])[0].upper())
+            if found is None:
+                values.append((np.nan, f"no A, B or C in the self-reflection: {verdict.texts[0][:60]!r}"))
+                continue
+            reference = " ".join(p["response"].lower().split())
+            observed = np.mean([0.8 * token_f1(t, p["response"]) + 0.2 * float(" ".join(t.lower().split()) == reference)
+                                for t in sampled.texts])
+            certainty = {"A": 1.0, "B": 0.0, "C": 0.5}[found.group(1)]
+            values.append((0.7 * observed + 0.3 * certainty, None))
+        return _rated(self.name, pool, values, "BSDetector confidence in the response, [0, 1] (higher = more "
+                      "trustworthy)", {"rater": options.rater, "samples": options.samples})
+
+
 # --- reward models ------------------------------------------------------------------------------------------------
 
 
@@ -218,7 +380,7 @@ class RewardOptions:
 
 @dataclass(kw_only=True)
 class NecessityOptions(RewardOptions):
-    max_new_tokens: int = setting(128, "Tokens of the warm-up model's own answer.", min=1)
+    max_new_tokens: int = setting(128, "Tokens of each generated answer.", min=1)
 
 
 def _reward_model(options: RewardOptions):
