@@ -130,13 +130,14 @@ def correct_choices(examples: list[Example]) -> list[int | None]:
 
 
 @torch.no_grad()
-def generate_responses(model, tokenizer, examples: list[Example], max_length: int, max_new_tokens: int,
-                       batch_size: int, device) -> list[str]:
-    """Greedy responses of ``model`` to the examples' prompts (formatted as in training), for judges."""
+def greedy_tokens(model, tokenizer, examples: list[Example], max_length: int, max_new_tokens: int, batch_size: int,
+                  device) -> list[list[int]]:
+    """The tokens ``model`` generates greedily after each example's prompt (formatted as in training; the generated
+    ones only, at most ``max_new_tokens``), in evaluation mode."""
     was_training = model.training
     model.eval()
     pad = tokenizer.pad_token_id
-    responses = []
+    out = []
     try:
         for start in range(0, len(examples), batch_size):
             prompts = [prompt_ids(e, tokenizer, max_length) for e in examples[start : start + batch_size]]
@@ -148,7 +149,14 @@ def generate_responses(model, tokenizer, examples: list[Example], max_length: in
                 attention[row, width - len(ids):] = 1
             output = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                                     max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-            responses += [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in output.cpu()]
+            out += [row[width:].tolist() for row in output.cpu()]
     finally:
         model.train(was_training)
-    return responses
+    return out
+
+
+def generate_responses(model, tokenizer, examples: list[Example], max_length: int, max_new_tokens: int,
+                       batch_size: int, device) -> list[str]:
+    """Greedy responses of ``model`` to the examples' prompts (formatted as in training), for judges."""
+    return [tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            for tokens in greedy_tokens(model, tokenizer, examples, max_length, max_new_tokens, batch_size, device)]
