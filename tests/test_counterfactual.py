@@ -240,6 +240,19 @@ def test_memorization_through_rank_matches_the_store(engine_run):
     assert summary["units"] == 12 and summary["n_in"]["min"] >= 1
 
 
+def test_predictability_is_the_held_out_models_mean(engine_run):
+    """AFLite's predictability, against a loop over the units written here."""
+    run = Run(engine_run["run"])
+    store = SubsetStore.open(run.subsets_path, "fit")
+    _, masks, accuracy = store.outcomes(POOL, "accuracy")
+    expected = np.array([np.mean([accuracy[u, x] for u in range(len(masks)) if not masks[u, x]]) if (~masks[:, x]).any()
+                         else np.nan for x in range(masks.shape[1])])
+    np.testing.assert_allclose(score("predictability", engine_run["run"]).score, expected)
+    _, _, loss = store.outcomes(POOL, "loss")
+    by_loss = score("predictability", engine_run["run"], outcome="loss").score
+    np.testing.assert_allclose(by_loss, [-np.mean(loss[~masks[:, x], x]) for x in range(masks.shape[1])])
+
+
 def test_dsdm_selection_minimises_the_predicted_target_loss(engine_run):
     table = rank(engine_run["run"], engine_run["target"], method="dsdm", top_k=3, out=engine_run["folder"] / "rank-dsdm")
     _, _, _, _, weights, intercepts, _ = datamodel_fit(Run(engine_run["run"]), engine_run["target"])

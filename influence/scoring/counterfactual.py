@@ -207,6 +207,42 @@ class Memorization(Method):
                       columns={"n_in": n_in, "n_out": n_out})
 
 
+def held_out_mean(masks: np.ndarray, values: np.ndarray, higher_is_better: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Each pool example's mean outcome over the units that did not train on it (signed so that higher = better
+    predicted; NaN where every unit trained on it), and how many units that is."""
+    outside = 1.0 - masks.astype(np.float64)
+    n_out = outside.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = (outside * values).sum(axis=0) / n_out
+    mean = mean if higher_is_better else -mean
+    mean[n_out == 0] = np.nan
+    return mean, n_out
+
+
+class Predictability(Method):
+    name = "predictability"
+    family = "counterfactual"
+    summary = ("AFLite's predictability (Le Bras et al. 2020): how well the subset models that never saw the example "
+               "do on it")
+    meaning = ("AFLite's predictability: the mean outcome on the example of the subset models that did not train on it "
+               "(signed so that higher = better predicted without it: an easy or artefact-laden example, which AFLite "
+               "removes); in [0, 1] for accuracy/probability")
+    needs = (SUBSETS,)
+    Options = MemorizationOptions
+
+    def scores(self, run: Run, target: Target | None, options: MemorizationOptions) -> Scores:
+        store = open_subsets(run, options.subsets)
+        units, masks, values = store.outcomes(POOL, options.outcome)
+        require_units(store, units)
+        score, n_out = held_out_mean(masks, values, HIGHER_IS_BETTER[options.outcome])
+        return Scores(self.name, store.pool_ids.tolist(), score,
+                      f"AFLite predictability on {options.outcome}: mean over the subset models that did not train on "
+                      "the example (higher = better predicted without it)", finite=np.isfinite(score),
+                      details={"subsets": store.name, "units": len(units), "outcome": options.outcome,
+                               "n_out": {"min": int(n_out.min()), "median": float(np.median(n_out))}},
+                      columns={"n_out": n_out})
+
+
 @dataclass(kw_only=True)
 class InfluenceOptions:
     subsets: str = shared.subsets()
