@@ -24,7 +24,7 @@ def test_mem_equals_a_hand_greedy_decoding(tiny_run):
                 token = int(model(input_ids=ids).logits[0, -1].argmax())
                 generated.append(token)
                 ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
-        reference = response_tokens(example, tokenizer, run.max_length)[:6]
+        reference = response_tokens(example, tokenizer)[:6]
         expected = np.mean([g == r for g, r in zip(generated, reference)])
         assert scores.score[index] == expected
     assert memorization_score([1, 2, 9], [1, 2, 3, 4], 4) == 0.5 and np.isnan(memorization_score([1], [], 4))

@@ -128,9 +128,8 @@ def collate(batch: list[Encoded], pad_token_id: int) -> dict[str, torch.Tensor]:
 
 
 
-def prompt_ids(example: Example, tokenizer, max_length: int) -> list[int]:
-    """The tokens before the example's last response (its prompt, formatted as in training), for
-    generation: at most the last ``max_length`` of them."""
+def last_response(example: Example, tokenizer) -> tuple[Encoded, int, int]:
+    """The example encoded whole, and where its last response's labelled tokens start and end."""
     encoded = encode_example(example, tokenizer, 1 << 30)
     end = len(encoded.labels)
     while end > 0 and encoded.labels[end - 1] == IGNORE_INDEX:  # unlabelled end-of-turn marker
@@ -138,4 +137,11 @@ def prompt_ids(example: Example, tokenizer, max_length: int) -> list[int]:
     start = end
     while start > 0 and encoded.labels[start - 1] != IGNORE_INDEX:
         start -= 1
+    return encoded, start, end
+
+
+def prompt_ids(example: Example, tokenizer, max_length: int) -> list[int]:
+    """The tokens before the example's last response (its prompt, formatted as in training), for
+    generation: at most the last ``max_length`` of them."""
+    encoded, start, _ = last_response(example, tokenizer)
     return encoded.input_ids[:start][-max_length:]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import setting
-from ..data.templates import IGNORE_INDEX, encode_example
+from ..data.templates import last_response
 from ..models.loading import device_setting, load_adapter, parse_device, place
 from ..models.measure import greedy_tokens
 from ..train.run import Run
@@ -26,17 +26,10 @@ from .base import Method, Scores, Target
 MEANING = __doc__.split("Sign and scale: ")[1].strip()
 
 
-def response_tokens(example, tokenizer, max_length: int) -> list[int]:
+def response_tokens(example, tokenizer) -> list[int]:
     """The tokens of the example's last response, as trained."""
-    encoded = encode_example(example, tokenizer, 1 << 30)
-    labels = encoded.labels
-    end = len(labels)
-    while end > 0 and labels[end - 1] == IGNORE_INDEX:
-        end -= 1
-    start = end
-    while start > 0 and labels[start - 1] != IGNORE_INDEX:
-        start -= 1
-    return labels[start:end]
+    encoded, start, end = last_response(example, tokenizer)
+    return encoded.labels[start:end]
 
 
 def memorization_score(generated: list[int], reference: list[int], window: int) -> float:
@@ -67,7 +60,7 @@ class Mem(Method):
         model, here = place(load_adapter(base, checkpoint.path).eval(), device)
         pool = run.pool()
         generated = greedy_tokens(model, tokenizer, pool, run.max_length, options.window, 8, here)
-        score = np.array([memorization_score(g, response_tokens(e, tokenizer, run.max_length), options.window)
+        score = np.array([memorization_score(g, response_tokens(e, tokenizer), options.window)
                           for g, e in zip(generated, pool)])
         return Scores(self.name, [e.id for e in pool], score,
                       f"share of the first {options.window} response tokens generated verbatim at {checkpoint.name} "
