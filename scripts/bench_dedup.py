@@ -1,8 +1,9 @@
 """Duplicate detection at pool scale: ``near_dup``'s MinHash-LSH (ours: uint32 signatures in one array, 8-byte band
 keys) against datasketch used as its README shows (a MinHash object kept per example, MinHashLSH's default keys),
-and ``exact_dup``, on the same synthetic pool: ``--n`` texts of 100 words from a 5,000-word vocabulary, with 5% near
-copies (one word changed: a Jaccard similarity of 5-word shingles of 91/101 = 0.90) and 2% exact copies (other case and spacing). Each contender runs in its own process;
-prints seconds, peak memory, memory per example, the ratio to ours and the recall of the planted copies.
+and ``exact_dup``, on the same synthetic pool: ``--n`` texts of 100 words from a 5,000-word vocabulary, with 5%
+near copies (one word changed: a Jaccard similarity of 5-word shingles of 91/101 = 0.90) and 2% exact copies (other
+case and spacing). Each contender runs in its own process; prints seconds, peak memory, memory per example, the ratio
+to ours and the recall of the planted copies.
 
     python scripts/bench_dedup.py --n 100000
 """

@@ -105,6 +105,7 @@ def test_evaluate_select_trains_with_the_weights(engine_run, tmp_path, monkeypat
     evaluate_select([str(out / "selected.jsonl"), "random"], run_dir=engine_run["run"], target=engine_run["target"],
                     fraction=0.25, grid=Grid([1e-3], [1], [4], ["linear"], 1), eval_files=[str(held_out)],
                     out=str(tmp_path / "select"), progress=False)
+    assert any(w is not None and np.allclose(w, 1) for w in seen)  # the random subset: every member weighs 1
     weighted = [w for w in seen if w is not None and not np.allclose(w, 1)]
     assert weighted and np.allclose(weighted[0].mean(), 1)
     np.testing.assert_allclose(np.sort(weighted[0]), np.sort(weights / weights.mean()), rtol=1e-6)

@@ -110,7 +110,7 @@ def metagrad(**values) -> None:
         meta = json.loads((folder / "meta.json").read_text())
         click.echo(f"metagradients of {meta['n_training']} training examples through {meta['steps']} steps in "
                    f"{meta['seconds']} s (peak {meta['peak_rss_gb']} GB; replay within "
-                   f"{meta['replay_relative_difference']:.1g} of the {meta['replay_checked_against']}) -> {folder}")
+                   f"{meta['replay_relative_difference']:.1g} of the {meta.get('replay_checked_against', 'checkpoints')}) -> {folder}")
 
 
 @dataclass(kw_only=True)

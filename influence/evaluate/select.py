@@ -24,7 +24,7 @@ import hashlib
 import itertools
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Literal
 
@@ -139,9 +139,14 @@ def selection_weights(path: str | Path) -> np.ndarray | None:
     selection), or None when the file has none."""
     if not str(path).endswith(".jsonl"):
         return None
-    values = [json.loads(line).get("weight") for line in Path(path).read_text(encoding="utf-8").splitlines()
-              if line.strip()]
-    return np.array(values, dtype=np.float64) if values and all(v is not None for v in values) else None
+    records = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not records or not all({"weight", "rank", "score"} <= set(r) for r in records):  # only rank's own output
+        return None
+    values = np.array([r["weight"] for r in records], dtype=np.float64)
+    if not (values > 0).all():
+        raise InfluenceError(f"--subsets {path}: {int((values <= 0).sum())} selected example(s) have weight 0; select "
+                             "no more than the method's --budget (its weighted selection)")
+    return values
 
 
 @dataclass
@@ -186,7 +191,13 @@ def resolve_subsets(specs: list[str], run: Run | None, target: str | None, targe
                 if method.needs_target and target is None:
                     raise InfluenceError(f"--subsets {spec} needs --target")
                 wanted = Target.of(target, target_tasks) if method.needs_target else None
-                scores = score_targets(run, method, [wanted], method.options(method_options, others_allowed=True))[0]
+                given = dict(method_options or {})
+                if "budget" in {f.name for f in fields(method.Options)}:  # a selecting method selects --fraction
+                    if given.get("budget") not in (None, fraction):
+                        raise InfluenceError(f"--subsets {spec}: its --budget {given['budget']:g} differs from "
+                                             f"--fraction {fraction:g}; leave --budget out (it follows --fraction)")
+                    given["budget"] = fraction
+                scores = score_targets(run, method, [wanted], method.options(given, others_allowed=True))[0]
                 table = select(ranking_table(scores, pool), "top", fraction)
                 weights = table["weight"].to_numpy(dtype=np.float64) if "weight" in table else None
                 subsets.append(Subset(spec, [pool[int(i)] for i in table["pool_index"]], weights=weights))

@@ -11,14 +11,18 @@ OpenAI-compatible chat-completions endpoint (vLLM, llama.cpp's server, a hosted 
 Every request is answered once: answers are cached in a SQLite file (``RUN/raters/cache.sqlite``) under the SHA-256 of
 (backend, model, request), so a rerun or a resumed run makes no call it made before. Calls run ``--rater-concurrency``
 at a time (threads: the work is waiting on the network), each retried ``--rater-retries`` times with exponential
-backoff (and the server's ``Retry-After``) on timeouts, connection errors, 429 and 5xx; other HTTP errors stop the
-command with the server's message. An answer that is refused (``refusal``, ``finish_reason: content_filter``) or
-empty is kept as such with its reason: the methods record it as unscorable, never as a zero.
+backoff (and the server's ``Retry-After``) on timeouts, connection errors, 429 and 5xx; 401, 403 and 404 (a wrong
+key, model or URL: every call would fail) stop the command with the server's message, queued calls cancelled; any
+other error of one request (400: too long, filtered) makes that answer unscorable. An answer that is refused
+(``refusal``, ``finish_reason: content_filter``) or empty is kept as such with its reason: the methods record it as
+unscorable, never as a zero.
 """
 
 from __future__ import annotations
 
+import email.utils
 import hashlib
+import http.client
 import json
 import os
 import random
@@ -97,8 +101,12 @@ class AnswerCache:
         self.path, self.local = path, threading.local()
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with sqlite3.connect(path) as connection:
-                connection.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, answer TEXT NOT NULL)")
+            connection = sqlite3.connect(path)
+            try:
+                with connection:
+                    connection.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, answer TEXT)")
+            finally:
+                connection.close()
 
     def _connection(self) -> sqlite3.Connection:
         if not hasattr(self.local, "connection"):
@@ -125,6 +133,7 @@ class Backend:
     def __init__(self, settings: RaterSettings, cache: Path | None):
         self.settings, self.cache = settings, AnswerCache(cache)
         self.calls = 0  # made by this process (not answered from the cache)
+        self._count = threading.Lock()
 
     def key(self, request: Request) -> str:
         return hashlib.sha256(json.dumps([self.identity, asdict(request)], sort_keys=True).encode()).hexdigest()
@@ -157,7 +166,8 @@ class Backend:
 
         def ask(request: Request) -> None:
             answer = self._ask(request)
-            self.calls += 1
+            with self._count:
+                self.calls += 1
             asked[self.key(request)] = answer
             self.cache.put(self.key(request), answer)
             bar.update(1)
@@ -186,9 +196,12 @@ class EndpointBackend(Backend):
         super().__init__(settings, cache)
 
     def _run(self, todo: list[Request], ask: Callable[[Request], None]) -> None:
-        with ThreadPoolExecutor(self.settings.rater_concurrency) as pool:
+        pool = ThreadPoolExecutor(self.settings.rater_concurrency)
+        try:
             for future in [pool.submit(ask, request) for request in todo]:
                 future.result()  # the first failure stops the command (what was answered is cached)
+        finally:
+            pool.shutdown(cancel_futures=True)  # after a failure, the queued calls are not made
 
     def _body(self, request: Request) -> dict:
         messages = ([{"role": "system", "content": request.system}] if request.system else []) + \
@@ -210,18 +223,36 @@ class EndpointBackend(Backend):
                     return parse_completion(json.loads(response.read()))
             except urllib.error.HTTPError as err:
                 message = err.read().decode(errors="replace")[:300]
-                if err.code not in RETRIED_STATUS or attempt == self.settings.rater_retries:
+                if err.code in (401, 403, 404):  # the key, the model or the URL is wrong: every call would fail
                     hint = f" (is ${self.settings.rater_key_env} set to a valid key?)" if err.code in (401, 403) else ""
                     raise InfluenceError(f"--rater {self.url}: HTTP {err.code} {message}{hint}") from None
-                wait = float(err.headers.get("Retry-After") or 0) if err.headers else 0.0
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
+                if err.code not in RETRIED_STATUS:  # this request only (too long, filtered): unscorable
+                    return Answer(error=f"HTTP {err.code}: {message}")
+                if attempt == self.settings.rater_retries:
+                    raise InfluenceError(f"--rater {self.url}: HTTP {err.code} after {attempt + 1} tries: {message}") \
+                        from None
+                wait = _retry_after(err.headers.get("Retry-After") if err.headers else None)
+            except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as err:
                 if attempt == self.settings.rater_retries:
                     raise InfluenceError(f"--rater {self.url}: no answer after {attempt + 1} tries ({err})") from None
                 wait = 0.0
-            except ValueError as err:
-                return Answer(error=f"unreadable answer ({err})")
+            except (ValueError, KeyError, TypeError, AttributeError) as err:
+                return Answer(error=f"unreadable answer ({type(err).__name__}: {err})")
             time.sleep(max(wait, min(60.0, 0.5 * 2**attempt) * (1 + random.random() / 2)))
         raise AssertionError("unreachable")
+
+
+def _retry_after(value: str | None) -> float:
+    """Seconds from a Retry-After header (seconds, or an HTTP date; 0 when absent or unreadable)."""
+    if not value:
+        return 0.0
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        try:
+            return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return 0.0
 
 
 def parse_completion(payload: dict) -> Answer:
@@ -275,12 +306,14 @@ class LocalBackend(Backend):
             values, tokens = logprobs.topk(request.top_logprobs)
             first = {self.tokenizer.decode([int(t)]): float(v) for v, t in zip(values, tokens)}
         texts = []
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         for k in range(request.n):
-            torch.manual_seed(request.seed + k)
             sample = request.temperature > 0
-            out = self.model.generate(ids, max_new_tokens=request.max_tokens, do_sample=sample,
-                                      temperature=request.temperature if sample else None, top_p=None, top_k=None,
-                                      pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
+            with torch.random.fork_rng(devices=[]):  # the request's seed, the caller's random state untouched
+                torch.manual_seed(request.seed + k)
+                out = self.model.generate(ids, max_new_tokens=request.max_tokens, do_sample=sample,
+                                          temperature=request.temperature if sample else None, top_p=None, top_k=None,
+                                          pad_token_id=pad)
             texts.append(self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
         if not any(t.strip() for t in texts):
             return Answer(texts=texts, first_token_logprobs=first, error="empty answer")

@@ -140,7 +140,7 @@ def duplicate_scores(name: str, examples: list[Example], pairs: list[tuple[int, 
 @dataclass(kw_only=True)
 class ExactOptions:
     dedup_text: TextPart = setting("all", "What two examples must share to be duplicates: all (every turn), prompt "
-                                          "(the user turns) or response (the assistant's).")
+                                          "(the system and user turns) or response (the assistant's).")
 
 
 @dataclass(kw_only=True)

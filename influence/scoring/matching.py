@@ -8,9 +8,10 @@ projected, so distances and dot products are preserved in expectation):
   target's, the reference's ``valid=True``), on the regularised objective ``|sum_{i in S} w_i g_i - b|^2 +
   lambda |w|^2``: ``--budget`` iterations each add the example most aligned with the residual (``argmax g_i .
   r``), then solve ``(G_S + lambda I) w = A_S b`` and, while a weight is negative, drop the most negative example
-  and solve again (cords' ``OrthogonalMP_REG_Parallel_V1``, ``positive=True``; ``--lam`` 0.5 as its configurations);
-  it stops early when ``|r| / |b| < 1e-4`` or an example is picked twice, and the budget is then filled with random
-  examples of weight 1, as cords does. Cost: one product of the pool with the residual per iteration (the pool's
+  and solve again (cords' ``OrthogonalMP_REG_Parallel_V1``, ``positive=True``; ``--lam`` 0.5 as its configurations;
+  one difference: cords weighs its very first pick without ``lambda``, here every solve has it); it stops early when
+  ``|r| / |b| < 1e-4``, an example is picked twice or none is aligned with the residual, and the budget is then
+  filled with random examples of weight 1, as cords does. Cost: one product of the pool with the residual per iteration (the pool's
   gradients held once, in float16) and a growing Cholesky factor (``budget^2`` floats).
 * ``craig`` (CRAIG; Mirzasoleiman et al., ICML 2020): lazy greedy facility location ``F(S) = sum_v max_{s in S}
   (C - |g_v - g_s|)`` (``C`` any bound on the distances: the picks do not depend on it) over the pool, or over a
@@ -60,6 +61,8 @@ def omp_nonnegative(a: np.ndarray, b: np.ndarray, budget: int, lam: float, tol: 
     residual = target.clone()
     norm_b = float(target.norm())
     picks: list[int] = []
+    if norm_b == 0:
+        return picks, np.zeros(0), np.zeros(n)
     rows = np.zeros((budget, a.shape[1]), dtype=np.float64)  # the picks' gradients, in float64 for the solves
     gram = np.zeros((budget, budget))  # G_S + lambda I
     factor = np.zeros((budget, budget))  # its Cholesky factor, grown one row at a time
@@ -70,7 +73,7 @@ def omp_nonnegative(a: np.ndarray, b: np.ndarray, budget: int, lam: float, tol: 
         if float(residual.norm()) / norm_b < tol:
             break
         index = int(np.argmax(projections))
-        if index in picks:
+        if index in picks or projections[index] <= 0:  # nothing left that a positive weight could match
             break
         k = len(picks)
         row = a[index].astype(np.float64)
@@ -81,7 +84,9 @@ def omp_nonnegative(a: np.ndarray, b: np.ndarray, budget: int, lam: float, tol: 
         picks.append(index)
         # Grow the factor: L y = G_S[:k, k], then the new diagonal (O(k^2), not a new O(k^3) factorisation).
         y = solve_triangular(factor[:k, :k], gram[:k, k], lower=True) if k else np.zeros(0)
-        factor[k, :k], factor[k, k] = y, np.sqrt(max(gram[k, k] - y @ y, 1e-300))
+        if gram[k, k] - y @ y <= 0:
+            raise InfluenceError("gradmatch: the picked gradients are linearly dependent and --lam is 0: give --lam > 0")
+        factor[k, :k], factor[k, k] = y, np.sqrt(gram[k, k] - y @ y)
         weights = cho_solve((factor[: k + 1, : k + 1], True), products[: k + 1])
         while len(picks) and weights.min() < 0:  # drop the most negative and solve again (cords' V1)
             drop = int(np.argmin(weights))
@@ -91,7 +96,11 @@ def omp_nonnegative(a: np.ndarray, b: np.ndarray, budget: int, lam: float, tol: 
             gram[: len(keep), : len(keep)] = gram[np.ix_(keep, keep)]
             products[: len(keep)] = products[keep]
             size = len(keep)
-            factor[:size, :size] = np.linalg.cholesky(gram[:size, :size]) if size else factor[:0, :0]
+            try:
+                factor[:size, :size] = np.linalg.cholesky(gram[:size, :size]) if size else factor[:0, :0]
+            except np.linalg.LinAlgError:
+                raise InfluenceError("gradmatch: the picked gradients are linearly dependent and --lam is 0: give "
+                                     "--lam > 0") from None
             weights = cho_solve((factor[:size, :size], True), products[:size]) if size else np.zeros(0)
         residual = target - torch.from_numpy((weights @ rows[: len(picks)]).astype(np.float32))
         projections = _blocks(a, residual)
@@ -104,7 +113,8 @@ def craig(a: np.ndarray, budget: int, clients: int, seed: int) -> tuple[list[int
     n = len(a)
     served = np.arange(n) if n <= clients else np.random.default_rng(seed).choice(n, clients, replace=False)
     client_vectors = torch.from_numpy(a[served]).float()
-    bound = 2 * float(torch.from_numpy(a).float().norm(dim=1).max()) + 1.0  # C >= every distance
+    largest = max(float(torch.from_numpy(a[s : s + BLOCK]).float().norm(dim=1).max()) for s in range(0, n, BLOCK))
+    bound = 2 * largest + 1.0  # C >= every distance (blocks: the pool stays in float16)
     nearest = torch.full((len(served),), bound)  # each client's distance to its nearest pick (C: none yet)
 
     def gain(candidates: np.ndarray) -> np.ndarray:

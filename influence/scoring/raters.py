@@ -288,7 +288,7 @@ class Qurater(Method):
         for i, j in kept:
             judged[[i, j]] = True
         strengths = bradley_terry(n, kept, np.array(wins)) if kept else np.zeros(n)
-        score = np.where(judged, strengths, np.nan)
+        score = np.where(judged, strengths - strengths[judged].mean() if judged.any() else strengths, np.nan)
         return Scores(self.name, [e.id for e in pool], score,
                       f"Bradley-Terry strength on '{options.criterion}' (higher = better, mean 0)",
                       finite=np.isfinite(score),
@@ -364,9 +364,10 @@ def rewards(model, tokenizer, pairs: list[tuple[str, str]], device, batch_size: 
         return f"{instruction}\n\n{response}"
 
     out = []
+    templated = bool(getattr(tokenizer, "chat_template", None))  # the template already holds the special tokens
     for start in range(0, len(pairs), batch_size):
         batch = tokenizer([text(*p) for p in pairs[start : start + batch_size]], return_tensors="pt", padding=True,
-                          truncation=True, max_length=max_length)
+                          truncation=True, max_length=max_length, add_special_tokens=not templated)
         out.append(model(**{k: v.to(device) for k, v in batch.items()}).logits[:, 0].float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0)
 

@@ -196,7 +196,7 @@ def training_of(run: Run, subset: str | None) -> Training:
         raise InfluenceError(f"--subset {subset}: unit {unit} of {store.path} is not trained (it has "
                              f"{len(store.done_units())} finished units)")
     settings = from_dict(TrainSettings, {}, base=store.metadata["settings"], where=f"{store.path} settings")
-    members, weights, settings = unit_training(store.design, store.mask(unit), unit, settings)
+    members, weights, settings = unit_training(store.design, store.mask(unit), unit, settings, store.unit_weights(unit))
     pool = run.pool()
     return Training([pool[i] for i in members], weights, settings, (store, unit), store.unit_attrs(unit).get("seconds"))
 
@@ -323,10 +323,11 @@ def _compute(run: Run, training: Training, target: str, examples, folder: Path, 
 
     def measurements(final: State) -> list[State]:
         """The gradients of the measurements with respect to the final parameters."""
-        batches, value = measurement_batches(settings.measure, examples, tokenizer, run.max_length, False)
+        length = training.settings.max_length  # the model's own (a subset model's may differ from the warm-up's)
+        batches, value = measurement_batches(settings.measure, examples, tokenizer, length, False)
         grads = measurement_gradient(trainer.model, names, final, batches, len(examples), value=value)
         if settings.per_target_example:
-            batches, value = measurement_batches(settings.measure, examples, tokenizer, run.max_length, True)
+            batches, value = measurement_batches(settings.measure, examples, tokenizer, length, True)
             grads += measurement_gradient(trainer.model, names, final, batches, len(examples), True, value)
         return grads
 
