@@ -51,7 +51,7 @@ def main() -> None:
     out = None if args.subsets == "less,random,full" else str(Path(args.out) / ("select-" + "-".join(subsets)))
     report = evaluate_select(subsets, run_dir=run, target="mmlu_val", target_tasks=SUBJECTS, fraction=args.fraction,
                              grid=grid, method_options={"budget": args.fraction, "steps": args.mgd_steps}, say=print,
-                             out=out)
+                             out=out, baselines=[b for b in ("less", "random") if b in subsets and "mgd" in subsets] or None)
     print("\n" + report.text())
     print(f"\nsettings: pool 194 (FLAN-CoT + P3 demo), mmlu_val {', '.join(SUBJECTS)}, held-out MMLU test (20 per subject), "
           f"SmolLM2-135M, LoRA r=8 q/v, max length 256, grid {grid}; wall time {(time.time() - started) / 60:.1f} min")
