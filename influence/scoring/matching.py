@@ -11,8 +11,9 @@ projected, so distances and dot products are preserved in expectation):
   and solve again (cords' ``OrthogonalMP_REG_Parallel_V1``, ``positive=True``; ``--lam`` 0.5 as its configurations;
   one difference: cords weighs its very first pick without ``lambda``, here every solve has it); it stops early when
   ``|r| / |b| < 1e-4``, an example is picked twice or none is aligned with the residual, and the budget is then
-  filled with random examples of weight 1, as cords does. Cost: one product of the pool with the residual per iteration (the pool's
-  gradients held once, in float16) and a growing Cholesky factor (``budget^2`` floats).
+  filled with random examples of weight 1, as cords does. Cost: one product of the pool with the residual per
+  iteration (on a float32 copy of the pool's gradients up to 4 GB, 0.8 GB at 100k x 2048; beyond, float16 blocks
+  converted per product) and a growing Cholesky factor (``budget^2`` floats).
 * ``craig`` (CRAIG; Mirzasoleiman et al., ICML 2020): lazy greedy facility location ``F(S) = sum_v max_{s in S}
   (C - |g_v - g_s|)`` (``C`` any bound on the distances: the picks do not depend on it) over the pool, or over a
   random sample of ``--clients`` of it on larger pools; each pick's weight is the number of pool examples whose
@@ -46,9 +47,22 @@ from .base import PLAIN_GRADIENTS, Method, Scores, Target
 MEANING = __doc__.split("Sign and scale: ")[1].strip()
 
 
-def _blocks(a: np.ndarray, vector: torch.Tensor, block: int = 8 * BLOCK) -> np.ndarray:
-    """``a @ vector`` in float32, ``block`` rows of ``a`` (float16) at a time."""
-    return np.concatenate([(torch.from_numpy(a[s : s + block]).float() @ vector).numpy() for s in range(0, len(a), block)])
+FLOAT32_COPY_GB = 4.0  # the pool's gradients are copied to float32 once when the copy is no larger (100k x 2048: 0.8)
+
+
+class Rows:
+    """``a @ vector`` in float32 for the rows of ``a`` (float16 as stored): from a float32 copy made once when it takes
+    at most ``FLOAT32_COPY_GB``, else ``block`` rows converted at a time (slower: every product converts them again)."""
+
+    def __init__(self, a: np.ndarray, block: int = 8 * BLOCK):
+        self.a, self.block = a, block
+        self.copy = torch.from_numpy(a.astype(np.float32)) if a.size * 4 <= FLOAT32_COPY_GB * 2**30 else None
+
+    def __matmul__(self, vector: torch.Tensor) -> np.ndarray:
+        if self.copy is not None:
+            return (self.copy @ vector).numpy()
+        return np.concatenate([(torch.from_numpy(self.a[s : s + self.block]).float() @ vector).numpy()
+                               for s in range(0, len(self.a), self.block)])
 
 
 def omp_nonnegative(a: np.ndarray, b: np.ndarray, budget: int, lam: float, tol: float = 1e-4
@@ -68,7 +82,8 @@ def omp_nonnegative(a: np.ndarray, b: np.ndarray, budget: int, lam: float, tol: 
     factor = np.zeros((budget, budget))  # its Cholesky factor, grown one row at a time
     products = np.zeros(budget)  # A_S b
     weights = np.zeros(0)
-    projections = _blocks(a, residual)
+    pool = Rows(a)
+    projections = pool @ residual
     for _ in range(budget):
         if float(residual.norm()) / norm_b < tol:
             break
@@ -103,7 +118,7 @@ def omp_nonnegative(a: np.ndarray, b: np.ndarray, budget: int, lam: float, tol: 
                                      "--lam > 0") from None
             weights = cho_solve((factor[:size, :size], True), products[:size]) if size else np.zeros(0)
         residual = target - torch.from_numpy((weights @ rows[: len(picks)]).astype(np.float32))
-        projections = _blocks(a, residual)
+        projections = pool @ residual
     return picks, weights, projections
 
 
