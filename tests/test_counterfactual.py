@@ -253,6 +253,29 @@ def test_predictability_is_the_held_out_models_mean(engine_run):
     np.testing.assert_allclose(by_loss, [-np.mean(loss[~masks[:, x], x]) for x in range(masks.shape[1])])
 
 
+def test_instruction_mining_is_least_squares_on_the_subsets(engine_run):
+    """The linear model from the subsets' mean standardised indicators to their log mean target loss, by numpy's
+    least squares, applied to each example."""
+    run = Run(engine_run["run"])
+    store = SubsetStore.open(run.subsets_path, "fit")
+    found = score("instruction_mining", engine_run["run"], engine_run["target"], indicators=["nll", "ifd"])
+    columns = []
+    for name in ("nll", "ifd"):
+        column = score(name, engine_run["run"]).score.astype(np.float64)
+        column = np.where(np.isfinite(column), column, np.nanmean(column))
+        assert column.std() > 0
+        columns.append((column - column.mean()) / column.std())
+    x = np.stack(columns, axis=1)
+    dataset = next(iter(store.targets))
+    _, masks, loss = store.outcomes(dataset, "loss")
+    features = masks @ x / masks.sum(axis=1, keepdims=True)
+    design = np.column_stack([np.ones(len(features)), features])
+    coef = np.linalg.lstsq(design, np.log(loss.mean(axis=1)), rcond=None)[0]
+    np.testing.assert_allclose(found.score, -(coef[0] + x @ coef[1:]), rtol=1e-6, atol=1e-9)
+    with pytest.raises(InfluenceError, match="target-free"):
+        score("instruction_mining", engine_run["run"], engine_run["target"], indicators=["less"])
+
+
 def test_dsdm_selection_minimises_the_predicted_target_loss(engine_run):
     table = rank(engine_run["run"], engine_run["target"], method="dsdm", top_k=3, out=engine_run["folder"] / "rank-dsdm")
     _, _, _, _, weights, intercepts, _ = datamodel_fit(Run(engine_run["run"]), engine_run["target"])

@@ -257,3 +257,65 @@ def test_spaces_reps_and_embeddings_and_lds_of_a_diversified_selection(tiny_run,
     report = evaluate_lds(run, tiny_run["target"], ["random", str(selection)], k=3, bootstrap=5, progress=False)
     row = report.table.set_index("method").loc["diverse/selected.jsonl"]
     assert row["effects"] == "ranking or selection file" and row["n_subsets"] == 3
+
+
+def test_dq_bins_equal_the_reference_graphcut_and_the_shares_are_equal():
+    """Dataset Quantization's bins against its reference written out on the dense similarity matrix (GraphCut gain
+    ``lam * colsum - 2 * sum over the bin``, lam 1, naive greedy), then an equal random share of each bin."""
+    from influence.selection.diversify import dataset_quantization, quantization_bins
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(61, 8))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    remaining, expected = np.arange(61), []
+    for _ in range(4):
+        sim = x[remaining] @ x[remaining].T
+        colsum, chosen = sim.sum(axis=0), []
+        for _ in range(61 // 4):
+            gain = colsum - 2 * sim[chosen].sum(axis=0)
+            gain[chosen] = -np.inf
+            chosen.append(int(np.argmax(gain)))
+        expected.append(remaining[chosen])
+        remaining = np.delete(remaining, chosen)
+    bins = quantization_bins(x, 4)
+    assert [b.tolist() for b in bins] == [e.tolist() for e in expected]
+    picks = dataset_quantization(x, 10, 4, seed=1)
+    shares = [len(set(picks) & set(b.tolist())) for b in bins]
+    assert len(picks) == len(set(picks)) == 10 and shares == [3, 3, 2, 2]
+
+
+def test_clusterclip_balances_clusters_and_clips_repeats():
+    from influence.selection.diversify import cluster_clip
+
+    labels = np.array([0] * 50 + [1] * 3)  # a big cluster and a rare one
+    order, repeats = cluster_clip(labels, 40, clip=4, seed=0)
+    counts = dict(zip(order, repeats))
+    assert sum(repeats) == 40 and max(repeats) <= 4 and len(order) == len(set(order))
+    rare = sum(v for row, v in counts.items() if labels[row] == 1)
+    assert 12 <= rare <= 20  # about half the slots go to the rare cluster until its rows reach the clip (3 x 4 = 12)
+    assert all(counts[row] <= 4 for row in order)
+    order, repeats = cluster_clip(labels, 1000, clip=2, seed=0)
+    assert sum(repeats) == 2 * len(labels)  # every row drawn up to the clip, then no slot left to fill
+
+
+def test_rank_with_dq_and_clusterclip(tiny_run, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from influence.cli import main
+
+    runner = CliRunner()
+    for algorithm, extra in (("dq", ["--dq-bins", "3"]), ("clusterclip", ["--clip", "2", "--clusters", "3"])):
+        out = tmp_path / algorithm
+        result = runner.invoke(main, ["rank", "--run", tiny_run["run"], "--method", "random", "--fraction", "0.3",
+                                      "--diversify", algorithm, "--out", str(out), *extra])
+        assert result.exit_code == 0, result.output
+        records = [json.loads(line) for line in (out / "selected.jsonl").read_text().splitlines() if line]
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["selection"]["diversify"]["algorithm"] == algorithm
+        if algorithm == "clusterclip":
+            assert sum(r["weight"] for r in records) == summary["selection"]["diversify"]["training_slots"]
+            assert all(1 <= r["weight"] <= 2 for r in records)
+        else:
+            assert "weight" not in records[0] and len(records) == int(0.3 * 23)

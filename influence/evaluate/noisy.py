@@ -10,6 +10,7 @@ found in the top and in the bottom 10% of scores.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from ..data.formats import Example, demo_pool_files, load_pool
 from ..errors import InfluenceError
 from ..gradients.collect import project_grads
 from ..gradients.curvature import fit_curvature
-from ..scoring.base import SUBSETS, registry
+from ..scoring.base import registry
 from ..scoring.forward import compute_forward_scores
 from ..train.run import Run
 from ..train.subsets import train_subsets
@@ -136,8 +137,18 @@ def evaluate_noisy(config: WarmupConfig, settings: NoisySettings | None = None, 
     if settings.subsets_k:
         train_subsets(run_dir, k=settings.subsets_k, alpha=0.5, progress=progress)
     run = Run(run_dir)
-    scores = {name: method.scores(run, None, method.options()).score for name, method in registry().items()
-              if not method.needs_target and (SUBSETS not in method.needs or settings.subsets_k)}
+    scores, skipped = {}, []
+    for name, method in registry().items():
+        if method.needs_target:
+            continue
+        options = method.options()
+        if any(need.missing(run, None, options) for need in method.needs if not need.made_on_demand):
+            skipped.append(name)  # e.g. the plain gradients (gradmatch), a rating or reward model, subset models
+            continue
+        scores[name] = method.scores(run, None, options).score
+    if skipped:
+        print(f"evaluate noisy: not scored, a prerequisite it does not make is missing: {', '.join(skipped)}",
+              file=sys.stderr)
     table = detection_table(scores, labels["corrupted"].to_numpy())
     table.to_csv(out / "detection.csv", index=False)
     return table

@@ -199,12 +199,12 @@ def _pool_complete(run: Run, dim: int) -> bool:
     return False
 
 
-def open_checkpoint_stores(run: Run, dataset: str, dim: int) -> list[GradientStore]:
-    """The complete stores of ``dataset`` at every current checkpoint of the run, each checked to
-    have been computed from the run's model and that checkpoint's adapter as they are now (and, for
-    the pool, from its current content)."""
+def open_checkpoint_stores(run: Run, dataset: str, dim: int, last_only: bool = False) -> list[GradientStore]:
+    """The complete stores of ``dataset`` at every current checkpoint of the run (or the last one only), each checked
+    to have been computed from the run's model and that checkpoint's adapter as they are now (and, for the pool, from
+    its current content)."""
     stores = []
-    for checkpoint in run.checkpoints():
+    for checkpoint in run.checkpoints()[-1:] if last_only else run.checkpoints():
         try:
             store = GradientStore.open(run.store_path, grads_group(dim, dataset, checkpoint.name))
         except InfluenceError as err:

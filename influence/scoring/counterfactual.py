@@ -352,3 +352,62 @@ class Dsdm(Method):
                               "selections of k (predicted loss = intercept - sum of the selection's scores)")
         scores.details = {**scores.details, "estimator": options.estimator, "intercept": intercept}
         return scores
+
+
+INDICATORS = ["nll", "ifd", "mtld", "ttr"]
+
+
+@dataclass(kw_only=True)
+class MiningOptions:
+    subsets: str = shared.subsets()
+    indicators: list[str] = setting(default_factory=lambda: list(INDICATORS), list=True,
+                                    help="Comma-separated target-free methods whose scores are the linear model's "
+                                         "inputs.")
+
+
+class InstructionMining(Method):
+    name = "instruction_mining"
+    family = "quality"
+    summary = ("InstructionMining (Cao et al. 2023): a linear model from indicators to the target loss the subset "
+               "models measured, applied to each example")
+    meaning = ("InstructionMining: minus the log target loss a linear model of the example's indicators predicts "
+               "(fitted on the subset models: log of their mean target loss against the mean standardised indicators "
+               "of their training subsets, by least squares); higher = predicted to lower the target loss more")
+    needs = (TARGET, SUBSETS)
+    Options = MiningOptions
+
+    def scores(self, run: Run, target: Target, options: MiningOptions) -> Scores:
+        """Cao et al. fit ``log L_eval = b0 + sum_j b_j I_j`` over datasets, ``I_j`` an indicator's mean over a dataset;
+        here the datasets are the subset models' training subsets and ``L_eval`` their mean loss on the target's
+        examples. Indicators are standardised over the pool (a missing value: the pool's mean)."""
+        from sklearn.linear_model import LinearRegression
+
+        bad = [m for m in options.indicators if m == self.name or get_method(m).needs_target]
+        if bad:
+            raise InfluenceError(f"--indicators {', '.join(bad)}: indicators must be target-free methods other than "
+                                 "instruction_mining")
+        store = open_subsets(run, options.subsets)
+        dataset, keep = target_columns(store, target.name, target.task_list)
+        units, masks, values = store.outcomes(dataset, "loss")
+        require_units(store, units, at_least=len(options.indicators) + 2)
+        columns = []
+        for name in options.indicators:
+            method = get_method(name)
+            settings = method.options()
+            method.require(run, None, settings)
+            column = np.asarray(method.scores(run, None, settings).score, dtype=np.float64)
+            finite = np.isfinite(column)
+            column = np.where(finite, column, column[finite].mean() if finite.any() else 0.0)
+            columns.append((column - column.mean()) / (column.std() or 1.0))
+        indicators = np.stack(columns, axis=1)  # pool x indicators
+        inside = masks.astype(np.float64)
+        features = inside @ indicators / inside.sum(axis=1, keepdims=True)  # each subset's mean indicators
+        log_loss = np.log(values[:, keep].mean(axis=1))
+        model = LinearRegression().fit(features, log_loss)
+        predicted = model.predict(indicators)
+        return Scores(self.name, store.pool_ids.tolist(), -predicted, self.meaning,
+                      details={"subsets": store.name, "units": len(units), "indicators": options.indicators,
+                               "coefficients": dict(zip(options.indicators, model.coef_.round(6).tolist())),
+                               "intercept": float(model.intercept_),
+                               "r2_on_subsets": float(model.score(features, log_loss))},
+                      columns={"predicted_log_loss": predicted})

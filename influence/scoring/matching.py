@@ -167,7 +167,7 @@ def selection_scores(name: str, ids: list[str], picks: list[int], weights: np.nd
 def _pool_gradients(run: Run, options) -> tuple[np.ndarray, list[str], dict, int]:
     """The pool's plain gradients at the last checkpoint (float16, as stored), their ids, what they are, the dim."""
     dim = resolve_dim(run, options.proj_dim)
-    store = open_checkpoint_stores(run, gradient_dataset(TRAIN, "sgd"), dim)[-1]
+    store = open_checkpoint_stores(run, gradient_dataset(TRAIN, "sgd"), dim, last_only=True)[0]
     grads = np.asarray(store.array("grads"), dtype=np.float16)
     finite = np.isfinite(grads).all(axis=1)
     if not finite.all():
@@ -209,7 +209,7 @@ class GradMatch(Method):
             b, matched = grads.sum(axis=0, dtype=np.float64), "the pool's summed gradient"
         else:
             store = open_checkpoint_stores(run, find_target_dataset(run.store_path, dim, target.name, target.task_list),
-                                           dim)[-1]
+                                           dim, last_only=True)[0]
             b, matched = np.asarray(store.array("grads"), dtype=np.float64).sum(axis=0), f"{target.name}'s summed gradient"
         budget = _budget(len(ids), options.budget)
         picks, weights, projections = omp_nonnegative(grads, b, budget, options.lam)

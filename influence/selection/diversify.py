@@ -24,7 +24,11 @@ Selection algorithms, each usable with any score of ``rank``:
 * ``clusters``: k-means clusters, then the best of each cluster, in proportion to the cluster's size
   or equally;
 * ``quota``: per-subtask quotas for targets with subtasks: the best of each subtask's column in turn
-  (LESS's max over subtasks can starve a subtask).
+  (LESS's max over subtasks can starve a subtask);
+* ``dq``: Dataset Quantization (Zhou et al., 2023): bins filled by GraphCut's submodular gain, then an equal random
+  share of the budget from each bin (:func:`dataset_quantization`);
+* ``clusterclip``: ClusterClip sampling (Shao et al., 2024): training slots drawn cluster-balanced with a cap
+  ``clip`` on repeats; the repeats become the examples' weights (:func:`cluster_clip`).
 
 Hand-written rather than ``apricot-select``: apricot builds the dense (or k-NN sparse) similarity
 matrix of the whole pool and has no quality term; these stream blocks against the pool.
@@ -132,6 +136,66 @@ def redundancy_filter(x: np.ndarray, order: np.ndarray, budget: int, min_distanc
     return kept
 
 
+def quantization_bins(x: np.ndarray, bins: int) -> list[np.ndarray]:
+    """Dataset Quantization's bins (Zhou et al., ICCV 2023; their ``alpaca_sample.py`` the reference): ``bins`` bins of
+    ``n // bins`` rows, each filled greedily from the rows not yet binned by GraphCut's gain ``sum_{v in rest} sim(v,
+    x) - 2 sum_{s in bin} sim(s, x)`` (representative of what is left, unlike what the bin holds; cosine similarity).
+    Cost: one product of the rest with a row per binned row, ``n^2 d`` in all."""
+    on = device()
+    vectors = _tensor(x, on)
+    remaining = np.arange(len(x))
+    size = len(x) // bins
+    binned: list[np.ndarray] = []
+    for _ in range(bins):
+        rest = vectors[torch.from_numpy(remaining).to(on)]
+        column_sums = (rest @ rest.sum(dim=0)).double()
+        penalty = torch.zeros(len(remaining), dtype=torch.float64, device=on)
+        free = torch.ones(len(remaining), dtype=torch.bool, device=on)
+        chosen = []
+        for _ in range(min(size, len(remaining))):
+            gain = torch.where(free, column_sums - 2 * penalty, torch.tensor(-torch.inf, dtype=torch.float64, device=on))
+            j = int(torch.argmax(gain))
+            chosen.append(j)
+            free[j] = False
+            penalty += (rest @ rest[j]).double()
+        binned.append(remaining[chosen])
+        remaining = np.delete(remaining, chosen)
+    return binned
+
+
+def dataset_quantization(x: np.ndarray, budget: int, bins: int, seed: int = 0) -> list[int]:
+    """DQ's selection: :func:`quantization_bins`, then the budget drawn uniformly at random from the bins, an equal
+    share each (the remainder to the first bins; the reference drops it)."""
+    rng = np.random.default_rng(seed)
+    share, extra = divmod(budget, bins)
+    picks: list[int] = []
+    for k, members in enumerate(quantization_bins(x, bins)):
+        picks += rng.choice(members, min(share + (k < extra), len(members)), replace=False).tolist()
+    return picks
+
+
+def cluster_clip(labels: np.ndarray, budget: int, clip: int, seed: int = 0) -> tuple[list[int], np.ndarray]:
+    """ClusterClip sampling (Shao et al., ACL Findings 2024) of ``budget`` training slots: each slot draws a cluster
+    uniformly among those with rows left, then one of its rows uniformly; a row drawn ``clip`` times leaves (the
+    repetition clip). (rows in the order first drawn, how many times each was drawn: its weight in training)."""
+    rng = np.random.default_rng(seed)
+    left = {int(c): list(np.flatnonzero(labels == c)) for c in np.unique(labels)}
+    counts = np.zeros(len(labels), dtype=np.int64)
+    order: list[int] = []
+    for _ in range(budget):
+        live = [c for c, rows in left.items() if rows]
+        if not live:
+            break
+        rows = left[live[rng.integers(len(live))]]
+        row = int(rows[rng.integers(len(rows))])
+        if counts[row] == 0:
+            order.append(row)
+        counts[row] += 1
+        if counts[row] >= clip:
+            rows.remove(row)
+    return order, counts[order].astype(np.float64)
+
+
 def cluster_balanced(labels: np.ndarray, order: np.ndarray, budget: int, balance: str = "proportional") -> list[int]:
     """The best-ranked rows of every cluster (``order`` is the ranking): each cluster's share of the
     budget in proportion to its size (largest remainders), or equal; a cluster with fewer rows than
@@ -218,6 +282,20 @@ def diversify_selection(table: pd.DataFrame, scores: Scores, diversify: Diversif
         if len(picks) < budget:
             details["note"] = (f"only {len(picks)} examples are farther than {diversify.min_distance} from every other "
                                "kept one")
+    elif diversify.algorithm == "dq":
+        picks = dataset_quantization(vectors, budget, diversify.bins, seed)
+        details.update(bins=diversify.bins, note="DQ draws at random inside its bins: the score only decides which "
+                                                 "examples are candidates (--method random: DQ as published)")
+    elif diversify.algorithm == "clusterclip":
+        clusters = diversify.clusters or default_clusters(len(vectors))
+        labels, _ = kmeans(vectors, clusters, seed)
+        picks, repeats = cluster_clip(labels, budget, diversify.clip, seed)
+        chosen = candidates.iloc[picks].copy()
+        chosen["weight"] = repeats  # times drawn: selected.jsonl carries it, evaluate select trains with it
+        details.update(clusters=clusters, clip=diversify.clip, training_slots=int(repeats.sum()),
+                       distinct=len(picks), note="ClusterClip fills --fraction of the pool in training slots; an "
+                                                 "example drawn k times has weight k")
+        return chosen, details
     else:
         clusters = diversify.clusters or default_clusters(len(vectors))
         labels, _ = kmeans(vectors, clusters, seed)

@@ -15,7 +15,7 @@ from ..scoring.base import MethodChoice
 SelectMode = Literal["top", "bottom", "middle", "below", "above"]
 DEFAULT_FRACTION = 0.05  # LESS's 5%
 DEFAULT_BAND = (0.25, 0.75)  # the middle half
-Algorithm = Literal["kcenter", "fl", "filter", "clusters", "quota"]
+Algorithm = Literal["kcenter", "fl", "filter", "clusters", "quota", "dq", "clusterclip"]
 
 
 class QuantileBand(click.ParamType):
@@ -50,7 +50,8 @@ class Diversify:
 
     algorithm: Algorithm | None = setting(
         None, "Diversity-aware selection of the top: k-center greedy, facility location with the score as quality "
-              "(QDIT), the redundancy filter (DEITA), the best of each k-means cluster, or per-subtask quotas.",
+              "(QDIT), the redundancy filter (DEITA), the best of each k-means cluster, per-subtask quotas, Dataset "
+              "Quantization's bins (dq) or ClusterClip's cluster-balanced sampling with repeats (clusterclip).",
         flag="diversify")
     weight: float = setting(0.3, "--diversify fl: weight w of facility location against the score (quality).",
                             flag="diversity-weight", min=0, max=1)
@@ -59,6 +60,8 @@ class Diversify:
     clusters: int | None = shared.clusters()
     balance: Literal["proportional", "equal"] = setting("proportional", "--diversify clusters: each cluster's "
                                                                         "share of the budget.")
+    bins: int = setting(10, "--diversify dq: Dataset Quantization's bins.", flag="dq-bins", min=1)
+    clip: int = setting(4, "--diversify clusterclip: the most times one example may be drawn.", flag="clip", min=1)
 
 
 @dataclass(kw_only=True)
