@@ -31,6 +31,18 @@ from influence.train.warmup import WarmupConfig, warmup
 SUBJECTS = ["elementary_mathematics", "high_school_biology", "world_religions", "marketing"]
 
 
+def example_run(out: str | Path, train_gradients: tuple[str, ...] = ("adam",)) -> Path:
+    """The example's run in ``out/run`` (made or resumed): the warm-up and the gradients ``make demo`` makes."""
+    run = Path(out) / "run"
+    config = WarmupConfig(model="smollm2-135m", train_files=demo_pool_files(), out=str(run),
+                          lora=LoraSettings(8, 32, 0.05, ["q_proj", "v_proj"]), fraction=0.25, epochs=2,
+                          learning_rate=2e-4, warmup_ratio=0.0, batch_size=8, grad_accum=1, max_length=256)
+    warmup(config, resume=(run / "manifest.json").exists())
+    project_grads(run, "mmlu_val", proj_dim=2048, batch_size=8, chunk_size=32, target_tasks=SUBJECTS,
+                  train_gradients=list(train_gradients))
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/less-vs-random")
@@ -40,12 +52,7 @@ def main() -> None:
     add_grid_arguments(parser)
     args = parser.parse_args()
     started = time.time()
-    run = Path(args.out) / "run"
-    config = WarmupConfig(model="smollm2-135m", train_files=demo_pool_files(), out=str(run),
-                          lora=LoraSettings(8, 32, 0.05, ["q_proj", "v_proj"]), fraction=0.25, epochs=2,
-                          learning_rate=2e-4, warmup_ratio=0.0, batch_size=8, grad_accum=1, max_length=256)
-    warmup(config, resume=(run / "manifest.json").exists())
-    project_grads(run, "mmlu_val", proj_dim=2048, batch_size=8, chunk_size=32, target_tasks=SUBJECTS)
+    run = example_run(args.out)
     grid = grid_from(args)
     subsets = args.subsets.split(",")
     out = None if args.subsets == "less,random,full" else str(Path(args.out) / ("select-" + "-".join(subsets)))
