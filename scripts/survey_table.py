@@ -69,9 +69,12 @@ def select_all(run: Path, folder: Path, fraction: float, rater: str, say) -> tup
             method = settings.pop("method", name)
             options = {**({"rater": rater} if "rater" in extra else {}),
                        **({"budget": fraction} if "budget" in extra else {})}
+            if settings.get("mode") == "middle":  # the middle band of the score's quantiles, of the same size
+                settings["band"] = (0.5 - fraction / 2, 0.5 + fraction / 2)
             started = time.time()
             try:
-                rank(run, "mmlu_val" if extra.get("target") else None, method=method, fraction=fraction,
+                rank(run, "mmlu_val" if extra.get("target") else None, method=method,
+                     fraction=None if "band" in settings else fraction,
                      target_tasks=SUBJECTS if extra.get("target") else None, out=str(folder / f"rank-{name}"),
                      overwrite=True, **settings, **options)
             except InfluenceError as err:
