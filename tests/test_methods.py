@@ -156,3 +156,20 @@ def test_the_documented_example_method_plugs_in(tiny_run, tmp_path, monkeypatch)
         rank(tiny_run["run"], None, method="response_length", unit="lines", write=False)
     listed = CliRunner().invoke(main, ["methods"]).output
     assert "response_length" in listed and "longest responses" in listed
+
+
+def test_methods_says_what_a_run_has_and_the_command_for_the_rest(bare_run, tiny_run):
+    import json
+
+    from click.testing import CliRunner
+
+    from influence.cli import main
+
+    result = CliRunner().invoke(main, ["methods", "--run", str(bare_run.path), "--target", tiny_run["target"], "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {row["method"]: row for row in json.loads(result.output)}
+    assert rows["random"]["ready"] and rows["nll"]["ready"]  # nll's forward pass is made when missing
+    assert not rows["less"]["ready"] and "influence project-grads --run" in rows["less"]["missing"][0]
+    assert not rows["alpagasus"]["ready"] and "give --rater" in rows["alpagasus"]["missing"][0]
+    text = CliRunner().invoke(main, ["methods", "--run", str(bare_run.path)]).output
+    assert "-> ready" in text and "a target: give --target" in text

@@ -24,6 +24,7 @@ from ..train.warmup import WarmupConfig, WarmupRun
 from .common import (
     AsJson,
     OneTarget,
+    OptionalRunFolder,
     OptionalTarget,
     RunFolder,
     Targets,
@@ -193,23 +194,41 @@ def compare(**values) -> None:
 
 
 @click.command()
+@settings_options(OptionalRunFolder)
+@settings_options(OptionalTarget)
 @settings_options(AsJson)
 def methods(**values) -> None:
-    """The scoring methods of `rank`, by family: what each needs and what its score means (sign and scale)."""
-    from ..scoring.base import FAMILIES, FAMILY_TITLES, registry
+    """The scoring methods of `rank`, by family: what each needs and what its score means (sign and scale). With
+    --run (and --target), whether the run has what each needs, or the command that makes it."""
+    from ..scoring.base import FAMILIES, FAMILY_TITLES, Target, registry
+    from ..train.run import Run
 
-    found = registry()
-    rows = [{"method": name, "family": m.family, "summary": m.summary, "needs": [str(n) for n in m.needs],
-             "attribution": m.has_attribution, "options": sorted(f.name for f in m.Options.__dataclass_fields__.values()),
-             "meaning": m.meaning} for name, m in sorted(found.items())]
+    where, wanted = build(OptionalRunFolder, values), build(OptionalTarget, values).target
+    run = Run(where.run_dir) if where.run_dir else None
+    target = Target.of(wanted)
+    rows = []
+    for name, m in sorted(registry().items()):
+        row = {"method": name, "family": m.family, "summary": m.summary, "needs": [str(n) for n in m.needs],
+               "attribution": m.has_attribution, "options": sorted(f.name for f in m.Options.__dataclass_fields__.values()),
+               "meaning": m.meaning}
+        if run is not None:
+            options = m.options()
+            missing = [why for need in m.needs if not need.made_on_demand
+                       and (why := need.missing(run, target if m.needs_target else None, options))]
+            row["ready"], row["missing"] = not missing, missing
+        rows.append(row)
     if build(AsJson, values).as_json:
         click.echo(json.dumps(rows, indent=2))
         return
     for family in FAMILIES:
         click.secho(f"\n{FAMILY_TITLES[family]}", bold=True)
         for row in (r for r in rows if r["family"] == family):
-            needs = f"  [needs {'; '.join(row['needs'])}]" if row["needs"] else ""
-            click.echo(f"  {row['method']:<17} {row['summary']}{needs}")
+            if run is None:
+                needs = f"  [needs {'; '.join(row['needs'])}]" if row["needs"] else ""
+                click.echo(f"  {row['method']:<18} {row['summary']}{needs}")
+                continue
+            state = "ready" if row["ready"] else "needs " + "; ".join(row["missing"])
+            click.echo(f"  {row['method']:<18} {row['summary']}\n  {'':<18} -> {state}")
 
 
 @click.command("forward-scores")
