@@ -5,7 +5,7 @@ as `evaluate select` does, against a random 5% (issue #24, part 8).
 The run is ``select_less_vs_random.py``'s (SmolLM2-135M, the 194-example demo pool, target mmlu_val's 4 subjects,
 held-out MMLU test questions, answer-letter NLL), with plain and TRAK gradients added. A local model stands in for
 GPT as the rater (``--rater``, default the same SmolLM2-135M: a base model this small rarely writes a usable rating,
-which the table shows as unscorable rather than hides). Each method selects by its own convention (``ORDER``:
+which the table shows as unscorable rather than hides). Each method selects by its own convention (``METHODS``:
 perplexity keeps the middle, redundancy scores keep the least redundant...). The grid is ``--grid-*`` (default one
 setting, lr 5e-4 x 3 epochs x batch 8 x linear, where the example's differences are largest) with ``--seeds`` seeds.
 
