@@ -322,3 +322,43 @@ def test_project_grads_takes_its_settings_from_the_stores(tiny_run, tmp_path):
     assert result.exit_code == 0, result.output
     assert "resumed 5 chunks" in result.output  # the pool's stores at 64 dims, chunks of 5: nothing recomputed
     assert sorted(p.name for p in (run / "grads.zarr").iterdir() if p.name.startswith("dim")) == ["dim64"]
+
+
+def test_quiet_silences_the_libraries_bars_too(monkeypatch):
+    """``--quiet`` turns off every tqdm bar: transformers' ("Loading weights") read tqdm's TQDM_DISABLE default."""
+    for name in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+        monkeypatch.setenv(name, "0")  # restored after the test
+    import subprocess
+    import sys
+
+    from huggingface_hub.utils import enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    from influence import progress
+
+    monkeypatch.setattr(progress, "QUIET", False)  # restored after the test, as are the libraries' switches below
+    assert not isinstance(hf_logging.tqdm(total=3), hf_logging.EmptyTqdm)
+    try:
+        assert CliRunner().invoke(main, ["--quiet", "methods"]).exit_code == 0
+        assert isinstance(hf_logging.tqdm(total=3), hf_logging.EmptyTqdm)  # imported before: switched off
+    finally:
+        hf_logging.enable_progress_bar()
+        enable_progress_bars()
+    # in a fresh process the libraries are imported after the switch: transformers' bars never show
+    code = ("import sys; from influence.cli import main; sys.argv = ['influence', '--quiet', 'methods'];\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "from transformers.utils import logging as l; print(isinstance(l.tqdm(total=3), l.EmptyTqdm))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**__import__("os").environ})
+    assert out.stdout.strip().splitlines()[-1] == "True", out.stderr[-500:]
+
+
+def test_ctrl_c_says_which_step_stopped_and_how_to_resume(monkeypatch):
+    import influence.scoring.base as base
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(base, "registry", interrupted)
+    result = CliRunner().invoke(main, ["methods"])
+    assert result.exit_code == 130 and "interrupted: `methods` stopped" in result.output and "rerun" in result.output
+    assert "Aborted!" not in result.output

@@ -26,6 +26,13 @@ class Commands(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except KeyboardInterrupt:
+            command = " ".join(["influence", *sys.argv[1:]]) if sys.argv and "influence" in sys.argv[0] else None
+            step = ctx.invoked_subcommand or "the command"
+            click.secho(f"interrupted: `{step}` stopped. What it finished is kept (every command resumes from its "
+                        "stores and units): rerun " + (f"`{command}`" if command else "the same command") +
+                        " to continue.", fg="yellow", err=True)
+            sys.exit(130)
         except InfluenceError as err:
             click.secho(f"error: {err}", fg="red", err=True)
             sys.exit(err.exit_code)
@@ -53,7 +60,8 @@ def environment_refusal(err: OSError) -> str:
 @dataclass(kw_only=True)
 class GlobalSettings:
     verbose: bool = setting(False, "Log influence's debug messages.", aliases=("v",))
-    quiet: bool = setting(False, "No progress bars (as TQDM_DISABLE=1 does).", aliases=("q",))
+    quiet: bool = setting(False, "No progress bars, ours or the libraries' (transformers' loading bars too).",
+                          aliases=("q",))
     config_file: str | None = setting(None, "Settings from a TOML or YAML file: a table per command ([warmup], "
                                             "[evaluate.select]...) keyed by its options' names (lr = 2e-5); options "
                                             "given on the command line win.", flag="config",
@@ -82,6 +90,28 @@ def main(context: click.Context, **values) -> None:
         from .. import progress
 
         progress.QUIET = True
+        silence_library_bars()
+
+
+def silence_library_bars() -> None:
+    """The libraries' progress bars off (transformers' "Loading weights", the hub's, datasets'): their environment
+    switches for the libraries not imported yet (each reads it once, at import), their functions for those that are."""
+    import os
+
+    for name in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+        os.environ[name] = "1"
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    if "datasets" in sys.modules:
+        import datasets
+
+        datasets.disable_progress_bars()
 
 
 for command in (pipeline.warmup, pipeline.project_grads, pipeline.curvature, pipeline.metagrad, pipeline.rank, pipeline.compare, pipeline.methods,
