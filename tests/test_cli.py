@@ -331,7 +331,6 @@ def test_quiet_silences_the_libraries_bars_too(monkeypatch):
     import subprocess
     import sys
 
-    from huggingface_hub.utils import enable_progress_bars
     from transformers.utils import logging as hf_logging
 
     from influence import progress
@@ -342,8 +341,7 @@ def test_quiet_silences_the_libraries_bars_too(monkeypatch):
         assert CliRunner().invoke(main, ["--quiet", "methods"]).exit_code == 0
         assert isinstance(hf_logging.tqdm(total=3), hf_logging.EmptyTqdm)  # imported before: switched off
     finally:
-        hf_logging.enable_progress_bar()
-        enable_progress_bars()
+        hf_logging.enable_progress_bar()  # and the hub's
     # in a fresh process the libraries are imported after the switch: transformers' bars never show
     code = ("import sys; from influence.cli import main; sys.argv = ['influence', '--quiet', 'methods'];\n"
             "try:\n    main()\nexcept SystemExit:\n    pass\n"

@@ -100,14 +100,10 @@ def silence_library_bars() -> None:
 
     for name in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
         os.environ[name] = "1"
-    if "transformers" in sys.modules:
+    if "transformers" in sys.modules:  # its switch turns the hub's bars off too
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
-    if "huggingface_hub" in sys.modules:
-        from huggingface_hub.utils import disable_progress_bars
-
-        disable_progress_bars()
     if "datasets" in sys.modules:
         import datasets
 
