@@ -32,6 +32,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -125,7 +126,7 @@ class AnswerCache:
                 connection.execute("INSERT OR REPLACE INTO answers VALUES (?, ?)", (key, json.dumps(asdict(answer))))
 
 
-class Backend:
+class Backend(ABC):
     """Answers requests, through the cache (see the module docstring)."""
 
     identity: str
@@ -181,8 +182,9 @@ class Backend:
         for request in todo:
             ask(request)
 
+    @abstractmethod
     def _ask(self, request: Request) -> Answer:
-        raise NotImplementedError
+        """One request's answer, asked of the model (the cache is the caller's)."""
 
 
 class EndpointBackend(Backend):

@@ -106,14 +106,21 @@ def in_out_difference(masks: np.ndarray, values: np.ndarray, higher_is_better: b
 def self_difference(masks: np.ndarray, values: np.ndarray, higher_is_better: bool) -> tuple[np.ndarray, ...]:
     """:func:`in_out_difference` of every pool example on itself (the diagonal, without forming the
     n x n matrix): ``values`` are the units' outcomes on the pool (units x n_pool)."""
+    mean_in, mean_out, n_in, n_out = in_and_out_means(masks, values)
+    difference = mean_in - mean_out
+    score = difference if higher_is_better else -difference
+    score[(n_in == 0) | (n_out == 0)] = np.nan
+    return score, n_in, n_out
+
+
+def in_and_out_means(masks: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Each pool example's mean outcome over the units that trained on it and over those that did not (NaN where there
+    is none), and how many units each is."""
     inside = masks.astype(np.float64)
     n_in = inside.sum(axis=0)
     n_out = len(masks) - n_in
     with np.errstate(invalid="ignore", divide="ignore"):
-        difference = (inside * values).sum(axis=0) / n_in - ((1 - inside) * values).sum(axis=0) / n_out
-    score = difference if higher_is_better else -difference
-    score[(n_in == 0) | (n_out == 0)] = np.nan
-    return score, n_in, n_out
+        return (inside * values).sum(axis=0) / n_in, ((1 - inside) * values).sum(axis=0) / n_out, n_in, n_out
 
 
 def _counts(store: SubsetStore, units: list[int], n_in: np.ndarray, n_out: np.ndarray) -> dict:
@@ -210,10 +217,7 @@ class Memorization(Method):
 def held_out_mean(masks: np.ndarray, values: np.ndarray, higher_is_better: bool) -> tuple[np.ndarray, np.ndarray]:
     """Each pool example's mean outcome over the units that did not train on it (signed so that higher = better
     predicted; NaN where every unit trained on it), and how many units that is."""
-    outside = 1.0 - masks.astype(np.float64)
-    n_out = outside.sum(axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = (outside * values).sum(axis=0) / n_out
+    _, mean, _, n_out = in_and_out_means(masks, values)
     mean = mean if higher_is_better else -mean
     mean[n_out == 0] = np.nan
     return mean, n_out

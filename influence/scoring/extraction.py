@@ -18,7 +18,7 @@ import numpy as np
 
 from ..config import setting
 from ..data.templates import last_response
-from ..models.loading import device_setting, load_adapter, parse_device, place
+from ..models.loading import device_setting, parse_device
 from ..models.measure import greedy_tokens
 from ..train.run import Run
 from .base import Method, Scores, Target
@@ -54,10 +54,7 @@ class Mem(Method):
     Options = MemOptions
 
     def scores(self, run: Run, target: Target | None, options: MemOptions) -> Scores:
-        device = parse_device(options.device)
-        base, tokenizer, _ = run.load_base_model(device)
-        checkpoint = run.checkpoints()[-1]
-        model, here = place(load_adapter(base, checkpoint.path).eval(), device)
+        model, tokenizer, here, checkpoint = run.load_final_model(parse_device(options.device))
         pool = run.pool()
         generated = greedy_tokens(model, tokenizer, pool, run.max_length, options.window, 8, here)
         score = np.array([memorization_score(g, response_tokens(e, tokenizer), options.window)

@@ -52,7 +52,7 @@ import torch
 from ..config import setting
 from ..data.formats import Example
 from ..errors import InfluenceError
-from ..models.loading import device_setting, load_adapter, parse_device, place
+from ..models.loading import device_setting, parse_device, place
 from ..models.measure import generate_responses
 from ..models.raters import Answer, RaterSettings, Request, make_backend, prompt_template, say
 from ..train.run import Run
@@ -417,11 +417,9 @@ class Necessity(Method):
     def scores(self, run: Run, target: Target | None, options: NecessityOptions) -> Scores:
         reward_model, reward_tokenizer, device = _reward_model(options)
         pool = run.pool()
-        base, tokenizer, _ = run.load_base_model(device)
-        checkpoint = run.checkpoints()[-1]
-        model, here = place(load_adapter(base, checkpoint.path).eval(), device)
+        model, tokenizer, here, checkpoint = run.load_final_model(device)
         answers = generate_responses(model, tokenizer, pool, run.max_length, options.max_new_tokens, 8, here)
-        del model, base
+        del model
         values = rewards(reward_model, reward_tokenizer, [(parts(e)["instruction"], a) for e, a in zip(pool, answers)],
                          device)
         return Scores(self.name, [e.id for e in pool], -values,

@@ -207,6 +207,16 @@ class Run:
                            f"used ({tokenizer_fingerprint(tokenizer)} now, {recorded} then); its token ids would differ")
         return model, tokenizer, fingerprint
 
+    def load_final_model(self, device=None):
+        """(model in evaluation mode, tokenizer, the device it is on, the checkpoint): the warm-up's model at its last
+        checkpoint, its base checked as :meth:`load_base_model` checks it."""
+        from ..models.loading import load_adapter, place
+
+        base, tokenizer, _ = self.load_base_model(device)
+        checkpoint = self.checkpoints()[-1]
+        model, here = place(load_adapter(base, checkpoint.path).eval(), device)
+        return model, tokenizer, here, checkpoint
+
     def pool(self):
         """The run's pool, read as the warm-up read it (its files, with the column mapping it was given); read once
         per Run, a new list each call."""
