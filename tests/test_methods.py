@@ -36,7 +36,7 @@ def bare_run(tiny_run, tmp_path_factory):
 
 
 def test_the_registry_holds_every_method_once():
-    assert len(METHODS) == 48 and len(set(METHODS)) == len(METHODS)
+    assert len(METHODS) == 51 and len(set(METHODS)) == len(METHODS)
     assert {"less", "trak", "tracin", "datamodel", "memorization", "random", "semdedup", "ifd", "ekfac", "kfac", "identity",
             "ekfac_self"} <= set(METHODS)
 
