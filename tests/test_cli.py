@@ -360,3 +360,63 @@ def test_ctrl_c_says_which_step_stopped_and_how_to_resume(monkeypatch):
     result = CliRunner().invoke(main, ["methods"])
     assert result.exit_code == 130 and "interrupted: `methods` stopped" in result.output and "rerun" in result.output
     assert "Aborted!" not in result.output
+
+
+def test_every_command_prints_its_result_as_json_and_warmup_does(tmp_path, pool_files):
+    import click
+
+    def leaves(command, path):
+        if isinstance(command, click.Group):
+            return [leaf for name, sub in command.commands.items() for leaf in leaves(sub, [*path, name])]
+        return [(" ".join(path), {o for p in command.params for o in getattr(p, "opts", [])})]
+
+    assert not [name for name, flags in leaves(main, []) if "--json" not in flags]
+    mapped = tmp_path / "qa.jsonl"
+    mapped.write_text("".join(json.dumps({"question": f"What is {i}?", "answer": f"It is {i}."}) + "\n"
+                              for i in range(6)), encoding="utf-8")
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["warmup", "--model", "tiny-llama", "--train", pool_files[0], "--train",
+                                       f"{mapped}:prompt=question,response=answer", "--out", str(out), "--epochs", "1",
+                                       "--fraction", "1", "--lora-r", "4", "--lora-modules", "q_proj",
+                                       "--max-length", "64", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["run"] == str(out) and summary["pool_size"] == 18 and summary["checkpoints"] == ["epoch-1"]
+    from influence.train.run import Run
+
+    run = Run(out)  # the file's own mapping is the run's: every stage reads the pool the same way
+    run.check_data_unchanged()
+    assert [m["content"] for m in run.pool()[-1].messages] == ["What is 5?", "It is 5."]
+    result = CliRunner().invoke(main, ["forward-scores", "--run", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["complete"]
+
+
+def test_config_after_the_subcommand_and_method_help(tiny_run, tmp_path):
+    settings = tmp_path / "settings.yaml"
+    settings.write_text("rank:\n  methd: less\n", encoding="utf-8")
+    for args in (["rank", "--run", tiny_run["run"], "--config", str(settings)],
+                 ["rank", f"--config={settings}", "--run", tiny_run["run"]]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2 and "[rank] has no option 'methd'" in result.output  # the file was read
+    result = CliRunner().invoke(main, ["rank", "--method", "help", "--run", tiny_run["run"]])
+    assert result.exit_code == 0, result.output
+    text = result.output
+    assert "score:" in text and "-> ready" in text and "needs a target: give --target" in text
+    result = CliRunner().invoke(main, ["rank", "--method=HELP", "--run", tiny_run["run"], "--target",
+                                       tiny_run["target"], "--json"])
+    rows = {row["method"]: row for row in json.loads(result.stdout)}
+    assert rows["less"]["ready"] and not rows["trak"]["ready"] and "--train-gradient margin" in \
+        " ".join(rows["trak"]["missing"])
+    result = CliRunner().invoke(main, ["rank", "--run", tiny_run["run"], "--method", "Lesss"])
+    assert result.exit_code == 2 and "did you mean less" in result.output
+
+
+def test_a_folder_that_is_not_a_run_gets_a_hint_naming_the_right_folder(tiny_run, tmp_path, pool_files):
+    result = CliRunner().invoke(main, ["status", "--run", str(Path(pool_files[0]).parent)])
+    assert result.exit_code == 2 and "holds data files" in result.output and \
+        f"--train {pool_files[0]}" in result.output and "--out runs/NAME" in result.output
+    parent = tmp_path / "runs"
+    shutil.copytree(tiny_run["run"], parent / "mine", ignore=shutil.ignore_patterns("*.zarr", "rank-*"))
+    result = CliRunner().invoke(main, ["status", "--run", str(parent)])
+    assert result.exit_code == 2 and f"--run {parent / 'mine'}" in result.output

@@ -61,3 +61,32 @@ def test_notebook_command_points_a_copy_at_the_run(tiny_run, tmp_path):
     assert repr(str(Path(tiny_run["run"]).resolve())) in first and repr(str(ranking.resolve())) in first
     result = CliRunner().invoke(main, ["notebook", "--run", tiny_run["run"], "--ranking", str(ranking), "--out", str(out)])
     assert result.exit_code == 2 and "exists" in result.output
+
+
+def test_the_notebook_opens_the_main_ranking_and_refuses_what_it_cannot_open(tiny_run, tmp_path):
+    import json
+    import shutil
+
+    import pytest
+
+    from influence.errors import InfluenceError
+    from influence.report.notebook import copy_notebook
+    from influence.selection.outputs import main_ranking, open_ranking
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run["run"], run, ignore=shutil.ignore_patterns("rank-*", "*.ipynb"))
+    with pytest.raises(InfluenceError, match=f"has no ranking yet: make one with `influence rank --run {run}"):
+        copy_notebook(run)
+    rank(run, None, method="random", fraction=0.2)
+    assert main_ranking(run).name.startswith("rank-random")  # the only one
+    rank(run, tiny_run["target"], fraction=0.2)
+    rank(run, None, method="el2n", fraction=0.2)
+    assert main_ranking(run).name.startswith("rank-less")  # LESS among several, though el2n is newer
+    first = next(c for c in nbformat.read(copy_notebook(run), as_version=4).cells if c.cell_type == "code").source
+    assert repr(str(main_ranking(run).resolve())) in first
+    other = tmp_path / "other-ranking"  # the same pool's ranking, marked as another run's
+    shutil.copytree(main_ranking(run), other)
+    summary = json.loads((other / "summary.json").read_text())
+    (other / "summary.json").write_text(json.dumps({**summary, "run_id": "someone-else"}))
+    with pytest.raises(InfluenceError, match="a ranking of another run or pool"):
+        open_ranking(run, other)

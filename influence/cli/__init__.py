@@ -23,6 +23,12 @@ from . import evaluate, pipeline, subsets
 class Commands(click.Group):
     """The command group, and the one error boundary: typed errors become exit codes here."""
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        """The command line, with two conveniences: ``--config FILE`` may come after the subcommand too (it is the
+        group's option, moved before it), and ``rank --method help`` (or ``evaluate lds --method help``) lists the
+        methods as ``influence methods`` does, for the run and target given."""
+        return super().parse_args(ctx, method_help(config_first(list(args))))
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
@@ -41,6 +47,49 @@ class Commands(click.Group):
                 raise
             click.secho(f"error: {environment_refusal(err)}", fg="red", err=True)
             sys.exit(2)
+
+
+def config_first(args: list[str]) -> list[str]:
+    """``args`` with every ``--config FILE`` / ``--config=FILE`` moved to the front, where the group reads it."""
+    moved, rest, index = [], [], 0
+    while index < len(args):
+        arg = args[index]
+        if arg == "--":  # what follows is data, not options
+            rest += args[index:]
+            break
+        if arg == "--config" and index + 1 < len(args):
+            moved += args[index : index + 2]
+            index += 2
+            continue
+        (moved if arg.startswith("--config=") else rest).append(arg)
+        index += 1
+    return moved + rest
+
+
+HELP_WORDS = ("help", "list", "?")
+
+
+def method_help(args: list[str]) -> list[str]:
+    """``... rank --method help [--run R] [--target T]`` as ``... methods [--run R] [--target T]``."""
+    def value_of(index: int, arg: str) -> str | None:
+        if arg == "--method" and index + 1 < len(args):
+            return args[index + 1]
+        return arg.split("=", 1)[1] if arg.startswith("--method=") else None
+
+    asked = any((value or "").lower() in HELP_WORDS for index, arg in enumerate(args) if (value := value_of(index, arg)))
+    commands = [index for index, arg in enumerate(args) if arg in ("rank", "evaluate")]
+    if not asked or not commands:
+        return args
+    kept = []
+    for flag in ("--run", "--target"):  # the first of each: what `methods` takes
+        for index, arg in enumerate(args):
+            if arg == flag and index + 1 < len(args):
+                kept += args[index : index + 2]
+                break
+            if arg.startswith(flag + "="):
+                kept.append(arg)
+                break
+    return args[: commands[0]] + ["methods", *kept, *(["--json"] if "--json" in args else [])]
 
 
 # The file system's refusals, which are the environment's, not a bug: a line naming the path, not a traceback.

@@ -3,12 +3,13 @@ output, a device), the method options of ``rank`` and ``evaluate lds``, and how 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
 import click
 
-from ..config import click_option, setting
+from ..config import build, click_option, setting
 from ..models.loading import device_setting
 
 RUN_HELP = ("The run folder (made by `influence warmup`); --run-dir is the same (torchrun's own parser takes --run for "
@@ -46,6 +47,21 @@ class Targets:
 @dataclass(kw_only=True)
 class AsJson:
     as_json: bool = setting(False, "Print the result as JSON on stdout (messages go to stderr).", flag="json")
+
+
+def finish(values: dict[str, Any], result: Any, text: str) -> None:
+    """A command's last word: ``result`` as JSON on stdout with --json (a script's input), else ``text``."""
+    click.echo(json.dumps(result, indent=2, default=str, ensure_ascii=False) if wants_json(values) else text)
+
+
+def say_for(values: dict[str, Any]):
+    """Where a command's progress messages go: stderr with --json (stdout holds the JSON alone), else stdout."""
+    return (lambda message: click.echo(message, err=True)) if wants_json(values) else click.echo
+
+
+def wants_json(values: dict[str, Any]) -> bool:
+    """Whether the command was given --json."""
+    return build(AsJson, values).as_json
 
 
 @dataclass(kw_only=True)

@@ -29,6 +29,7 @@ from .common import (
     RunFolder,
     Targets,
     echo_table,
+    finish,
     given_method_options,
     given_values,
     method_option_flags,
@@ -38,6 +39,7 @@ from .common import (
 @click.command()
 @settings_options(WarmupConfig)
 @settings_options(WarmupRun)
+@settings_options(AsJson)
 def warmup(**values) -> None:
     """Short LoRA warm-up on a random fraction of the pool; keeps a checkpoint per epoch."""
     from ..train.run import Run
@@ -56,10 +58,13 @@ def warmup(**values) -> None:
     if run is None or launch_rank() != 0:  # a dry run, or a process of a launch that the first one reports for
         return
     m = run.manifest
-    click.echo(
-        f"warm-up done in {m['wall_seconds']} s: {len(m['warmup_ids'])} of {m['pool_size']} examples, "
-        f"{len(m['checkpoints'])} checkpoints, {m['n_truncated']} truncated to {config.max_length} tokens -> {run.path}"
-    )
+    finish(values, {"run": str(run.path), "seconds": m["wall_seconds"], "warmup_examples": len(m["warmup_ids"]),
+                    "pool_size": m["pool_size"], "checkpoints": [c["name"]
+                                                                 for c in m["checkpoints"]],
+                    "truncated": m["n_truncated"], "max_length": config.max_length},
+           f"warm-up done in {m['wall_seconds']} s: {len(m['warmup_ids'])} of {m['pool_size']} examples, "
+           f"{len(m['checkpoints'])} checkpoints, {m['n_truncated']} truncated to {config.max_length} tokens -> "
+           f"{run.path}")
 
 
 @click.command("project-grads")
@@ -87,19 +92,22 @@ def project_grads(**values) -> None:
 @click.command()
 @settings_options(RunFolder)
 @settings_options(CurvatureSettings)
+@settings_options(AsJson)
 def curvature(**values) -> None:
     """K-FAC / EK-FAC curvature of the LoRA parameters on the warm-up data, for rank --method ekfac|kfac|ekfac_self."""
     from ..gradients.curvature import fit_curvature
 
     where = build(RunFolder, values)
-    for path in fit_curvature(where.run_dir, build(CurvatureSettings, values)):
-        click.echo(f"curvature fitted: {Path(where.run_dir) / 'curvature.zarr' / path}")
+    fitted = [str(Path(where.run_dir) / "curvature.zarr" / path)
+              for path in fit_curvature(where.run_dir, build(CurvatureSettings, values))]
+    finish(values, {"fitted": fitted}, "\n".join(f"curvature fitted: {path}" for path in fitted))
 
 
 @click.command()
 @settings_options(RunFolder)
 @settings_options(OneTarget)
 @settings_options(MetagradSettings)
+@settings_options(AsJson)
 def metagrad(**values) -> None:
     """Exact metagradients of the warm-up or a subset model (MAGIC): d target measurement / d weight of every training
     example, for rank --method magic."""
@@ -109,9 +117,11 @@ def metagrad(**values) -> None:
     folder = compute(where.run_dir, target.target, build(MetagradSettings, values))
     if folder is not None:
         meta = json.loads((folder / "meta.json").read_text())
-        click.echo(f"metagradients of {meta['n_training']} training examples through {meta['steps']} steps in "
-                   f"{meta['seconds']} s (peak {meta['peak_rss_gb']} GB; replay within "
-                   f"{meta['replay_relative_difference']:.1g} of the {meta.get('replay_checked_against', 'checkpoints')}) -> {folder}")
+        checked = meta.get("replay_checked_against", "checkpoints")
+        finish(values, {"folder": str(folder), **meta},
+               f"metagradients of {meta['n_training']} training examples through {meta['steps']} steps in "
+               f"{meta['seconds']} s (peak {meta['peak_rss_gb']} GB; replay within "
+               f"{meta['replay_relative_difference']:.1g} of the {checked}) -> {folder}")
 
 
 @dataclass(kw_only=True)
@@ -220,26 +230,30 @@ def methods(**values) -> None:
     if build(AsJson, values).as_json:
         click.echo(json.dumps(rows, indent=2))
         return
+    indent = " " * 21
     for family in FAMILIES:
         click.secho(f"\n{FAMILY_TITLES[family]}", bold=True)
         for row in (r for r in rows if r["family"] == family):
+            meaning = " ".join(row["meaning"].replace("``", "").split())
+            click.echo(f"  {row['method']:<18} {row['summary']}\n" + click.wrap_text(
+                f"score: {meaning}", 110, initial_indent=indent, subsequent_indent=indent + "  "))
             if run is None:
-                needs = f"  [needs {'; '.join(row['needs'])}]" if row["needs"] else ""
-                click.echo(f"  {row['method']:<18} {row['summary']}{needs}")
+                click.echo(f"{indent}needs: {'; '.join(row['needs'])}" if row["needs"] else "", nl=bool(row["needs"]))
                 continue
-            state = "ready" if row["ready"] else "needs " + "; ".join(row["missing"])
-            click.echo(f"  {row['method']:<18} {row['summary']}\n  {'':<18} -> {state}")
+            click.echo(f"{indent}-> " + ("ready" if row["ready"] else "needs " + "; ".join(row["missing"])))
 
 
 @click.command("forward-scores")
 @settings_options(RunFolder)
 @settings_options(ForwardSettings)
+@settings_options(AsJson)
 def forward_scores(**values) -> None:
     """Loss/uncertainty scores (nll, ppl, el2n, entropy, margins, IFD, ...) at every checkpoint, one pass."""
     from ..scoring.forward import compute_forward_scores
 
-    for where in compute_forward_scores(build(RunFolder, values).run_dir, build(ForwardSettings, values)):
-        click.echo(f"complete: {where}")
+    stores = [str(where) for where in compute_forward_scores(build(RunFolder, values).run_dir,
+                                                             build(ForwardSettings, values))]
+    finish(values, {"complete": stores}, "\n".join(f"complete: {where}" for where in stores))
 
 
 @click.command()
@@ -261,11 +275,13 @@ def targets(**values) -> None:
 
 
 @click.command("prepare-model")
-def prepare_model() -> None:
+@settings_options(AsJson)
+def prepare_model(**values) -> None:
     """Convert the embedded SmolLM2-135M GGUF to a cached safetensors folder (done once)."""
     from ..models.loading import prepare_smollm2
 
-    click.echo(str(prepare_smollm2()))
+    folder = str(prepare_smollm2())
+    finish(values, {"model": folder}, folder)
 
 
 @click.command()
@@ -307,21 +323,24 @@ def verify(**values) -> None:
 @click.command()
 @settings_options(RunFolder)
 @settings_options(NotebookSettings)
+@settings_options(AsJson)
 def notebook(**values) -> None:
     """Copy the package's notebook next to a run, set to explore it (figures, examples, verdicts)."""
     from ..report.notebook import copy_notebook
 
     settings = build(NotebookSettings, values)
     path = copy_notebook(build(RunFolder, values).run_dir, settings.ranking, settings.out)
-    click.echo(f"-> {path} (open it with jupyter; needs pip install 'influence[notebooks]')")
+    finish(values, {"notebook": str(path)}, f"-> {path} (open it with jupyter; needs pip install 'influence[notebooks]')")
 
 
 @click.command()
 @settings_options(RunFolder)
 @settings_options(ReportSettings)
+@settings_options(AsJson)
 def report(**values) -> None:
     """A self-contained HTML report of a run (figures embedded, viewable offline): warm-up curves, every
     ranking's figures, agreement between rankings, LDS and selection verdicts."""
     from ..report.html import write_report
 
-    click.echo(f"-> {write_report(build(RunFolder, values).run_dir, build(ReportSettings, values).out)}")
+    path = write_report(build(RunFolder, values).run_dir, build(ReportSettings, values).out)
+    finish(values, {"report": str(path)}, f"-> {path}")

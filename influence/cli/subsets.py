@@ -10,7 +10,7 @@ from ..config import build, given_fields, settings_options
 from ..core.units import UnitSettings
 from ..train.loop import TrainSettings
 from ..train.subsets import SubsetSettings
-from .common import AsJson, OnDevice, RunFolder, given_values
+from .common import AsJson, OnDevice, RunFolder, finish, given_values, say_for, wants_json
 
 TRAINING_NOTE = "[default: the warm-up's]"
 
@@ -32,6 +32,7 @@ def subsets() -> None:
 @settings_options(UnitSettings)
 @settings_options(OnDevice)
 @training_options()
+@settings_options(AsJson)
 def train(**values) -> None:
     """Fine-tune K LoRA models from the base model, each on a random alpha-fraction of the pool, and
     record every model's loss, accuracy (and multiple-choice margin) on every pool and target example.
@@ -51,15 +52,18 @@ def train(**values) -> None:
                 "targets": [t for t, _ in existing["targets"]],
                 "target_tasks": sorted({x for _, tasks in existing["targets"] for x in tasks or []}) or None}
     settings = build(SubsetSettings, given_values(values), base=base)
+    say = say_for(values)
     report = train_subsets(run_dir, settings, training=given_fields(TrainSettings, values),
-                           units=build(UnitSettings, values), device=build(OnDevice, values).device, say=click.echo)
-    if report.run is not None:
-        seconds = report.run.seconds
-        mean = f", {sum(seconds) / len(seconds):.1f} s each" if seconds else ""
-        click.echo(f"trained {report.run.done_now} model(s){mean}; {report.run.done_before} were already done -> "
-                   f"{report.store}")
+                           units=build(UnitSettings, values), device=build(OnDevice, values).device, say=say)
     for note in report.notes:
-        click.secho(note, fg="yellow")
+        click.secho(note, fg="yellow", err=wants_json(values))
+    if report.run is None:
+        return
+    seconds = report.run.seconds
+    mean = f", {sum(seconds) / len(seconds):.1f} s each" if seconds else ""
+    finish(values, {"store": str(report.store), "trained_now": report.run.done_now,
+                    "done_before": report.run.done_before, "seconds": list(seconds), "notes": report.notes},
+           f"trained {report.run.done_now} model(s){mean}; {report.run.done_before} were already done -> {report.store}")
 
 
 @subsets.command("status")

@@ -26,6 +26,7 @@ import gzip
 import hashlib
 import io
 import json
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -45,8 +46,9 @@ class Columns:
     """Where a file's fields are, for records whose names differ from the known formats'. Recorded in
     the run, so every stage reads the pool the same way."""
 
-    prompt: str | None = field(default=None, metadata={"flag": "prompt-column",
-                                                       "help": "Field holding the prompt (with --response-column)."})
+    prompt: str | None = field(default=None, metadata={
+        "flag": "prompt-column", "help": "Field holding the prompt (with --response-column), in every --train file "
+                                         "(one file's own: --train FILE:prompt=F,response=G)."})
     response: str | None = field(default=None, metadata={"flag": "response-column",
                                                          "help": "Field holding the response (with --prompt-column)."})
     messages: str | None = field(default=None, metadata={
@@ -74,6 +76,25 @@ class Columns:
             key = "conversations" if isinstance(first, dict) and "from" in first else "messages"
             return {**{k: v for k, v in record.items() if k not in ("messages", "conversations")}, key: turns}
         return {**record, "prompt": record[self.prompt], "completion": record[self.response]}
+
+
+# A source with its own column mapping: ``file.jsonl:prompt=question,response=answer`` (or ``:messages=turns``).
+MAPPED_SOURCE = re.compile(r"^(?P<source>.+):(?P<mapping>(?:prompt|response|messages)=[^,=:]+"
+                           r"(?:,(?:prompt|response|messages)=[^,=:]+)*)$")
+
+
+def split_mapping(spec: str | Path) -> tuple[str, Columns | None]:
+    """A source and the column mapping written after it (``FILE:prompt=q,response=a``), or None when it has none."""
+    text = str(spec)
+    match = MAPPED_SOURCE.match(text)
+    if match is None:
+        return text, None
+    fields = dict(part.split("=", 1) for part in match["mapping"].split(","))
+    columns = Columns(**fields)
+    if (columns.prompt is None) != (columns.response is None) or (columns.messages and columns.prompt):
+        raise DataFormatError(match["source"], f"column mapping '{match['mapping']}': give prompt= with response=, "
+                              "or messages= alone")
+    return match["source"], columns
 
 
 @dataclass
@@ -191,7 +212,9 @@ def record_to_messages(record: Any, path: str, line: int) -> list[dict[str, str]
     raise DataFormatError(
         path,
         f"unknown record format (keys: {keys}); expected 'messages', 'conversations' (ShareGPT), "
-        "'instruction'+'output', or 'prompt'+'completion'",
+        "'instruction'+'output', or 'prompt'+'completion'. Name the fields with --prompt-column and "
+        "--response-column (or --messages-column), for every file, or for this file alone: "
+        f"--train '{path}:prompt=FIELD,response=FIELD'",
         line,
     )
 
@@ -266,8 +289,11 @@ def load_examples(path: str | Path, source: str | None = None, columns: Columns 
     """Read one data file into examples. Raises :class:`DataFormatError` naming file and line.
 
     ``source`` (default: the file name) prefixes the ids of records without their own: ``<source>#<index>``,
-    index from 0 in file order. ``columns`` names the fields of records in other layouts.
+    index from 0 in file order. ``columns`` names the fields of records in other layouts; a mapping written after
+    the path (``file.jsonl:prompt=q,response=a``) replaces it for this file.
     """
+    path, own = split_mapping(path)
+    columns = own or columns
     if is_dataset_spec(path):
         return _examples_from_records(Path(str(path)), _dataset_records(str(path)), source or source_name(path), columns)
     path = Path(path)
@@ -400,15 +426,16 @@ def load_pool(paths: Sequence[str | Path], columns: Columns | None = None) -> li
     problems = (columns or Columns()).extra_problems()
     if problems:
         raise DataFormatError(str(paths[0]) if paths else "--train", "; ".join(problems))
-    paths = [Path(p) for p in paths]
+    specs = [str(p) for p in paths]
+    paths = [Path(split_mapping(p)[0]) for p in specs]
     names = [p.name for p in paths]
     if len(set(names)) != len(names):
         names = [f"{p.parent.name}/{p.name}" for p in paths]
     if len(set(names)) != len(names):
         raise DataFormatError(str(paths[0]), "the same file is given twice")
     pool: list[Example] = []
-    for path, name in zip(paths, names):
-        pool.extend(load_examples(path, source=name, columns=columns))
+    for spec, name in zip(specs, names):
+        pool.extend(load_examples(spec, source=name, columns=columns))
     if len(paths) > 1:
         _check_unique_ids(pool, ", ".join(names))
     return pool
@@ -497,7 +524,7 @@ def _dataset_records(spec: str) -> list[tuple[int, dict]]:
 def source_sha256(spec: str | Path) -> str:
     """What identifies a data source's content: a file's sha256, a folder's over its files, or for a
     hub dataset the ``datasets`` fingerprint of the split (loaded from the local cache)."""
-    text = str(spec)
+    text = split_mapping(spec)[0]
     if is_hub_spec(text):
         return "datasets:" + _load_dataset(text)._fingerprint
     path, split = _folder_and_split(text)
@@ -510,17 +537,19 @@ def source_sha256(spec: str | Path) -> str:
 
 
 def source_exists(spec: str | Path) -> bool:
-    text = str(spec)
+    text = split_mapping(spec)[0]
     return is_hub_spec(text) or Path(text).exists() or is_dataset_spec(text)
 
 
 def resolved_source(spec: str | Path) -> str:
-    """A source as the run records it: files and folders by absolute path, hub specs as given."""
-    text = str(spec)
+    """A source as the run records it: files and folders by absolute path, hub specs as given (a column mapping after
+    it kept)."""
+    text = split_mapping(spec)[0]
+    mapping = str(spec)[len(text):]
     if is_hub_spec(text):
-        return text
+        return text + mapping
     folder, split = _folder_and_split(text) if is_dataset_spec(text) else (Path(text), "")
-    return str(folder.resolve()) + (f":{split}" if split else "")
+    return str(folder.resolve()) + (f":{split}" if split else "") + mapping
 
 
 def file_sha256(path: str | Path) -> str:

@@ -204,3 +204,38 @@ def example_text(example: Example, width: int = 160) -> str:
 
 def pool_by_id(run_dir: str | Path) -> dict[str, Example]:
     return {e.id: e for e in Run(run_dir).pool()}
+
+
+def run_rankings(run_dir: str | Path) -> list[Path]:
+    """The run's ranking folders (``rank-*`` with a ``summary.json``), oldest first."""
+    found = [p for p in Path(run_dir).glob("rank-*") if (p / "summary.json").is_file()]
+    return sorted(found, key=lambda p: ((p / "summary.json").stat().st_mtime, p.name))
+
+
+def main_ranking(run_dir: str | Path) -> Path | None:
+    """The ranking a report or notebook opens first: the run's only one; else its latest LESS ranking (the
+    method the toolkit is built around); else its latest. None when the run has none."""
+    rankings = run_rankings(run_dir)
+    less = [p for p in rankings if json.loads((p / "summary.json").read_text(encoding="utf-8")).get("method") == "less"]
+    return (less or rankings or [None])[-1]
+
+
+def open_ranking(run_dir: str | Path, ranking: str | Path | None = None) -> tuple[Path, pd.DataFrame, dict]:
+    """(folder, table, summary) of ``ranking`` (default: :func:`main_ranking`), refused with what to do when the run
+    has none, when it is not a ranking, or when it ranks another run's pool (its scores would sit beside other
+    examples' texts)."""
+    run = Run(run_dir)
+    if ranking is None:
+        ranking = main_ranking(run.path)
+        if ranking is None:
+            raise InfluenceError(f"{run.path} has no ranking yet: make one with `influence rank --run {run.path} "
+                                 "--target mmlu_val` (LESS; `influence methods --run RUN` lists the other methods)")
+    ranking = Path(ranking)
+    if not (ranking / "summary.json").is_file():
+        raise InfluenceError(f"{ranking}: not a folder written by `influence rank` (no summary.json)")
+    summary = json.loads((ranking / "summary.json").read_text(encoding="utf-8"))
+    table = load_rankings(ranking)
+    if not ranking_belongs(run, summary, table):
+        raise InfluenceError(f"{ranking}: a ranking of another run or pool (run id {summary.get('run_id')}), not of "
+                             f"{run.path} (id {run.run_id}): its scores would sit beside other examples' texts")
+    return ranking, table, summary

@@ -165,6 +165,22 @@ def _sort_target_modules(config: Path) -> None:
         config.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")  # as peft writes it
 
 
+DATA_SUFFIXES = (".jsonl", ".json", ".tsv", ".parquet", ".csv", ".gz")
+
+
+def not_a_run_hint(folder: Path) -> str:
+    """What to do with a folder that is not a run: the runs inside it, or the warm-up that makes one (from the data
+    files it holds, into a folder of its own)."""
+    runs = sorted(str(m.parent) for pattern in ("*/" + MANIFEST, "*/*/" + MANIFEST) for m in folder.glob(pattern))
+    if runs:
+        return "the runs in it: " + ", ".join(f"--run {r}" for r in runs[:5]) + (" ..." if len(runs) > 5 else "")
+    data = sorted(p for p in folder.glob("*") if p.is_file() and p.suffix in DATA_SUFFIXES) if folder.is_dir() else []
+    if data:
+        files = " ".join(f"--train {p}" for p in data[:3])
+        return f"it holds data files: make a run from them with `influence warmup {files} --out runs/NAME`"
+    return f"make one with `influence warmup --train POOL --out {folder}` (or give --run the folder a warm-up wrote)"
+
+
 class Run:
     """Read access to a run directory written by ``influence warmup``."""
 
@@ -172,7 +188,7 @@ class Run:
         self.path = Path(path)
         manifest_file = self.path / MANIFEST
         if not manifest_file.is_file():
-            raise RunError(f"{self.path}: no {MANIFEST}; run `influence warmup --out {self.path}` first")
+            raise RunError(f"{self.path}: not a run (no {MANIFEST}); {not_a_run_hint(self.path)}")
         try:
             self.manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:

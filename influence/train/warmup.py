@@ -63,8 +63,9 @@ class WarmupConfig(TrainSettings):
     train_files: list[str] = setting(
         default_factory=list, flag="train", multiple=True,
         help="Pool data: a file (.jsonl, .json, .tsv, each also .gz; .parquet; .csv), a Hugging Face save_to_disk folder "
-             "(folder:split for one split) or hf:<org>/<name>[:<split>]; repeat for several. Default: the embedded "
-             "demo pool.")
+             "(folder:split for one split) or hf:<org>/<name>[:<split>]; repeat for several. A file whose fields have other "
+             "names takes its own mapping after it: FILE:prompt=question,response=answer (or :messages=turns). "
+             "Default: the embedded demo pool.")
     out: str = setting(help="Output directory to create.", path={"file_okay": False})
     fraction: float = field(default=0.05, metadata={"help": "Random fraction of the pool to warm up on.", "min": 0,
                                                     "min_open": True, "max": 1})
