@@ -59,6 +59,7 @@ def test_cli_errors_are_clear(tmp_path):
     bad.write_text('{"prompt": "a"}\n')
     result = runner.invoke(main, ["warmup", "--model", "tiny-llama", "--out", str(tmp_path / "r"), "--train", str(bad)])
     assert result.exit_code == 2 and "bad.jsonl:1" in result.output and "unknown record format" in result.output
+    assert "--prompt-column" in result.output and f"--train '{bad}:prompt=FIELD,response=FIELD'" in result.output
     assert not (tmp_path / "r").exists()
     result = runner.invoke(main, ["rank", "--run", str(tmp_path), "--target", "mmlu_val"])
     assert result.exit_code == 2 and "no manifest.json" in result.output
@@ -410,6 +411,9 @@ def test_config_after_the_subcommand_and_method_help(tiny_run, tmp_path):
         " ".join(rows["trak"]["missing"])
     result = CliRunner().invoke(main, ["rank", "--run", tiny_run["run"], "--method", "Lesss"])
     assert result.exit_code == 2 and "did you mean less" in result.output
+    from influence.scoring.base import get_method
+
+    assert get_method("TRAK").name == "trak"
 
 
 def test_a_folder_that_is_not_a_run_gets_a_hint_naming_the_right_folder(tiny_run, tmp_path, pool_files):

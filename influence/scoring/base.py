@@ -338,8 +338,10 @@ def registry() -> dict[str, Method]:
 
 
 def get_method(name: str) -> Method:
-    """The method named ``name``; an unknown name is refused with the closest names."""
+    """The method named ``name`` (in any case); an unknown name is refused with the closest names."""
     methods = registry()
+    if name not in methods and name.lower() in methods:  # --method TRAK is trak
+        name = name.lower()
     if name not in methods:
         close = difflib.get_close_matches(name.lower(), methods, n=3, cutoff=0.6)
         hint = f"; did you mean {' or '.join(close)}?" if close else ""
