@@ -5,7 +5,9 @@ Training on Prompt Sensitive Tasks"; the survey's eq. 42). The model at the warm
 example's prompt greedily (``--uncertainty-label prediction``, the paper's setting without labels) or is given the
 example's own response (``reference``). The instruction is then perturbed ``--perturbations`` times: each word of the
 user turns is dropped independently with probability ``--drop-rate`` (their code's ``random_drop_word``, default
-rate 0.2 and 20 perturbations as in their runs), seeded by (``--seed``, the example's id, the perturbation). With
+rate 0.2 and 20 perturbations as in their runs), seeded by (``--seed``, the example's id, the perturbation). The
+paper perturbs a task's definition, not an instance's input; a pool example's user turn holds both, so both are
+perturbed here. With
 ``p_k = exp(-mean NLL of the label's tokens)`` under perturbation ``k`` and ``p_0`` under the original prompt, the
 score is ``mean_k |p_k - p_0|``: their ``abs`` "bald" variant (the sentence probability is the geometric mean of the
 token probabilities, as their trainer computes it). The paper scores tasks (averaging over a task's instances); here
