@@ -342,5 +342,6 @@ def report(**values) -> None:
     ranking's figures, agreement between rankings, LDS and selection verdicts."""
     from ..report.html import write_report
 
-    path = write_report(build(RunFolder, values).run_dir, build(ReportSettings, values).out)
+    settings = build(ReportSettings, values)
+    path = write_report(build(RunFolder, values).run_dir, settings.out, settings.main)
     finish(values, {"report": str(path)}, f"-> {path}")

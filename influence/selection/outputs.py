@@ -206,18 +206,28 @@ def pool_by_id(run_dir: str | Path) -> dict[str, Example]:
     return {e.id: e for e in Run(run_dir).pool()}
 
 
-def run_rankings(run_dir: str | Path) -> list[Path]:
-    """The run's ranking folders (``rank-*`` with a ``summary.json``), oldest first."""
-    found = [p for p in Path(run_dir).glob("rank-*") if (p / "summary.json").is_file()]
-    return sorted(found, key=lambda p: ((p / "summary.json").stat().st_mtime, p.name))
+def ranking_folders(run_dir: str | Path) -> list[Path]:
+    """The run's rankings: ``rank-*`` folders and ``compare-<target>/<method>`` ones, each with its ``summary.json`` and
+    ``scores.parquet``."""
+    run = Path(run_dir)
+    folders = [*sorted(run.glob("rank-*")), *sorted(run.glob("compare-*/*"))]
+    return [f for f in folders if (f / "summary.json").is_file() and (f / "scores.parquet").is_file()]
 
 
-def main_ranking(run_dir: str | Path) -> Path | None:
-    """The ranking a report or notebook opens first: the run's only one; else its latest LESS ranking (the
-    method the toolkit is built around); else its latest. None when the run has none."""
-    rankings = run_rankings(run_dir)
-    less = [p for p in rankings if json.loads((p / "summary.json").read_text(encoding="utf-8")).get("method") == "less"]
-    return (less or rankings or [None])[-1]
+def main_ranking(run_dir: str | Path, folders: list[Path] | None = None) -> Path | None:
+    """The ranking a report or notebook leads with, among ``folders`` (default: :func:`ranking_folders`): the only
+    one; else the latest LESS ranking (the method the toolkit is built around); else the latest written. None when
+    there is none."""
+    folders = ranking_folders(run_dir) if folders is None else folders
+
+    def written(folder: Path) -> tuple[float, str]:  # ties (same mtime) go to the later name, rank-* before compare-*
+        return (folder / "summary.json").stat().st_mtime, folder.name
+
+    def method(folder: Path) -> str | None:
+        return json.loads((folder / "summary.json").read_text(encoding="utf-8")).get("method")
+
+    less = [f for f in folders if method(f) == "less"]
+    return max(less or folders, key=written) if folders else None
 
 
 def open_ranking(run_dir: str | Path, ranking: str | Path | None = None) -> tuple[Path, pd.DataFrame, dict]:
