@@ -63,7 +63,7 @@ class Forgetting(Method):
     name = "forgetting"
     family = "difficulty"
     summary = "forgetting events during the warm-up (Toneva et al. 2019)"
-    meaning = __doc__.split("**GraNd.**")[0].strip()
+    meaning = __doc__.split("**GraNd.**")[0].split("**Forgetting events.** ")[1].strip()
     needs = (DYNAMICS,)
     Options = ForgettingOptions
 

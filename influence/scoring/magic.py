@@ -55,8 +55,10 @@ class NeedsMetagradients(Need):
     """The run's metagradients for the target (``influence metagrad``)."""
 
     def missing(self, run, target, options):
-        if target is None:
-            return None
+        if target is None:  # which target is not known yet: any metagradients of the run will do
+            if any((run.path / "metagrad").glob("*/metagrad.npz")):
+                return None
+            return f"the metagradients: run `influence metagrad --run {run.path} --target TARGET` first"
         folder = metagrad_folder(run, target.name, _tasks(target), options.measure)
         if not (folder / "metagrad.npz").is_file():
             return f"the metagradients of the warm-up for this target: run `{_command(run, target, options, False)}` first"
