@@ -53,7 +53,7 @@ METHODS: dict[str, tuple[str, dict]] = {
     "el2n": ("importance", {}),
     "grand": ("importance", {}),
     "forgetting": ("importance", {}),
-    "prompt_uncertainty": ("importance", {"max_new_tokens": 64}),
+    "prompt_uncertainty": ("importance", {"max_new_tokens": 64, "perturbations": 5}),
     "less": ("importance", {"target": True}),
     "tracin": ("importance", {"target": True}),
     "trak": ("importance", {"target": True}),
