@@ -73,6 +73,15 @@ def require_units(store: SubsetStore, units: list[int], at_least: int = 2) -> No
                              "(run `influence subsets train` with a larger --k)")
 
 
+def trained_outcomes(store: SubsetStore, dataset: str, outcome: str, at_least: int = 2
+                     ) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """(finished units, their training masks, their ``outcome`` on ``dataset``), refused when fewer than ``at_least``
+    are finished."""
+    units, masks, values = store.outcomes(dataset, outcome)
+    require_units(store, units, at_least)
+    return units, masks, values
+
+
 def target_columns(store: SubsetStore, target: str, target_tasks: list[str] | None) -> tuple[str, np.ndarray]:
     """The store's dataset for ``target`` and which of its columns belong to ``target_tasks``."""
     name = target_name(target)
@@ -203,8 +212,7 @@ class Memorization(Method):
 
     def scores(self, run: Run, target: Target | None, options: MemorizationOptions) -> Scores:
         store = open_subsets(run, options.subsets)
-        units, masks, values = store.outcomes(POOL, options.outcome)
-        require_units(store, units)
+        units, masks, values = trained_outcomes(store, POOL, options.outcome)
         score, n_in, n_out = self_difference(masks, values, HIGHER_IS_BETTER[options.outcome])
         return Scores("memorization", store.pool_ids.tolist(), score,
                       f"Feldman & Zhang memorization on {options.outcome}: mean over models trained with the example "
@@ -236,8 +244,7 @@ class Predictability(Method):
 
     def scores(self, run: Run, target: Target | None, options: MemorizationOptions) -> Scores:
         store = open_subsets(run, options.subsets)
-        units, masks, values = store.outcomes(POOL, options.outcome)
-        require_units(store, units)
+        units, masks, values = trained_outcomes(store, POOL, options.outcome)
         score, n_out = held_out_mean(masks, values, HIGHER_IS_BETTER[options.outcome])
         return Scores(self.name, store.pool_ids.tolist(), score,
                       f"AFLite predictability on {options.outcome}: mean over the subset models that did not train on "
@@ -266,8 +273,7 @@ class FzInfluence(Method):
         """Feldman & Zhang influence estimates of every pool example on every target example."""
         store = open_subsets(run, options.subsets)
         dataset, keep = target_columns(store, target.name, target.task_list)
-        units, masks, values = store.outcomes(dataset, options.outcome)
-        require_units(store, units)
+        units, masks, values = trained_outcomes(store, dataset, options.outcome)
         effect, n_in, n_out = in_out_difference(masks, values[:, keep], HIGHER_IS_BETTER[options.outcome])
         ids, tasks = store.target_labels(dataset)
         return Attribution("fz_influence", store.pool_ids.tolist(), ids[keep].tolist(), tasks[keep].tolist(), effect,
@@ -392,8 +398,7 @@ class InstructionMining(Method):
                                  "instruction_mining")
         store = open_subsets(run, options.subsets)
         dataset, keep = target_columns(store, target.name, target.task_list)
-        units, masks, values = store.outcomes(dataset, "loss")
-        require_units(store, units, at_least=len(options.indicators) + 2)
+        units, masks, values = trained_outcomes(store, dataset, "loss", at_least=len(options.indicators) + 2)
         columns = []
         for name in options.indicators:
             method = get_method(name)

@@ -68,7 +68,11 @@ def perturbed(example: Example, rate: float, seed: int, k: int) -> Example:
 
 def response_losses(model, tokenizer, examples: list[Example], max_length: int, device) -> np.ndarray:
     """Mean NLL of each example's last response (nats/token), one forward pass each."""
-    encoded = [encode_example(e, tokenizer, max_length) for e in examples]
+    return encoded_losses(model, tokenizer, [encode_example(e, tokenizer, max_length) for e in examples], device)
+
+
+def encoded_losses(model, tokenizer, encoded: list, device) -> np.ndarray:
+    """:func:`response_losses` of examples already encoded (a pass repeated over the same examples encodes once)."""
     return measure(model, encoded, tokenizer.pad_token_id, BATCH, device)["loss"]
 
 
@@ -155,13 +159,14 @@ class DropoutPpl(Method):
     def scores(self, run: Run, target: Target | None, options: DropoutPplOptions) -> Scores:
         model, tokenizer, here, checkpoint = run.load_final_model(parse_device(options.device))
         pool = run.pool()
-        plain = np.exp(response_losses(model, tokenizer, pool, run.max_length, here))
+        encoded = [encode_example(e, tokenizer, run.max_length) for e in pool]
+        plain = np.exp(encoded_losses(model, tokenizer, encoded, here))
         passes = []
         devices = [here] if torch.device(here).type == "cuda" else []  # the passes leave the global RNGs as they were
         with linear_input_dropout(model, options.dropout_rate), torch.random.fork_rng(devices=devices):
             for k in range(options.passes):
                 torch.manual_seed(options.seed * 100_003 + k)
-                passes.append(np.exp(response_losses(model, tokenizer, pool, run.max_length, here)))
+                passes.append(np.exp(encoded_losses(model, tokenizer, encoded, here)))
         passes = np.stack(passes)
         mean, spread = passes.mean(axis=0), passes.std(axis=0, ddof=1)
         score = mean if options.statistic == "mean" else spread
