@@ -46,25 +46,39 @@ def subtask_means(targets: torch.Tensor, task_index: torch.Tensor, n_tasks: int,
     return sums / counts[:, None]
 
 
-ROWS_PER_TILE = 512  # rows converted to fp32 at a time: their copy stays in the CPU's cache for the product
+ROWS_PER_TILE = 512  # rows converted to fp32 at a time: a tile's copy (16 MiB at dim 8192), not the block's, is held
+
+
+def padded_columns(matrix: torch.Tensor, multiple: int = 16) -> torch.Tensor:
+    """``matrix`` (rows, dim) transposed to (dim, columns), its columns zero-padded to a multiple of ``multiple``:
+    CPU BLAS multiplies by 64 columns faster than by 57 (12.6 against 15 ms for a 4096 x 8192 block)."""
+    padding = -matrix.shape[0] % multiple
+    if padding:
+        matrix = torch.cat([matrix, matrix.new_zeros((padding, matrix.shape[1]))])
+    return matrix.T.contiguous()
 
 
 def score_block_torch(blocks: torch.Tensor, means: torch.Tensor, weights: torch.Tensor,
                       eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Torch path of :func:`score_rows_nonzero`. A tile of rows at a time, the cosine as ``(x . m) / |x|`` (the row
-    is never divided, the norm and the products read the same fp32 copy while it is in cache): on a CPU the
-    conversion and normalisation of the rows, not the products with the subtask means, were the cost. The norms
-    also say which rows are all zero at some checkpoint."""
+    """Torch path of :func:`score_block_nonzero`. A tile of rows at a time is converted to fp32; its norms and its
+    products with the subtask means (padded to a multiple of 16 columns) read that copy, and the cosine is
+    ``(x . m) / |x|``: the rows are never divided. On a CPU the products are the cost, so nothing else reads the
+    block twice. The norms also say which rows are all zero at some checkpoint."""
     n_rows, n_tasks = blocks[0].shape[0], means.shape[1]
     per_task = torch.zeros((n_rows, n_tasks), dtype=torch.float32, device=blocks[0].device)
     nonzero = torch.ones(n_rows, dtype=torch.bool, device=blocks[0].device)
-    means = means.float()
+    products = torch.empty((n_rows, -(-n_tasks // 16) * 16), dtype=torch.float32, device=blocks[0].device)
+    norms = torch.empty(n_rows, dtype=torch.float32, device=blocks[0].device)
+    # One fp32 tile, refilled: a fresh one per tile is fresh pages from the system each time (2x slower on a CPU).
+    tile = torch.empty((min(ROWS_PER_TILE, n_rows), means.shape[2]), dtype=torch.float32, device=blocks[0].device)
     for block, mean, weight in zip(blocks, means, weights.tolist()):
+        columns = padded_columns(mean.float())
         for start in range(0, n_rows, ROWS_PER_TILE):
-            rows = block[start : start + ROWS_PER_TILE].float()
-            norms = torch.linalg.vector_norm(rows, dim=1)
-            nonzero[start : start + ROWS_PER_TILE] &= norms > 0
-            per_task[start : start + ROWS_PER_TILE].add_((rows @ mean.T) / norms.clamp(min=eps)[:, None], alpha=weight)
+            rows = tile[: min(ROWS_PER_TILE, n_rows - start)].copy_(block[start : start + ROWS_PER_TILE])
+            torch.linalg.vector_norm(rows, dim=1, out=norms[start : start + ROWS_PER_TILE])
+            torch.mm(rows, columns, out=products[start : start + ROWS_PER_TILE])
+        nonzero &= norms > 0
+        per_task.add_(products[:, :n_tasks] / norms.clamp(min=eps)[:, None], alpha=weight)
     return per_task, per_task.max(dim=1).values, nonzero
 
 

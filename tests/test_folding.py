@@ -73,3 +73,27 @@ def test_tracin_and_trak_rank_alike_folded_or_not(method, engine_run):
     np.testing.assert_allclose(folded.per_task, unfolded.per_task, rtol=1e-4, atol=1e-6 * scale)
     assert folded.task_names == unfolded.task_names and folded.details == unfolded.details
     assert spearmanr(folded.score, unfolded.score).statistic > 0.9999
+
+
+@pytest.mark.parametrize("weights", [None, [1.0, 0.0], [0.0, 1.0], [0.3, 0.7]])
+def test_less_on_the_tiny_run_folded_equals_every_target_example_scored(tiny_run, weights):
+    """LESS's stream (folded: one product per subtask) against the cosines with every target example, averaged over
+    each subtask afterwards, on the tiny run's stores at the run's own and other checkpoint weightings: the same
+    per-subtask scores (fp32) and the same ranking."""
+    from influence.gradients.store import open_checkpoint_stores
+    from influence.scoring.less.core import iter_scored_blocks, load_less_inputs
+    from influence.train.run import Run
+
+    inputs = load_less_inputs(tiny_run["run"], tiny_run["target"], "cpu", "torch")
+    weights = inputs.weights if weights is None else np.asarray(weights)
+    folded = np.concatenate([per_task.numpy() for _, per_task, _ in
+                             iter_scored_blocks(inputs.train, inputs.means, weights, rows_per_block=4)])
+    targets = open_checkpoint_stores(Run(tiny_run["run"]), inputs.targets[0].dataset, inputs.dim)
+    sides = [unit_rows(torch.from_numpy(store.array("grads"))) for store in targets]
+    cosines, _ = pairwise_products(inputs.train, sides, weights, normalize=True)
+    tasks = targets[0].tasks
+    unfolded = np.stack([cosines[:, tasks == name].mean(axis=1) for name in inputs.targets[0].task_names], axis=1)
+    assert len(inputs.targets[0].task_names) > 1 and np.isfinite(unfolded).all()
+    np.testing.assert_allclose(folded, unfolded, rtol=1e-5, atol=1e-6)
+    order = np.argsort(-folded.max(axis=1), kind="stable")
+    assert np.array_equal(order, np.argsort(-unfolded.max(axis=1), kind="stable"))

@@ -210,8 +210,10 @@ def test_an_unfinished_dimension_never_blocks_the_complete_one(tiny_run, tmp_pat
 # 7. the environment's refusals -----------------------------------------------------------------------------------------
 def test_refusals_of_the_file_system_are_one_line(tiny_run, tmp_path):
     runner = CliRunner()
-    for args in (["rank", "--run", tiny_run["run"], "--method", "random", "--out", "/proc/nope/x"],
-                 ["notebook", "--run", tiny_run["run"], "--out", "/proc/nope/x.ipynb"],
+    run = str(whole_copy(tiny_run, tmp_path, "file-system"))
+    assert runner.invoke(main, ["rank", "--run", run, "--method", "random"]).exit_code == 0  # the notebook needs one
+    for args in (["rank", "--run", run, "--method", "random", "--out", "/proc/nope/x"],
+                 ["notebook", "--run", run, "--out", "/proc/nope/x.ipynb"],
                  ["warmup", "--model", "tiny-llama", "--out", "/proc/nope/run"]):
         result = runner.invoke(main, args)
         assert result.exit_code == 2 and result.output.startswith("error: /proc/nope"), result.output

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import zarr
 
-from influence.errors import InfluenceError, StoreMismatchError
+from influence.errors import InfluenceError, StoreCorruptError, StoreMismatchError
 from influence.gradients.collect import project_grads
 from influence.gradients.projection import Projector
 from influence.gradients.store import GradientStore
@@ -131,17 +131,81 @@ def test_nonfinite_rows_are_flagged(tmp_path):
         store.write_chunk(1, grads[:1], np.ones(1), np.ones(1), np.ones(1))
 
 
-def test_read_ahead_keeps_order_and_raises_where_the_reader_fails():
-    from influence.core.chunks import read_ahead
+def test_map_in_order_keeps_order_bounds_the_work_and_raises_where_an_item_fails():
+    import threading
+    import time
 
-    assert list(read_ahead(iter(range(5)))) == [0, 1, 2, 3, 4]
-    assert list(read_ahead(iter([]))) == []
+    import torch
 
-    def failing():
-        yield 1
-        raise OSError("chunk 2 unreadable")
+    from influence.core.threads import map_in_order, torch_threads
 
-    items = read_ahead(failing())
-    assert next(items) == 1
-    with pytest.raises(OSError, match="chunk 2 unreadable"):
-        next(items)
+    assert list(map_in_order(lambda i: i * i, range(7), 3)) == [0, 1, 4, 9, 16, 25, 36]
+    assert list(map_in_order(lambda i: i, [], 2)) == []
+    started, lock = [], threading.Lock()
+
+    def slow_then_fail(i):
+        with lock:
+            started.append(i)
+        time.sleep(0.01 * (3 - i % 3))  # later items finish first: the order is still the items'
+        if i == 4:
+            raise OSError("chunk 4 unreadable")
+        return i
+
+    results = map_in_order(slow_then_fail, range(100), 2)
+    assert [next(results) for _ in range(4)] == [0, 1, 2, 3]
+    assert max(started) <= 6  # at most `workers` items ahead of the one handed back
+    with pytest.raises(OSError, match="chunk 4 unreadable"):
+        next(results)
+    before = torch.get_num_threads()
+    with torch_threads(1) as threads:
+        assert threads == before and torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+
+
+def _small_store(tmp_path, rows: int, dim: int, chunk: int, checksums: bool = True) -> GradientStore:
+    meta = {"model": "m", "checkpoint": "c", "adapter_sha256": "-", "gradient_type": "sgd", "feature": "f",
+            "projector": {"output_dim": dim}, "dtype": "float16", "dataset": "train", "n_examples": rows,
+            "examples_sha256": "x", "max_length": 0, "chunk_size": chunk}
+    return GradientStore.open_or_create(tmp_path / "g.zarr", "train/c", meta, [str(i) for i in range(rows)],
+                                        [""] * rows, checksums=checksums)
+
+
+@pytest.mark.parametrize("checksums", [True, False])
+def test_chunk_files_read_directly_equal_zarr_reads(tmp_path, checksums):
+    """Plain local chunks are read from their files (one copy, the checksum checked); every row range, the short
+    last chunk, a reused output buffer and an unwritten chunk read as Zarr reads them; a changed or truncated
+    chunk is never read as if whole."""
+    rows, dim = 23, 6
+    store = _small_store(tmp_path, rows, dim, 5, checksums)
+    values = np.random.default_rng(0).standard_normal((rows, dim)).astype(np.float16)
+    for chunk in store.pending_chunks():
+        if chunk != 2:  # chunk 2 is never written: Zarr's fill value
+            start, stop = store.chunk_bounds(chunk)
+            store.write_chunk(chunk, values[start:stop], np.ones(stop - start), np.ones(stop - start),
+                              np.ones(stop - start, dtype=np.int32))
+    array = store.group["grads"]
+    assert store._chunk_files("grads", array) is not None  # the direct path is the one under test
+    for start, stop in [(0, 23), (0, 5), (5, 10), (3, 12), (20, 23), (21, 22), (10, 15)]:
+        direct = store._read_files("grads", array, start, stop)
+        assert direct.dtype == np.float16 and direct.shape == (stop - start, dim)
+        np.testing.assert_array_equal(direct, array[start:stop])
+    out = np.full((5, dim), 7, dtype=np.float16)
+    assert store.read("grads", 5, 10, out=out) is out and np.array_equal(out, values[5:10])
+    short = store.read("grads", 20, 23, out=out)  # a buffer of another length is not used
+    assert short is not out and np.array_equal(short, values[20:23]) and np.array_equal(out, values[5:10])
+    chunk = tmp_path / "g.zarr" / "train" / "c" / "grads" / "c" / "1" / "0"
+    raw = bytearray(chunk.read_bytes())
+    raw[3] ^= 0x10
+    chunk.write_bytes(bytes(raw))
+    if checksums:  # the direct path steps aside and Zarr's read names the chunk
+        assert store._read_files("grads", array, 5, 10) is None
+        with pytest.raises(StoreCorruptError, match=r"chunk 1 of 'grads' \(rows 5-9\) cannot be read \(checksum"):
+            store.read("grads", 5, 10)
+    chunk.write_bytes(bytes(raw[:-9]))
+    assert store._read_files("grads", array, 5, 10) is None
+
+
+def test_compressed_columns_are_read_by_zarr(tmp_path):
+    store = _small_store(tmp_path, 4, 3, 4)
+    assert store._chunk_files("finite", store.group["finite"]) is None  # zstd-compressed: Zarr decodes it
+    assert store._chunk_files("grads", store.group["grads"]) is not None

@@ -13,11 +13,11 @@ from __future__ import annotations
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
 
+from ..core.threads import torch_threads
 from ..kernels import projection as kernel
 
 DEFAULT_CACHE_BYTES = 2 << 30
@@ -42,17 +42,6 @@ def default_backend(device: torch.device) -> str:
     if forced:
         return forced
     return "triton" if device.type == "cuda" and kernel.HAVE_TRITON else "torch"
-
-
-@contextmanager
-def _torch_single_threaded():
-    """Run torch ops on one intra-op thread (our worker threads supply the parallelism)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 class Projector:
@@ -135,7 +124,7 @@ class Projector:
         out = torch.empty((grads.shape[0], self.spec.output_dim), dtype=torch.float32, device=device)
         workers = min(len(self.column_blocks), self.workers or (torch.get_num_threads() if device.type == "cpu" else 1))
         if workers > 1:
-            with _torch_single_threaded(), ThreadPoolExecutor(workers) as pool:
+            with torch_threads(1), ThreadPoolExecutor(workers) as pool:
                 list(pool.map(lambda block: self._column_block(grads, *block, out), self.column_blocks))
         else:
             for block in self.column_blocks:

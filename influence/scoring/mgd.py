@@ -48,7 +48,7 @@ from ..models.losses import forward_response
 from ..progress import progress_bar
 from ..train.loop import LoraTrainer
 from ..train.replay import Replay, _Bound, batches_of, loss_directional_derivatives, measurement_gradient
-from ..train.run import Run, atomic_write
+from ..train.run import Run, atomic_write, save_npz
 from ..train.subsets import train_settings
 from .base import TARGET, Method, Scores, Target
 from .options import Seeded
@@ -190,7 +190,7 @@ class MetagradientDescent:
                 "fit_loss": self._loss(model, names, replay.final, self.fit_batches),
                 "holdout_loss": self._loss(model, names, replay.final, self.holdout_batches),
                 "seconds": round(time.time() - started, 1)}
-        atomic_write(path, lambda tmp: np.savez(tmp.open("wb"), selected=selected, metagradient=gradient,
+        atomic_write(path, lambda tmp: save_npz(tmp, selected=selected, metagradient=gradient,
                                                 fit_loss=unit["fit_loss"], holdout_loss=unit["holdout_loss"],
                                                 seconds=unit["seconds"]))
         return unit

@@ -54,7 +54,7 @@ from ..models.measure import choice_margin, correct_choices, encode_choices
 from ..models.measure import measure as measure_outcomes
 from .loop import LoraTrainer, TrainSettings
 from .replay import Adjoint, Replay, State, batches_of, measurement_gradient, response_losses
-from .run import Run, atomic_write
+from .run import Run, atomic_write, save_npz
 from .subset_store import SubsetStore, stored_subsets
 from .subsets import train_settings, unit_training
 
@@ -338,8 +338,8 @@ def _compute(run: Run, training: Training, target: str, examples, folder: Path, 
     adjoints = replay.metagradients(measurements, progress, save, resume)
     weights = np.stack([a.weights.numpy() for a in adjoints])
     target_ids = [e.id for e in examples] if settings.per_target_example else []
-    atomic_write(folder / "metagrad.npz", lambda path: np.savez(
-        path.open("wb"), weights=weights, training_ids=np.array(trainer.ids), target_ids=np.array(target_ids, dtype=str)))
+    atomic_write(folder / "metagrad.npz", lambda path: save_npz(
+        path, weights=weights, training_ids=np.array(trainer.ids), target_ids=np.array(target_ids, dtype=str)))
     meta = {**key, "settings": asdict(settings), "n_training": len(trainer.ids), "steps": len(replay.steps),
             "segments": replay.n_segments, "replay_relative_difference": worst["relative_difference"],
             "replay_checked_against": "checkpoints" if training.subset is None else "recorded losses",

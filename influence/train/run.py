@@ -30,6 +30,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -370,6 +371,12 @@ def atomic_write(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
     tmp.replace(path)
+
+
+def save_npz(path: Path, **arrays) -> None:
+    """``np.savez`` to exactly ``path`` (no ``.npz`` appended), the file closed before it is renamed."""
+    with path.open("wb") as file:
+        np.savez(file, **arrays)
 
 
 def write_manifest(run_dir: Path, manifest: dict) -> None:

@@ -6,6 +6,7 @@ rows. Imports no backend."""
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...core.chunks import read_ahead
 from ...core.naming import TRAIN
+from ...core.threads import map_in_order, torch_threads
 from ...errors import InfluenceError
 from ...gradients.store import GradientStore, check_compatible, find_target_dataset, open_checkpoint_stores, resolve_dim
 from ...kernels.scoring import HAVE_TRITON, score_block_nonzero, subtask_means
@@ -81,25 +82,43 @@ def load_less_inputs(run: Run | str | Path, targets: str | list[str], device: st
                       backend or default_backend(device))
 
 
+CPU_WORKERS = 4  # blocks scored at once on a CPU: enough to overlap reading and products, few enough to bound memory
+
+
 def iter_scored_blocks(
     train: list[GradientStore], means: torch.Tensor, weights, rows_per_block: int | None = None,
-    device: torch.device | str = "cpu", backend: str = "torch",
+    device: torch.device | str = "cpu", backend: str = "torch", workers: int | None = None,
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """(start, per_task, score) for consecutive blocks of the pool, reading each block's rows from
-    every checkpoint's store and scoring them in one :func:`score_block` call (memory: one block per
-    checkpoint). Rows flagged non-finite in any store get a NaN score."""
+    """(start, per_task, score) for consecutive blocks of the pool, each block's rows read from every checkpoint's
+    store and scored in one :func:`score_rows` call. Rows flagged non-finite in any store get a NaN score.
+
+    On a CPU, ``workers`` threads (default: one per core, at most :data:`CPU_WORKERS`) each read and score whole
+    blocks on their share of the cores, so a block's read (one core) overlaps the other workers' products
+    instead of stalling torch's thread team (1.4 -> 1.0 s at 150k x 8192 on two cores). On a device two threads
+    read ahead of it. Memory: one block per checkpoint per worker, read into the same buffers block after block
+    (4 x 64 MiB per checkpoint at most, with 4096-row chunks of 8192 fp16 values)."""
+    device = torch.device(device)
     weights = torch.as_tensor(np.asarray(weights, dtype=np.float32), device=device)
-    for start, blocks, finite in read_ahead(_blocks(train, rows_per_block)):
-        yield (start, *score_rows([torch.from_numpy(block).to(device) for block in blocks],
-                                  torch.from_numpy(finite).to(device), means, weights, backend))
+    rows, n = rows_per_block or train[0].chunk_size, train[0].n_examples
+    for store in train:
+        store.require_complete()
+    buffers = threading.local()  # each worker's blocks, refilled: fresh memory per block costs page faults
 
+    def score_at(start: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+        stop = min(start + rows, n)
+        spare = getattr(buffers, "blocks", [None] * len(train))
+        blocks = buffers.blocks = [store.read("grads", start, stop, out=old) for store, old in zip(train, spare)]
+        finite = np.stack([store.read("finite", start, stop) for store in train])
+        return (start, *score_rows([torch.from_numpy(block).to(device) for block in blocks],
+                                   torch.from_numpy(finite).to(device), means, weights, backend))
 
-def _blocks(train: list[GradientStore], rows_per_block: int | None) -> Iterator[tuple[int, list[np.ndarray], np.ndarray]]:
-    """(start, the block's rows in every checkpoint's store, their finite flags stacked), block by block."""
-    readers = [store.iter_chunks(rows_per_block) for store in train]
-    finite_readers = [store.iter_chunks(rows_per_block, column="finite") for store in train]
-    for chunks, finite_chunks in zip(zip(*readers), zip(*finite_readers)):
-        yield chunks[0][0], [block for _, block in chunks], np.stack([flags for _, flags in finite_chunks])
+    if device.type != "cpu" or backend != "torch":  # a device, or Triton's interpreter: one thread at a time
+        yield from map_in_order(score_at, range(0, n, rows), workers or (2 if device.type != "cpu" else 1))
+        return
+    cores = torch.get_num_threads()
+    workers = workers or min(cores, CPU_WORKERS)
+    with torch_threads(max(1, cores // workers)):
+        yield from map_in_order(score_at, range(0, n, rows), workers)
 
 
 def score_rows(blocks: torch.Tensor | list[torch.Tensor], finite: torch.Tensor, means: torch.Tensor, weights: torch.Tensor,
