@@ -3,19 +3,25 @@ checked readers every gradient method uses (the stores of every checkpoint, comp
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 from ..core.chunks import PARTIAL, ChunkedStore, check_metadata, has_store
 from ..core.naming import TRAIN, gradient_dataset, grads_group, target_dataset
 from ..core.storage import StoreRoot, as_root
+from ..core.threads import map_in_order, torch_threads
 from ..data.formats import Example, examples_sha256
 from ..data.targets import load_target, target_name
 from ..errors import InfluenceError, StoreMismatchError
 from ..train.run import Checkpoint, Run
 
 FORMAT = "influence-grads"
+CPU_WORKERS = 4  # blocks worked on at once on a CPU: enough to overlap reading and products, few enough for memory
+R = TypeVar("R")
 
 
 # 2: LESS's Adam feature m'/sqrt(v'+eps) (version 1 stored m'/(sqrt(v')+eps)); stores keyed by dimension
@@ -243,3 +249,37 @@ def check_compatible(train: list[GradientStore], targets: list[GradientStore], t
         for store in group:
             if store.metadata["gradient_type"] != expected:
                 raise StoreMismatchError("gradient_type", expected, store.metadata["gradient_type"], store.where)
+
+
+def map_blocks(stores: list[GradientStore], work: Callable[[int, list[np.ndarray], np.ndarray], R],
+               rows_per_block: int | None = None, parallel: bool = True, workers: int | None = None) -> Iterator[R]:
+    """``work(start, blocks, finite)`` for consecutive blocks of the pool, results in the pool's order: ``blocks``
+    the block's rows in every checkpoint's store (valid during the call only: a worker reads its next block into
+    the same arrays), ``finite`` their stores' flags (checkpoints x rows). The one block loop of the scoring
+    methods that stream the stores.
+
+    ``parallel`` (a CPU running torch's kernels): ``workers`` threads (default one per core, at most
+    :data:`CPU_WORKERS`) each read and work on whole blocks with their share of torch's threads, so a block's read
+    (one core) overlaps the others' products instead of stalling torch's thread team (LESS at 150k x 8192 on two
+    cores: 1.4 -> 1.0 s). Otherwise one thread reads and works, a block ahead of the caller (a GPU's kernels run
+    asynchronously; Triton's JIT wants one thread). Memory: one block per store per worker."""
+    rows, n = rows_per_block or stores[0].chunk_size, stores[0].n_examples
+    for store in stores:
+        store.require_complete()
+    buffers = threading.local()  # each worker's blocks, refilled: fresh memory per block costs page faults
+
+    def read_and_work(start: int) -> R:
+        stop = min(start + rows, n)
+        spare = getattr(buffers, "blocks", [None] * len(stores))
+        blocks = buffers.blocks = [store.read("grads", start, stop, out=old) for store, old in zip(stores, spare)]
+        return work(start, blocks, np.stack([store.read("finite", start, stop) for store in stores]))
+
+    if not parallel:
+        yield from map_in_order(read_and_work, range(0, n, rows), workers or 1)
+        return
+    import torch
+
+    cores = torch.get_num_threads()
+    workers = workers or min(cores, CPU_WORKERS)
+    with torch_threads(max(1, cores // workers)):
+        yield from map_in_order(read_and_work, range(0, n, rows), workers)

@@ -8,30 +8,37 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..gradients.store import GradientStore
+from ..gradients.store import GradientStore, map_blocks
 from ..kernels.scoring import subtask_means, unit_rows
 
 
 def pairwise_products(train: list[GradientStore], targets: list[torch.Tensor], weights, normalize: bool = False,
                       rows_per_block: int | None = None, device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """``sum_c weights[c] * rows_c(x) . targets[c]^T`` for every pool row ``x`` (unit-normalised rows
-    with ``normalize``), streamed block by block over the pool's stores, one per checkpoint: the
-    (n_pool, n_target) float64 matrix and a per-row ``finite`` flag (false where any store flagged
-    the row, or, with ``normalize``, where a row is all zero and has no direction)."""
+    with ``normalize``), streamed block by block over the pool's stores, one per checkpoint (:func:`map_blocks`):
+    the (n_pool, n_target) float64 matrix (fp32 products summed in float64) and a per-row ``finite`` flag (false
+    where any store flagged the row, or, with ``normalize``, where a row is all zero and has no direction)."""
+    device = torch.device(device)
     n = train[0].n_examples
-    matrix = np.zeros((n, targets[0].shape[0]), dtype=np.float64)
-    finite = np.logical_and.reduce([store.array("finite") for store in train])
-    readers = [store.iter_chunks(rows_per_block) for store in train]
-    for chunks in zip(*readers):
-        start = chunks[0][0]
-        block = torch.zeros((len(chunks[0][1]), targets[0].shape[0]), dtype=torch.float64, device=device)
-        for (_, rows), target, weight in zip(chunks, targets, np.asarray(weights, dtype=np.float64)):
+    sides = [target.to(device).float() for target in targets]
+    weights = np.asarray(weights, dtype=np.float64)
+
+    def products(start: int, blocks: list[np.ndarray], flags: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+        total = torch.zeros((len(blocks[0]), sides[0].shape[0]), dtype=torch.float64, device=device)
+        usable = flags.all(axis=0)
+        for rows, side, weight in zip(blocks, sides, weights):
             rows = torch.from_numpy(rows).to(device).float()
             if normalize:
-                finite[start : start + len(rows)] &= (rows != 0).any(dim=1).cpu().numpy()
+                usable &= (rows != 0).any(dim=1).cpu().numpy()
                 rows = unit_rows(rows)
-            block += weight * (rows @ target.to(device).float().T).double()
-        matrix[start : start + len(block)] = block.cpu().numpy()
+            total += weight * (rows @ side.T).double()
+        return start, total.cpu().numpy(), usable
+
+    matrix = np.zeros((n, sides[0].shape[0]), dtype=np.float64)
+    finite = np.zeros(n, dtype=bool)
+    for start, block, usable in map_blocks(train, products, rows_per_block, parallel=device.type == "cpu"):
+        matrix[start : start + len(block)] = block
+        finite[start : start + len(block)] = usable
     matrix[~finite] = np.nan
     return matrix, finite
 

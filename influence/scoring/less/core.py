@@ -6,7 +6,6 @@ rows. Imports no backend."""
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +14,8 @@ import numpy as np
 import torch
 
 from ...core.naming import TRAIN
-from ...core.threads import map_in_order, torch_threads
 from ...errors import InfluenceError
-from ...gradients.store import GradientStore, check_compatible, find_target_dataset, open_checkpoint_stores, resolve_dim
+from ...gradients.store import GradientStore, check_compatible, find_target_dataset, map_blocks, open_checkpoint_stores, resolve_dim
 from ...kernels.scoring import HAVE_TRITON, score_block_nonzero, subtask_means
 from ...train.run import Run
 
@@ -82,43 +80,22 @@ def load_less_inputs(run: Run | str | Path, targets: str | list[str], device: st
                       backend or default_backend(device))
 
 
-CPU_WORKERS = 4  # blocks scored at once on a CPU: enough to overlap reading and products, few enough to bound memory
-
-
 def iter_scored_blocks(
     train: list[GradientStore], means: torch.Tensor, weights, rows_per_block: int | None = None,
     device: torch.device | str = "cpu", backend: str = "torch", workers: int | None = None,
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """(start, per_task, score) for consecutive blocks of the pool, each block's rows read from every checkpoint's
-    store and scored in one :func:`score_rows` call. Rows flagged non-finite in any store get a NaN score.
-
-    On a CPU, ``workers`` threads (default: one per core, at most :data:`CPU_WORKERS`) each read and score whole
-    blocks on their share of the cores, so a block's read (one core) overlaps the other workers' products
-    instead of stalling torch's thread team (1.4 -> 1.0 s at 150k x 8192 on two cores). On a device two threads
-    read ahead of it. Memory: one block per checkpoint per worker, read into the same buffers block after block
-    (4 x 64 MiB per checkpoint at most, with 4096-row chunks of 8192 fp16 values)."""
+    """(start, per_task, score) for consecutive blocks of the pool, each block's rows from every checkpoint's store
+    scored in one :func:`score_rows` call, by :func:`map_blocks`'s workers. Rows flagged non-finite in any store
+    get a NaN score."""
     device = torch.device(device)
     weights = torch.as_tensor(np.asarray(weights, dtype=np.float32), device=device)
-    rows, n = rows_per_block or train[0].chunk_size, train[0].n_examples
-    for store in train:
-        store.require_complete()
-    buffers = threading.local()  # each worker's blocks, refilled: fresh memory per block costs page faults
 
-    def score_at(start: int) -> tuple[int, torch.Tensor, torch.Tensor]:
-        stop = min(start + rows, n)
-        spare = getattr(buffers, "blocks", [None] * len(train))
-        blocks = buffers.blocks = [store.read("grads", start, stop, out=old) for store, old in zip(train, spare)]
-        finite = np.stack([store.read("finite", start, stop) for store in train])
+    def score(start: int, blocks: list[np.ndarray], finite: np.ndarray) -> tuple[int, torch.Tensor, torch.Tensor]:
         return (start, *score_rows([torch.from_numpy(block).to(device) for block in blocks],
                                    torch.from_numpy(finite).to(device), means, weights, backend))
 
-    if device.type != "cpu" or backend != "torch":  # a device, or Triton's interpreter: one thread at a time
-        yield from map_in_order(score_at, range(0, n, rows), workers or (2 if device.type != "cpu" else 1))
-        return
-    cores = torch.get_num_threads()
-    workers = workers or min(cores, CPU_WORKERS)
-    with torch_threads(max(1, cores // workers)):
-        yield from map_in_order(score_at, range(0, n, rows), workers)
+    yield from map_blocks(train, score, rows_per_block, parallel=device.type == "cpu" and backend == "torch",
+                          workers=workers)
 
 
 def score_rows(blocks: torch.Tensor | list[torch.Tensor], finite: torch.Tensor, means: torch.Tensor, weights: torch.Tensor,
