@@ -1,6 +1,6 @@
-"""LESS on one process: the pool's stores streamed block by block (read ahead while the previous block is
-scored) through :func:`.core.score_rows`. Memory: one block of stored rows per checkpoint plus the (n, subtasks)
-float32 breakdown, or the running top k."""
+"""LESS on one process: the pool's stores streamed block by block (on a CPU, worker threads each read and score
+whole blocks: :func:`...gradients.store.map_blocks`) through :func:`.core.score_rows`. Memory: one block of stored
+rows per checkpoint per worker plus the (n, subtasks) float32 breakdown, or the running top k."""
 
 from __future__ import annotations
 
