@@ -67,12 +67,12 @@ def score_block_torch(blocks: torch.Tensor, means: torch.Tensor, weights: torch.
     n_rows, n_tasks = blocks[0].shape[0], means.shape[1]
     per_task = torch.zeros((n_rows, n_tasks), dtype=torch.float32, device=blocks[0].device)
     nonzero = torch.ones(n_rows, dtype=torch.bool, device=blocks[0].device)
-    products = torch.empty((n_rows, -(-n_tasks // 16) * 16), dtype=torch.float32, device=blocks[0].device)
+    padded = [padded_columns(mean.float()) for mean in means]
+    products = torch.empty((n_rows, padded[0].shape[1]), dtype=torch.float32, device=blocks[0].device)
     norms = torch.empty(n_rows, dtype=torch.float32, device=blocks[0].device)
     # One fp32 tile, refilled: a fresh one per tile is fresh pages from the system each time (2x slower on a CPU).
     tile = torch.empty((min(ROWS_PER_TILE, n_rows), means.shape[2]), dtype=torch.float32, device=blocks[0].device)
-    for block, mean, weight in zip(blocks, means, weights.tolist()):
-        columns = padded_columns(mean.float())
+    for block, columns, weight in zip(blocks, padded, weights.tolist()):
         for start in range(0, n_rows, ROWS_PER_TILE):
             rows = tile[: min(ROWS_PER_TILE, n_rows - start)].copy_(block[start : start + ROWS_PER_TILE])
             torch.linalg.vector_norm(rows, dim=1, out=norms[start : start + ROWS_PER_TILE])

@@ -201,8 +201,59 @@ def test_chunk_files_read_directly_equal_zarr_reads(tmp_path, checksums):
         assert store._read_files("grads", array, 5, 10) is None
         with pytest.raises(StoreCorruptError, match=r"chunk 1 of 'grads' \(rows 5-9\) cannot be read \(checksum"):
             store.read("grads", 5, 10)
-    chunk.write_bytes(bytes(raw[:-9]))
+    chunk.write_bytes(bytes(raw[:-9]))  # truncated
     assert store._read_files("grads", array, 5, 10) is None
+    with pytest.raises(StoreCorruptError, match=r"chunk 1 of 'grads' \(rows 5-9\) cannot be read"):
+        store.read("grads", 5, 10)
+    assert store._read_files("grads", array, 20, 24) is None  # past the end: Zarr's read decides
+    (tmp_path / "g.zarr" / "train" / "c" / "grads" / "c" / "3" / "0").unlink()  # a written chunk's file deleted
+    if checksums:  # the direct read fills it as never written; the done flag says it was (chunk files are listed
+        # once per store object: a reopened store sees the deletion)
+        with pytest.raises(StoreCorruptError, match=r"chunk 3 of 'grads' \(rows 15-19\) is missing"):
+            GradientStore.open(tmp_path / "g.zarr", "train/c").read("grads", 12, 18)
+
+
+def test_map_blocks_gives_the_same_results_with_any_workers_and_restores_torch_threads(tmp_path):
+    """The block loop of the streamed scorers: every block once, in order, the same rows whatever the workers (each
+    reads into its own reused buffers); torch's thread count is back after the loop, an early stop or an error."""
+    import torch
+
+    from influence.gradients.store import map_blocks
+
+    rows, dim = 41, 6
+    store = _small_store(tmp_path, rows, dim, 4)
+    values = np.random.default_rng(1).standard_normal((rows, dim)).astype(np.float16)
+    for chunk in store.pending_chunks():
+        start, stop = store.chunk_bounds(chunk)
+        store.write_chunk(chunk, values[start:stop], np.ones(stop - start), np.ones(stop - start),
+                          np.ones(stop - start, dtype=np.int32))
+
+    def work(start, blocks, finite):
+        return start, blocks[0].astype(np.float32).sum(axis=1), finite.copy(), torch.get_num_threads()
+
+    before = torch.get_num_threads()
+    for kwargs in ({"workers": 1}, {"workers": 3}, {"parallel": False}, {"workers": 2, "rows_per_block": 7}):
+        results = list(map_blocks([store, store], work, **kwargs))
+        starts = [r[0] for r in results]
+        assert starts == list(range(0, rows, kwargs.get("rows_per_block", 4)))
+        np.testing.assert_array_equal(np.concatenate([r[1] for r in results]), values.astype(np.float32).sum(axis=1))
+        assert all(r[2].shape == (2, len(r[1])) and r[2].all() for r in results)
+        expected = before if kwargs.get("parallel") is False else -(-before // kwargs["workers"])
+        assert {r[3] for r in results} == {expected}  # each worker's share of the cores
+        assert torch.get_num_threads() == before
+    blocks = map_blocks([store], work, workers=2)
+    next(blocks)
+    blocks.close()  # an early stop
+    assert torch.get_num_threads() == before
+
+    def failing(start, blocks, finite):
+        if start >= 8:
+            raise OSError(f"block at {start} unreadable")
+        return start
+
+    with pytest.raises(OSError, match="block at 8 unreadable"):
+        list(map_blocks([store], failing, workers=2))
+    assert torch.get_num_threads() == before
 
 
 def test_compressed_columns_are_read_by_zarr(tmp_path):

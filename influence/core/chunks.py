@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -207,14 +207,14 @@ class ChunkedStore:
             if values is None:  # not a plain local column, or a chunk that fails its checks: Zarr reads and says why
                 values = array[start:stop]
         except DECODE_ERRORS as err:
-            chunks = range(start // self.chunk_size, -(-stop // self.chunk_size))
+            chunks = self.chunks_of(start, stop)
             bad = [c for c in chunks if not self._decodes(array, c)] or list(chunks)
             raise self._corrupt(column, bad, f"cannot be read ({read_error_reason(err)})") from None
         if checksummed(array):
             if self._done is None:
                 self._done = self.group["done"][:]
             present = self.present_chunks(column)
-            missing = [c for c in range(start // self.chunk_size, -(-stop // self.chunk_size))
+            missing = [c for c in self.chunks_of(start, stop)
                        if self._done[c] and c not in present]
             if missing:
                 raise self._corrupt(column, missing, "is missing (its file was deleted)")
@@ -246,10 +246,10 @@ class ChunkedStore:
         return sorted(name for name, array in self.group.arrays()
                       if array.shape[:1] == (self.n_examples,) and name not in ("ids", "tasks", "done"))
 
-    def _chunk_files(self, column: str, array) -> tuple[Callable[[int], str], np.dtype, int, bool] | None:
-        """How to read ``column``'s chunk files directly, when they are plain bytes in a local folder: the path of
-        chunk ``i``, the rows' dtype, one stored chunk's bytes without its checksum, and whether a CRC-32C follows;
-        None for any other layout (a remote store, compression, sharding, strings)."""
+    def _chunk_files(self, column: str, array) -> tuple[str, np.dtype, int, bool] | None:
+        """How to read ``column``'s chunk files directly, when they are plain bytes in a local folder: the folder,
+        the rows' dtype, one stored chunk's bytes without its checksum, and whether a CRC-32C follows; None for
+        any other layout (a remote store, compression, sharding, strings)."""
         if self.root is None or self.path is None or self.root.remote:
             return None
         meta = array.metadata
@@ -263,9 +263,7 @@ class ChunkedStore:
             if endian is None:
                 return None
             dtype = dtype.newbyteorder("<" if endian.value == "little" else ">")
-        folder = self.root._full(f"{self.path}/{column}")
-        zeros = (0,) * (array.ndim - 1)
-        return (lambda chunk: f"{folder}/{meta.encode_chunk_key((chunk, *zeros))}", dtype,
+        return (self.root._full(f"{self.path}/{column}"), dtype,
                 self.chunk_size * int(np.prod(array.shape[1:], dtype=np.int64)) * dtype.itemsize, len(codecs) == 2)
 
     def _read_files(self, column: str, array, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray | None:
@@ -278,20 +276,21 @@ class ChunkedStore:
         if column not in self._layouts:
             self._layouts[column] = self._chunk_files(column, array)
         layout = self._layouts[column]
-        if layout is None:
+        if layout is None or not 0 <= start <= stop <= array.shape[0]:
             return None
-        chunk_path, dtype, chunk_bytes, crc = layout
+        folder, dtype, chunk_bytes, crc = layout
         shape = (stop - start, *array.shape[1:])
         usable = out is not None and out.shape == shape and out.dtype == dtype and out.flags.c_contiguous
         values = out if usable else np.empty(shape, dtype=dtype)
         row_bytes = values.itemsize * int(np.prod(values.shape[1:], dtype=np.int64))
-        for chunk in range(start // self.chunk_size, -(-stop // self.chunk_size)):
+        corner = (0,) * (array.ndim - 1)
+        for chunk in self.chunks_of(start, stop):
             first = chunk * self.chunk_size
             lo, hi = max(start, first), min(stop, first + self.chunk_size)
             whole = hi - lo == self.chunk_size
             buffer = values[lo - start : hi - start] if whole else np.empty(chunk_bytes // values.itemsize, dtype)
             try:
-                with open(chunk_path(chunk), "rb", buffering=0) as file:
+                with open(f"{folder}/{array.metadata.encode_chunk_key((chunk, *corner))}", "rb", buffering=0) as file:
                     size = os.fstat(file.fileno()).st_size
                     if size != chunk_bytes + 4 * crc or _read_into(file, buffer) != chunk_bytes:
                         return None
@@ -306,6 +305,10 @@ class ChunkedStore:
                 values[lo - start : hi - start] = buffer.view(np.uint8)[(lo - first) * row_bytes : (hi - first) * row_bytes] \
                     .view(dtype).reshape(hi - lo, *values.shape[1:])
         return values.astype(array.dtype, copy=False)
+
+    def chunks_of(self, start: int, stop: int) -> range:
+        """The chunks that hold rows ``start:stop``."""
+        return range(start // self.chunk_size, -(-stop // self.chunk_size))
 
     def present_chunks(self, column: str) -> set[int]:
         """Indices (along the examples) of the chunk files that exist for ``column``."""

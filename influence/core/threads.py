@@ -1,7 +1,8 @@
 """Threads that share a CPU's cores without fighting over them: work items computed by a few worker threads and
 handed back in order (:func:`map_in_order`), each worker's torch ops on its share of the intra-op threads
-(:func:`torch_threads`). File reads, checksums and torch's kernels release the GIL, so a worker that reads
-its next block (one core) overlaps the others' products instead of stalling torch's own thread team."""
+(:func:`torch_threads`, set in the calling thread before the workers start: new threads take its value). File
+reads, checksums and torch's kernels release the GIL, so a worker that reads its next block (one core) overlaps the
+others' products instead of stalling torch's own thread team."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ R = TypeVar("R")
 def map_in_order(function: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
     """``function(item)`` for every item, computed by ``workers`` threads and yielded in the items' order. At most
     ``workers`` items are in flight besides the one the caller holds (memory: that many results); an item's
-    exception is raised where its result would have been yielded, and nothing after it is started."""
+    exception is raised where its result would have been yielded, and no item is started after it (those already
+    running finish, their results dropped)."""
     items = iter(items)
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="influence-worker") as pool:
         pending = deque(pool.submit(function, item) for item in islice(items, max(1, workers)))
