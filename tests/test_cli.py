@@ -424,3 +424,17 @@ def test_a_folder_that_is_not_a_run_gets_a_hint_naming_the_right_folder(tiny_run
     shutil.copytree(tiny_run["run"], parent / "mine", ignore=shutil.ignore_patterns("*.zarr", "rank-*"))
     result = CliRunner().invoke(main, ["status", "--run", str(parent)])
     assert result.exit_code == 2 and f"--run {parent / 'mine'}" in result.output
+
+
+def test_no_command_has_two_options_with_one_flag():
+    """A flag declared twice reaches one of the two settings and leaves the other at its default, silently
+    (`evaluate lds --device` had the run's device and the model-based methods' device under one flag)."""
+    import click
+
+    def clashes(command, path):
+        if isinstance(command, click.Group):
+            return [clash for name, sub in command.commands.items() for clash in clashes(sub, [*path, name])]
+        flags = [flag for parameter in command.params for flag in [*parameter.opts, *parameter.secondary_opts]]
+        return [(" ".join(path), flag) for flag in sorted(set(flags)) if flags.count(flag) > 1]
+
+    assert clashes(main, []) == []

@@ -52,7 +52,7 @@ def evaluate_noisy(**values) -> None:
 @settings_options(RunFolder)
 @settings_options(OneTarget)
 @settings_options(LdsSettings)
-@method_option_flags(exclude=LDS_OWN)
+@method_option_flags(exclude=(*LDS_OWN, "device"))  # --device (OnDevice) is also the model-based methods' device
 @settings_options(AsJson)
 @settings_options(UnitSettings)
 @settings_options(OnDevice)
