@@ -22,6 +22,8 @@ the pool size.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 
 # This folder is the package influence.kernels; Python started in a checkout's root could also see it as
@@ -145,13 +147,15 @@ def score_block_triton(blocks: torch.Tensor, means: torch.Tensor, weights: torch
     block_s = max(16, triton.next_power_of_2(n_tasks))
     block_r = 32 if block_s <= 64 else 16
     grid = (triton.cdiv(n_rows, block_r),)
-    _less_block_kernel[grid](
-        blocks, means, weights, per_task, score,
-        n_checkpoints, n_rows, dim, n_tasks,
-        blocks.stride(0), blocks.stride(1), means.stride(0), means.stride(1), per_task.stride(0),
-        eps,
-        BLOCK_R=block_r, BLOCK_K=64, BLOCK_S=block_s,
-    )
+    # Triton launches on the calling thread's current device: the blocks' own, also from a worker thread on cuda:1
+    with torch.cuda.device(blocks.device) if blocks.is_cuda else nullcontext():
+        _less_block_kernel[grid](
+            blocks, means, weights, per_task, score,
+            n_checkpoints, n_rows, dim, n_tasks,
+            blocks.stride(0), blocks.stride(1), means.stride(0), means.stride(1), per_task.stride(0),
+            eps,
+            BLOCK_R=block_r, BLOCK_K=64, BLOCK_S=block_s,
+        )
     return per_task, score
 
 
