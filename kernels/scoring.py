@@ -51,26 +51,29 @@ def subtask_means(targets: torch.Tensor, task_index: torch.Tensor, n_tasks: int,
 ROWS_PER_TILE = 512  # rows converted to fp32 at a time: a tile's copy (16 MiB at dim 8192), not the block's, is held
 
 
-def padded_columns(matrix: torch.Tensor, multiple: int = 16) -> torch.Tensor:
-    """``matrix`` (rows, dim) transposed to (dim, columns), its columns zero-padded to a multiple of ``multiple``:
-    CPU BLAS multiplies by 64 columns faster than by 57 (12.6 against 15 ms for a 4096 x 8192 block)."""
-    padding = -matrix.shape[0] % multiple
+def padded_columns(means: torch.Tensor, multiple: int = 16) -> torch.Tensor:
+    """``means`` (checkpoints, subtasks, dim) as the torch path multiplies by them: fp32, (checkpoints, dim,
+    columns), the columns zero-padded to a multiple of ``multiple`` (CPU BLAS multiplies by 64 columns faster than
+    by 57: 12.6 against 15 ms for a 4096 x 8192 block). A stream computes it once, not once per block."""
+    means = means.float()
+    padding = -means.shape[1] % multiple
     if padding:
-        matrix = torch.cat([matrix, matrix.new_zeros((padding, matrix.shape[1]))])
-    return matrix.T.contiguous()
+        means = torch.cat([means, means.new_zeros((means.shape[0], padding, means.shape[2]))], dim=1)
+    return means.transpose(1, 2).contiguous()
 
 
-def score_block_torch(blocks: torch.Tensor, means: torch.Tensor, weights: torch.Tensor,
-                      eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def score_block_torch(blocks: torch.Tensor, means: torch.Tensor, weights: torch.Tensor, eps: float = 1e-12,
+                      columns: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Torch path of :func:`score_block_nonzero`. A tile of rows at a time is converted to fp32; its norms and its
     products with the subtask means (padded to a multiple of 16 columns) read that copy, and the cosine is
     ``(x . m) / |x|``: the rows are never divided. On a CPU the products are the cost, so nothing else reads the
-    block twice. The norms also say which rows are all zero at some checkpoint."""
+    block twice. The norms also say which rows are all zero at some checkpoint. ``columns``: ``padded_columns(means)``
+    where the caller has it."""
     n_rows, n_tasks = blocks[0].shape[0], means.shape[1]
     per_task = torch.zeros((n_rows, n_tasks), dtype=torch.float32, device=blocks[0].device)
     nonzero = torch.ones(n_rows, dtype=torch.bool, device=blocks[0].device)
-    padded = [padded_columns(mean.float()) for mean in means]
-    products = torch.empty((n_rows, padded[0].shape[1]), dtype=torch.float32, device=blocks[0].device)
+    padded = padded_columns(means) if columns is None else columns
+    products = torch.empty((n_rows, padded.shape[2]), dtype=torch.float32, device=blocks[0].device)
     norms = torch.empty(n_rows, dtype=torch.float32, device=blocks[0].device)
     # One fp32 tile, refilled: a fresh one per tile is fresh pages from the system each time (2x slower on a CPU).
     tile = torch.empty((min(ROWS_PER_TILE, n_rows), means.shape[2]), dtype=torch.float32, device=blocks[0].device)
@@ -170,14 +173,16 @@ def score_block(blocks: torch.Tensor, means: torch.Tensor, weights: torch.Tensor
 
 
 def score_block_nonzero(blocks: torch.Tensor | list[torch.Tensor], means: torch.Tensor, weights: torch.Tensor,
-                        backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        backend: str = "torch", columns: torch.Tensor | None = None,
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`score_block` and, per row, whether it is non-zero at every checkpoint (a zero row has no direction:
-    its cosines are undefined). ``blocks`` may also be one (rows, dim) tensor per checkpoint (no stacked copy)."""
+    its cosines are undefined). ``blocks`` may also be one (rows, dim) tensor per checkpoint (no stacked copy);
+    ``columns``: the torch path's :func:`padded_columns` of ``means``, where the caller has it."""
     if isinstance(blocks, (list, tuple)):
         if backend != "torch":
             blocks = torch.stack(list(blocks))
         elif means.ndim == 3 and len(blocks) == means.shape[0] == len(weights):
-            return score_block_torch(blocks, means, weights)
+            return score_block_torch(blocks, means, weights, columns=columns)
     if blocks.ndim != 3 or means.ndim != 3 or not blocks.shape[0] == means.shape[0] == len(weights):
         raise ValueError(f"expected (C, rows, dim) blocks, (C, S, dim) means and (C,) weights, got "
                          f"{tuple(blocks.shape)}, {tuple(means.shape)}, {tuple(weights.shape)}")
@@ -186,7 +191,7 @@ def score_block_nonzero(blocks: torch.Tensor | list[torch.Tensor], means: torch.
         return per_task, score, (blocks != 0).any(dim=2).all(dim=0)
     if backend != "torch":
         raise ValueError(f"unknown scoring backend {backend!r}")
-    return score_block_torch(blocks, means, weights)
+    return score_block_torch(blocks, means, weights, columns=columns)
 
 
 class RunningTopK:

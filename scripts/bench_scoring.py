@@ -116,17 +116,19 @@ def floor_products(store, target, task_index, tasks, device) -> None:
     """The block scoring alone, with every core, on one block kept in memory and scored as many times as the store
     has blocks: the fp16 -> fp32 conversion, the norms, the products with the folded targets, the masks."""
     from influence.core.threads import map_in_order, torch_threads
-    from influence.kernels.scoring import subtask_means
+    from influence.kernels.scoring import padded_columns, subtask_means
     from influence.scoring.less.core import default_backend, score_rows
 
     means = subtask_means(target.to(device), task_index.to(device), tasks)[None]
     block = torch.from_numpy(store.read("grads", 0, store.chunk_size)).to(device)[None]
     finite = torch.ones((1, block.shape[1]), dtype=torch.bool, device=device)
     weights = torch.ones(1, device=device)
+    backend = default_backend(device)
+    columns = padded_columns(means) if backend == "torch" else None  # once, as the stream does
 
     def score(start: int) -> None:
         rows = min(store.chunk_size, store.n_examples - start)
-        score_rows(block[:, :rows], finite[:, :rows], means, weights, default_backend(device))
+        score_rows(block[:, :rows], finite[:, :rows], means, weights, backend, columns)
 
     with torch_threads(1) as cores:
         for _ in map_in_order(score, range(0, store.n_examples, store.chunk_size), cores if device.type == "cpu" else 1):

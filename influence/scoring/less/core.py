@@ -16,7 +16,7 @@ import torch
 from ...core.naming import TRAIN
 from ...errors import InfluenceError
 from ...gradients.store import GradientStore, check_compatible, find_target_dataset, map_blocks, open_checkpoint_stores, resolve_dim
-from ...kernels.scoring import HAVE_TRITON, score_block_nonzero, subtask_means
+from ...kernels.scoring import HAVE_TRITON, padded_columns, score_block_nonzero, subtask_means
 from ...train.run import Run
 
 
@@ -89,22 +89,24 @@ def iter_scored_blocks(
     get a NaN score."""
     device = torch.device(device)
     weights = torch.as_tensor(np.asarray(weights, dtype=np.float32), device=device)
+    columns = padded_columns(means) if backend == "torch" else None  # once for the stream, not once per block
 
     def score(start: int, blocks: list[np.ndarray], finite: np.ndarray) -> tuple[int, torch.Tensor, torch.Tensor]:
         return (start, *score_rows([torch.from_numpy(block).to(device) for block in blocks],
-                                   torch.from_numpy(finite).to(device), means, weights, backend))
+                                   torch.from_numpy(finite).to(device), means, weights, backend, columns))
 
     yield from map_blocks(train, score, rows_per_block, parallel=device.type == "cpu" and backend == "torch",
                           workers=workers)
 
 
 def score_rows(blocks: torch.Tensor | list[torch.Tensor], finite: torch.Tensor, means: torch.Tensor, weights: torch.Tensor,
-               backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
+               backend: str = "torch", columns: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(per_task, score) of one block of pool rows: ``blocks`` (checkpoints, rows, dim) as stored (or one (rows, dim)
     tensor per checkpoint),
     ``finite`` (checkpoints, rows) the stores' flags. A row flagged in any store, or whose feature is
     zero at a checkpoint (no direction: its cosines are undefined), is unscorable: NaN. The one
-    function every scoring path (the stream, Dask) applies to a block."""
-    per_task, score, nonzero = score_block_nonzero(blocks, means, weights, backend)
+    function every scoring path (the stream, Dask) applies to a block (``columns``: the torch path's
+    :func:`padded_columns` of ``means``, computed once by a caller that scores many blocks)."""
+    per_task, score, nonzero = score_block_nonzero(blocks, means, weights, backend, columns)
     usable = finite.all(dim=0) & nonzero
     return per_task.masked_fill(~usable[:, None], float("nan")), score.masked_fill(~usable, float("nan"))
